@@ -1,0 +1,107 @@
+//! Our own endpoints: `/stats`, `/stats/reset`, `/healthz`; provider endpoints live in `proxy`.
+
+pub mod stats;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, header};
+use serde::Deserialize;
+
+use crate::app::AppState;
+use crate::error::ProxyError;
+
+/// `?format=` of `/stats`.
+#[derive(Debug, Deserialize)]
+pub struct StatsQuery {
+    format: Option<String>,
+}
+
+/// `GET /stats`: totals per key and model, as JSON or (`?format=text`) one line per key.
+pub async fn show(State(state): State<AppState>, Query(query): Query<StatsQuery>) -> Response {
+    let snapshot = state.meter.snapshot();
+    match query.format.as_deref() {
+        None | Some("json") => Json(stats::StatsView::new(&snapshot)).into_response(),
+        Some("text") => (
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            stats::text(&snapshot),
+        )
+            .into_response(),
+        Some(_) => ProxyError::BadQuery("format must be json or text".into()).into_response(),
+    }
+}
+
+/// `POST /stats/reset`: zeroes the totals and answers with those of the period it closed.
+pub async fn reset(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(token) = &state.config.admin_token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g, token.expose().as_bytes())) {
+            tracing::warn!("refused /stats/reset: missing or wrong admin token");
+            return ProxyError::Unauthorized.into_response();
+        }
+    }
+    let closed = state.meter.snapshot();
+    state.meter.reset();
+    tracing::info!(
+        requests = closed.totals.requests,
+        cost_usd = closed.totals.cost.as_usd(),
+        "stats reset"
+    );
+    Json(stats::StatsView::new(&closed)).into_response()
+}
+
+/// `GET /healthz`: 200 while the server accepts requests.
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Compares secrets in time that depends only on their lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Asks a running llm-meter's `/healthz` (for container health checks, where no curl exists).
+pub fn probe_health(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(
+            format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .map_err(|e| format!("cannot send to {addr}: {e}"))?;
+    let mut head = [0u8; 12];
+    stream
+        .read_exact(&mut head)
+        .map_err(|e| format!("no answer from {addr}: {e}"))?;
+    if head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200") {
+        Ok(())
+    } else {
+        Err(format!(
+            "{addr} answered {}",
+            String::from_utf8_lossy(&head)
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_exactly() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+    }
+}

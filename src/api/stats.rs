@@ -1,0 +1,183 @@
+//! The `/stats` views: JSON for machines, one line per key for people. Nothing secret is in either.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use time::format_description::well_known::Rfc3339;
+
+use crate::meter::{Counts, Snapshot};
+
+/// The counters as `/stats` shows them.
+#[derive(Debug, Serialize)]
+pub struct CountsView {
+    requests: u64,
+    errors: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
+    cached_tokens: u64,
+    cache_write_tokens: u64,
+    reasoning_tokens: u64,
+    cost_usd: f64,
+    /// The exact cost; `cost_usd` is this divided by 10^9, rounded for display.
+    cost_nano_usd: u64,
+    unpriced_requests: u64,
+}
+
+impl From<&Counts> for CountsView {
+    fn from(c: &Counts) -> Self {
+        Self {
+            requests: c.requests,
+            errors: c.errors,
+            prompt_tokens: c.prompt_tokens,
+            completion_tokens: c.completion_tokens,
+            total_tokens: c.total_tokens,
+            cached_tokens: c.cached_tokens,
+            cache_write_tokens: c.cache_write_tokens,
+            reasoning_tokens: c.reasoning_tokens,
+            cost_usd: c.cost.as_usd(),
+            cost_nano_usd: c.cost.0,
+            unpriced_requests: c.unpriced_requests,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct KeyView<'a> {
+    key: &'a str,
+    id: &'a str,
+    #[serde(flatten)]
+    counts: CountsView,
+    models: BTreeMap<&'a str, CountsView>,
+}
+
+/// The whole `/stats` JSON document.
+#[derive(Debug, Serialize)]
+pub struct StatsView<'a> {
+    since: String,
+    totals: CountsView,
+    keys: Vec<KeyView<'a>>,
+}
+
+impl<'a> StatsView<'a> {
+    /// Builds the JSON view of a snapshot.
+    pub fn new(snapshot: &'a Snapshot) -> Self {
+        Self {
+            since: rfc3339(snapshot),
+            totals: CountsView::from(&snapshot.totals),
+            keys: snapshot
+                .keys
+                .iter()
+                .map(|k| KeyView {
+                    key: &k.identity.label,
+                    id: &k.identity.id,
+                    counts: CountsView::from(&k.totals),
+                    models: k
+                        .models
+                        .iter()
+                        .map(|(model, counts)| (model.as_str(), CountsView::from(counts)))
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn rfc3339(snapshot: &Snapshot) -> String {
+    snapshot
+        .since
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| snapshot.since.to_string())
+}
+
+/// One line of counters: `12 requests, 0 errors | tokens: 1234 in + 567 out | cost: $0.0122`.
+pub fn summary_line(c: &Counts) -> String {
+    let mut line = format!(
+        "{} requests, {} errors | tokens: {} in + {} out | cost: {}",
+        c.requests, c.errors, c.prompt_tokens, c.completion_tokens, c.cost
+    );
+    if c.unpriced_requests > 0 {
+        let _ = write!(line, " (+{} unpriced requests)", c.unpriced_requests);
+    }
+    line
+}
+
+/// The text view: one line per key, then the totals.
+pub fn text(snapshot: &Snapshot) -> String {
+    let mut out = String::new();
+    for key in &snapshot.keys {
+        let _ = writeln!(
+            out,
+            "{} [{}]: {}",
+            key.identity.label,
+            key.identity.id,
+            summary_line(&key.totals)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "total since {}: {}",
+        rfc3339(snapshot),
+        summary_line(&snapshot.totals)
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::Identity;
+    use crate::meter::{KeySnapshot, pricing::NanoUsd};
+
+    fn snapshot() -> Snapshot {
+        let counts = Counts {
+            requests: 2,
+            prompt_tokens: 1234,
+            completion_tokens: 567,
+            total_tokens: 1801,
+            cost: NanoUsd(12_200_000),
+            ..Counts::default()
+        };
+        Snapshot {
+            since: time::OffsetDateTime::UNIX_EPOCH,
+            totals: counts,
+            keys: vec![KeySnapshot {
+                identity: Identity::from_key(b"sk-proj-abcdefghijklmnopqrstuvwxyz"),
+                totals: counts,
+                models: BTreeMap::from([("gpt-4o".to_owned(), counts)]),
+            }],
+        }
+    }
+
+    #[test]
+    fn text_view_has_one_line_per_key_and_a_total() {
+        let text = text(&snapshot());
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("sk-proj-…wxyz ["), "{}", lines[0]);
+        assert!(
+            lines[0].ends_with("tokens: 1234 in + 567 out | cost: $0.0122"),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[1].starts_with("total since 1970-01-01T00:00:00Z: 2 requests"),
+            "{}",
+            lines[1]
+        );
+    }
+
+    #[test]
+    fn json_view_has_the_documented_shape() {
+        let snap = snapshot();
+        let json = serde_json::to_value(StatsView::new(&snap)).unwrap();
+        assert_eq!(json["since"], "1970-01-01T00:00:00Z");
+        assert_eq!(json["totals"]["cost_usd"], 0.0122);
+        let key = &json["keys"][0];
+        assert_eq!(key["key"], "sk-proj-…wxyz");
+        assert_eq!(key["requests"], 2);
+        assert_eq!(key["models"]["gpt-4o"]["prompt_tokens"], 1234);
+        assert_eq!(key["models"]["gpt-4o"]["cost_nano_usd"], 12_200_000);
+    }
+}

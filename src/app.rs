@@ -1,0 +1,97 @@
+//! `AppState`, the router, and `run`: serve until the shutdown signal, then drain within the grace period.
+
+use std::future::Future;
+use std::ops::Deref;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{any, get, post};
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::meter::Meter;
+use crate::proxy::{self, upstream};
+use crate::{api, proxy::upstream::HttpClient};
+
+/// What every handler shares; cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+/// The shared parts behind `AppState`.
+pub struct Shared {
+    /// The validated configuration.
+    pub config: Config,
+    /// Totals per key and model.
+    pub meter: Arc<Meter>,
+    /// The pooled upstream client.
+    pub client: HttpClient,
+}
+
+impl Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl AppState {
+    /// Builds the state: an in-memory meter with the configured prices and the upstream client.
+    pub fn new(config: Config) -> Result<Self, rustls::Error> {
+        let client = upstream::client(&config)?;
+        let meter = Arc::new(Meter::in_memory(config.prices.clone()));
+        Ok(Self(Arc::new(Shared {
+            config,
+            meter,
+            client,
+        })))
+    }
+}
+
+/// All routes: the provider prefix is forwarded, our own endpoints answer locally.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/stats", get(api::show))
+        .route("/stats/reset", post(api::reset))
+        .route("/healthz", get(api::healthz))
+        .route(proxy::PREFIX, any(proxy::forward))
+        .route(&format!("{}/{{*rest}}", proxy::PREFIX), any(proxy::forward))
+        .fallback(proxy::not_found)
+        .with_state(state)
+}
+
+/// Serves on `listener` until `shutdown` completes, then gives in-flight requests and streams
+/// the configured grace period to finish.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let grace = state.config.shutdown_grace;
+    let listener = listener.tap_io(|tcp| {
+        // Small SSE events must leave at once, not wait for Nagle's algorithm.
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(%err, "could not set TCP_NODELAY");
+        }
+    });
+    let stop = Arc::new(Notify::new());
+    let stopped = Arc::clone(&stop);
+    let server = axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { stopped.notified().await })
+        .into_future();
+    let deadline = async move {
+        shutdown.await;
+        tracing::info!(grace = %humantime::format_duration(grace), "shutting down: finishing in-flight requests");
+        stop.notify_one();
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = server => result,
+        () = deadline => {
+            tracing::warn!("grace period over: closing the connections still open");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! Command-line definitions (clap) only; merging with the environment and file is `config`'s job.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Flags;
+
+/// A local reverse proxy that meters LLM API traffic: tokens and cost per API key and model.
+///
+/// Point your client at it (OPENAI_BASE_URL=http://localhost:8080/v1), then
+/// `curl localhost:8080/stats`. Values come from flags, then LLM_METER_* environment
+/// variables, then proxy.toml, then defaults.
+#[derive(Debug, Parser)]
+#[command(name = "llm-meter", version, about, long_about)]
+pub struct Cli {
+    /// Config file [env: LLM_METER_CONFIG] [default: ./proxy.toml when it exists].
+    #[arg(long, value_name = "PATH", global = true)]
+    pub config: Option<PathBuf>,
+
+    /// Address to listen on [env: LLM_METER_LISTEN] [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR", global = true)]
+    pub listen: Option<String>,
+
+    /// Upstream base URL that /v1/* is forwarded to, /v1 included
+    /// [env: LLM_METER_UPSTREAM] [default: https://api.openai.com/v1].
+    #[arg(long, value_name = "URL", global = true)]
+    pub upstream: Option<String>,
+
+    /// Log line format: text or json [env: LLM_METER_LOG_FORMAT] [default: text].
+    /// The level comes from RUST_LOG (default: info).
+    #[arg(long, value_name = "FORMAT", global = true)]
+    pub log_format: Option<String>,
+
+    /// What to do (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default when no command is given).
+    Serve,
+    /// Exit 0 if the llm-meter at the configured listen address answers /healthz (for container health checks).
+    Healthcheck,
+}
+
+impl Cli {
+    /// The flag layer of the configuration.
+    pub fn flags(&self) -> Flags {
+        Flags {
+            config: self.config.clone(),
+            listen: self.listen.clone(),
+            upstream: self.upstream.clone(),
+            log_format: self.log_format.clone(),
+        }
+    }
+}

@@ -1,0 +1,584 @@
+//! Configuration: file, environment and flag layers merged into one validated `Config`; errors name the field.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::meter::pricing::{Price, PriceTable};
+
+/// Default listen address: loopback only, so a key-carrying proxy is not exposed by accident.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default upstream, written as clients write it (`/v1` included).
+pub const DEFAULT_UPSTREAM: &str = "https://api.openai.com/v1";
+/// The file read when it exists in the working directory and no other is named.
+pub const DEFAULT_CONFIG_FILE: &str = "proxy.toml";
+/// Default request body limit: 32 MiB holds any realistic prompt, images included.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Environment variable names, defined once.
+pub mod env {
+    /// Path of the config file.
+    pub const CONFIG: &str = "LLM_METER_CONFIG";
+    /// Listen address.
+    pub const LISTEN: &str = "LLM_METER_LISTEN";
+    /// Upstream base URL.
+    pub const UPSTREAM: &str = "LLM_METER_UPSTREAM";
+    /// Admin token for `/stats/reset`.
+    pub const ADMIN_TOKEN: &str = "LLM_METER_ADMIN_TOKEN";
+    /// `text` or `json`.
+    pub const LOG_FORMAT: &str = "LLM_METER_LOG_FORMAT";
+}
+
+/// A configuration problem, naming where it is and what is wrong, on one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {reason}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        reason: String,
+    },
+    /// The config file is not valid TOML or has an unknown field or a wrong type.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file, with line number when known.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is present but unusable.
+    #[error("invalid `{field}` ({source_layer}): {reason}")]
+    Invalid {
+        /// The field name as written in proxy.toml.
+        field: String,
+        /// Which layer gave the value: flag, environment variable or file.
+        source_layer: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The raw shape of `proxy.toml`: every field optional, unknown fields rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    upstream: Option<String>,
+    admin_token: Option<String>,
+    log_format: Option<String>,
+    max_body_bytes: Option<u64>,
+    connect_timeout: Option<String>,
+    response_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    shutdown_grace: Option<String>,
+    #[serde(default)]
+    pricing: BTreeMap<String, PriceEntry>,
+}
+
+/// One `[pricing."MODEL"]` table, in USD per million tokens.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PriceEntry {
+    input_per_million: f64,
+    output_per_million: f64,
+    cached_input_per_million: Option<f64>,
+    cache_write_per_million: Option<f64>,
+}
+
+/// Values given on the command line; `None` where the flag was not given.
+#[derive(Debug, Default, Clone)]
+pub struct Flags {
+    /// `--config`.
+    pub config: Option<PathBuf>,
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--upstream`.
+    pub upstream: Option<String>,
+    /// `--log-format`.
+    pub log_format: Option<String>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A secret that never prints: `Debug` shows a mask.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret value, for comparison only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Where requests are forwarded: scheme and authority plus the base path they are appended to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `http` or `https`.
+    pub scheme: http::uri::Scheme,
+    /// Host and port.
+    pub authority: http::uri::Authority,
+    /// Base path without a trailing slash (`/v1`, or empty).
+    pub base_path: String,
+}
+
+impl Upstream {
+    /// Parses an absolute `http(s)://host[:port][/base]` URL.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let uri: http::Uri = url.parse().map_err(|e| format!("{e}"))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or("must be an absolute URL such as https://api.openai.com/v1")?;
+        if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
+            return Err(format!("scheme must be http or https, not {scheme}"));
+        }
+        let authority = uri.authority().cloned().ok_or("has no host")?;
+        if uri.query().is_some() {
+            return Err("must not have a query string".into());
+        }
+        let base_path = uri.path().trim_end_matches('/').to_owned();
+        Ok(Self {
+            scheme,
+            authority,
+            base_path,
+        })
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
+    }
+}
+
+/// The validated configuration the service runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Where `/v1/*` is forwarded.
+    pub upstream: Upstream,
+    /// Token required by `/stats/reset` when set.
+    pub admin_token: Option<Secret>,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Time allowed to open a connection to the upstream.
+    pub connect_timeout: Duration,
+    /// Time allowed from sending a request to receiving the upstream's response headers.
+    pub response_timeout: Duration,
+    /// Longest silence allowed inside a response body; a stream still sending tokens never trips it.
+    pub idle_timeout: Duration,
+    /// Time in-flight requests get to finish after SIGINT/SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Built-in prices with the file's overrides applied.
+    pub prices: PriceTable,
+    /// The config file that was read, if any.
+    pub file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads the config file (named or default) and merges it with the environment and flags.
+    pub fn load(flags: &Flags, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let path = flags
+            .config
+            .clone()
+            .or_else(|| env.get(env::CONFIG).map(PathBuf::from));
+        let (path, text) = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::Read {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                (Some(path), Some(text))
+            }
+            None => {
+                let default = Path::new(DEFAULT_CONFIG_FILE);
+                match std::fs::read_to_string(default) {
+                    Ok(text) => (Some(default.to_owned()), Some(text)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, None),
+                    Err(e) => {
+                        return Err(ConfigError::Read {
+                            path: default.to_owned(),
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+            }
+        };
+        let mut config = Self::from_layers(text.as_deref(), path.as_deref(), env, flags)?;
+        config.file = path;
+        Ok(config)
+    }
+
+    /// Merges a file's text (if any), the environment and flags: flag > env > file > default.
+    pub fn from_layers(
+        file_text: Option<&str>,
+        file_name: Option<&Path>,
+        env: &HashMap<String, String>,
+        flags: &Flags,
+    ) -> Result<Self, ConfigError> {
+        let name = file_name.map_or_else(
+            || DEFAULT_CONFIG_FILE.to_owned(),
+            |p| p.display().to_string(),
+        );
+        let file: FileConfig = match file_text {
+            Some(text) => parse_file(text, &name)?,
+            None => FileConfig::default(),
+        };
+        let layer = Layers {
+            env,
+            file_name: &name,
+        };
+
+        let (listen, from) = layer.pick(
+            flags.listen.as_deref(),
+            env::LISTEN,
+            file.listen.as_deref(),
+            DEFAULT_LISTEN,
+        );
+        let listen = parse_listen(listen).map_err(|reason| invalid("listen", &from, reason))?;
+
+        let (upstream, from) = layer.pick(
+            flags.upstream.as_deref(),
+            env::UPSTREAM,
+            file.upstream.as_deref(),
+            DEFAULT_UPSTREAM,
+        );
+        let upstream = Upstream::parse(upstream).map_err(|r| invalid("upstream", &from, r))?;
+
+        let (log_format, from) = layer.pick(
+            flags.log_format.as_deref(),
+            env::LOG_FORMAT,
+            file.log_format.as_deref(),
+            "text",
+        );
+        let log_format = match log_format {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log_format",
+                    &from,
+                    format!("expected \"text\" or \"json\", got {other:?}"),
+                ));
+            }
+        };
+
+        let admin_token = env
+            .get(env::ADMIN_TOKEN)
+            .cloned()
+            .or(file.admin_token)
+            .filter(|t| !t.is_empty())
+            .map(Secret);
+
+        let max_body_bytes = file.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        let max_body_bytes = usize::try_from(max_body_bytes)
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                invalid(
+                    "max_body_bytes",
+                    &name,
+                    "must be a positive number of bytes",
+                )
+            })?;
+
+        let duration = |field: &str, value: Option<&str>, default: &str| {
+            parse_duration(value.unwrap_or(default)).map_err(|r| invalid(field, &name, r))
+        };
+        let connect_timeout = duration("connect_timeout", file.connect_timeout.as_deref(), "10s")?;
+        let response_timeout =
+            duration("response_timeout", file.response_timeout.as_deref(), "10m")?;
+        let idle_timeout = duration("idle_timeout", file.idle_timeout.as_deref(), "5m")?;
+        let shutdown_grace = duration("shutdown_grace", file.shutdown_grace.as_deref(), "30s")?;
+
+        let mut prices = PriceTable::builtin();
+        for (model, entry) in file.pricing {
+            let field = format!("pricing.\"{model}\"");
+            let price = price_from(&entry).map_err(|r| invalid(&field, &name, r))?;
+            prices.set(model, price);
+        }
+
+        Ok(Self {
+            listen,
+            upstream,
+            admin_token,
+            log_format,
+            max_body_bytes,
+            connect_timeout,
+            response_timeout,
+            idle_timeout,
+            shutdown_grace,
+            prices,
+            file: None,
+        })
+    }
+}
+
+/// The environment and the file name, to pick each value from the highest layer that has it.
+struct Layers<'a> {
+    env: &'a HashMap<String, String>,
+    file_name: &'a str,
+}
+
+impl<'a> Layers<'a> {
+    /// Returns the value and a description of the layer it came from.
+    fn pick(
+        &self,
+        flag: Option<&'a str>,
+        env_name: &str,
+        file: Option<&'a str>,
+        default: &'a str,
+    ) -> (&'a str, String) {
+        if let Some(v) = flag {
+            (v, "command-line flag".to_owned())
+        } else if let Some(v) = self.env.get(env_name) {
+            (v.as_str(), format!("environment variable {env_name}"))
+        } else if let Some(v) = file {
+            (v, self.file_name.to_owned())
+        } else {
+            (default, "default".to_owned())
+        }
+    }
+}
+
+fn invalid(field: &str, from: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_owned(),
+        source_layer: from.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Parses TOML, turning the parser's multi-line report into `file line N: `field`: message`.
+fn parse_file(text: &str, name: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let start = e.span().map(|span| span.start.min(text.len()));
+        let mut message = e.message().trim().replace('\n', " ");
+        if let Some(field) = start.and_then(|at| field_at(text, at)) {
+            if !message.contains(&field) {
+                message = format!("`{field}`: {message}");
+            }
+        }
+        ConfigError::Parse {
+            path: match start {
+                Some(at) => format!("{name} line {}", text[..at].matches('\n').count() + 1),
+                None => name.to_owned(),
+            },
+            message,
+        }
+    })
+}
+
+/// The dotted name of the `key = value` line containing `offset`, under its `[table]` header.
+fn field_at(text: &str, offset: usize) -> Option<String> {
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next()?;
+    let key = line.split_once('=')?.0.trim();
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    Some(match table {
+        Some(table) => format!("{table}.{key}"),
+        None => key.to_owned(),
+    })
+}
+
+fn parse_listen(value: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = value.parse() {
+        return Ok(addr);
+    }
+    value
+        .to_socket_addrs()
+        .map_err(|e| format!("{value:?} is not a host:port address ({e})"))?
+        .next()
+        .ok_or_else(|| format!("{value:?} resolves to no address"))
+}
+
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(value)
+        .map_err(|e| format!("{value:?} is not a duration like \"30s\" or \"5m\" ({e})"))?;
+    if duration.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(duration)
+}
+
+fn price_from(entry: &PriceEntry) -> Result<Price, String> {
+    let check = |name: &str, v: f64| {
+        if v.is_finite() && (0.0..=1_000_000.0).contains(&v) {
+            Ok(v)
+        } else {
+            Err(format!(
+                "{name} must be a number of USD from 0 to 1000000, got {v}"
+            ))
+        }
+    };
+    let input = check("input_per_million", entry.input_per_million)?;
+    let output = check("output_per_million", entry.output_per_million)?;
+    let cached = check(
+        "cached_input_per_million",
+        entry.cached_input_per_million.unwrap_or(input),
+    )?;
+    let write = check(
+        "cache_write_per_million",
+        entry.cache_write_per_million.unwrap_or(input),
+    )?;
+    Ok(Price::per_million(input, output, cached, write))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn load(
+        file: Option<&str>,
+        env_pairs: &[(&str, &str)],
+        flags: &Flags,
+    ) -> Result<Config, ConfigError> {
+        Config::from_layers(file, None, &env(env_pairs), flags)
+    }
+
+    #[test]
+    fn defaults_apply_with_no_layers() {
+        let c = load(None, &[], &Flags::default()).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.upstream.to_string(), "https://api.openai.com/v1");
+        assert_eq!(c.max_body_bytes, 32 * 1024 * 1024);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert!(c.admin_token.is_none());
+    }
+
+    #[test]
+    fn flag_beats_env_beats_file() {
+        let file = Some("listen = \"127.0.0.1:1001\"\nupstream = \"http://file.test/v1\"\n");
+        let flags = Flags {
+            listen: Some("127.0.0.1:1003".into()),
+            ..Flags::default()
+        };
+        let c = load(
+            file,
+            &[
+                (env::LISTEN, "127.0.0.1:1002"),
+                (env::UPSTREAM, "http://env.test/v1"),
+            ],
+            &flags,
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 1003);
+        assert_eq!(c.upstream.to_string(), "http://env.test/v1");
+        let c = load(file, &[], &Flags::default()).unwrap();
+        assert_eq!(c.listen.port(), 1001);
+        assert_eq!(c.upstream.to_string(), "http://file.test/v1");
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_line() {
+        let err = load(
+            Some("listen = \"127.0.0.1:1\"\nlisten_port = 3\n"),
+            &[],
+            &Flags::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("listen_port"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_field_and_layer() {
+        let err = load(None, &[(env::UPSTREAM, "ftp://x")], &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`upstream`") && err.contains(env::UPSTREAM),
+            "{err}"
+        );
+        let err = load(Some("idle_timeout = \"soon\""), &[], &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`idle_timeout`"), "{err}");
+        let err = load(
+            Some("[pricing.\"m\"]\ninput_per_million = -1.0\noutput_per_million = 1.0"),
+            &[],
+            &Flags::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("pricing.\"m\"") && err.contains("input_per_million"),
+            "{err}"
+        );
+        let err = load(Some("max_body_bytes = \"big\""), &[], &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_body_bytes"), "{err}");
+    }
+
+    #[test]
+    fn upstream_base_path_loses_trailing_slash() {
+        let u = Upstream::parse("http://127.0.0.1:9000/api/v1/").unwrap();
+        assert_eq!(u.base_path, "/api/v1");
+        assert_eq!(Upstream::parse("http://h").unwrap().base_path, "");
+        assert!(Upstream::parse("api.openai.com/v1").is_err());
+    }
+
+    #[test]
+    fn admin_token_never_prints() {
+        let c = load(
+            Some("admin_token = \"hunter2-admin\""),
+            &[],
+            &Flags::default(),
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert_eq!(c.admin_token.unwrap().expose(), "hunter2-admin");
+    }
+
+    #[test]
+    fn pricing_overrides_and_adds_models() {
+        let c = load(
+            Some("[pricing.\"my-model\"]\ninput_per_million = 2.0\noutput_per_million = 8.0\ncached_input_per_million = 0.5\n"),
+            &[],
+            &Flags::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.prices.resolve("my-model"),
+            Some(&Price::per_million(2.0, 8.0, 0.5, 2.0))
+        );
+    }
+}

@@ -1,0 +1,156 @@
+//! `ProxyError` and its single mapping to a status and an OpenAI-style JSON error body.
+
+use axum::response::{IntoResponse, Response};
+use http::{StatusCode, header};
+
+/// What went wrong while serving one request, classified by who caused it.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The client sent a body over the configured limit.
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The client's body could not be read (it went away or sent bad framing).
+    #[error("could not read the request body: {0}")]
+    ClientBody(String),
+    /// A query parameter of our own endpoints is invalid.
+    #[error("{0}")]
+    BadQuery(String),
+    /// The admin endpoint was called without the right admin token.
+    #[error("this endpoint requires `Authorization: Bearer <admin_token>`")]
+    Unauthorized,
+    /// No route matches the path.
+    #[error("no route for {0}; LLM traffic goes to /v1/..., stats to /stats")]
+    NotFound(String),
+    /// The upstream could not be reached or failed before sending response headers.
+    #[error("upstream {upstream} is unreachable: {reason}")]
+    UpstreamUnreachable {
+        /// The upstream base URL (never carries a key).
+        upstream: String,
+        /// The cause, from the connection error chain.
+        reason: String,
+    },
+    /// The upstream did not connect or answer within the configured time.
+    #[error("upstream {upstream} did not answer within {after}")]
+    UpstreamTimeout {
+        /// The upstream base URL.
+        upstream: String,
+        /// The timeout that elapsed, human readable.
+        after: String,
+    },
+    /// A bug or resource problem of our own; details go to the log, not the client.
+    #[error("internal error")]
+    Internal,
+}
+
+impl ProxyError {
+    /// Status, OpenAI error `type` and `code` for this error: the one place that decides them.
+    fn classify(&self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            Self::BodyTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "request_too_large",
+            ),
+            Self::ClientBody(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "bad_request_body",
+            ),
+            Self::BadQuery(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_query",
+            ),
+            Self::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "invalid_admin_token",
+            ),
+            Self::NotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "unknown_route",
+            ),
+            Self::UpstreamUnreachable { .. } => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                "upstream_unreachable",
+            ),
+            Self::UpstreamTimeout { .. } => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_error",
+                "upstream_timeout",
+            ),
+            Self::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal_error",
+            ),
+        }
+    }
+
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        self.classify().0
+    }
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        let (status, kind, code) = self.classify();
+        let body = serde_json::json!({
+            "error": {
+                "message": format!("llm-meter: {self}"),
+                "type": kind,
+                "code": code,
+                "param": null,
+            }
+        });
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response()
+    }
+}
+
+/// Renders an error and its whole source chain on one line (`a: b: c`), skipping repeats.
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn errors_render_the_openai_shape() {
+        let response = ProxyError::UpstreamTimeout {
+            upstream: "http://127.0.0.1:9".into(),
+            after: "10s".into(),
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["type"], "upstream_error");
+        assert_eq!(json["error"]["code"], "upstream_timeout");
+        assert!(json["error"]["message"].as_str().unwrap().contains("10s"));
+    }
+}

@@ -1,0 +1,279 @@
+//! Caller identity: a stable id and a redacted label derived from the API key; the raw key is never kept.
+
+use std::fmt;
+
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+
+/// Header names a client may carry its key in, in the order they are tried after `Authorization`.
+const KEY_HEADERS: [&str; 2] = ["x-api-key", "api-key"];
+
+/// Id and label of callers that sent no key at all.
+pub const ANONYMOUS: &str = "anonymous";
+
+/// Hex digits of the SHA-256 kept as the stable id: 64 bits, collision-free for any realistic key count.
+const ID_HEX_LEN: usize = 16;
+
+/// Who made a request: safe to show, log and store.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Identity {
+    /// Stable id: a prefix of the key's SHA-256, the same across restarts and machines.
+    pub id: String,
+    /// Redacted label a person can recognize (`sk-proj-…Wxyz`) but not reconstruct.
+    pub label: String,
+}
+
+impl Identity {
+    /// The identity of a request that carried no key.
+    pub fn anonymous() -> Self {
+        Self {
+            id: ANONYMOUS.to_owned(),
+            label: ANONYMOUS.to_owned(),
+        }
+    }
+
+    /// Derives the identity from a raw key; the key itself is not kept.
+    pub fn from_key(key: &[u8]) -> Self {
+        Self {
+            id: id_of(key),
+            label: label_of(key),
+        }
+    }
+
+    /// Identifies the caller of a request: `Authorization: Bearer`, then `x-api-key`, then `api-key`.
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        raw_key(headers).map_or_else(Self::anonymous, Self::from_key)
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.label, self.id)
+    }
+}
+
+/// Finds the raw key bytes in a request's headers, if any.
+fn raw_key(headers: &HeaderMap) -> Option<&[u8]> {
+    let bearer = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| strip_bearer(v.as_bytes()));
+    bearer
+        .or_else(|| {
+            KEY_HEADERS
+                .iter()
+                .find_map(|name| headers.get(*name).map(http::HeaderValue::as_bytes))
+        })
+        .map(<[u8]>::trim_ascii)
+        .filter(|k| !k.is_empty())
+}
+
+/// Returns the token of a `Bearer` credential (scheme matched case-insensitively).
+fn strip_bearer(value: &[u8]) -> Option<&[u8]> {
+    const SCHEME: &[u8] = b"bearer ";
+    let head = value.get(..SCHEME.len())?;
+    head.eq_ignore_ascii_case(SCHEME)
+        .then(|| &value[SCHEME.len()..])
+}
+
+fn id_of(key: &[u8]) -> String {
+    let digest = Sha256::digest(key);
+    let mut id = String::with_capacity(ID_HEX_LEN);
+    for byte in &digest[..ID_HEX_LEN / 2] {
+        id.push(char::from(HEX[usize::from(byte >> 4)]));
+        id.push(char::from(HEX[usize::from(byte & 0xf)]));
+    }
+    id
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Builds a label showing at most a vendor prefix (`sk-`, `sk-proj-`, `sk-ant-`) and the last few
+/// characters, so that at most 12 characters of any key are ever shown, and fewer of short keys.
+fn label_of(key: &[u8]) -> String {
+    let Ok(key) = std::str::from_utf8(key) else {
+        return "…".to_owned();
+    };
+    if !key.is_ascii() {
+        return "…".to_owned();
+    }
+    let tail_len = match key.len() {
+        0..12 => 0,
+        12..20 => 2,
+        _ => 4,
+    };
+    let prefix = vendor_prefix(key);
+    // Never let prefix and tail together cover more than half of the key.
+    let prefix = if (prefix.len() + tail_len) * 2 > key.len() {
+        ""
+    } else {
+        prefix
+    };
+    format!("{prefix}…{}", &key[key.len() - tail_len..])
+}
+
+/// The leading `word-` groups of a key (lowercase letters and digits), up to 8 characters.
+fn vendor_prefix(key: &str) -> &str {
+    let window = &key[..key.len().min(8)];
+    let Some(end) = window.rfind('-') else {
+        return "";
+    };
+    let prefix = &window[..=end];
+    if prefix
+        .bytes()
+        .all(|b| b == b'-' || b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        prefix
+    } else {
+        ""
+    }
+}
+
+/// Query parameters that carry credentials (Gemini's `?key=`, Azure SAS-style tokens): never logged.
+const SECRET_QUERY_PARAMS: [&str; 6] = [
+    "key",
+    "api_key",
+    "api-key",
+    "apikey",
+    "access_token",
+    "token",
+];
+
+/// The request's path and query for logs, with every credential-bearing query value replaced.
+pub fn redact_path(uri: &http::Uri) -> String {
+    let path = uri.path();
+    let Some(query) = uri.query() else {
+        return path.to_owned();
+    };
+    let mut out = String::with_capacity(path.len() + query.len() + 1);
+    out.push_str(path);
+    for (i, pair) in query.split('&').enumerate() {
+        out.push(if i == 0 { '?' } else { '&' });
+        let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+        if SECRET_QUERY_PARAMS
+            .iter()
+            .any(|s| name.eq_ignore_ascii_case(s))
+        {
+            out.push_str(name);
+            out.push_str("=REDACTED");
+        } else {
+            out.push_str(pair);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, value.parse().unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn bearer_key_wins_over_other_headers() {
+        let h = headers(&[
+            ("authorization", "Bearer sk-one-aaaaaaaaaaaaaaaaaaaa"),
+            ("x-api-key", "sk-two-bbbbbbbbbbbbbbbbbbbb"),
+        ]);
+        assert_eq!(
+            Identity::from_headers(&h),
+            Identity::from_key(b"sk-one-aaaaaaaaaaaaaaaaaaaa")
+        );
+    }
+
+    #[test]
+    fn x_api_key_then_api_key_then_anonymous() {
+        let h = headers(&[("x-api-key", "k1-xxxxxxxxxxxxxxxx"), ("api-key", "k2-yyyy")]);
+        assert_eq!(
+            Identity::from_headers(&h),
+            Identity::from_key(b"k1-xxxxxxxxxxxxxxxx")
+        );
+        let h = headers(&[("api-key", "k2-yyyyyyyyyyyyyyyyyyyyyy")]);
+        assert_eq!(
+            Identity::from_headers(&h),
+            Identity::from_key(b"k2-yyyyyyyyyyyyyyyyyyyyyy")
+        );
+        assert_eq!(
+            Identity::from_headers(&HeaderMap::new()),
+            Identity::anonymous()
+        );
+    }
+
+    #[test]
+    fn non_bearer_authorization_falls_through() {
+        let h = headers(&[
+            ("authorization", "Basic abc"),
+            ("api-key", "azure-key-1234567890"),
+        ]);
+        assert_eq!(
+            Identity::from_headers(&h),
+            Identity::from_key(b"azure-key-1234567890")
+        );
+        let h = headers(&[("authorization", "bearer    ")]);
+        assert_eq!(Identity::from_headers(&h), Identity::anonymous());
+    }
+
+    #[test]
+    fn query_keys_are_redacted_in_logged_paths() {
+        let uri: http::Uri = "/v1/models/gemini:generateContent?alt=sse&key=AIzaSECRET&Token=abc"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            redact_path(&uri),
+            "/v1/models/gemini:generateContent?alt=sse&key=REDACTED&Token=REDACTED"
+        );
+        let plain: http::Uri = "/v1/chat/completions".parse().unwrap();
+        assert_eq!(redact_path(&plain), "/v1/chat/completions");
+    }
+
+    #[test]
+    fn id_is_stable_and_hex() {
+        let a = Identity::from_key(b"sk-proj-abcdefghijklmnopqrstuvwxyz0123456789");
+        let b = Identity::from_key(b"sk-proj-abcdefghijklmnopqrstuvwxyz0123456789");
+        assert_eq!(a.id, b.id);
+        assert_eq!(a.id.len(), ID_HEX_LEN);
+        assert!(a.id.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a.id, Identity::from_key(b"sk-proj-other").id);
+    }
+
+    #[test]
+    fn labels_show_vendor_prefix_and_last_four() {
+        let key = "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789";
+        assert_eq!(label_of(key.as_bytes()), "sk-proj-…6789");
+        assert_eq!(
+            label_of(b"sk-ant-api03-ABCDEFGHIJKLMNOPQRSTUVWXYZ"),
+            "sk-ant-…WXYZ"
+        );
+        assert_eq!(label_of(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"), "…WXYZ");
+    }
+
+    #[test]
+    fn short_keys_show_little_or_nothing() {
+        assert_eq!(label_of(b"secret"), "…");
+        assert_eq!(label_of(b"sk-abcdefghijk"), "sk-…jk");
+        assert_eq!(label_of(b"abcdefghijklmno"), "…no");
+        assert_eq!(label_of("ключ-ключ-ключ".as_bytes()), "…");
+    }
+
+    #[test]
+    fn no_label_reveals_more_than_half_of_the_key() {
+        for len in 1..64 {
+            let key: String = "sk-proj-"
+                .chars()
+                .chain(std::iter::repeat('x'))
+                .take(len)
+                .collect();
+            let label = label_of(key.as_bytes());
+            let shown = label.chars().filter(|c| *c != '…').count();
+            assert!(
+                shown * 2 <= len,
+                "{label} reveals too much of a {len}-char key"
+            );
+        }
+    }
+}

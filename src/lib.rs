@@ -1,0 +1,28 @@
+//! llm-meter: a local reverse proxy that meters LLM traffic per API key and model.
+//!
+//! The data flow, one module per step:
+//!
+//! 1. `config` merges `proxy.toml`, `LLM_METER_*` variables and flags into one `Config`.
+//! 2. `app` builds the shared state and the router, and runs the server.
+//! 3. `proxy` forwards `/v1/*` to the upstream: `key` identifies the caller, `proxy::route`
+//!    picks the usage flavor, `proxy::rewrite` asks for stream usage when the client did not,
+//!    and `proxy::tap` hands every response byte to the client as it arrives and, on the side,
+//!    to the extractor.
+//! 4. `usage` turns each flavor's `usage` object (plain JSON or SSE) into one `Usage` record.
+//! 5. `meter` prices the record in integer nano-dollars and adds it to per-key, per-model totals.
+//! 6. `api` shows the totals (`/stats`), resets them, and answers `/healthz`.
+//!
+//! The client never waits for metering, and the full key is never stored, logged or shown.
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod key;
+pub mod meter;
+pub mod proxy;
+pub mod usage;
+
+pub use app::{AppState, run};
+pub use config::Config;

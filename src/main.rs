@@ -1,0 +1,153 @@
+//! The `llm-meter` binary: flags → config → tracing → bind → `llm_meter::run`; failures become exit codes.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use llm_meter::cli::{Cli, Command};
+use llm_meter::config::{Config, LogFormat};
+use llm_meter::{AppState, api};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => {
+            // --help and --version.
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            let rendered = err.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            eprintln!(
+                "llm-meter: {} (see --help)",
+                first.trim_start_matches("error: ")
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let config = match Config::load(&cli.flags(), &llm_meter_env()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("llm-meter: config error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Some(Command::Healthcheck) => healthcheck(&config),
+        Some(Command::Serve) | None => serve(config),
+    }
+}
+
+/// The process environment's `LLM_METER_*` variables (others, and non-UTF-8 ones, are not ours).
+fn llm_meter_env() -> HashMap<String, String> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with("LLM_METER_"))
+        .collect()
+}
+
+fn serve(config: Config) -> ExitCode {
+    let _log_guard = init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("llm-meter: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+            Ok(listener) => listener,
+            Err(err) => {
+                eprintln!("llm-meter: cannot listen on {}: {err}", config.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        let addr = listener.local_addr().unwrap_or(config.listen);
+        let upstream = config.upstream.to_string();
+        let state = match AppState::new(config) {
+            Ok(state) => state,
+            Err(err) => {
+                eprintln!("llm-meter: cannot set up TLS: {err}");
+                return ExitCode::FAILURE;
+            }
+        };
+        println!("llm-meter listening on http://{addr}, forwarding /v1 to {upstream}");
+        let meter = std::sync::Arc::clone(&state.meter);
+        if let Err(err) = llm_meter::run(listener, state, shutdown_signal()).await {
+            eprintln!("llm-meter: server error: {err}");
+            return ExitCode::FAILURE;
+        }
+        println!(
+            "llm-meter stopped. {}",
+            api::stats::summary_line(&meter.snapshot().totals)
+        );
+        ExitCode::SUCCESS
+    })
+}
+
+fn healthcheck(config: &Config) -> ExitCode {
+    // A wildcard listen address is reached through loopback.
+    let ip = match config.listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    match api::probe_health(
+        SocketAddr::new(ip, config.listen.port()),
+        Duration::from_secs(3),
+    ) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("llm-meter: unhealthy: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr through a background writer, so a slow terminal never slows a request.
+fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_ansi(false).init(),
+    }
+    guard
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM (docker stop).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

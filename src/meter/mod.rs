@@ -1,0 +1,253 @@
+//! Metering: prices each finished request and adds it to per-key, per-model totals.
+
+pub mod memory;
+pub mod pricing;
+
+use std::collections::{BTreeMap, HashSet};
+use std::ops::AddAssign;
+
+use parking_lot::Mutex;
+use time::OffsetDateTime;
+
+use crate::key::Identity;
+use crate::usage::Usage;
+use pricing::{NanoUsd, PriceTable};
+
+/// Model name recorded when neither the response nor the request named one.
+pub const UNKNOWN_MODEL: &str = "unknown";
+
+/// The counters kept for every (key, model) pair, and summed for keys and totals.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Requests seen.
+    pub requests: u64,
+    /// Requests that did not end in a complete 2xx response.
+    pub errors: u64,
+    /// Input tokens: uncached + cached + cache writes.
+    pub prompt_tokens: u64,
+    /// Output tokens, reasoning included.
+    pub completion_tokens: u64,
+    /// Prompt plus completion tokens.
+    pub total_tokens: u64,
+    /// Input tokens read from the provider's cache.
+    pub cached_tokens: u64,
+    /// Input tokens written to the provider's cache.
+    pub cache_write_tokens: u64,
+    /// Output tokens spent reasoning.
+    pub reasoning_tokens: u64,
+    /// Cost at the prices in force when each request was recorded.
+    pub cost: NanoUsd,
+    /// Requests whose model has no price: their tokens are counted, their cost is not known.
+    pub unpriced_requests: u64,
+}
+
+impl AddAssign<&Counts> for Counts {
+    fn add_assign(&mut self, other: &Counts) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.total_tokens += other.total_tokens;
+        self.cached_tokens += other.cached_tokens;
+        self.cache_write_tokens += other.cache_write_tokens;
+        self.reasoning_tokens += other.reasoning_tokens;
+        self.cost.0 += other.cost.0;
+        self.unpriced_requests += other.unpriced_requests;
+    }
+}
+
+/// One finished request, as the proxy hands it to the meter.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    /// Who made it.
+    pub identity: &'a Identity,
+    /// The response's model, else the request's, else `UNKNOWN_MODEL`.
+    pub model: &'a str,
+    /// Tokens reported, if any.
+    pub usage: Option<Usage>,
+    /// The request did not end in a complete 2xx response.
+    pub is_error: bool,
+}
+
+/// The result of recording: what the request cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Priced {
+    /// The cost; zero when unpriced.
+    pub cost: NanoUsd,
+    /// False when the model had no price (and there were tokens to price).
+    pub is_priced: bool,
+}
+
+/// Where totals are kept: in memory today, a durable ledger later.
+pub trait Store: Send + Sync {
+    /// Adds one request's counts to its (key, model) entry.
+    fn add(&self, identity: &Identity, model: &str, counts: &Counts);
+    /// All totals of the current period.
+    fn snapshot(&self) -> Snapshot;
+    /// Starts a new period with zeroed totals.
+    fn reset(&self);
+}
+
+/// Totals of one period, per key and per model within a key.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// When the period started (start-up or the last reset).
+    pub since: OffsetDateTime,
+    /// Every key summed.
+    pub totals: Counts,
+    /// One entry per key, most expensive first.
+    pub keys: Vec<KeySnapshot>,
+}
+
+/// One key's totals.
+#[derive(Debug, Clone)]
+pub struct KeySnapshot {
+    /// The key's identity.
+    pub identity: Identity,
+    /// The key's models summed.
+    pub totals: Counts,
+    /// Per model.
+    pub models: BTreeMap<String, Counts>,
+}
+
+/// Prices finished requests and keeps their totals.
+pub struct Meter {
+    store: Box<dyn Store>,
+    prices: PriceTable,
+    warned_unpriced: Mutex<HashSet<String>>,
+}
+
+impl Meter {
+    /// A meter over the given store and price table.
+    pub fn new(store: Box<dyn Store>, prices: PriceTable) -> Self {
+        Self {
+            store,
+            prices,
+            warned_unpriced: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// An in-memory meter.
+    pub fn in_memory(prices: PriceTable) -> Self {
+        Self::new(Box::new(memory::MemoryStore::new()), prices)
+    }
+
+    /// Prices one request and adds it to the totals; never fails.
+    pub fn record(&self, record: &Record<'_>) -> Priced {
+        let usage = record.usage.unwrap_or_default();
+        let priced = match self.prices.resolve(record.model) {
+            Some(price) => Priced {
+                cost: price.cost(&usage),
+                is_priced: true,
+            },
+            // A request with no tokens costs nothing whatever the model: nothing to be unsure of.
+            None if usage.total_tokens() == 0 => Priced {
+                cost: NanoUsd(0),
+                is_priced: true,
+            },
+            None => {
+                self.warn_unpriced(record.model);
+                Priced {
+                    cost: NanoUsd(0),
+                    is_priced: false,
+                }
+            }
+        };
+        let counts = Counts {
+            requests: 1,
+            errors: u64::from(record.is_error),
+            prompt_tokens: usage.prompt_tokens(),
+            completion_tokens: usage.output_tokens,
+            total_tokens: usage.total_tokens(),
+            cached_tokens: usage.cached_input_tokens,
+            cache_write_tokens: usage.cache_write_tokens,
+            reasoning_tokens: usage.reasoning_tokens,
+            cost: priced.cost,
+            unpriced_requests: u64::from(!priced.is_priced),
+        };
+        self.store.add(record.identity, record.model, &counts);
+        priced
+    }
+
+    fn warn_unpriced(&self, model: &str) {
+        let mut warned = self.warned_unpriced.lock();
+        if !warned.contains(model) {
+            warned.insert(model.to_owned());
+            drop(warned);
+            tracing::warn!(
+                model,
+                "model has no price: its tokens are counted, its cost is not (add it under [pricing] in proxy.toml)"
+            );
+        }
+    }
+
+    /// The current totals.
+    pub fn snapshot(&self) -> Snapshot {
+        self.store.snapshot()
+    }
+
+    /// Zeroes the totals and starts a new period.
+    pub fn reset(&self) {
+        self.store.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_priced_and_summed_per_key_and_model() {
+        let meter = Meter::in_memory(PriceTable::builtin());
+        let alice = Identity::from_key(b"sk-alice-0000000000000000");
+        let usage = Usage {
+            input_tokens: 1_000,
+            output_tokens: 200,
+            ..Usage::default()
+        };
+        for _ in 0..3 {
+            meter.record(&Record {
+                identity: &alice,
+                model: "gpt-4o-2024-08-06",
+                usage: Some(usage),
+                is_error: false,
+            });
+        }
+        let unpriced = meter.record(&Record {
+            identity: &alice,
+            model: "my-local-llama",
+            usage: Some(usage),
+            is_error: true,
+        });
+        assert!(!unpriced.is_priced);
+        let snap = meter.snapshot();
+        assert_eq!(snap.keys.len(), 1);
+        let key = &snap.keys[0];
+        assert_eq!(key.models.len(), 2);
+        // gpt-4o: 1000 x $2.50/M + 200 x $10/M = $0.0045 per request.
+        assert_eq!(key.models["gpt-4o-2024-08-06"].cost, NanoUsd(3 * 4_500_000));
+        assert_eq!(key.totals.requests, 4);
+        assert_eq!(key.totals.errors, 1);
+        assert_eq!(key.totals.unpriced_requests, 1);
+        assert_eq!(key.totals.prompt_tokens, 4_000);
+        assert_eq!(snap.totals, key.totals);
+    }
+
+    #[test]
+    fn reset_zeroes_totals_and_moves_since() {
+        let meter = Meter::in_memory(PriceTable::builtin());
+        let before = meter.snapshot().since;
+        meter.record(&Record {
+            identity: &Identity::anonymous(),
+            model: UNKNOWN_MODEL,
+            usage: None,
+            is_error: false,
+        });
+        assert_eq!(meter.snapshot().totals.requests, 1);
+        meter.reset();
+        let snap = meter.snapshot();
+        assert_eq!(snap.totals, Counts::default());
+        assert!(snap.keys.is_empty());
+        assert!(snap.since >= before);
+    }
+}

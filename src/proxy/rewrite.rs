@@ -1,0 +1,313 @@
+//! Request rewrite: asks for `stream_options.include_usage` on streaming chat requests, touching nothing else.
+//!
+//! The body is never re-serialized: the one edit is spliced into the original bytes, and the
+//! result is a list of zero-copy slices around it.
+
+use bytes::Bytes;
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+
+/// What we need to know of a chat request, read from its top-level fields only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatRequest {
+    /// The requested model, when it is a string.
+    pub model: Option<String>,
+    /// `"stream": true`.
+    pub is_streaming: bool,
+    /// Where to splice so that the upstream sends usage, or `None` when the client already asked.
+    edit: Option<Edit>,
+}
+
+/// One splice into the body: replace `start..end` with `text`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Edit {
+    start: usize,
+    end: usize,
+    text: &'static str,
+}
+
+const OPTIONS_OBJECT: &str = r#"{"include_usage":true}"#;
+const OPTIONS_MEMBER: &str = r#""stream_options":{"include_usage":true},"#;
+const INCLUDE_MEMBER: &str = r#""include_usage":true,"#;
+
+/// Captures a field's raw JSON even when it is `null` (a plain `Option` would turn `null` into `None`).
+fn raw<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+struct TopLevel<'a> {
+    #[serde(borrow, default, deserialize_with = "raw")]
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    stream: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    stream_options: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions<'a> {
+    #[serde(borrow, default, deserialize_with = "raw")]
+    include_usage: Option<&'a RawValue>,
+}
+
+impl ChatRequest {
+    /// Reads a chat request body; `None` when it is not a JSON object we can safely edit
+    /// (invalid JSON, duplicate top-level fields): such a body is forwarded untouched.
+    pub fn inspect(body: &[u8]) -> Option<Self> {
+        // serde would also read a struct from a JSON array; only an object can be edited.
+        if body.trim_ascii_start().first() != Some(&b'{') {
+            return None;
+        }
+        let top: TopLevel<'_> = serde_json::from_slice(body).ok()?;
+        let model = top.model.and_then(|m| serde_json::from_str(m.get()).ok());
+        let is_streaming = top.stream.is_some_and(|s| s.get() == "true");
+        let edit = if is_streaming {
+            usage_edit(body, top.stream_options)?
+        } else {
+            None
+        };
+        Some(Self {
+            model,
+            is_streaming,
+            edit,
+        })
+    }
+
+    /// True when llm-meter must ask for usage on the client's behalf (and hide the answer).
+    pub fn needs_usage_injected(&self) -> bool {
+        self.edit.is_some()
+    }
+
+    /// The body to send upstream: the original bytes, with the usage option spliced in if needed.
+    pub fn rewrite(&self, body: Bytes) -> Vec<Bytes> {
+        match &self.edit {
+            None => vec![body],
+            Some(edit) => vec![
+                body.slice(..edit.start),
+                Bytes::from_static(edit.text.as_bytes()),
+                body.slice(edit.end..),
+            ],
+        }
+    }
+}
+
+/// A request body made of a few slices, sent in order with an exact length.
+#[derive(Debug)]
+pub struct Spliced {
+    pieces: std::collections::VecDeque<Bytes>,
+    remaining: u64,
+}
+
+impl Spliced {
+    /// A body of these pieces, in order.
+    pub fn new(pieces: Vec<Bytes>) -> Self {
+        let remaining = pieces.iter().map(|p| p.len() as u64).sum();
+        Self {
+            pieces: pieces.into(),
+            remaining,
+        }
+    }
+
+    /// Total length in bytes, for `Content-Length`.
+    pub fn len(&self) -> u64 {
+        self.remaining
+    }
+
+    /// True when the body has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.remaining == 0
+    }
+}
+
+impl http_body::Body for Spliced {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let next = this.pieces.pop_front().map(|piece| {
+            this.remaining -= piece.len() as u64;
+            Ok(http_body::Frame::data(piece))
+        });
+        std::task::Poll::Ready(next)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// Where and what to splice so that `stream_options.include_usage` is `true`; `Some(None)` when it
+/// already is, `None` when the body cannot be edited safely.
+#[expect(
+    clippy::option_option,
+    reason = "three outcomes: cannot edit, no edit needed, edit"
+)]
+fn usage_edit(body: &[u8], options: Option<&RawValue>) -> Option<Option<Edit>> {
+    let Some(options) = options else {
+        // No `stream_options`: add the member right after the top-level `{`.
+        let at = body.iter().position(|b| !b.is_ascii_whitespace())? + 1;
+        return Some(Some(Edit {
+            start: at,
+            end: at,
+            text: OPTIONS_MEMBER,
+        }));
+    };
+    let span = span_of(body, options.get());
+    let trimmed = options.get().trim_start();
+    if !trimmed.starts_with('{') {
+        // `null` or a wrong type: replace the value.
+        return Some(Some(whole(span)));
+    }
+    let parsed: StreamOptions<'_> = serde_json::from_str(options.get()).ok()?;
+    match parsed.include_usage {
+        Some(v) if v.get() == "true" => Some(None),
+        Some(v) => {
+            let inner = span_of(body, v.get());
+            Some(Some(Edit {
+                start: inner.0,
+                end: inner.1,
+                text: "true",
+            }))
+        }
+        None if trimmed[1..].trim_start().starts_with('}') => Some(Some(whole(span))),
+        None => {
+            let at = span.0 + (options.get().len() - trimmed.len()) + 1;
+            Some(Some(Edit {
+                start: at,
+                end: at,
+                text: INCLUDE_MEMBER,
+            }))
+        }
+    }
+}
+
+fn whole((start, end): (usize, usize)) -> Edit {
+    Edit {
+        start,
+        end,
+        text: OPTIONS_OBJECT,
+    }
+}
+
+/// The byte range a borrowed JSON fragment occupies inside the body it was parsed from.
+fn span_of(body: &[u8], fragment: &str) -> (usize, usize) {
+    let start = (fragment.as_ptr() as usize).saturating_sub(body.as_ptr() as usize);
+    (start, start + fragment.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn rewritten(body: &str) -> (ChatRequest, String) {
+        let req = ChatRequest::inspect(body.as_bytes()).expect("inspectable");
+        let out = req
+            .rewrite(Bytes::copy_from_slice(body.as_bytes()))
+            .concat();
+        (req, String::from_utf8(out).unwrap())
+    }
+
+    fn json_of(s: &str) -> Value {
+        serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn stream_without_options_gets_include_usage_and_nothing_else() {
+        let body =
+            r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let (req, out) = rewritten(body);
+        assert!(req.needs_usage_injected());
+        assert_eq!(req.model.as_deref(), Some("gpt-4o"));
+        let mut expected = json_of(body);
+        expected["stream_options"] = json!({"include_usage": true});
+        assert_eq!(json_of(&out), expected);
+        // Every original byte is still there, in order.
+        assert_eq!(out.replace(OPTIONS_MEMBER, ""), body);
+    }
+
+    #[test]
+    fn existing_options_are_kept_and_extended() {
+        for (body, expected_options) in [
+            (
+                r#"{"stream":true,"stream_options":{"x":1}}"#,
+                json!({"x":1,"include_usage":true}),
+            ),
+            (
+                r#"{"stream":true,"stream_options":{ }}"#,
+                json!({"include_usage":true}),
+            ),
+            (
+                r#"{"stream":true,"stream_options":null}"#,
+                json!({"include_usage":true}),
+            ),
+            (
+                r#"{"stream":true,"stream_options":{"include_usage":false,"x":2}}"#,
+                json!({"include_usage":true,"x":2}),
+            ),
+            (
+                r#"{"stream":true,"stream_options":{"include_usage":null}}"#,
+                json!({"include_usage":true}),
+            ),
+            (
+                r#"  {"stream":true,"stream_options":"odd"}"#,
+                json!({"include_usage":true}),
+            ),
+        ] {
+            let (req, out) = rewritten(body);
+            assert!(req.needs_usage_injected(), "{body}");
+            let got = json_of(&out);
+            assert_eq!(got["stream_options"], expected_options, "{body}");
+            assert_eq!(got["stream"], json!(true));
+        }
+    }
+
+    #[test]
+    fn client_that_asked_for_usage_is_left_alone() {
+        let body = r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#;
+        let (req, out) = rewritten(body);
+        assert!(!req.needs_usage_injected());
+        assert_eq!(out, body);
+    }
+
+    #[test]
+    fn non_streaming_requests_are_never_edited() {
+        for body in [
+            r#"{"model":"m"}"#,
+            r#"{"model":"m","stream":false}"#,
+            r#"{"stream":"true"}"#,
+        ] {
+            let (req, out) = rewritten(body);
+            assert!(!req.is_streaming && !req.needs_usage_injected());
+            assert_eq!(out, body);
+        }
+    }
+
+    #[test]
+    fn uneditable_bodies_are_refused() {
+        for body in [
+            "",
+            "[]",
+            "not json",
+            r#"{"stream":true,"stream":true}"#,
+            r#"{"stream":true"#,
+        ] {
+            assert_eq!(ChatRequest::inspect(body.as_bytes()), None, "{body}");
+        }
+    }
+
+    #[test]
+    fn model_that_is_not_a_string_is_ignored() {
+        let req = ChatRequest::inspect(br#"{"model":5}"#).unwrap();
+        assert_eq!(req.model, None);
+    }
+}

@@ -1,0 +1,167 @@
+//! The upstream side: pooled keep-alive client, URL join, hop-by-hop header filtering, error mapping.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use http::{HeaderMap, HeaderName, Uri, header};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::{Config, Upstream};
+use crate::error::{ProxyError, chain};
+
+/// The pooled client every request to the upstream goes through.
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+/// How long an idle upstream connection stays pooled: under the 120 s most providers' load balancers allow.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Builds the pooled, keep-alive upstream client (rustls with Mozilla's roots, no OpenSSL).
+pub fn client(config: &Config) -> Result<HttpClient, rustls::Error> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    // Without it, small SSE writes wait for Nagle's algorithm and delayed ACKs.
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(config.connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(provider)?
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build(https))
+}
+
+/// Joins the upstream base with the path after our `/v1` and the client's query string.
+pub fn target_uri(upstream: &Upstream, rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+    let mut path = String::with_capacity(
+        upstream.base_path.len() + rest.len() + 1 + query.map_or(0, str::len),
+    );
+    path.push_str(&upstream.base_path);
+    path.push_str(rest);
+    if path.is_empty() {
+        path.push('/');
+    }
+    if let Some(query) = query {
+        path.push('?');
+        path.push_str(query);
+    }
+    let path_and_query: http::uri::PathAndQuery = path
+        .parse()
+        .map_err(|_| ProxyError::ClientBody("invalid request path".into()))?;
+    Uri::builder()
+        .scheme(upstream.scheme.clone())
+        .authority(upstream.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| ProxyError::Internal)
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus `Host`,
+/// which the client sets from the upstream URL.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, those the `Connection` header names, and `Host`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in named.iter().chain(&HOP_BY_HOP) {
+        headers.remove(name);
+    }
+    headers.remove(header::HOST);
+}
+
+/// Maps a failed upstream exchange to our error: 413 for our body limit, 504 for timeouts, else 502.
+pub fn classify_error(
+    err: &hyper_util::client::legacy::Error,
+    upstream: &Upstream,
+    config: &Config,
+) -> ProxyError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(cause) = source {
+        if cause.is::<http_body_util::LengthLimitError>() {
+            return ProxyError::BodyTooLarge {
+                limit: config.max_body_bytes,
+            };
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return ProxyError::UpstreamTimeout {
+                    upstream: upstream.to_string(),
+                    after: format!(
+                        "{} (connect_timeout)",
+                        humantime::format_duration(config.connect_timeout)
+                    ),
+                };
+            }
+        }
+        source = cause.source();
+    }
+    ProxyError::UpstreamUnreachable {
+        upstream: upstream.to_string(),
+        reason: chain(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_queries_are_joined_under_the_base() {
+        let up = Upstream::parse("https://api.example.com/v1").unwrap();
+        assert_eq!(
+            target_uri(&up, "/chat/completions", Some("a=1&b=2"))
+                .unwrap()
+                .to_string(),
+            "https://api.example.com/v1/chat/completions?a=1&b=2"
+        );
+        let root = Upstream::parse("http://127.0.0.1:9/").unwrap();
+        assert_eq!(
+            target_uri(&root, "", None).unwrap().to_string(),
+            "http://127.0.0.1:9/"
+        );
+        assert_eq!(
+            target_uri(&root, "/models", None).unwrap().to_string(),
+            "http://127.0.0.1:9/models"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            "keep-alive, x-secret-hop".parse().unwrap(),
+        );
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(header::HOST, "localhost:8080".parse().unwrap());
+        h.insert(header::AUTHORIZATION, "Bearer k".parse().unwrap());
+        h.insert("openai-organization", "org".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["authorization", "openai-organization"]);
+    }
+}

@@ -1,0 +1,319 @@
+//! OpenAI chat completions usage: from a plain JSON body, or from the final chunk of an SSE stream.
+
+use memchr::memmem;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{Extracted, Usage, Warning, count, model_of, sse};
+
+/// The top-level fields we read; serde skips everything else without building it.
+#[derive(Deserialize)]
+struct Envelope {
+    model: Option<Value>,
+    usage: Option<Value>,
+    choices: Option<Value>,
+}
+
+/// Reads model and usage from a complete (non-streaming) response body.
+pub fn parse_body(body: &[u8]) -> Extracted {
+    let mut out = Extracted::default();
+    match serde_json::from_slice::<Envelope>(body) {
+        Ok(envelope) => {
+            out.model = model_of(envelope.model.as_ref(), &mut out.warnings);
+            out.usage = envelope
+                .usage
+                .as_ref()
+                .and_then(|u| usage_from(u, &mut out.warnings));
+        }
+        Err(_) => out.warnings.push(Warning {
+            field: "body",
+            problem: "not a JSON object",
+        }),
+    }
+    out
+}
+
+/// Maps an OpenAI `usage` object to the record; `None` for `null` (and for a non-object, with a warning).
+pub fn usage_from(usage: &Value, warnings: &mut Vec<Warning>) -> Option<Usage> {
+    if usage.is_null() {
+        return None;
+    }
+    if !usage.is_object() {
+        warnings.push(Warning {
+            field: "usage",
+            problem: "not an object",
+        });
+        return None;
+    }
+    let u = Some(usage);
+    let prompt = count(u, "prompt_tokens", "usage.prompt_tokens", warnings);
+    let completion = count(u, "completion_tokens", "usage.completion_tokens", warnings);
+    let details = usage.get("prompt_tokens_details");
+    let mut cached = count(
+        details,
+        "cached_tokens",
+        "usage.prompt_tokens_details.cached_tokens",
+        warnings,
+    );
+    let mut write = match details.and_then(|d| d.get("cache_write_tokens")) {
+        Some(_) => count(
+            details,
+            "cache_write_tokens",
+            "usage.prompt_tokens_details.cache_write_tokens",
+            warnings,
+        ),
+        None => count(
+            details,
+            "cache_creation_tokens",
+            "usage.prompt_tokens_details.cache_creation_tokens",
+            warnings,
+        ),
+    };
+    let mut reasoning = count(
+        usage.get("completion_tokens_details"),
+        "reasoning_tokens",
+        "usage.completion_tokens_details.reasoning_tokens",
+        warnings,
+    );
+    // `prompt_tokens` includes cache reads and writes; parts larger than the whole are bogus.
+    if cached + write > prompt {
+        warnings.push(Warning {
+            field: "usage.prompt_tokens_details",
+            problem: "cache tokens exceed prompt_tokens",
+        });
+        cached = cached.min(prompt);
+        write = write.min(prompt - cached);
+    }
+    if reasoning > completion {
+        warnings.push(Warning {
+            field: "usage.completion_tokens_details.reasoning_tokens",
+            problem: "exceeds completion_tokens",
+        });
+        reasoning = completion;
+    }
+    Some(Usage {
+        input_tokens: prompt - cached - write,
+        cached_input_tokens: cached,
+        cache_write_tokens: write,
+        output_tokens: completion,
+        reasoning_tokens: reasoning,
+    })
+}
+
+/// What an event of a chat stream turned out to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Content, `[DONE]`, comments: passed on as is.
+    Other,
+    /// The usage chunk that has no choices: only there because usage was asked for.
+    UsageOnly,
+}
+
+/// Usage extraction state for one chat-completions SSE stream.
+#[derive(Debug, Default)]
+pub struct Stream {
+    extracted: Extracted,
+}
+
+impl Stream {
+    /// Looks at one whole event; parses JSON only for the first chunk (model) and usage chunks.
+    pub fn on_event(&mut self, event: &[u8]) -> Event {
+        let Some(data) = sse::data(event) else {
+            return Event::Other;
+        };
+        if !has_usage_object(&data) {
+            if self.extracted.model.is_none() && memmem::find(&data, b"\"model\"").is_some() {
+                self.read_model(&data);
+            }
+            return Event::Other;
+        }
+        let Ok(chunk) = serde_json::from_slice::<Envelope>(&data) else {
+            self.extracted.warnings.push(Warning {
+                field: "usage chunk",
+                problem: "not a JSON object",
+            });
+            return Event::Other;
+        };
+        let out = &mut self.extracted;
+        if let Some(model) = model_of(chunk.model.as_ref(), &mut out.warnings) {
+            out.model = Some(model);
+        }
+        let Some(usage) = chunk
+            .usage
+            .as_ref()
+            .and_then(|u| usage_from(u, &mut out.warnings))
+        else {
+            return Event::Other;
+        };
+        // Some servers repeat a running total in every chunk: the last one is the whole.
+        out.usage = Some(usage);
+        match chunk.choices {
+            None => Event::UsageOnly,
+            Some(Value::Array(choices)) if choices.is_empty() => Event::UsageOnly,
+            Some(_) => Event::Other,
+        }
+    }
+
+    fn read_model(&mut self, data: &[u8]) {
+        #[derive(Deserialize)]
+        struct ModelOnly {
+            model: Option<Value>,
+        }
+        if let Ok(chunk) = serde_json::from_slice::<ModelOnly>(data) {
+            self.extracted.model = model_of(chunk.model.as_ref(), &mut self.extracted.warnings);
+        }
+    }
+
+    /// What the stream reported, once it has ended (or was cut).
+    pub fn finish(self) -> Extracted {
+        self.extracted
+    }
+}
+
+/// True when the data has a `"usage"` key whose value is an object (not `null`), found without parsing.
+fn has_usage_object(data: &[u8]) -> bool {
+    memmem::find_iter(data, b"\"usage\"").any(|at| {
+        let rest = data[at + 7..].trim_ascii_start();
+        rest.strip_prefix(b":")
+            .is_some_and(|v| v.trim_ascii_start().first() == Some(&b'{'))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    const PLAIN: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-2024-08-06","choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":42,"completion_tokens":15,"total_tokens":57,"prompt_tokens_details":{"cached_tokens":10,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":5,"audio_tokens":0}}}"#;
+
+    #[test]
+    fn plain_body_gives_all_five_counts() {
+        let got = parse_body(PLAIN.as_bytes());
+        assert_eq!(got.model.as_deref(), Some("gpt-4o-2024-08-06"));
+        assert_eq!(
+            got.usage,
+            Some(Usage {
+                input_tokens: 32,
+                cached_input_tokens: 10,
+                cache_write_tokens: 0,
+                output_tokens: 15,
+                reasoning_tokens: 5,
+            })
+        );
+        assert!(got.warnings.is_empty());
+        assert_eq!(got.usage.unwrap().total_tokens(), 57);
+    }
+
+    #[test]
+    fn missing_and_null_fields_count_as_zero() {
+        let got = parse_body(br#"{"model":"m","usage":{"prompt_tokens":3,"completion_tokens":null,"prompt_tokens_details":null}}"#);
+        assert_eq!(
+            got.usage,
+            Some(Usage {
+                input_tokens: 3,
+                ..Usage::default()
+            })
+        );
+        assert!(got.warnings.is_empty());
+    }
+
+    #[test]
+    fn weird_bodies_never_panic_and_report_why() {
+        for body in [
+            &b""[..],
+            b"not json",
+            b"[1,2,3]",
+            b"{\"usage\": 5}",
+            b"{\"usage\": {\"prompt_tokens\": \"many\", \"completion_tokens\": -1}}",
+            b"{\"usage\": {\"prompt_tokens\": 1e400}}",
+            b"{\"model\": 7, \"usage\": {\"prompt_tokens\": 1, \"prompt_tokens_details\": {\"cached_tokens\": 99}}}",
+            b"{\"usage\": {\"completion_tokens\": 1, \"completion_tokens_details\": {\"reasoning_tokens\": 99}}}",
+            b"{\"usage\": {\"prompt_tokens\": 18446744073709551615}}",
+            b"{\"usage\": {\"prompt_tokens\": 5,",
+        ] {
+            let got = parse_body(body);
+            assert!(!got.warnings.is_empty(), "{}", String::from_utf8_lossy(body));
+            if let Some(u) = got.usage {
+                assert!(u.prompt_tokens() <= 1);
+                assert!(u.reasoning_tokens <= u.output_tokens);
+            }
+        }
+    }
+
+    #[test]
+    fn openrouter_cache_writes_are_read() {
+        let got = parse_body(br#"{"usage":{"prompt_tokens":100,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":20,"cache_write_tokens":30},"cost":0.1}}"#);
+        let u = got.usage.unwrap();
+        assert_eq!(
+            (u.input_tokens, u.cached_input_tokens, u.cache_write_tokens),
+            (50, 20, 30)
+        );
+    }
+
+    pub(crate) const STREAM: &str = concat!(
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"the \\\"usage\\\": {\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"total_tokens\":11}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    fn run_stream(chunks: &[&[u8]]) -> (Extracted, Vec<Event>) {
+        let mut framer = sse::Framer::new(sse::DEFAULT_EVENT_CAP);
+        let mut stream = Stream::default();
+        let mut kinds = Vec::new();
+        for chunk in chunks {
+            framer
+                .feed(&Bytes::copy_from_slice(chunk), |e| {
+                    kinds.push(stream.on_event(&e))
+                })
+                .unwrap();
+        }
+        (stream.finish(), kinds)
+    }
+
+    #[test]
+    fn stream_usage_comes_from_the_usage_only_chunk() {
+        let (got, kinds) = run_stream(&[STREAM.as_bytes()]);
+        assert_eq!(got.model.as_deref(), Some("gpt-4o-mini"));
+        assert_eq!(got.usage.unwrap().output_tokens, 2);
+        assert_eq!(got.usage.unwrap().input_tokens, 9);
+        assert_eq!(
+            kinds,
+            [
+                Event::Other,
+                Event::Other,
+                Event::Other,
+                Event::UsageOnly,
+                Event::Other
+            ]
+        );
+    }
+
+    #[test]
+    fn stream_split_at_every_offset_gives_the_same_usage() {
+        let bytes = STREAM.as_bytes();
+        let (expected, expected_kinds) = run_stream(&[bytes]);
+        for i in 0..=bytes.len() {
+            let (got, kinds) = run_stream(&[&bytes[..i], &bytes[i..]]);
+            assert_eq!(got, expected, "split at {i}");
+            assert_eq!(kinds, expected_kinds, "split at {i}");
+        }
+    }
+
+    #[test]
+    fn usage_inside_choices_is_kept_not_dropped() {
+        let event = b"data: {\"model\":\"m\",\"choices\":[{\"delta\":{}}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\n";
+        let mut stream = Stream::default();
+        assert_eq!(stream.on_event(event), Event::Other);
+        assert_eq!(stream.finish().usage.unwrap().output_tokens, 1);
+    }
+
+    #[test]
+    fn truncated_stream_has_model_but_no_usage() {
+        let bytes = STREAM.as_bytes();
+        let (got, _) = run_stream(&[&bytes[..bytes.len() / 2]]);
+        assert_eq!(got.model.as_deref(), Some("gpt-4o-mini"));
+        assert_eq!(got.usage, None);
+    }
+}
