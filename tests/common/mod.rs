@@ -1,0 +1,385 @@
+//! Test harness: a scriptable mock upstream and the proxy, each on an ephemeral loopback port, in process.
+#![allow(dead_code, reason = "each test file uses a different part of the harness")]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::Response;
+use axum::serve::ListenerExt;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::BodyExt;
+use llm_meter::config::{Config, Flags};
+use llm_meter::{AppState, run};
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, oneshot};
+
+/// What the mock upstream received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Received {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+/// One piece of a streamed reply.
+#[derive(Clone)]
+pub struct Chunk {
+    pub bytes: Bytes,
+    pub delay: Duration,
+    /// Waits for this before sending.
+    pub gate: Option<Arc<Notify>>,
+}
+
+impl Chunk {
+    pub fn now(bytes: impl Into<Bytes>) -> Self {
+        Self {
+            bytes: bytes.into(),
+            delay: Duration::ZERO,
+            gate: None,
+        }
+    }
+}
+
+/// How the mock answers one request.
+pub enum Reply {
+    Full {
+        status: u16,
+        headers: Vec<(&'static str, String)>,
+        body: Bytes,
+    },
+    Stream {
+        chunks: Vec<Chunk>,
+        /// After the chunks, cut the connection instead of ending the body.
+        then_cut: bool,
+        /// After the chunks, go silent forever.
+        then_hang: bool,
+    },
+    /// Never answer.
+    Hang,
+}
+
+impl Reply {
+    pub fn json(status: u16, body: &Value) -> Self {
+        Self::Full {
+            status,
+            headers: vec![("content-type", "application/json".into())],
+            body: Bytes::from(body.to_string()),
+        }
+    }
+
+    pub fn sse(events: &[String]) -> Self {
+        Self::Stream {
+            chunks: events.iter().map(|e| Chunk::now(e.clone())).collect(),
+            then_cut: false,
+            then_hang: false,
+        }
+    }
+}
+
+type Script = Arc<dyn Fn(&Received) -> Reply + Send + Sync>;
+
+/// A mock upstream on an ephemeral port.
+pub struct Mock {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+    connections: Arc<AtomicUsize>,
+    _shutdown: oneshot::Sender<()>,
+}
+
+impl Mock {
+    /// Starts a mock that behaves like OpenAI's chat completions API.
+    pub async fn openai() -> Self {
+        Self::start(openai_like).await
+    }
+
+    pub async fn start(script: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> Self {
+        let script: Script = Arc::new(script);
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let counter = Arc::clone(&connections);
+        let listener = listener.tap_io(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        let log = Arc::clone(&received);
+        let app = axum::Router::new().fallback(move |request: Request| {
+            let script = Arc::clone(&script);
+            let log = Arc::clone(&log);
+            async move { serve(request, &script, &log).await }
+        });
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+        });
+        Self {
+            addr,
+            received,
+            connections,
+            _shutdown: tx,
+        }
+    }
+
+    /// The upstream base URL, written as clients write it.
+    pub fn url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().clone()
+    }
+
+    pub fn last(&self) -> Received {
+        self.received.lock().last().cloned().expect("the mock received a request")
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+async fn serve(request: Request, script: &Script, log: &Mutex<Vec<Received>>) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let received = Received {
+        method: parts.method.to_string(),
+        path: parts.uri.path_and_query().map(ToString::to_string).unwrap_or_default(),
+        headers: parts.headers,
+        body,
+    };
+    let reply = script(&received);
+    log.lock().push(received);
+    match reply {
+        Reply::Full {
+            status,
+            headers,
+            body,
+        } => {
+            let mut response = Response::builder().status(status);
+            for (name, value) in headers {
+                response = response.header(name, value);
+            }
+            response.body(Body::from(body)).unwrap()
+        }
+        Reply::Stream {
+            chunks,
+            then_cut,
+            then_hang,
+        } => {
+            let stream = futures_util::stream::iter(chunks)
+                .then(|chunk| async move {
+                    if let Some(gate) = &chunk.gate {
+                        gate.notified().await;
+                    }
+                    if !chunk.delay.is_zero() {
+                        tokio::time::sleep(chunk.delay).await;
+                    }
+                    Ok::<Bytes, std::io::Error>(chunk.bytes)
+                })
+                .chain(futures_util::stream::once(async move {
+                    if then_hang {
+                        std::future::pending::<()>().await;
+                    }
+                    if then_cut {
+                        Err(std::io::Error::other("mock cut the connection"))
+                    } else {
+                        Ok(Bytes::new())
+                    }
+                }));
+            Response::builder()
+                .status(200)
+                .header("content-type", "text/event-stream")
+                .header("x-mock", "stream")
+                .body(Body::from_stream(stream))
+                .unwrap()
+        }
+        Reply::Hang => std::future::pending().await,
+    }
+}
+
+/// Behaves like OpenAI: JSON for plain requests; SSE for `stream: true`, with a usage chunk only
+/// when `stream_options.include_usage` is true. Usage: prompt = 10 + message count, completion = 3.
+pub fn openai_like(request: &Received) -> Reply {
+    let Ok(body) = serde_json::from_slice::<Value>(&request.body) else {
+        return Reply::json(400, &json!({"error": {"message": "bad json"}}));
+    };
+    let model = body["model"].as_str().unwrap_or("gpt-4o-mini").to_owned();
+    let prompt = 10 + body["messages"].as_array().map_or(0, Vec::len) as u64;
+    if body["stream"] == json!(true) {
+        let with_usage = body["stream_options"]["include_usage"] == json!(true);
+        Reply::sse(&chat_stream(&model, &["Hello", " there", "!"], with_usage.then_some((prompt, 3))))
+    } else {
+        Reply::json(200, &chat_completion(&model, "Hello there!", prompt, 3))
+    }
+}
+
+/// A chat.completion body.
+pub fn chat_completion(model: &str, text: &str, prompt: u64, completion: u64) -> Value {
+    json!({
+        "id": "chatcmpl-mock",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                  "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}},
+    })
+}
+
+/// SSE events of a chat stream, as OpenAI sends them, ending with `[DONE]`.
+pub fn chat_stream(model: &str, words: &[&str], usage: Option<(u64, u64)>) -> Vec<String> {
+    let chunk = |delta: Value, finish: Value| {
+        let mut c = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]});
+        if usage.is_some() {
+            c["usage"] = Value::Null;
+        }
+        format!("data: {c}\n\n")
+    };
+    let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
+    events.extend(words.iter().map(|w| chunk(json!({"content": w}), Value::Null)));
+    events.push(chunk(json!({}), json!("stop")));
+    if let Some((prompt, completion)) = usage {
+        let u = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model, "choices": [],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}});
+        events.push(format!("data: {u}\n\n"));
+    }
+    events.push("data: [DONE]\n\n".to_owned());
+    events
+}
+
+/// The proxy, in process, on an ephemeral port.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    pub client: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: &str) -> Self {
+        Self::start_with(upstream, "").await
+    }
+
+    /// Starts with `toml` as the contents of proxy.toml.
+    pub async fn start_with(upstream: &str, toml: &str) -> Self {
+        let flags = Flags {
+            listen: Some("127.0.0.1:0".into()),
+            upstream: Some(upstream.into()),
+            ..Flags::default()
+        };
+        let config = Config::from_layers(Some(toml), None, &HashMap::new(), &flags).unwrap();
+        let listener = TcpListener::bind(config.listen).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = AppState::new(config).unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(run(listener, state.clone(), async move {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            state,
+            client: client(),
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// POSTs a chat completion with a bearer key.
+    pub async fn chat(&self, key: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn stats(&self) -> Value {
+        self.client.get(self.url("/stats")).send().await.unwrap().json().await.unwrap()
+    }
+
+    /// Polls /stats until `totals.requests` reaches `n` (recording happens as the body ends,
+    /// which can be a moment after the client has every byte).
+    pub async fn stats_after(&self, n: u64) -> Value {
+        for _ in 0..500 {
+            let stats = self.stats().await;
+            if stats["totals"]["requests"].as_u64() >= Some(n) {
+                return stats;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("stats never reached {n} requests: {}", self.stats().await);
+    }
+
+    /// Stops the proxy and waits for it to drain.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    /// The entry for a model under the key whose label ends with `suffix`.
+    pub fn model_of<'a>(stats: &'a Value, key_id: &str, model: &str) -> &'a Value {
+        let key = stats["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == key_id)
+            .unwrap_or_else(|| panic!("no key {key_id} in {stats}"));
+        &key["models"][model]
+    }
+}
+
+/// A client that never goes through a system proxy.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// The stable id llm-meter gives a key.
+pub fn key_id(key: &str) -> String {
+    llm_meter::key::Identity::from_key(key.as_bytes()).id
+}
+
+/// A chat request body.
+pub fn chat_request(model: &str, stream: bool) -> Value {
+    json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+/// Reads a whole SSE response and returns its events' data payloads.
+pub async fn sse_data(response: reqwest::Response) -> Vec<String> {
+    let text = response.text().await.unwrap();
+    text.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").unwrap_or(e).to_owned())
+        .collect()
+}
