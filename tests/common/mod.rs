@@ -201,6 +201,8 @@ async fn serve(request: Request, script: &Script, log: &Mutex<Vec<Received>>) ->
                         std::future::pending::<()>().await;
                     }
                     if then_cut {
+                        // Let the head and the chunks leave before the connection is cut.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         Err(std::io::Error::other("mock cut the connection"))
                     } else {
                         Ok(Bytes::new())
