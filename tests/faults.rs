@@ -9,7 +9,7 @@ use common::{Chunk, Mock, Proxy, Reply, chat_request, chat_stream, key_id};
 use serde_json::{Value, json};
 
 async fn error_body(response: reqwest::Response) -> Value {
-    let body: Value = response.json().await.unwrap();
+    let body: Value = response.json().await.expect("a JSON error body");
     assert!(body["error"]["message"].is_string(), "{body}");
     assert!(body["error"]["type"].is_string(), "{body}");
     body
@@ -22,7 +22,9 @@ async fn unreachable_upstream_gives_502_with_an_openai_error() {
         listener.local_addr().unwrap().port()
     };
     let proxy = Proxy::start(&format!("http://127.0.0.1:{port}/v1")).await;
-    let response = proxy.chat("sk-down-secret-1234567890", &chat_request("gpt-4o", false)).await;
+    let response = proxy
+        .chat("sk-down-secret-1234567890", &chat_request("gpt-4o", false))
+        .await;
     assert_eq!(response.status(), 502);
     let body = error_body(response).await;
     assert_eq!(body["error"]["code"], "upstream_unreachable");
@@ -32,9 +34,21 @@ async fn unreachable_upstream_gives_502_with_an_openai_error() {
 
     let stats = proxy.stats_after(1).await;
     assert_eq!(stats["totals"]["errors"], 1);
-    assert_eq!(Proxy::model_of(&stats, &key_id("sk-down-secret-1234567890"), "gpt-4o")["requests"], 1);
+    assert_eq!(
+        Proxy::model_of(&stats, &key_id("sk-down-secret-1234567890"), "gpt-4o")["requests"],
+        1
+    );
     // Still serving.
-    assert_eq!(proxy.client.get(proxy.url("/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        proxy
+            .client
+            .get(proxy.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]
@@ -60,11 +74,16 @@ async fn upstream_errors_pass_through_unchanged_and_count_as_errors() {
                 .into_iter()
                 .chain(retry_after.map(|v| ("retry-after", v.to_owned())))
                 .collect(),
-            body: Bytes::from(json!({"error": {"message": "upstream says no", "type": "x", "code": status}}).to_string()),
+            body: Bytes::from(
+                json!({"error": {"message": "upstream says no", "type": "x", "code": status}})
+                    .to_string(),
+            ),
         })
         .await;
         let proxy = Proxy::start(&mock.url()).await;
-        let response = proxy.chat("sk-err", &chat_request("gpt-4o", status == 429)).await;
+        let response = proxy
+            .chat("sk-err", &chat_request("gpt-4o", status == 429))
+            .await;
         assert_eq!(response.status().as_u16(), status);
         if let Some(v) = retry_after {
             assert_eq!(response.headers()["retry-after"], v);
@@ -88,13 +107,23 @@ async fn oversized_bodies_get_413_and_never_reach_the_upstream() {
 
     let response = proxy.chat("sk-big", &big).await;
     assert_eq!(response.status(), 413);
-    assert_eq!(error_body(response).await["error"]["code"], "request_too_large");
+    assert_eq!(
+        error_body(response).await["error"]["code"],
+        "request_too_large"
+    );
 
-    let response = proxy.client.post(proxy.url("/v1/files")).body(vec![b'x'; 2000]).send().await.unwrap();
+    let response = proxy
+        .client
+        .post(proxy.url("/v1/files"))
+        .body(vec![b'x'; 2000])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 413);
 
     // No Content-Length: the limit is enforced while streaming.
-    let chunks = futures_util::stream::iter((0..20).map(|_| Ok::<_, std::io::Error>(vec![b'y'; 100])));
+    let chunks =
+        futures_util::stream::iter((0..20).map(|_| Ok::<_, std::io::Error>(vec![b'y'; 100])));
     let response = proxy
         .client
         .post(proxy.url("/v1/chat/completions"))
@@ -140,7 +169,10 @@ async fn a_client_leaving_mid_stream_affects_nothing_else() {
 
     // The request is recorded (partial: no usage was seen), and others are served as before.
     let stats = proxy.stats_after(1).await;
-    assert_eq!(Proxy::model_of(&stats, &key_id("sk-leaver"), "slow")["requests"], 1);
+    assert_eq!(
+        Proxy::model_of(&stats, &key_id("sk-leaver"), "slow")["requests"],
+        1
+    );
     let again = proxy.chat("sk-stayer", &chat_request("gpt-4o", true)).await;
     assert_eq!(again.status(), 200);
     again.bytes().await.unwrap();
@@ -150,7 +182,10 @@ async fn a_client_leaving_mid_stream_affects_nothing_else() {
 #[tokio::test]
 async fn an_upstream_cut_mid_stream_is_an_error_the_client_sees() {
     let mock = Mock::start(|_| Reply::Stream {
-        chunks: chat_stream("gpt-4o", &["a"], None)[..2].iter().map(|e| Chunk::now(e.clone())).collect(),
+        chunks: chat_stream("gpt-4o", &["a"], None)[..2]
+            .iter()
+            .map(|e| Chunk::now(e.clone()))
+            .collect(),
         then_cut: true,
         then_hang: false,
     })
@@ -173,7 +208,11 @@ async fn bogus_usage_and_non_json_bodies_pass_through_and_are_counted() {
         "",
     ];
     let mock = Mock::start(move |r: &common::Received| {
-        let i = r.json()["messages"][0]["content"].as_str().unwrap().parse::<usize>().unwrap();
+        let i = r.json()["messages"][0]["content"]
+            .as_str()
+            .unwrap()
+            .parse::<usize>()
+            .unwrap();
         Reply::Full {
             status: 200,
             headers: vec![("content-type", "application/json".into())],
@@ -226,6 +265,9 @@ async fn invalid_json_requests_are_forwarded_untouched() {
         .await
         .unwrap();
     assert_eq!(response.status(), 400);
-    assert_eq!(mock.last().body, Bytes::from_static(b"{\"stream\": true, oops"));
+    assert_eq!(
+        mock.last().body,
+        Bytes::from_static(b"{\"stream\": true, oops")
+    );
     assert_eq!(proxy.stats_after(1).await["totals"]["errors"], 1);
 }

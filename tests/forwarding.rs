@@ -54,7 +54,10 @@ async fn plain_responses_reach_the_client_unchanged() {
     assert_eq!(response.status(), 201);
     assert_eq!(response.headers()["x-request-id"], "req-42");
     assert_eq!(response.headers()["openai-processing-ms"], "17");
-    assert_eq!(response.headers()["content-type"], "application/json; charset=utf-8");
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/json; charset=utf-8"
+    );
     assert_eq!(response.headers()["content-length"], body.len().to_string());
     assert_eq!(response.text().await.unwrap(), body);
     let stats = proxy.stats_after(1).await;
@@ -78,11 +81,26 @@ async fn metered_requests_ask_for_uncompressed_responses() {
 
 #[tokio::test]
 async fn other_routes_pass_through_unmetered() {
-    let mock = Mock::start(|r: &Received| Reply::json(200, &json!({"object": "list", "path": r.path}))).await;
+    let mock =
+        Mock::start(|r: &Received| Reply::json(200, &json!({"object": "list", "path": r.path})))
+            .await;
     let proxy = Proxy::start(&mock.url()).await;
-    let models: Value = proxy.client.get(proxy.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    let models: Value = proxy
+        .client
+        .get(proxy.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(models["path"], "/v1/models");
-    let response = proxy.client.delete(proxy.url("/v1/files/x")).send().await.unwrap();
+    let response = proxy
+        .client
+        .delete(proxy.url("/v1/files/x"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(proxy.stats().await["totals"]["requests"], 0);
 }
@@ -117,14 +135,23 @@ async fn upstream_connections_are_pooled_and_reused() {
         response.bytes().await.unwrap();
     }
     assert_eq!(mock.received().len(), 40);
-    assert_eq!(mock.connections(), 1, "sequential requests share one upstream connection");
+    assert_eq!(
+        mock.connections(),
+        1,
+        "sequential requests share one upstream connection"
+    );
 }
 
 #[tokio::test]
 async fn upstream_base_path_is_kept() {
     let mock = Mock::openai().await;
     let proxy = Proxy::start(&format!("http://{}/api/v1/", mock.addr)).await;
-    proxy.chat("sk-base", &chat_request("gpt-4o", false)).await.bytes().await.unwrap();
+    proxy
+        .chat("sk-base", &chat_request("gpt-4o", false))
+        .await
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(mock.last().path, "/api/v1/chat/completions");
 }
 
@@ -132,7 +159,12 @@ async fn upstream_base_path_is_kept() {
 async fn unknown_paths_get_an_openai_style_404() {
     let mock = Mock::openai().await;
     let proxy = Proxy::start(&mock.url()).await;
-    let response = proxy.client.get(proxy.url("/v2/chat?key=secret-in-query")).send().await.unwrap();
+    let response = proxy
+        .client
+        .get(proxy.url("/v2/chat?key=secret-in-query"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 404);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "unknown_route");
@@ -149,7 +181,15 @@ async fn request_model_is_used_when_the_response_names_none() {
     })
     .await;
     let proxy = Proxy::start(&mock.url()).await;
-    proxy.chat("sk-model", &chat_request("gpt-4.1-mini", false)).await.bytes().await.unwrap();
+    proxy
+        .chat("sk-model", &chat_request("gpt-4.1-mini", false))
+        .await
+        .bytes()
+        .await
+        .unwrap();
     let stats = proxy.stats_after(1).await;
-    assert_eq!(stats["keys"][0]["models"]["gpt-4.1-mini"]["prompt_tokens"], 5);
+    assert_eq!(
+        stats["keys"][0]["models"]["gpt-4.1-mini"]["prompt_tokens"],
+        5
+    );
 }

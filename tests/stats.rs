@@ -14,9 +14,33 @@ async fn stats_json_has_totals_keys_and_models() {
     assert_eq!(fresh["keys"], json!([]));
     assert!(time_is_rfc3339(&fresh["since"]));
 
-    proxy.chat("sk-alpha-00000000000000000001", &chat_request("gpt-4o", false)).await.bytes().await.unwrap();
-    proxy.chat("sk-alpha-00000000000000000001", &chat_request("gpt-4o-mini", true)).await.bytes().await.unwrap();
-    proxy.chat("sk-beta-000000000000000000002", &chat_request("gpt-4o", false)).await.bytes().await.unwrap();
+    proxy
+        .chat(
+            "sk-alpha-00000000000000000001",
+            &chat_request("gpt-4o", false),
+        )
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    proxy
+        .chat(
+            "sk-alpha-00000000000000000001",
+            &chat_request("gpt-4o-mini", true),
+        )
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    proxy
+        .chat(
+            "sk-beta-000000000000000000002",
+            &chat_request("gpt-4o", false),
+        )
+        .await
+        .bytes()
+        .await
+        .unwrap();
     let stats = proxy.stats_after(3).await;
 
     assert_eq!(stats["totals"]["requests"], 3);
@@ -25,18 +49,31 @@ async fn stats_json_has_totals_keys_and_models() {
     assert_eq!(stats["totals"]["total_tokens"], 42);
     let keys = stats["keys"].as_array().unwrap();
     assert_eq!(keys.len(), 2);
-    let alpha = keys.iter().find(|k| k["id"] == key_id("sk-alpha-00000000000000000001")).unwrap();
+    let alpha = keys
+        .iter()
+        .find(|k| k["id"] == key_id("sk-alpha-00000000000000000001"))
+        .unwrap();
     assert_eq!(alpha["key"], "sk-…0001");
     assert_eq!(alpha["requests"], 2);
     let models = alpha["models"].as_object().unwrap();
     assert_eq!(models.len(), 2);
     for field in [
-        "requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
-        "reasoning_tokens", "cost_usd", "unpriced_requests",
+        "requests",
+        "errors",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "cached_tokens",
+        "reasoning_tokens",
+        "cost_usd",
+        "unpriced_requests",
     ] {
         assert!(models["gpt-4o"].get(field).is_some(), "missing {field}");
         assert!(alpha.get(field).is_some(), "missing {field} on key");
-        assert!(stats["totals"].get(field).is_some(), "missing {field} in totals");
+        assert!(
+            stats["totals"].get(field).is_some(),
+            "missing {field} in totals"
+        );
     }
     // gpt-4o: 11 x $2.50/M + 3 x $10/M = $0.0000575
     assert_eq!(models["gpt-4o"]["cost_nano_usd"], 57_500);
@@ -54,20 +91,45 @@ async fn stats_text_has_one_line_per_key_and_the_totals() {
     let mock = Mock::openai().await;
     let proxy = Proxy::start(&mock.url()).await;
     for key in ["sk-text-one-000000000000000", "sk-text-two-000000000000000"] {
-        proxy.chat(key, &chat_request("gpt-4o", false)).await.bytes().await.unwrap();
+        proxy
+            .chat(key, &chat_request("gpt-4o", false))
+            .await
+            .bytes()
+            .await
+            .unwrap();
     }
     proxy.stats_after(2).await;
-    let text = proxy.client.get(proxy.url("/stats?format=text")).send().await.unwrap().text().await.unwrap();
+    let text = proxy
+        .client
+        .get(proxy.url("/stats?format=text"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
     for line in &lines[..2] {
         assert!(line.starts_with("sk-text-…0000 ["), "{line}");
-        assert!(line.ends_with("1 requests, 0 errors | tokens: 11 in + 3 out | cost: $0.0001"), "{line}");
+        assert!(
+            line.ends_with("1 requests, 0 errors | tokens: 11 in + 3 out | cost: $0.0001"),
+            "{line}"
+        );
     }
     assert!(lines[2].starts_with("total since "), "{}", lines[2]);
-    assert!(lines[2].ends_with("2 requests, 0 errors | tokens: 22 in + 6 out | cost: $0.0001"), "{}", lines[2]);
+    assert!(
+        lines[2].ends_with("2 requests, 0 errors | tokens: 22 in + 6 out | cost: $0.0001"),
+        "{}",
+        lines[2]
+    );
 
-    let bad = proxy.client.get(proxy.url("/stats?format=xml")).send().await.unwrap();
+    let bad = proxy
+        .client
+        .get(proxy.url("/stats?format=xml"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(bad.status(), 400);
 }
 
@@ -75,10 +137,23 @@ async fn stats_text_has_one_line_per_key_and_the_totals() {
 async fn reset_zeroes_the_totals_and_returns_the_closed_period() {
     let mock = Mock::openai().await;
     let proxy = Proxy::start(&mock.url()).await;
-    proxy.chat("sk-reset", &chat_request("gpt-4o", false)).await.bytes().await.unwrap();
+    proxy
+        .chat("sk-reset", &chat_request("gpt-4o", false))
+        .await
+        .bytes()
+        .await
+        .unwrap();
     let before = proxy.stats_after(1).await;
 
-    let closed: Value = proxy.client.post(proxy.url("/stats/reset")).send().await.unwrap().json().await.unwrap();
+    let closed: Value = proxy
+        .client
+        .post(proxy.url("/stats/reset"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(closed["totals"]["requests"], 1);
     let after = proxy.stats().await;
     assert_eq!(after["totals"]["requests"], 0);
@@ -90,10 +165,20 @@ async fn reset_zeroes_the_totals_and_returns_the_closed_period() {
 async fn reset_requires_the_admin_token_when_one_is_configured() {
     let mock = Mock::openai().await;
     let proxy = Proxy::start_with(&mock.url(), "admin_token = \"admin-secret-token\"").await;
-    proxy.chat("sk-guarded", &chat_request("gpt-4o", false)).await.bytes().await.unwrap();
+    proxy
+        .chat("sk-guarded", &chat_request("gpt-4o", false))
+        .await
+        .bytes()
+        .await
+        .unwrap();
     proxy.stats_after(1).await;
 
-    for auth in [None, Some("Bearer wrong"), Some("admin-secret-token"), Some("Bearer admin-secret-tokenX")] {
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("admin-secret-token"),
+        Some("Bearer admin-secret-tokenX"),
+    ] {
         let mut request = proxy.client.post(proxy.url("/stats/reset"));
         if let Some(auth) = auth {
             request = request.header("authorization", auth);
@@ -119,7 +204,12 @@ async fn reset_requires_the_admin_token_when_one_is_configured() {
 #[tokio::test]
 async fn healthz_answers_ok() {
     let proxy = Proxy::start("http://127.0.0.1:9/v1").await;
-    let response = proxy.client.get(proxy.url("/healthz")).send().await.unwrap();
+    let response = proxy
+        .client
+        .get(proxy.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
 }
 

@@ -15,18 +15,27 @@ async fn streaming_usage_is_recorded_when_client_did_not_ask() {
     let mock = Mock::openai().await;
     let proxy = Proxy::start(&mock.url()).await;
 
-    let response = proxy.chat("sk-stream-aaaaaaaaaaaaaaaa", &chat_request("gpt-4o-mini", true)).await;
+    let response = proxy
+        .chat(
+            "sk-stream-aaaaaaaaaaaaaaaa",
+            &chat_request("gpt-4o-mini", true),
+        )
+        .await;
     assert_eq!(response.status(), 200);
     let events = sse_data(response).await;
 
     // Upstream was asked for usage ...
-    assert_eq!(mock.last().json()["stream_options"], json!({"include_usage": true}));
+    assert_eq!(
+        mock.last().json()["stream_options"],
+        json!({"include_usage": true})
+    );
     // ... and the client does not see the usage-only chunk it did not ask for.
-    let expected: Vec<String> = chat_stream("gpt-4o-mini", &["Hello", " there", "!"], Some((11, 3)))
-        .into_iter()
-        .filter(|e| !e.contains("\"choices\":[]"))
-        .map(|e| e.trim_start_matches("data: ").trim_end().to_owned())
-        .collect();
+    let expected: Vec<String> =
+        chat_stream("gpt-4o-mini", &["Hello", " there", "!"], Some((11, 3)))
+            .into_iter()
+            .filter(|e| !e.contains("\"choices\":[]"))
+            .map(|e| e.trim_start_matches("data: ").trim_end().to_owned())
+            .collect();
     assert_eq!(events, expected);
     assert_eq!(events.last().unwrap(), "[DONE]");
 
@@ -60,7 +69,10 @@ async fn client_that_asked_for_usage_gets_the_stream_byte_for_byte() {
     assert_eq!(via_proxy, direct);
     assert!(String::from_utf8_lossy(&via_proxy).contains("\"choices\":[]"));
     // The request body went upstream untouched.
-    assert_eq!(sent_upstream, Bytes::from(serde_json::to_vec(&body).unwrap()));
+    assert_eq!(
+        sent_upstream,
+        Bytes::from(serde_json::to_vec(&body).unwrap())
+    );
     let stats = proxy.stats_after(1).await;
     assert_eq!(stats["totals"]["prompt_tokens"], 11);
 }
@@ -73,7 +85,10 @@ async fn client_that_turned_usage_off_is_metered_but_sees_no_usage_chunk() {
     body["stream_options"] = json!({"include_usage": false});
 
     let events = sse_data(proxy.chat("sk-off", &body).await).await;
-    assert!(events.iter().all(|e| !e.contains("\"choices\":[]")), "{events:?}");
+    assert!(
+        events.iter().all(|e| !e.contains("\"choices\":[]")),
+        "{events:?}"
+    );
     assert_eq!(mock.last().json()["stream_options"]["include_usage"], true);
     assert_eq!(proxy.stats_after(1).await["totals"]["completion_tokens"], 3);
 }
@@ -114,7 +129,11 @@ async fn first_event_reaches_client_before_upstream_sends_the_second() {
     while let Some(chunk) = response.chunk().await.unwrap() {
         tail.extend_from_slice(&chunk);
     }
-    assert!(String::from_utf8(tail).unwrap().ends_with("data: [DONE]\n\n"));
+    assert!(
+        String::from_utf8(tail)
+            .unwrap()
+            .ends_with("data: [DONE]\n\n")
+    );
     assert_eq!(proxy.stats_after(1).await["totals"]["completion_tokens"], 2);
 }
 
@@ -122,7 +141,10 @@ async fn first_event_reaches_client_before_upstream_sends_the_second() {
 fn split_stream(events: &[String], size: usize) -> Reply {
     let all = events.concat().into_bytes();
     Reply::Stream {
-        chunks: all.chunks(size).map(|c| Chunk::now(Bytes::copy_from_slice(c))).collect(),
+        chunks: all
+            .chunks(size)
+            .map(|c| Chunk::now(Bytes::copy_from_slice(c)))
+            .collect(),
         then_cut: false,
         then_hang: false,
     }
@@ -133,13 +155,20 @@ async fn any_chunking_of_the_stream_gives_the_same_events_and_usage() {
     for size in [1, 2, 3, 7, 16, 61, 4096] {
         let mock = Mock::start(move |r: &common::Received| {
             let asked = r.json()["stream_options"]["include_usage"] == json!(true);
-            split_stream(&chat_stream("gpt-4o", &["a", "b", "c"], asked.then_some((8, 3))), size)
+            split_stream(
+                &chat_stream("gpt-4o", &["a", "b", "c"], asked.then_some((8, 3))),
+                size,
+            )
         })
         .await;
         let proxy = Proxy::start(&mock.url()).await;
         let events = sse_data(proxy.chat("sk-split", &chat_request("gpt-4o", true)).await).await;
         assert_eq!(events.len(), 6, "chunks of {size}: {events:?}");
-        assert!(events.iter().all(|e| e == "[DONE]" || serde_json::from_str::<Value>(e).is_ok()));
+        assert!(
+            events
+                .iter()
+                .all(|e| e == "[DONE]" || serde_json::from_str::<Value>(e).is_ok())
+        );
         let stats = proxy.stats_after(1).await;
         assert_eq!(stats["totals"]["prompt_tokens"], 8, "chunks of {size}");
         assert_eq!(stats["totals"]["completion_tokens"], 3, "chunks of {size}");
@@ -157,7 +186,12 @@ async fn crlf_framed_streams_are_understood() {
     })
     .await;
     let proxy = Proxy::start(&mock.url()).await;
-    let text = proxy.chat("sk-crlf", &chat_request("gpt-4o", true)).await.text().await.unwrap();
+    let text = proxy
+        .chat("sk-crlf", &chat_request("gpt-4o", true))
+        .await
+        .text()
+        .await
+        .unwrap();
     assert!(!text.contains("\"choices\":[]"));
     assert!(text.ends_with("data: [DONE]\r\n\r\n"));
     assert_eq!(proxy.stats_after(1).await["totals"]["prompt_tokens"], 4);
@@ -167,7 +201,12 @@ async fn crlf_framed_streams_are_understood() {
 async fn stream_without_any_usage_is_counted_with_zero_tokens() {
     let mock = Mock::start(|_| Reply::sse(&chat_stream("local-llama", &["hi"], None))).await;
     let proxy = Proxy::start(&mock.url()).await;
-    let events = sse_data(proxy.chat("sk-none", &chat_request("local-llama", true)).await).await;
+    let events = sse_data(
+        proxy
+            .chat("sk-none", &chat_request("local-llama", true))
+            .await,
+    )
+    .await;
     assert_eq!(events.last().unwrap(), "[DONE]");
     let stats = proxy.stats_after(1).await;
     let entry = Proxy::model_of(&stats, &key_id("sk-none"), "local-llama");
@@ -179,7 +218,11 @@ async fn stream_without_any_usage_is_counted_with_zero_tokens() {
 #[tokio::test]
 async fn a_stream_still_sending_tokens_never_trips_the_idle_timeout() {
     let mock = Mock::start(|_| {
-        let events = chat_stream("gpt-4o", &["a", "b", "c", "d", "e", "f", "g", "h"], Some((3, 8)));
+        let events = chat_stream(
+            "gpt-4o",
+            &["a", "b", "c", "d", "e", "f", "g", "h"],
+            Some((3, 8)),
+        );
         Reply::Stream {
             chunks: events
                 .into_iter()
@@ -195,7 +238,11 @@ async fn a_stream_still_sending_tokens_never_trips_the_idle_timeout() {
     })
     .await;
     // The whole stream takes ~0.7 s, far longer than the 200 ms idle timeout.
-    let proxy = Proxy::start_with(&mock.url(), "idle_timeout = \"200ms\"\nresponse_timeout = \"200ms\"").await;
+    let proxy = Proxy::start_with(
+        &mock.url(),
+        "idle_timeout = \"200ms\"\nresponse_timeout = \"200ms\"",
+    )
+    .await;
     let events = sse_data(proxy.chat("sk-slow", &chat_request("gpt-4o", true)).await).await;
     assert_eq!(events.last().unwrap(), "[DONE]");
     let stats = proxy.stats_after(1).await;
@@ -206,7 +253,10 @@ async fn a_stream_still_sending_tokens_never_trips_the_idle_timeout() {
 #[tokio::test]
 async fn an_upstream_gone_silent_mid_stream_is_cut_and_counted_as_an_error() {
     let mock = Mock::start(|_| Reply::Stream {
-        chunks: chat_stream("gpt-4o", &["a"], None)[..2].iter().map(|e| Chunk::now(e.clone())).collect(),
+        chunks: chat_stream("gpt-4o", &["a"], None)[..2]
+            .iter()
+            .map(|e| Chunk::now(e.clone()))
+            .collect(),
         then_cut: false,
         then_hang: true,
     })
@@ -214,7 +264,10 @@ async fn an_upstream_gone_silent_mid_stream_is_cut_and_counted_as_an_error() {
     let proxy = Proxy::start_with(&mock.url(), "idle_timeout = \"300ms\"").await;
     let response = proxy.chat("sk-silent", &chat_request("gpt-4o", true)).await;
     assert_eq!(response.status(), 200);
-    assert!(response.text().await.is_err(), "the client sees the stream end abnormally");
+    assert!(
+        response.text().await.is_err(),
+        "the client sees the stream end abnormally"
+    );
     let stats = proxy.stats_after(1).await;
     assert_eq!(stats["totals"]["errors"], 1);
     let entry = Proxy::model_of(&stats, &key_id("sk-silent"), "gpt-4o");

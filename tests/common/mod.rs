@@ -1,5 +1,12 @@
 //! Test harness: a scriptable mock upstream and the proxy, each on an ephemeral loopback port, in process.
-#![allow(dead_code, reason = "each test file uses a different part of the harness")]
+#![allow(
+    dead_code,
+    reason = "each test file uses a different part of the harness"
+)]
+#![expect(
+    clippy::unwrap_used,
+    reason = "harness failures are test failures, reported where they happen"
+)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -150,7 +157,11 @@ impl Mock {
     }
 
     pub fn last(&self) -> Received {
-        self.received.lock().last().cloned().expect("the mock received a request")
+        self.received
+            .lock()
+            .last()
+            .cloned()
+            .expect("the mock received a request")
     }
 
     pub fn connections(&self) -> usize {
@@ -160,10 +171,18 @@ impl Mock {
 
 async fn serve(request: Request, script: &Script, log: &Mutex<Vec<Received>>) -> Response {
     let (parts, body) = request.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     let received = Received {
         method: parts.method.to_string(),
-        path: parts.uri.path_and_query().map(ToString::to_string).unwrap_or_default(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         headers: parts.headers,
         body,
     };
@@ -229,7 +248,11 @@ pub fn openai_like(request: &Received) -> Reply {
     let prompt = 10 + body["messages"].as_array().map_or(0, Vec::len) as u64;
     if body["stream"] == json!(true) {
         let with_usage = body["stream_options"]["include_usage"] == json!(true);
-        Reply::sse(&chat_stream(&model, &["Hello", " there", "!"], with_usage.then_some((prompt, 3))))
+        Reply::sse(&chat_stream(
+            &model,
+            &["Hello", " there", "!"],
+            with_usage.then_some((prompt, 3)),
+        ))
     } else {
         Reply::json(200, &chat_completion(&model, "Hello there!", prompt, 3))
     }
@@ -258,8 +281,15 @@ pub fn chat_stream(model: &str, words: &[&str], usage: Option<(u64, u64)>) -> Ve
         }
         format!("data: {c}\n\n")
     };
-    let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
-    events.extend(words.iter().map(|w| chunk(json!({"content": w}), Value::Null)));
+    let mut events = vec![chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    )];
+    events.extend(
+        words
+            .iter()
+            .map(|w| chunk(json!({"content": w}), Value::Null)),
+    );
     events.push(chunk(json!({}), json!("stop")));
     if let Some((prompt, completion)) = usage {
         let u = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model, "choices": [],
@@ -324,7 +354,14 @@ impl Proxy {
     }
 
     pub async fn stats(&self) -> Value {
-        self.client.get(self.url("/stats")).send().await.unwrap().json().await.unwrap()
+        self.client
+            .get(self.url("/stats"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     /// Polls /stats until `totals.requests` reaches `n` (recording happens as the body ends,
@@ -384,4 +421,98 @@ pub async fn sse_data(response: reqwest::Response) -> Vec<String> {
         .filter(|e| !e.is_empty())
         .map(|e| e.strip_prefix("data: ").unwrap_or(e).to_owned())
         .collect()
+}
+
+/// The built `llm-meter` binary, running as a child process.
+pub struct Binary {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    /// The startup line.
+    pub banner: String,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    stderr: Arc<Mutex<String>>,
+}
+
+/// A command for the built binary, run in `dir` (so no proxy.toml of the repo is picked up).
+pub fn binary_command(dir: &std::path::Path) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_llm-meter"));
+    command.current_dir(dir).env_remove("RUST_LOG");
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("LLM_METER_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+impl Binary {
+    /// Starts the binary and waits for its startup line.
+    pub fn start(mut command: std::process::Command) -> Self {
+        use std::io::BufRead;
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&stderr);
+        let mut err_pipe = std::io::BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            while err_pipe.read_line(&mut line).unwrap_or(0) > 0 {
+                sink.lock().push_str(&line);
+                line.clear();
+            }
+        });
+        let mut banner = String::new();
+        stdout.read_line(&mut banner).unwrap();
+        let addr = banner
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no address in startup line {banner:?}; stderr: {}",
+                    stderr.lock()
+                )
+            });
+        Self {
+            child,
+            addr,
+            banner,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Sends SIGTERM, waits for the exit, and returns (exit success, rest of stdout, all of stderr).
+    pub fn terminate(mut self) -> (bool, String, String) {
+        use std::io::Read;
+        let pid = self.child.id().to_string();
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let status = self.child.wait().unwrap();
+        let mut rest = String::new();
+        self.stdout.read_to_string(&mut rest).unwrap();
+        // Give the stderr thread a moment to drain the pipe.
+        std::thread::sleep(Duration::from_millis(100));
+        let stderr = self.stderr.lock().clone();
+        (status.success(), rest, stderr)
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

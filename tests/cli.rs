@@ -1,0 +1,258 @@
+//! The binary: help, one-line errors for bad input, layer precedence, startup line, shutdown summary.
+
+mod common;
+
+use std::process::Output;
+
+use common::{Binary, Mock, binary_command, chat_request};
+
+fn run(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = binary_command(dir);
+    command.args(args);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("the binary runs")
+}
+
+/// Asserts a failed start: exit code 2 and exactly one line on stderr containing every `needle`.
+fn assert_one_line_error(output: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "{needle:?} not in {stderr:?}");
+    }
+    assert!(output.stdout.is_empty());
+}
+
+#[test]
+fn help_explains_every_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run(dir.path(), &["--help"], &[]);
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for needle in [
+        "--config",
+        "--listen",
+        "--upstream",
+        "--log-format",
+        "LLM_METER_LISTEN",
+        "LLM_METER_UPSTREAM",
+        "LLM_METER_CONFIG",
+        "proxy.toml",
+        "RUST_LOG",
+        "healthcheck",
+        "serve",
+    ] {
+        assert!(
+            help.contains(needle),
+            "{needle} missing from --help:\n{help}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_flag_exits_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_one_line_error(&run(dir.path(), &["--bogus"], &[]), &["--bogus"]);
+    assert_one_line_error(
+        &run(dir.path(), &["--listen", "not-an-address"], &[]),
+        &["`listen`", "not-an-address", "flag"],
+    );
+    assert_one_line_error(
+        &run(dir.path(), &["--upstream", "api.openai.com"], &[]),
+        &["`upstream`"],
+    );
+    assert_one_line_error(
+        &run(dir.path(), &["--log-format", "xml"], &[]),
+        &["`log_format`"],
+    );
+    assert_one_line_error(
+        &run(dir.path(), &[], &[("LLM_METER_UPSTREAM", "ftp://x")]),
+        &["LLM_METER_UPSTREAM"],
+    );
+}
+
+#[test]
+fn bad_toml_unknown_fields_and_bad_values_exit_with_one_line_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("proxy.toml");
+    for (text, needles) in [
+        ("listen = \n", &["proxy.toml line 1"][..]),
+        (
+            "# ok\nlisten_addr = \"127.0.0.1:1\"\n",
+            &["line 2", "listen_addr"],
+        ),
+        (
+            "[pricing.\"m\"]\ninput_per_million = 1.0\n",
+            &["output_per_million"],
+        ),
+        (
+            "[pricing.\"m\"]\ninput_per_million = \"cheap\"\noutput_per_million = 1.0\n",
+            &["pricing.\"m\".input_per_million"],
+        ),
+        ("connect_timeout = \"fast\"\n", &["connect_timeout"]),
+        ("max_body_bytes = 0\n", &["max_body_bytes"]),
+    ] {
+        std::fs::write(&file, text).unwrap();
+        assert_one_line_error(&run(dir.path(), &[], &[]), needles);
+    }
+    assert_one_line_error(
+        &run(dir.path(), &["--config", "missing.toml"], &[]),
+        &["missing.toml"],
+    );
+}
+
+#[test]
+fn flags_beat_environment_which_beats_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("proxy.toml"),
+        "listen = \"256.0.0.1:1\"\nupstream = \"http://from-file.test/v1\"\n",
+    )
+    .unwrap();
+    // The file's bad listen address is never used: the environment's wins.
+    let mut command = binary_command(dir.path());
+    command.env("LLM_METER_LISTEN", "127.0.0.1:0");
+    let binary = Binary::start(command);
+    assert!(
+        binary
+            .banner
+            .contains("forwarding /v1 to http://from-file.test/v1"),
+        "{}",
+        binary.banner
+    );
+    drop(binary);
+
+    let mut command = binary_command(dir.path());
+    command
+        .env("LLM_METER_LISTEN", "127.0.0.1:0")
+        .env("LLM_METER_UPSTREAM", "http://from-env.test/v1");
+    let binary = Binary::start(command);
+    assert!(
+        binary.banner.contains("http://from-env.test/v1"),
+        "{}",
+        binary.banner
+    );
+    drop(binary);
+
+    let mut command = binary_command(dir.path());
+    command
+        .args([
+            "--upstream",
+            "http://from-flag.test/v1",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("LLM_METER_LISTEN", "256.0.0.1:2")
+        .env("LLM_METER_UPSTREAM", "http://from-env.test/v1");
+    let binary = Binary::start(command);
+    assert!(
+        binary.banner.contains("http://from-flag.test/v1"),
+        "{}",
+        binary.banner
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_line_then_sigterm_prints_the_totals() {
+    let mock = Mock::openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = binary_command(dir.path());
+    command.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &mock.url(),
+    ]);
+    let binary = Binary::start(command);
+    assert!(
+        binary
+            .banner
+            .starts_with("llm-meter listening on http://127.0.0.1:"),
+        "{}",
+        binary.banner
+    );
+    assert!(
+        binary
+            .banner
+            .contains(&format!("forwarding /v1 to {}", mock.url()))
+    );
+
+    let client = common::client();
+    let response = client
+        .post(binary.url("/v1/chat/completions"))
+        .bearer_auth("sk-bin")
+        .json(&chat_request("gpt-4o", true))
+        .send()
+        .await
+        .unwrap();
+    response.bytes().await.unwrap();
+
+    let mut health = binary_command(dir.path());
+    health.args(["healthcheck", "--listen", &binary.addr.to_string()]);
+    assert!(health.status().unwrap().success());
+
+    let (ok, stdout, _) = binary.terminate();
+    assert!(ok);
+    assert_eq!(
+        stdout.trim_end(),
+        "llm-meter stopped. 1 requests, 0 errors | tokens: 11 in + 3 out | cost: $0.0001"
+    );
+}
+
+#[test]
+fn healthcheck_fails_when_nothing_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let output = run(
+        dir.path(),
+        &["healthcheck", "--listen", &format!("127.0.0.1:{port}")],
+        &[],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unhealthy"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_format_writes_one_json_object_per_line() {
+    let mock = Mock::openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = binary_command(dir.path());
+    command.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &mock.url(),
+        "--log-format",
+        "json",
+    ]);
+    let binary = Binary::start(command);
+    common::client()
+        .post(binary.url("/v1/chat/completions"))
+        .json(&chat_request("gpt-4o", false))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let (_, _, stderr) = binary.terminate();
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let request = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "request")
+        .unwrap_or_else(|| panic!("no request line in {stderr}"));
+    assert_eq!(request["fields"]["status"], 200);
+    assert_eq!(request["fields"]["tokens_in"], 11);
+    assert_eq!(request["fields"]["model"], "gpt-4o");
+}
