@@ -1,0 +1,30 @@
+# syntax=docker/dockerfile:1
+# Build:  docker build -t llm-meter .
+# Run:    docker run --rm -p 127.0.0.1:8080:8080 llm-meter
+
+FROM rust:1-bookworm AS build
+WORKDIR /src
+
+# Dependencies first, against stub sources: this layer is rebuilt only when Cargo.toml or
+# Cargo.lock change, not on every source edit.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir src \
+    && echo 'fn main() {}' > src/main.rs \
+    && echo '//! stub' > src/lib.rs \
+    && cargo build --release --locked \
+    && rm -rf src target/release/.fingerprint/llm-meter-* target/release/deps/llm_meter-* target/release/deps/libllm_meter-*
+
+COPY src ./src
+RUN cargo build --release --locked && strip target/release/llm-meter
+
+# distroless/cc: glibc and CA roots, no shell, no package manager; runs as uid 65532.
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/llm-meter /usr/local/bin/llm-meter
+ENV LLM_METER_LISTEN=0.0.0.0:8080
+EXPOSE 8080
+USER nonroot
+# No curl in the image: the binary probes its own /healthz.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=3s --retries=3 \
+    CMD ["/usr/local/bin/llm-meter", "healthcheck"]
+ENTRYPOINT ["/usr/local/bin/llm-meter"]
+CMD ["serve"]
