@@ -1,0 +1,296 @@
+//! Load benchmark: llm-meter against a fast mock upstream, each in its own process on loopback,
+//! direct and proxied rounds alternated, medians reported.
+//!
+//! `cargo bench --bench proxy` runs every scenario; `-- --rounds 5 --seconds 3 --soak 60` tunes it.
+
+mod load;
+mod mock;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use load::{Measure, Mode, Round, Shape};
+
+struct Options {
+    rounds: usize,
+    seconds: f64,
+    soak_seconds: u64,
+    only: Option<Vec<String>>,
+}
+
+fn options() -> Options {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    Options {
+        rounds: value("--rounds").and_then(|v| v.parse().ok()).unwrap_or(3),
+        seconds: value("--seconds").and_then(|v| v.parse().ok()).unwrap_or(2.0),
+        soak_seconds: value("--soak").and_then(|v| v.parse().ok()).unwrap_or(0),
+        only: value("--only").map(|v| v.split(',').map(str::to_owned).collect()),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--mock") {
+        return run_mock();
+    }
+    let options = options();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(orchestrate(&options));
+}
+
+fn run_mock() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        println!("{}", listener.local_addr().expect("addr"));
+        mock::serve(listener).await;
+    });
+}
+
+/// A child process that is killed when dropped.
+struct Process {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Process {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(mut command: Command, parse: impl Fn(&str) -> Option<SocketAddr>) -> Process {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("startup line");
+    let addr = parse(&line).unwrap_or_else(|| panic!("no address in {line:?}"));
+    Process { child, addr }
+}
+
+fn start_mock() -> Process {
+    let mut command = Command::new(std::env::current_exe().expect("own path"));
+    command.arg("--mock");
+    spawn(command, |line| line.trim().parse().ok())
+}
+
+fn start_proxy(upstream: SocketAddr) -> Process {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_llm-meter"));
+    command
+        .args(["--listen", "127.0.0.1:0", "--upstream", &format!("http://{upstream}/v1")])
+        .current_dir(std::env::temp_dir())
+        .env("RUST_LOG", std::env::var("BENCH_PROXY_LOG").unwrap_or_else(|_| "info".to_owned()));
+    spawn(command, |line| line.split("http://").nth(1)?.split(',').next()?.parse().ok())
+}
+
+/// CPU time (user + system) of a process so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(") ").map(|(_, rest)| rest.split(' ').collect()).unwrap_or_default();
+    let ticks: u64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<u64>().ok()).sum();
+    Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second())
+}
+
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// A `/proc/PID/status` memory figure (`VmRSS`, `VmHWM`) in MB.
+fn memory_mb(pid: u32, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.trim_start_matches(':').trim().strip_suffix(" kB")?.trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Resets the peak RSS (`VmHWM`) so each scenario reports its own.
+fn reset_peak(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+struct Scenario {
+    name: &'static str,
+    what: &'static str,
+    shape: Shape,
+    mode: Mode,
+    measure: Measure,
+}
+
+fn chat_body(prompt_bytes: usize, stream: bool) -> Bytes {
+    let skeleton = format!(r#"{{"model":"gpt-4o-mini","stream":{stream},"messages":[{{"role":"user","content":""}}]}}"#);
+    let filler = "lorem ipsum dolor sit amet ".repeat(prompt_bytes / 27 + 1);
+    let content = &filler[..prompt_bytes.saturating_sub(skeleton.len())];
+    Bytes::from(format!(
+        r#"{{"model":"gpt-4o-mini","stream":{stream},"messages":[{{"role":"user","content":"{content}"}}]}}"#
+    ))
+}
+
+fn scenarios() -> Vec<Scenario> {
+    let small = Shape { body: chat_body(300, false), is_stream: false };
+    let large = Shape { body: chat_body(100 * 1024, false), is_stream: false };
+    let stream = Shape { body: chat_body(300, true), is_stream: true };
+    let closed = Mode::Closed { concurrency: 16 };
+    vec![
+        Scenario { name: "S1", what: "small body (~300 B), c=16", shape: small.clone(), mode: closed, measure: Measure::Total },
+        Scenario { name: "S2", what: "100 KB prompt body, c=16", shape: large, mode: closed, measure: Measure::Total },
+        Scenario { name: "S3", what: "stream of 20 chunks, c=16", shape: stream.clone(), mode: closed, measure: Measure::Total },
+        Scenario { name: "S4", what: "fixed 200 req/s", shape: small.clone(), mode: Mode::Rate { per_second: 200 }, measure: Measure::Total },
+        Scenario { name: "S5", what: "fixed 20 req/s", shape: small, mode: Mode::Rate { per_second: 20 }, measure: Measure::Total },
+        Scenario { name: "S6", what: "stream at 20 req/s, first byte", shape: stream, mode: Mode::Rate { per_second: 20 }, measure: Measure::FirstByte },
+    ]
+}
+
+/// The medians over rounds, for one target.
+#[derive(Default)]
+struct Summary {
+    per_second: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn summarize(rounds: &[Round]) -> Summary {
+    Summary {
+        per_second: median(rounds.iter().map(Round::per_second).collect()),
+        p50: median(rounds.iter().map(|r| r.percentile_ms(50.0)).collect()),
+        p90: median(rounds.iter().map(|r| r.percentile_ms(90.0)).collect()),
+        p99: median(rounds.iter().map(|r| r.percentile_ms(99.0)).collect()),
+    }
+}
+
+async fn orchestrate(options: &Options) {
+    let mock = start_mock();
+    let proxy = start_proxy(mock.addr);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let idle_rss = memory_mb(proxy.pid(), "VmRSS");
+    let mut checked = 0u64;
+
+    println!("llm-meter load benchmark: {} rounds of {} s per target and scenario, medians", options.rounds, options.seconds);
+    println!("machine: {} cores, {}", std::thread::available_parallelism().map_or(0, usize::from), cpu_model());
+    println!();
+    println!("| scenario | direct req/s | proxy req/s | ratio | direct p50 / p90 / p99 ms | proxy p50 / p90 / p99 ms | added p50 / p99 ms | proxy CPU/req | proxy peak RSS |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let duration = Duration::from_secs_f64(options.seconds);
+    for scenario in scenarios() {
+        if options.only.as_ref().is_some_and(|only| !only.iter().any(|n| n == scenario.name)) {
+            continue;
+        }
+        // Warm both paths (connections, caches, the proxy's pool).
+        let warm = Duration::from_millis(300);
+        load::round(mock.addr, &scenario.shape, scenario.mode, scenario.measure, warm).await;
+        let warmed = load::round(proxy.addr, &scenario.shape, scenario.mode, scenario.measure, warm).await;
+        checked += warmed.ok + warmed.failed;
+
+        let (mut direct, mut proxied) = (Vec::new(), Vec::new());
+        let (mut cpu, mut served) = (Duration::ZERO, 0u64);
+        reset_peak(proxy.pid());
+        for i in 0..options.rounds {
+            // Alternate which target goes first, so drift on a shared machine hits both alike.
+            if i % 2 == 0 {
+                direct.push(load::round(mock.addr, &scenario.shape, scenario.mode, scenario.measure, duration).await);
+            }
+            let before = cpu_time(proxy.pid());
+            let round = load::round(proxy.addr, &scenario.shape, scenario.mode, scenario.measure, duration).await;
+            cpu += cpu_time(proxy.pid()) - before;
+            served += round.ok;
+            checked += round.ok + round.failed;
+            assert_eq!(round.failed, 0, "{}: {} wrong answers through the proxy", scenario.name, round.failed);
+            proxied.push(round);
+            if i % 2 == 1 {
+                direct.push(load::round(mock.addr, &scenario.shape, scenario.mode, scenario.measure, duration).await);
+            }
+        }
+        assert!(direct.iter().all(|r| r.failed == 0), "{}: the mock gave wrong answers", scenario.name);
+        check_stats(proxy.addr, checked, scenario.name).await;
+
+        let (d, p) = (summarize(&direct), summarize(&proxied));
+        let peak = memory_mb(proxy.pid(), "VmHWM");
+        let cpu_per_request_ms = cpu.as_secs_f64() * 1000.0 / served.max(1) as f64;
+        let ratio = match scenario.mode {
+            Mode::Closed { .. } => format!("{:.2}", p.per_second / d.per_second),
+            Mode::Rate { .. } => "-".to_owned(),
+        };
+        println!(
+            "| {} {} | {:.0} | {:.0} | {ratio} | {:.3} / {:.3} / {:.3} | {:.3} / {:.3} / {:.3} | {:+.3} / {:+.3} | {:.3} ms | {:.1} MB |",
+            scenario.name, scenario.what, d.per_second, p.per_second, d.p50, d.p90, d.p99, p.p50, p.p90, p.p99,
+            p.p50 - d.p50, p.p99 - d.p99, cpu_per_request_ms, peak
+        );
+    }
+    println!();
+    println!("proxy RSS: {idle_rss:.1} MB idle at start, {:.1} MB idle after the load", memory_mb(proxy.pid(), "VmRSS"));
+    println!("checked: every answer (status 200, usage present, streams complete and unchanged) and /stats = {checked} requests");
+    if options.soak_seconds > 0 {
+        soak(&proxy, options.soak_seconds).await;
+    }
+}
+
+async fn check_stats(proxy: SocketAddr, expected: u64, scenario: &str) {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stats = load::get_json(proxy, "/stats").await;
+    let requests = stats["totals"]["requests"].as_u64().unwrap_or(0);
+    let completion = stats["totals"]["completion_tokens"].as_u64().unwrap_or(0);
+    assert_eq!(requests, expected, "{scenario}: /stats counted {requests} requests, {expected} were sent");
+    assert_eq!(completion, expected * mock::COMPLETION_TOKENS, "{scenario}: /stats completion tokens");
+    assert_eq!(stats["totals"]["errors"].as_u64(), Some(0), "{scenario}: errors in /stats");
+}
+
+async fn soak(proxy: &Process, seconds: u64) {
+    let shape = Shape { body: chat_body(300, false), is_stream: false };
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    while started.elapsed() < Duration::from_secs(seconds) {
+        let round = load::round(proxy.addr, &shape, Mode::Closed { concurrency: 16 }, Measure::Total, Duration::from_secs(5)).await;
+        assert_eq!(round.failed, 0);
+        samples.push(memory_mb(proxy.pid(), "VmRSS"));
+    }
+    let first = samples.first().copied().unwrap_or(f64::NAN);
+    let last = samples.last().copied().unwrap_or(f64::NAN);
+    let max = samples.iter().copied().fold(f64::NAN, f64::max);
+    println!(
+        "soak: {seconds} s of S1, RSS sampled every 5 s: first {first:.1} MB, last {last:.1} MB, max {max:.1} MB ({:+.1}% first to last)",
+        (last - first) / first * 100.0
+    );
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().to_owned()))
+        .unwrap_or_else(|| "unknown CPU".to_owned())
+}

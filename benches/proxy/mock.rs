@@ -1,0 +1,87 @@
+//! The benchmark's upstream: a minimal hyper server answering chat completions as fast as it can.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+/// Tokens the mock reports for every request.
+pub const PROMPT_TOKENS: u64 = 57;
+pub const COMPLETION_TOKENS: u64 = 21;
+/// Content chunks in a streamed answer.
+pub const STREAM_CHUNKS: usize = 20;
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// Serves forever on `listener` (run in its own process by the benchmark).
+pub async fn serve(listener: TcpListener) {
+    let plain = Bytes::from(plain_body());
+    let (stream_with_usage, stream_without) = (stream_events(true), stream_events(false));
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let _ = tcp.set_nodelay(true);
+        let plain = plain.clone();
+        let (with, without) = (stream_with_usage.clone(), stream_without.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let (plain, with, without) = (plain.clone(), with.clone(), without.clone());
+                async move { Ok::<_, Infallible>(answer(request, plain, with, without).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+async fn answer(request: Request<Incoming>, plain: Bytes, with: Vec<Bytes>, without: Vec<Bytes>) -> Response<Body> {
+    let body = request.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let is_stream = memchr::memmem::find(&body, b"\"stream\":true").is_some();
+    if !is_stream {
+        return Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(plain).boxed())
+            .unwrap_or_default();
+    }
+    let wants_usage = memchr::memmem::find(&body, b"\"include_usage\":true").is_some();
+    let events = if wants_usage { with } else { without };
+    let frames = futures_util::stream::iter(events.into_iter().map(|e| Ok::<_, Infallible>(Frame::data(e))));
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(StreamBody::new(frames).boxed())
+        .unwrap_or_default()
+}
+
+fn plain_body() -> String {
+    format!(
+        r#"{{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini-2024-07-18","choices":[{{"index":0,"message":{{"role":"assistant","content":"This is a short benchmark answer of about twenty tokens, as agents often get.","refusal":null}},"logprobs":null,"finish_reason":"stop"}}],"usage":{{"prompt_tokens":{PROMPT_TOKENS},"completion_tokens":{COMPLETION_TOKENS},"total_tokens":{},"prompt_tokens_details":{{"cached_tokens":0,"audio_tokens":0}},"completion_tokens_details":{{"reasoning_tokens":0,"audio_tokens":0}}}},"system_fingerprint":"fp_bench"}}"#,
+        PROMPT_TOKENS + COMPLETION_TOKENS
+    )
+}
+
+fn stream_events(with_usage: bool) -> Vec<Bytes> {
+    let usage_null = if with_usage { r#","usage":null"# } else { "" };
+    let chunk = |delta: &str, finish: &str| {
+        Bytes::from(format!(
+            "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"gpt-4o-mini-2024-07-18\",\"system_fingerprint\":\"fp_bench\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"logprobs\":null,\"finish_reason\":{finish}}}]{usage_null}}}\n\n"
+        ))
+    };
+    let mut events = vec![chunk(r#"{"role":"assistant","content":""}"#, "null")];
+    for i in 0..STREAM_CHUNKS {
+        events.push(chunk(&format!(r#"{{"content":" token{i}"}}"#), "null"));
+    }
+    events.push(chunk("{}", "\"stop\""));
+    if with_usage {
+        events.push(Bytes::from(format!(
+            "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[],\"usage\":{{\"prompt_tokens\":{PROMPT_TOKENS},\"completion_tokens\":{COMPLETION_TOKENS},\"total_tokens\":{}}}}}\n\n",
+            PROMPT_TOKENS + COMPLETION_TOKENS
+        )));
+    }
+    events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    events
+}
