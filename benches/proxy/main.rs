@@ -3,6 +3,7 @@
 //!
 //! `cargo bench --bench proxy` runs every scenario; `-- --rounds 5 --seconds 3 --soak 60` tunes it.
 
+mod floor;
 mod load;
 mod mock;
 
@@ -35,7 +36,11 @@ fn options() -> Options {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--mock") {
-        return run_mock();
+        return serve_child(|listener| mock::serve(listener));
+    }
+    if let Some(upstream) = args.iter().position(|a| a == "--floor").and_then(|i| args.get(i + 1)) {
+        let upstream: SocketAddr = upstream.parse().expect("--floor takes the upstream address");
+        return serve_child(move |listener| floor::serve(listener, upstream));
     }
     let options = options();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -46,16 +51,16 @@ fn main() {
     runtime.block_on(orchestrate(&options));
 }
 
-fn run_mock() {
+/// Runs a server of the benchmark's own (mock or floor) in this child process.
+fn serve_child<F: std::future::Future<Output = ()>>(server: impl FnOnce(tokio::net::TcpListener) -> F) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         println!("{}", listener.local_addr().expect("addr"));
-        mock::serve(listener).await;
+        server(listener).await;
     });
 }
 
@@ -92,9 +97,9 @@ fn spawn(mut command: Command, parse: impl Fn(&str) -> Option<SocketAddr>) -> Pr
     Process { child, addr }
 }
 
-fn start_mock() -> Process {
+fn start_child(args: &[&str]) -> Process {
     let mut command = Command::new(std::env::current_exe().expect("own path"));
-    command.arg("--mock");
+    command.args(args);
     spawn(command, |line| line.trim().parse().ok())
 }
 
@@ -175,6 +180,7 @@ fn scenarios() -> Vec<Scenario> {
 struct Summary {
     per_second: f64,
     p50: f64,
+    #[allow(dead_code, reason = "kept for ad-hoc printing")]
     p90: f64,
     p99: f64,
 }
@@ -193,8 +199,37 @@ fn summarize(rounds: &[Round]) -> Summary {
     }
 }
 
+/// What one target did in one scenario, medians over rounds.
+struct Measured {
+    summary: Summary,
+    cpu_per_request_ms: f64,
+}
+
+async fn measure(
+    target: &Process,
+    scenario: &Scenario,
+    duration: Duration,
+    rounds: &mut Vec<Round>,
+    cpu: &mut (Duration, u64),
+) {
+    let before = cpu_time(target.pid());
+    let round = load::round(target.addr, &scenario.shape, scenario.mode, scenario.measure, duration).await;
+    cpu.0 += cpu_time(target.pid()) - before;
+    cpu.1 += round.ok;
+    assert_eq!(round.failed, 0, "{}: {} wrong answers", scenario.name, round.failed);
+    rounds.push(round);
+}
+
+fn measured(rounds: &[Round], cpu: (Duration, u64)) -> Measured {
+    Measured {
+        summary: summarize(rounds),
+        cpu_per_request_ms: cpu.0.as_secs_f64() * 1000.0 / cpu.1.max(1) as f64,
+    }
+}
+
 async fn orchestrate(options: &Options) {
-    let mock = start_mock();
+    let mock = start_child(&["--mock"]);
+    let floor = start_child(&["--floor", &mock.addr.to_string()]);
     let proxy = start_proxy(mock.addr);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let idle_rss = memory_mb(proxy.pid(), "VmRSS");
@@ -202,57 +237,53 @@ async fn orchestrate(options: &Options) {
 
     println!("llm-meter load benchmark: {} rounds of {} s per target and scenario, medians", options.rounds, options.seconds);
     println!("machine: {} cores, {}", std::thread::available_parallelism().map_or(0, usize::from), cpu_model());
+    println!("targets: direct to the mock; floor = bare hyper pass-through (no metering, no logs); llm-meter (metering and request logs on)");
     println!();
-    println!("| scenario | direct req/s | proxy req/s | ratio | direct p50 / p90 / p99 ms | proxy p50 / p90 / p99 ms | added p50 / p99 ms | proxy CPU/req | proxy peak RSS |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| scenario | direct req/s | floor req/s (ratio) | llm-meter req/s (ratio) | direct p50 / p99 ms | added p50 / p99 ms, floor | added p50 / p99 ms, llm-meter | CPU/req floor | CPU/req llm-meter | llm-meter peak RSS |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let duration = Duration::from_secs_f64(options.seconds);
     for scenario in scenarios() {
         if options.only.as_ref().is_some_and(|only| !only.iter().any(|n| n == scenario.name)) {
             continue;
         }
-        // Warm both paths (connections, caches, the proxy's pool).
+        // Warm every path (connections, caches, pools).
         let warm = Duration::from_millis(300);
-        load::round(mock.addr, &scenario.shape, scenario.mode, scenario.measure, warm).await;
-        let warmed = load::round(proxy.addr, &scenario.shape, scenario.mode, scenario.measure, warm).await;
-        checked += warmed.ok + warmed.failed;
-
-        let (mut direct, mut proxied) = (Vec::new(), Vec::new());
-        let (mut cpu, mut served) = (Duration::ZERO, 0u64);
-        reset_peak(proxy.pid());
-        for i in 0..options.rounds {
-            // Alternate which target goes first, so drift on a shared machine hits both alike.
-            if i % 2 == 0 {
-                direct.push(load::round(mock.addr, &scenario.shape, scenario.mode, scenario.measure, duration).await);
-            }
-            let before = cpu_time(proxy.pid());
-            let round = load::round(proxy.addr, &scenario.shape, scenario.mode, scenario.measure, duration).await;
-            cpu += cpu_time(proxy.pid()) - before;
-            served += round.ok;
-            checked += round.ok + round.failed;
-            assert_eq!(round.failed, 0, "{}: {} wrong answers through the proxy", scenario.name, round.failed);
-            proxied.push(round);
-            if i % 2 == 1 {
-                direct.push(load::round(mock.addr, &scenario.shape, scenario.mode, scenario.measure, duration).await);
+        for target in [&mock, &floor, &proxy] {
+            let warmed = load::round(target.addr, &scenario.shape, scenario.mode, scenario.measure, warm).await;
+            if std::ptr::eq(target, &proxy) {
+                checked += warmed.ok + warmed.failed;
             }
         }
-        assert!(direct.iter().all(|r| r.failed == 0), "{}: the mock gave wrong answers", scenario.name);
+        let mut rounds: [Vec<Round>; 3] = Default::default();
+        let mut cpu = [(Duration::ZERO, 0u64); 3];
+        reset_peak(proxy.pid());
+        for i in 0..options.rounds {
+            // Rotate the order, so drift on a shared machine hits every target alike.
+            for k in 0..3 {
+                let t = (i + k) % 3;
+                let target = [&mock, &floor, &proxy][t];
+                measure(target, &scenario, duration, &mut rounds[t], &mut cpu[t]).await;
+            }
+        }
+        checked += rounds[2].iter().map(|r| r.ok).sum::<u64>();
         check_stats(proxy.addr, checked, scenario.name).await;
 
-        let (d, p) = (summarize(&direct), summarize(&proxied));
+        let [d, f, p] = [0, 1, 2].map(|t| measured(&rounds[t], cpu[t]));
+        let (d, f, p) = (&d.summary, &f, &p);
         let peak = memory_mb(proxy.pid(), "VmHWM");
-        let cpu_per_request_ms = cpu.as_secs_f64() * 1000.0 / served.max(1) as f64;
-        let ratio = match scenario.mode {
-            Mode::Closed { .. } => format!("{:.2}", p.per_second / d.per_second),
-            Mode::Rate { .. } => "-".to_owned(),
+        let throughput = |m: &Measured| match scenario.mode {
+            Mode::Closed { .. } => format!("{:.0} ({:.2})", m.summary.per_second, m.summary.per_second / d.per_second),
+            Mode::Rate { .. } => format!("{:.0}", m.summary.per_second),
         };
+        let added = |m: &Measured| format!("{:+.3} / {:+.3}", m.summary.p50 - d.p50, m.summary.p99 - d.p99);
         println!(
-            "| {} {} | {:.0} | {:.0} | {ratio} | {:.3} / {:.3} / {:.3} | {:.3} / {:.3} / {:.3} | {:+.3} / {:+.3} | {:.3} ms | {:.1} MB |",
-            scenario.name, scenario.what, d.per_second, p.per_second, d.p50, d.p90, d.p99, p.p50, p.p90, p.p99,
-            p.p50 - d.p50, p.p99 - d.p99, cpu_per_request_ms, peak
+            "| {} {} | {:.0} | {} | {} | {:.3} / {:.3} | {} | {} | {:.3} ms | {:.3} ms | {:.1} MB |",
+            scenario.name, scenario.what, d.per_second, throughput(f), throughput(p), d.p50, d.p99,
+            added(f), added(p), f.cpu_per_request_ms, p.cpu_per_request_ms, peak
         );
     }
     println!();
-    println!("proxy RSS: {idle_rss:.1} MB idle at start, {:.1} MB idle after the load", memory_mb(proxy.pid(), "VmRSS"));
+    println!("llm-meter RSS: {idle_rss:.1} MB idle at start, {:.1} MB idle after the load", memory_mb(proxy.pid(), "VmRSS"));
     println!("checked: every answer (status 200, usage present, streams complete and unchanged) and /stats = {checked} requests");
     if options.soak_seconds > 0 {
         soak(&proxy, options.soak_seconds).await;

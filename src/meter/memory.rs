@@ -1,8 +1,8 @@
-//! In-memory store: a read-mostly map of keys to models to atomic counters.
+//! In-memory store: one read-mostly map of keys to models to striped atomic counters.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use parking_lot::RwLock;
 use time::OffsetDateTime;
@@ -11,30 +11,40 @@ use super::{Counts, KeySnapshot, Snapshot, Store};
 use crate::key::Identity;
 use crate::meter::pricing::NanoUsd;
 
+type Map<V> = HashMap<String, V, foldhash::fast::RandomState>;
+
 /// Totals kept in process memory; lost on restart.
 pub struct MemoryStore {
-    /// Swapped whole on reset, so a reset never races with a half-applied record.
-    period: RwLock<Arc<Period>>,
+    /// Read-locked by every record (a lookup and atomic adds), write-locked only to add a new
+    /// key or model and to reset, so a reset never splits a record.
+    period: RwLock<Period>,
 }
 
 struct Period {
     since: OffsetDateTime,
-    keys: RwLock<HashMap<String, Arc<KeyEntry>>>,
+    keys: Map<KeyEntry>,
 }
 
 struct KeyEntry {
     identity: Identity,
-    models: RwLock<HashMap<String, Arc<Counters>>>,
+    models: Map<Counters>,
 }
 
-/// Lock-free counters: recording is a map lookup under a read lock plus `fetch_add`s.
-#[derive(Default)]
+/// Counters of one (key, model), split into cache-line-sized stripes so that threads recording
+/// the same entry at once add to different lines instead of fighting over one.
 struct Counters {
+    stripes: [Stripe; STRIPES],
+}
+
+const STRIPES: usize = 4;
+
+#[derive(Default)]
+#[repr(align(128))]
+struct Stripe {
     requests: AtomicU64,
     errors: AtomicU64,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
-    total_tokens: AtomicU64,
     cached_tokens: AtomicU64,
     cache_write_tokens: AtomicU64,
     reasoning_tokens: AtomicU64,
@@ -42,37 +52,60 @@ struct Counters {
     unpriced_requests: AtomicU64,
 }
 
+/// Each thread sticks to one stripe, handed out round-robin.
+fn stripe_of_this_thread() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    STRIPE.with(|s| {
+        if s.get() == usize::MAX {
+            s.set(NEXT.fetch_add(1, Relaxed) % STRIPES);
+        }
+        s.get()
+    })
+}
+
 impl Counters {
+    fn new() -> Self {
+        Self {
+            stripes: Default::default(),
+        }
+    }
+
     fn add(&self, c: &Counts) {
         // Relaxed is enough: each counter is a sum, and readers only need each sum to be exact.
-        self.requests.fetch_add(c.requests, Relaxed);
-        self.errors.fetch_add(c.errors, Relaxed);
-        self.prompt_tokens.fetch_add(c.prompt_tokens, Relaxed);
-        self.completion_tokens
-            .fetch_add(c.completion_tokens, Relaxed);
-        self.total_tokens.fetch_add(c.total_tokens, Relaxed);
-        self.cached_tokens.fetch_add(c.cached_tokens, Relaxed);
-        self.cache_write_tokens
-            .fetch_add(c.cache_write_tokens, Relaxed);
-        self.reasoning_tokens.fetch_add(c.reasoning_tokens, Relaxed);
-        self.cost_nano_usd.fetch_add(c.cost.0, Relaxed);
-        self.unpriced_requests
-            .fetch_add(c.unpriced_requests, Relaxed);
+        let s = &self.stripes[stripe_of_this_thread()];
+        s.requests.fetch_add(c.requests, Relaxed);
+        s.errors.fetch_add(c.errors, Relaxed);
+        s.prompt_tokens.fetch_add(c.prompt_tokens, Relaxed);
+        s.completion_tokens.fetch_add(c.completion_tokens, Relaxed);
+        s.cached_tokens.fetch_add(c.cached_tokens, Relaxed);
+        s.cache_write_tokens.fetch_add(c.cache_write_tokens, Relaxed);
+        s.reasoning_tokens.fetch_add(c.reasoning_tokens, Relaxed);
+        s.cost_nano_usd.fetch_add(c.cost.0, Relaxed);
+        s.unpriced_requests.fetch_add(c.unpriced_requests, Relaxed);
     }
 
     fn load(&self) -> Counts {
-        Counts {
-            requests: self.requests.load(Relaxed),
-            errors: self.errors.load(Relaxed),
-            prompt_tokens: self.prompt_tokens.load(Relaxed),
-            completion_tokens: self.completion_tokens.load(Relaxed),
-            total_tokens: self.total_tokens.load(Relaxed),
-            cached_tokens: self.cached_tokens.load(Relaxed),
-            cache_write_tokens: self.cache_write_tokens.load(Relaxed),
-            reasoning_tokens: self.reasoning_tokens.load(Relaxed),
-            cost: NanoUsd(self.cost_nano_usd.load(Relaxed)),
-            unpriced_requests: self.unpriced_requests.load(Relaxed),
+        let mut total = Counts::default();
+        for s in &self.stripes {
+            let c = Counts {
+                requests: s.requests.load(Relaxed),
+                errors: s.errors.load(Relaxed),
+                prompt_tokens: s.prompt_tokens.load(Relaxed),
+                completion_tokens: s.completion_tokens.load(Relaxed),
+                total_tokens: 0,
+                cached_tokens: s.cached_tokens.load(Relaxed),
+                cache_write_tokens: s.cache_write_tokens.load(Relaxed),
+                reasoning_tokens: s.reasoning_tokens.load(Relaxed),
+                cost: NanoUsd(s.cost_nano_usd.load(Relaxed)),
+                unpriced_requests: s.unpriced_requests.load(Relaxed),
+            };
+            total += &c;
         }
+        total.total_tokens = total.prompt_tokens + total.completion_tokens;
+        total
     }
 }
 
@@ -80,7 +113,7 @@ impl MemoryStore {
     /// An empty store whose period starts now.
     pub fn new() -> Self {
         Self {
-            period: RwLock::new(Arc::new(Period::new())),
+            period: RwLock::new(Period::new()),
         }
     }
 }
@@ -95,37 +128,15 @@ impl Period {
     fn new() -> Self {
         Self {
             since: OffsetDateTime::now_utc(),
-            keys: RwLock::new(HashMap::new()),
+            keys: Map::default(),
         }
-    }
-
-    fn key(&self, identity: &Identity) -> Arc<KeyEntry> {
-        if let Some(entry) = self.keys.read().get(&identity.id) {
-            return Arc::clone(entry);
-        }
-        let mut keys = self.keys.write();
-        Arc::clone(keys.entry(identity.id.clone()).or_insert_with(|| {
-            Arc::new(KeyEntry {
-                identity: identity.clone(),
-                models: RwLock::new(HashMap::new()),
-            })
-        }))
     }
 }
 
 impl KeyEntry {
-    fn model(&self, model: &str) -> Arc<Counters> {
-        if let Some(counters) = self.models.read().get(model) {
-            return Arc::clone(counters);
-        }
-        let mut models = self.models.write();
-        Arc::clone(models.entry(model.to_owned()).or_default())
-    }
-
     fn snapshot(&self) -> KeySnapshot {
         let models: BTreeMap<String, Counts> = self
             .models
-            .read()
             .iter()
             .map(|(name, counters)| (name.clone(), counters.load()))
             .collect();
@@ -143,14 +154,37 @@ impl KeyEntry {
 
 impl Store for MemoryStore {
     fn add(&self, identity: &Identity, model: &str, counts: &Counts) {
-        let period = Arc::clone(&self.period.read());
-        period.key(identity).model(model).add(counts);
+        {
+            let period = self.period.read();
+            if let Some(counters) = period
+                .keys
+                .get(&identity.id)
+                .and_then(|key| key.models.get(model))
+            {
+                counters.add(counts);
+                return;
+            }
+        }
+        // First request of this key or model: insert under the write lock (rare).
+        let mut period = self.period.write();
+        let key = period
+            .keys
+            .entry(identity.id.clone())
+            .or_insert_with(|| KeyEntry {
+                identity: identity.clone(),
+                models: Map::default(),
+            });
+        key.models
+            .entry(model.to_owned())
+            .or_insert_with(Counters::new)
+            .add(counts);
     }
 
     fn snapshot(&self) -> Snapshot {
-        let period = Arc::clone(&self.period.read());
-        let entries: Vec<Arc<KeyEntry>> = period.keys.read().values().cloned().collect();
-        let mut keys: Vec<KeySnapshot> = entries.iter().map(|e| e.snapshot()).collect();
+        let period = self.period.read();
+        let mut keys: Vec<KeySnapshot> = period.keys.values().map(KeyEntry::snapshot).collect();
+        let since = period.since;
+        drop(period);
         keys.sort_by(|a, b| {
             b.totals
                 .cost
@@ -162,20 +196,21 @@ impl Store for MemoryStore {
             totals += &key.totals;
         }
         Snapshot {
-            since: period.since,
+            since,
             totals,
             keys,
         }
     }
 
     fn reset(&self) {
-        *self.period.write() = Arc::new(Period::new());
+        *self.period.write() = Period::new();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn concurrent_adds_are_all_counted() {
@@ -183,6 +218,7 @@ mod tests {
         let one = Counts {
             requests: 1,
             prompt_tokens: 3,
+            completion_tokens: 2,
             cost: NanoUsd(7),
             ..Counts::default()
         };
@@ -200,6 +236,7 @@ mod tests {
         let snap = store.snapshot();
         assert_eq!(snap.totals.requests, 40_000);
         assert_eq!(snap.totals.prompt_tokens, 120_000);
+        assert_eq!(snap.totals.total_tokens, 200_000);
         assert_eq!(snap.totals.cost, NanoUsd(280_000));
         assert_eq!(snap.keys.len(), 5);
     }

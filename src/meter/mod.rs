@@ -3,15 +3,15 @@
 pub mod memory;
 pub mod pricing;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::AddAssign;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use time::OffsetDateTime;
 
 use crate::key::Identity;
 use crate::usage::Usage;
-use pricing::{NanoUsd, PriceTable};
+use pricing::{NanoUsd, Price, PriceTable};
 
 /// Model name recorded when neither the response nor the request named one.
 pub const UNKNOWN_MODEL: &str = "unknown";
@@ -114,8 +114,13 @@ pub struct KeySnapshot {
 pub struct Meter {
     store: Box<dyn Store>,
     prices: PriceTable,
+    /// Model name to price as resolved the first time, so snapshot suffixes are stripped once.
+    resolved: RwLock<HashMap<String, Option<Price>, foldhash::fast::RandomState>>,
     warned_unpriced: Mutex<HashSet<String>>,
 }
+
+/// Distinct model names whose resolution is remembered; past it, names are resolved each time.
+const RESOLVED_CAP: usize = 4096;
 
 impl Meter {
     /// A meter over the given store and price table.
@@ -123,6 +128,7 @@ impl Meter {
         Self {
             store,
             prices,
+            resolved: RwLock::new(HashMap::default()),
             warned_unpriced: Mutex::new(HashSet::new()),
         }
     }
@@ -135,7 +141,7 @@ impl Meter {
     /// Prices one request and adds it to the totals; never fails.
     pub fn record(&self, record: &Record<'_>) -> Priced {
         let usage = record.usage.unwrap_or_default();
-        let priced = match self.prices.resolve(record.model) {
+        let priced = match self.price_of(record.model) {
             Some(price) => Priced {
                 cost: price.cost(&usage),
                 is_priced: true,
@@ -167,6 +173,18 @@ impl Meter {
         };
         self.store.add(record.identity, record.model, &counts);
         priced
+    }
+
+    fn price_of(&self, model: &str) -> Option<Price> {
+        if let Some(price) = self.resolved.read().get(model) {
+            return *price;
+        }
+        let price = self.prices.resolve(model).copied();
+        let mut resolved = self.resolved.write();
+        if resolved.len() < RESOLVED_CAP {
+            resolved.insert(model.to_owned(), price);
+        }
+        price
     }
 
     fn warn_unpriced(&self, model: &str) {

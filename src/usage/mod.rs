@@ -17,7 +17,8 @@
 pub mod openai_chat;
 pub mod sse;
 
-use serde_json::Value;
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 
 /// Largest token count believed for one field of one request; anything above is a bogus value.
 pub const MAX_TOKENS: u64 = 1_000_000_000;
@@ -76,31 +77,105 @@ pub struct Extracted {
     pub warnings: Vec<Warning>,
 }
 
-/// Reads a token count; records a warning and returns 0 for anything that is not a sane count.
-fn count(
-    parent: Option<&Value>,
-    key: &str,
-    field: &'static str,
-    warnings: &mut Vec<Warning>,
-) -> u64 {
-    let Some(value) = parent.and_then(|p| p.get(key)) else {
-        return 0;
-    };
-    let problem = match value {
-        Value::Null => return 0,
-        Value::Number(n) => match (n.as_u64(), n.as_f64()) {
-            (Some(v), _) if v <= MAX_TOKENS => return v,
-            (Some(_), _) => "absurdly large",
-            (None, Some(f)) if f < 0.0 => "negative",
-            (None, Some(f)) if f > 1e9 => "absurdly large",
+/// A JSON value found where a token count belongs, classified while parsing, without allocating.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Count {
+    /// Missing or `null`: counts as 0.
+    #[default]
+    Absent,
+    /// A sane count.
+    Valid(u64),
+    /// Present but unusable, and why.
+    Bogus(&'static str),
+}
+
+impl Count {
+    /// The count, or 0 with a warning naming `field` when it was bogus.
+    pub fn take(self, field: &'static str, warnings: &mut Vec<Warning>) -> u64 {
+        match self {
+            Self::Absent => 0,
+            Self::Valid(n) => n,
+            Self::Bogus(problem) => {
+                warnings.push(Warning { field, problem });
+                0
+            }
+        }
+    }
+
+    fn from_u64(v: u64) -> Self {
+        if v <= MAX_TOKENS {
+            Self::Valid(v)
+        } else {
+            Self::Bogus("absurdly large")
+        }
+    }
+
+    fn from_f64(f: f64) -> Self {
+        if f < 0.0 {
+            Self::Bogus("negative")
+        } else if f > 1e9 {
+            Self::Bogus("absurdly large")
+        } else if f.fract() == 0.0 {
             // Integral floats (`12.0`) come from servers that keep counts as doubles.
-            (None, Some(f)) if f.fract() == 0.0 => return float_count(f),
-            _ => "not a whole number",
-        },
-        _ => "not a number",
-    };
-    warnings.push(Warning { field, problem });
-    0
+            Self::Valid(float_count(f))
+        } else {
+            Self::Bogus("not a whole number")
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(CountVisitor)
+    }
+}
+
+struct CountVisitor;
+
+impl<'de> Visitor<'de> for CountVisitor {
+    type Value = Count;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a token count")
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Count, E> {
+        Ok(Count::from_u64(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Count, E> {
+        Ok(u64::try_from(v).map_or(Count::Bogus("negative"), Count::from_u64))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Count, E> {
+        Ok(Count::from_f64(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Count, E> {
+        Ok(Count::Absent)
+    }
+
+    fn visit_none<E>(self) -> Result<Count, E> {
+        Ok(Count::Absent)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Count, E> {
+        Ok(Count::Bogus("not a number"))
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Count, E> {
+        Ok(Count::Bogus("not a number"))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Count::Bogus("not a number"))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Count::Bogus("not a number"))
+    }
 }
 
 #[expect(
@@ -112,45 +187,53 @@ fn float_count(f: f64) -> u64 {
     f as u64
 }
 
-/// Reads the `model` field: a string, or nothing (with a warning for another type).
-fn model_of(value: Option<&Value>, warnings: &mut Vec<Warning>) -> Option<String> {
-    match value? {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
-        Value::Null | Value::String(_) => None,
-        _ => {
-            warnings.push(Warning {
-                field: "model",
-                problem: "not a string",
-            });
+/// Parses a borrowed JSON fragment as `T`; `None` with a warning when it has another shape.
+fn parse_raw<'a, T: Deserialize<'a>>(
+    raw: &'a RawValue,
+    field: &'static str,
+    problem: &'static str,
+    warnings: &mut Vec<Warning>,
+) -> Option<T> {
+    match serde_json::from_str(raw.get()) {
+        Ok(value) => Some(value),
+        Err(_) => {
+            warnings.push(Warning { field, problem });
             None
         }
     }
 }
 
+/// Reads the `model` field: a non-empty string, or nothing (with a warning for another type).
+fn model_of(raw: Option<&RawValue>, warnings: &mut Vec<Warning>) -> Option<String> {
+    let model: String = parse_raw(raw?, "model", "not a string", warnings)?;
+    (!model.is_empty()).then_some(model)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn counts_accept_sane_numbers_and_reject_the_rest() {
-        let v = json!({"a": 5, "b": null, "c": -3, "d": "7", "e": 1.5, "f": 1e30, "g": 12.0, "h": 2_000_000_000u64});
-        let mut w = Vec::new();
-        let got: Vec<u64> = ["a", "b", "c", "d", "e", "f", "g", "h", "missing"]
-            .iter()
-            .map(|k| count(Some(&v), k, "x", &mut w))
-            .collect();
-        assert_eq!(got, [5, 0, 0, 0, 0, 0, 12, 0, 0]);
-        let problems: Vec<&str> = w.iter().map(|w| w.problem).collect();
-        assert_eq!(
-            problems,
-            [
-                "negative",
-                "not a number",
-                "not a whole number",
-                "absurdly large",
-                "absurdly large"
-            ]
-        );
+        let cases = [
+            ("5", Count::Valid(5)),
+            ("null", Count::Absent),
+            ("-3", Count::Bogus("negative")),
+            ("\"7\"", Count::Bogus("not a number")),
+            ("1.5", Count::Bogus("not a whole number")),
+            ("1e30", Count::Bogus("absurdly large")),
+            ("12.0", Count::Valid(12)),
+            ("2000000000", Count::Bogus("absurdly large")),
+            ("18446744073709551616", Count::Bogus("absurdly large")),
+            ("[1,{\"a\":2}]", Count::Bogus("not a number")),
+            ("{\"n\":1}", Count::Bogus("not a number")),
+            ("true", Count::Bogus("not a number")),
+        ];
+        for (json, expected) in cases {
+            assert_eq!(serde_json::from_str::<Count>(json).unwrap(), expected, "{json}");
+        }
+        let mut warnings = Vec::new();
+        assert_eq!(Count::Bogus("negative").take("usage.x", &mut warnings), 0);
+        assert_eq!(warnings, [Warning { field: "usage.x", problem: "negative" }]);
     }
 }

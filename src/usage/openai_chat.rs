@@ -1,83 +1,156 @@
 //! OpenAI chat completions usage: from a plain JSON body, or from the final chunk of an SSE stream.
 
+use std::sync::LazyLock;
+
 use memchr::memmem;
 use serde::Deserialize;
-use serde_json::Value;
+use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 
-use super::{Extracted, Usage, Warning, count, model_of, sse};
+use super::{Count, Extracted, Usage, Warning, model_of, parse_raw, sse};
 
-/// The top-level fields we read; serde skips everything else without building it.
+/// Searchers built once: building one per event would cost more than the search.
+static USAGE_KEY: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+static MODEL_KEY: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"\"model\""));
+
+/// The top-level fields we read, borrowed as raw JSON; serde skips everything else without building it.
 #[derive(Deserialize)]
-struct Envelope {
-    model: Option<Value>,
-    usage: Option<Value>,
-    choices: Option<Value>,
+struct Envelope<'a> {
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow)]
+    usage: Option<&'a RawValue>,
+    #[serde(default)]
+    choices: Choices,
+}
+
+/// How many `choices` an object has, counted without building them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Choices {
+    #[default]
+    Absent,
+    Count(usize),
+    /// `choices` is not an array.
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Choices {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Counter;
+        impl<'de> Visitor<'de> for Counter {
+            type Value = Choices;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Choices, A::Error> {
+                let mut n = 0;
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    n += 1;
+                }
+                Ok(Choices::Count(n))
+            }
+            fn visit_unit<E>(self) -> Result<Choices, E> {
+                Ok(Choices::Absent)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Choices, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Choices::Other)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Choices, E> {
+                Ok(Choices::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Choices, E> {
+                Ok(Choices::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Choices, E> {
+                Ok(Choices::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Choices, E> {
+                Ok(Choices::Other)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Choices, E> {
+                Ok(Choices::Other)
+            }
+        }
+        d.deserialize_any(Counter)
+    }
+}
+
+/// OpenAI's `usage` object, every count classified as it is read.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct WireUsage<'a> {
+    prompt_tokens: Count,
+    completion_tokens: Count,
+    #[serde(borrow)]
+    prompt_tokens_details: Option<&'a RawValue>,
+    #[serde(borrow)]
+    completion_tokens_details: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct PromptDetails {
+    cached_tokens: Count,
+    cache_write_tokens: Count,
+    cache_creation_tokens: Count,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct CompletionDetails {
+    reasoning_tokens: Count,
 }
 
 /// Reads model and usage from a complete (non-streaming) response body.
 pub fn parse_body(body: &[u8]) -> Extracted {
     let mut out = Extracted::default();
-    match serde_json::from_slice::<Envelope>(body) {
-        Ok(envelope) => {
-            out.model = model_of(envelope.model.as_ref(), &mut out.warnings);
-            out.usage = envelope
-                .usage
-                .as_ref()
-                .and_then(|u| usage_from(u, &mut out.warnings));
-        }
-        Err(_) => out.warnings.push(Warning {
+    let envelope = match body.trim_ascii_start().first() {
+        Some(b'{') => serde_json::from_slice::<Envelope<'_>>(body).ok(),
+        _ => None,
+    };
+    let Some(envelope) = envelope else {
+        out.warnings.push(Warning {
             field: "body",
             problem: "not a JSON object",
-        }),
-    }
+        });
+        return out;
+    };
+    out.model = model_of(envelope.model, &mut out.warnings);
+    out.usage = envelope.usage.and_then(|u| usage_from(u, &mut out.warnings));
     out
 }
 
 /// Maps an OpenAI `usage` object to the record; `None` for `null` (and for a non-object, with a warning).
-pub fn usage_from(usage: &Value, warnings: &mut Vec<Warning>) -> Option<Usage> {
-    if usage.is_null() {
+pub fn usage_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Usage> {
+    if raw.get() == "null" {
         return None;
     }
-    if !usage.is_object() {
-        warnings.push(Warning {
-            field: "usage",
-            problem: "not an object",
-        });
-        return None;
-    }
-    let u = Some(usage);
-    let prompt = count(u, "prompt_tokens", "usage.prompt_tokens", warnings);
-    let completion = count(u, "completion_tokens", "usage.completion_tokens", warnings);
-    let details = usage.get("prompt_tokens_details");
-    let mut cached = count(
-        details,
-        "cached_tokens",
-        "usage.prompt_tokens_details.cached_tokens",
-        warnings,
-    );
-    let mut write = match details.and_then(|d| d.get("cache_write_tokens")) {
-        Some(_) => count(
-            details,
-            "cache_write_tokens",
-            "usage.prompt_tokens_details.cache_write_tokens",
-            warnings,
-        ),
-        None => count(
-            details,
-            "cache_creation_tokens",
-            "usage.prompt_tokens_details.cache_creation_tokens",
-            warnings,
-        ),
+    let w = warnings;
+    let usage: WireUsage<'_> = parse_raw(raw, "usage", "not an object", w)?;
+    let prompt = usage.prompt_tokens.take("usage.prompt_tokens", w);
+    let completion = usage.completion_tokens.take("usage.completion_tokens", w);
+    let details: PromptDetails = usage
+        .prompt_tokens_details
+        .and_then(|d| parse_raw(d, "usage.prompt_tokens_details", "not an object", w))
+        .unwrap_or_default();
+    let mut cached = details.cached_tokens.take("usage.prompt_tokens_details.cached_tokens", w);
+    let mut write = match details.cache_write_tokens {
+        Count::Absent => details
+            .cache_creation_tokens
+            .take("usage.prompt_tokens_details.cache_creation_tokens", w),
+        present => present.take("usage.prompt_tokens_details.cache_write_tokens", w),
     };
-    let mut reasoning = count(
-        usage.get("completion_tokens_details"),
-        "reasoning_tokens",
-        "usage.completion_tokens_details.reasoning_tokens",
-        warnings,
-    );
+    let completion_details: CompletionDetails = usage
+        .completion_tokens_details
+        .and_then(|d| parse_raw(d, "usage.completion_tokens_details", "not an object", w))
+        .unwrap_or_default();
+    let mut reasoning = completion_details
+        .reasoning_tokens
+        .take("usage.completion_tokens_details.reasoning_tokens", w);
     // `prompt_tokens` includes cache reads and writes; parts larger than the whole are bogus.
     if cached + write > prompt {
-        warnings.push(Warning {
+        w.push(Warning {
             field: "usage.prompt_tokens_details",
             problem: "cache tokens exceed prompt_tokens",
         });
@@ -85,7 +158,7 @@ pub fn usage_from(usage: &Value, warnings: &mut Vec<Warning>) -> Option<Usage> {
         write = write.min(prompt - cached);
     }
     if reasoning > completion {
-        warnings.push(Warning {
+        w.push(Warning {
             field: "usage.completion_tokens_details.reasoning_tokens",
             problem: "exceeds completion_tokens",
         });
@@ -122,12 +195,12 @@ impl Stream {
             return Event::Other;
         };
         if !has_usage_object(&data) {
-            if self.extracted.model.is_none() && memmem::find(&data, b"\"model\"").is_some() {
+            if self.extracted.model.is_none() && MODEL_KEY.find(&data).is_some() {
                 self.read_model(&data);
             }
             return Event::Other;
         }
-        let Ok(chunk) = serde_json::from_slice::<Envelope>(&data) else {
+        let Ok(chunk) = serde_json::from_slice::<Envelope<'_>>(&data) else {
             self.extracted.warnings.push(Warning {
                 field: "usage chunk",
                 problem: "not a JSON object",
@@ -135,32 +208,28 @@ impl Stream {
             return Event::Other;
         };
         let out = &mut self.extracted;
-        if let Some(model) = model_of(chunk.model.as_ref(), &mut out.warnings) {
+        if let Some(model) = model_of(chunk.model, &mut out.warnings) {
             out.model = Some(model);
         }
-        let Some(usage) = chunk
-            .usage
-            .as_ref()
-            .and_then(|u| usage_from(u, &mut out.warnings))
-        else {
+        let Some(usage) = chunk.usage.and_then(|u| usage_from(u, &mut out.warnings)) else {
             return Event::Other;
         };
         // Some servers repeat a running total in every chunk: the last one is the whole.
         out.usage = Some(usage);
         match chunk.choices {
-            None => Event::UsageOnly,
-            Some(Value::Array(choices)) if choices.is_empty() => Event::UsageOnly,
-            Some(_) => Event::Other,
+            Choices::Absent | Choices::Count(0) => Event::UsageOnly,
+            Choices::Count(_) | Choices::Other => Event::Other,
         }
     }
 
     fn read_model(&mut self, data: &[u8]) {
         #[derive(Deserialize)]
-        struct ModelOnly {
-            model: Option<Value>,
+        struct ModelOnly<'a> {
+            #[serde(borrow)]
+            model: Option<&'a RawValue>,
         }
-        if let Ok(chunk) = serde_json::from_slice::<ModelOnly>(data) {
-            self.extracted.model = model_of(chunk.model.as_ref(), &mut self.extracted.warnings);
+        if let Ok(chunk) = serde_json::from_slice::<ModelOnly<'_>>(data) {
+            self.extracted.model = model_of(chunk.model, &mut self.extracted.warnings);
         }
     }
 
@@ -172,7 +241,7 @@ impl Stream {
 
 /// True when the data has a `"usage"` key whose value is an object (not `null`), found without parsing.
 fn has_usage_object(data: &[u8]) -> bool {
-    memmem::find_iter(data, b"\"usage\"").any(|at| {
+    USAGE_KEY.find_iter(data).any(|at| {
         let rest = data[at + 7..].trim_ascii_start();
         rest.strip_prefix(b":")
             .is_some_and(|v| v.trim_ascii_start().first() == Some(&b'{'))

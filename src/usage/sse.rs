@@ -103,7 +103,10 @@ fn is_blank(line: &[u8]) -> bool {
 /// The event's data: its `data:` lines' values joined by `\n`, or `None` when it has none.
 pub fn data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
     let mut found: Option<Cow<'_, [u8]>> = None;
-    for line in event.split(|b| *b == b'\n') {
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', event).chain(std::iter::once(event.len())) {
+        let line = &event[start..end];
+        start = end + 1;
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let Some(rest) = line.strip_prefix(b"data") else {
             continue;
