@@ -14,6 +14,8 @@ use crate::meter::pricing::{Price, PriceTable};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Default upstream, written as clients write it (`/v1` included).
 pub const DEFAULT_UPSTREAM: &str = "https://api.openai.com/v1";
+/// Most threads one instance may run.
+pub const MAX_THREADS: usize = 256;
 /// The file read when it exists in the working directory and no other is named.
 pub const DEFAULT_CONFIG_FILE: &str = "proxy.toml";
 /// Default request body limit: 32 MiB holds any realistic prompt, images included.
@@ -31,6 +33,8 @@ pub mod env {
     pub const ADMIN_TOKEN: &str = "LLM_METER_ADMIN_TOKEN";
     /// `text` or `json`.
     pub const LOG_FORMAT: &str = "LLM_METER_LOG_FORMAT";
+    /// Threads serving requests.
+    pub const THREADS: &str = "LLM_METER_THREADS";
 }
 
 /// A configuration problem, naming where it is and what is wrong, on one line.
@@ -72,6 +76,7 @@ struct FileConfig {
     upstream: Option<String>,
     admin_token: Option<String>,
     log_format: Option<String>,
+    threads: Option<usize>,
     max_body_bytes: Option<u64>,
     connect_timeout: Option<String>,
     response_timeout: Option<String>,
@@ -102,6 +107,8 @@ pub struct Flags {
     pub upstream: Option<String>,
     /// `--log-format`.
     pub log_format: Option<String>,
+    /// `--threads`.
+    pub threads: Option<String>,
 }
 
 /// Log line format.
@@ -182,6 +189,8 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Threads serving requests: 1 runs everything on one thread (no cross-thread hand-offs).
+    pub threads: usize,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
     /// Time allowed to open a connection to the upstream.
@@ -286,6 +295,25 @@ impl Config {
             }
         };
 
+        let file_threads = file.threads.map(|n| n.to_string());
+        let (threads, from) = layer.pick(
+            flags.threads.as_deref(),
+            env::THREADS,
+            file_threads.as_deref(),
+            "1",
+        );
+        let threads = threads
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_THREADS).contains(n))
+            .ok_or_else(|| {
+                invalid(
+                    "threads",
+                    &from,
+                    format!("expected a whole number from 1 to {MAX_THREADS}, got {threads:?}"),
+                )
+            })?;
+
         let admin_token = env
             .get(env::ADMIN_TOKEN)
             .cloned()
@@ -326,6 +354,7 @@ impl Config {
             upstream,
             admin_token,
             log_format,
+            threads,
             max_body_bytes,
             connect_timeout,
             response_timeout,

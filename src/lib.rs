@@ -12,6 +12,8 @@
 //! 5. `meter` prices the record in integer nano-dollars and adds it to per-key, per-model totals.
 //! 6. `api` shows the totals (`/stats`), resets them, and answers `/healthz`.
 //!
+//! `logs` writes one line per request through a batching writer.
+//!
 //! The client never waits for metering, and the full key is never stored, logged or shown.
 
 pub mod api;
@@ -20,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod key;
+pub mod logs;
 pub mod meter;
 pub mod proxy;
 pub mod usage;

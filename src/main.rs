@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use llm_meter::cli::{Cli, Command};
-use llm_meter::config::{Config, LogFormat};
+use llm_meter::config::Config;
 use llm_meter::{AppState, api};
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -51,11 +50,14 @@ fn llm_meter_env() -> HashMap<String, String> {
 }
 
 fn serve(config: Config) -> ExitCode {
-    let _log_guard = init_tracing(config.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let _log_guard = match llm_meter::logs::init(config.log_format) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("llm-meter: cannot start the log writer: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match runtime(config.threads) {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("llm-meter: cannot start the async runtime: {err}");
@@ -112,20 +114,17 @@ fn healthcheck(config: &Config) -> ExitCode {
     }
 }
 
-/// Logs go to stderr through a background writer, so a slow terminal never slows a request.
-fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stderr());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.with_ansi(false).init(),
+/// One thread: a current-thread runtime, where a request never changes threads. More: a
+/// work-stealing runtime with that many workers.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
     }
-    guard
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM (docker stop).

@@ -107,6 +107,7 @@ fn start_proxy(upstream: SocketAddr) -> Process {
     let mut command = Command::new(env!("CARGO_BIN_EXE_llm-meter"));
     command
         .args(["--listen", "127.0.0.1:0", "--upstream", &format!("http://{upstream}/v1")])
+        .args(std::env::var("BENCH_PROXY_ARGS").unwrap_or_default().split_whitespace())
         .current_dir(std::env::temp_dir())
         .env("RUST_LOG", std::env::var("BENCH_PROXY_LOG").unwrap_or_else(|_| "info".to_owned()));
     spawn(command, |line| line.split("http://").nth(1)?.split(',').next()?.parse().ok())
