@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
@@ -83,21 +83,33 @@ impl Extraction {
     }
 }
 
+/// Most bytes of already-arrived stream data merged into one write to the client.
+const BATCH_LIMIT: usize = 64 * 1024;
+
+
 /// The response body handed to the client.
 pub struct Tap {
     inner: Incoming,
     extraction: Extraction,
-    /// Events ready for the client (filtering mode only).
+    /// Stream bytes ready for the client: events (filtering) or raw chunks.
     ready: VecDeque<Bytes>,
+    ready_len: usize,
     exchange: Option<Exchange>,
     is_ended: bool,
+    /// An SSE stream: whatever has already arrived goes out in one write.
+    is_stream: bool,
     /// The output is re-framed, so the upstream's length no longer applies.
     is_filtering: bool,
+    /// An upstream failure to report once the data before it has gone out.
+    failure: Option<BoxError>,
+    trailers: Option<Frame<Bytes>>,
     idle_timeout: Duration,
     last_activity: Instant,
     /// Armed lazily and re-armed only when it fires, so a busy stream costs no timer work per chunk.
     idle: Option<Pin<Box<Sleep>>>,
 }
+
+type PollFrame = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
 
 impl Tap {
     /// Wraps an upstream body; `exchange` is completed (recorded and logged) when the body finishes.
@@ -109,63 +121,169 @@ impl Tap {
     ) -> Self {
         Self {
             inner,
+            is_stream: matches!(extraction, Extraction::Stream { .. }),
             is_filtering: extraction.is_filtering(),
             extraction,
             ready: VecDeque::new(),
+            ready_len: 0,
             exchange: Some(exchange),
             is_ended: false,
+            failure: None,
+            trailers: None,
             idle_timeout,
             last_activity: Instant::now(),
             idle: None,
         }
     }
 
-    /// Takes one data chunk; returns what goes to the client now (in filtering mode, events go to `ready`).
-    fn on_data(&mut self, data: Bytes) -> Option<Bytes> {
-        match &mut self.extraction {
-            Extraction::None | Extraction::GaveUp(_) => Some(data),
-            Extraction::Body { chunks, len } => {
-                *len += data.len();
-                if *len <= BODY_CAP {
-                    chunks.push(data.clone());
-                } else {
-                    tracing::warn!(cap = BODY_CAP, "response body too large to read usage from");
-                    self.extraction = Extraction::GaveUp(Extracted::default());
+    /// Plain bodies: each upstream frame goes on as it is, a clone kept for the extractor.
+    fn poll_plain(&mut self, cx: &mut Context<'_>) -> PollFrame {
+        if self.is_ended {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Pending => self.poll_idle(cx),
+            Poll::Ready(Some(Ok(frame))) => {
+                self.last_activity = Instant::now();
+                if let Some(data) = frame.data_ref() {
+                    self.keep_for_extraction(data);
                 }
-                Some(data)
+                Poll::Ready(Some(Ok(frame)))
             }
-            Extraction::Stream {
-                framer,
-                chat,
-                strip_usage_chunk,
-            } => {
-                let ready = &mut self.ready;
-                let strip = *strip_usage_chunk;
-                let fed = framer.feed(&data, |event| {
-                    let kind = chat.on_event(&event);
-                    if strip && kind != openai_chat::Event::UsageOnly {
-                        ready.push_back(event);
-                    }
-                });
-                if fed.is_err() {
-                    tracing::warn!(
-                        cap = sse::DEFAULT_EVENT_CAP,
-                        "SSE event too large: usage of this stream is not read"
-                    );
-                    if strip {
-                        ready.push_back(framer.take_rest());
-                    }
-                    let so_far = std::mem::replace(&mut self.extraction, Extraction::None).finish();
-                    self.extraction = Extraction::GaveUp(so_far);
-                    return (!strip).then_some(data);
-                }
-                (!strip).then_some(data)
+            Poll::Ready(Some(Err(err))) => {
+                self.finish(Outcome::UpstreamFailed);
+                Poll::Ready(Some(Err(err.into())))
+            }
+            Poll::Ready(None) => {
+                self.is_ended = true;
+                self.finish(Outcome::Complete);
+                Poll::Ready(None)
             }
         }
     }
 
-    /// Finishes at end of stream: hands a filtering stream's unfinished tail on, then records.
-    fn on_end(&mut self) {
+    fn keep_for_extraction(&mut self, data: &Bytes) {
+        if let Extraction::Body { chunks, len } = &mut self.extraction {
+            *len += data.len();
+            if *len <= BODY_CAP {
+                chunks.push(data.clone());
+            } else {
+                tracing::warn!(cap = BODY_CAP, "response body too large to read usage from");
+                self.extraction = Extraction::GaveUp(Extracted::default());
+            }
+        }
+    }
+
+    /// Streams: take in everything the upstream has already sent, then hand it on in one frame.
+    /// Only what has arrived is merged, so no event waits for another; the client gets one write
+    /// where the upstream's chunks would have cost one each.
+    /// In particular the events of one upstream chunk leave together, however many they are.
+    fn poll_stream(&mut self, cx: &mut Context<'_>) -> PollFrame {
+        let mut is_waiting = false;
+        while !self.is_ended
+            && self.failure.is_none()
+            && self.trailers.is_none()
+            && self.ready_len < BATCH_LIMIT
+        {
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Pending => {
+                    is_waiting = true;
+                    break;
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    self.last_activity = Instant::now();
+                    match frame.into_data() {
+                        Ok(data) => self.on_stream_data(data),
+                        Err(trailers) => self.trailers = Some(trailers),
+                    }
+                }
+                Poll::Ready(Some(Err(err))) => {
+                    self.finish(Outcome::UpstreamFailed);
+                    self.failure = Some(err.into());
+                }
+                Poll::Ready(None) => self.on_stream_end(),
+            }
+        }
+        if let Some(batch) = self.take_ready() {
+            return Poll::Ready(Some(Ok(Frame::data(batch))));
+        }
+        if let Some(err) = self.failure.take() {
+            return Poll::Ready(Some(Err(err)));
+        }
+        if let Some(trailers) = self.trailers.take() {
+            return Poll::Ready(Some(Ok(trailers)));
+        }
+        if self.is_ended {
+            return Poll::Ready(None);
+        }
+        debug_assert!(is_waiting, "the loop only stops early with something to return");
+        self.poll_idle(cx)
+    }
+
+    /// Frames one chunk of a stream: events go to `ready` (all but a hidden usage chunk when
+    /// filtering; the raw chunk otherwise).
+    fn on_stream_data(&mut self, data: Bytes) {
+        let Extraction::Stream {
+            framer,
+            chat,
+            strip_usage_chunk,
+        } = &mut self.extraction
+        else {
+            // Gave up on extraction: pass through.
+            self.push_ready(data);
+            return;
+        };
+        let strip = *strip_usage_chunk;
+        let (ready, ready_len) = (&mut self.ready, &mut self.ready_len);
+        let fed = framer.feed(&data, |event| {
+            let kind = chat.on_event(&event);
+            if strip && kind != openai_chat::Event::UsageOnly {
+                *ready_len += event.len();
+                ready.push_back(event);
+            }
+        });
+        if fed.is_err() {
+            tracing::warn!(
+                cap = sse::DEFAULT_EVENT_CAP,
+                "SSE event too large: usage of this stream is not read"
+            );
+            let rest = framer.take_rest();
+            let so_far = std::mem::replace(&mut self.extraction, Extraction::None).finish();
+            self.extraction = Extraction::GaveUp(so_far);
+            if strip {
+                self.push_ready(rest);
+                return;
+            }
+        }
+        if !strip {
+            self.push_ready(data);
+        }
+    }
+
+    fn push_ready(&mut self, bytes: Bytes) {
+        self.ready_len += bytes.len();
+        self.ready.push_back(bytes);
+    }
+
+    /// Everything ready, as one frame: the chunk itself when there is one, else a joined copy.
+    fn take_ready(&mut self) -> Option<Bytes> {
+        let batch = match self.ready.len() {
+            0 => return None,
+            1 => self.ready.pop_front()?,
+            _ => {
+                let mut joined = BytesMut::with_capacity(self.ready_len);
+                for part in self.ready.drain(..) {
+                    joined.extend_from_slice(&part);
+                }
+                joined.freeze()
+            }
+        };
+        self.ready_len = 0;
+        Some(batch)
+    }
+
+    /// At the end of a stream: hand a filtering stream's unfinished tail on, then record.
+    fn on_stream_end(&mut self) {
         if let Extraction::Stream {
             framer,
             strip_usage_chunk: true,
@@ -173,7 +291,8 @@ impl Tap {
         } = &mut self.extraction
         {
             if !framer.is_empty() {
-                self.ready.push_back(framer.take_rest());
+                let rest = framer.take_rest();
+                self.push_ready(rest);
             }
         }
         self.is_ended = true;
@@ -188,7 +307,7 @@ impl Tap {
     }
 
     /// Upstream has nothing new: wait, unless it has been silent for the whole idle timeout.
-    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> PollFrame {
         loop {
             let deadline = self.last_activity + self.idle_timeout;
             let sleep = self
@@ -214,43 +333,18 @@ impl Body for Tap {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> PollFrame {
         let this = self.get_mut();
-        loop {
-            if let Some(event) = this.ready.pop_front() {
-                return Poll::Ready(Some(Ok(Frame::data(event))));
-            }
-            if this.is_ended {
-                return Poll::Ready(None);
-            }
-            match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Pending => return this.poll_idle(cx),
-                Poll::Ready(Some(Ok(frame))) => {
-                    this.last_activity = Instant::now();
-                    match frame.into_data() {
-                        Ok(data) => {
-                            if let Some(out) = this.on_data(data) {
-                                return Poll::Ready(Some(Ok(Frame::data(out))));
-                            }
-                        }
-                        Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
-                    }
-                }
-                Poll::Ready(Some(Err(err))) => {
-                    this.finish(Outcome::UpstreamFailed);
-                    return Poll::Ready(Some(Err(err.into())));
-                }
-                Poll::Ready(None) => this.on_end(),
-            }
+        if this.is_stream {
+            this.poll_stream(cx)
+        } else {
+            this.poll_plain(cx)
         }
     }
 
     fn is_end_stream(&self) -> bool {
         // Report the end only once it has been seen, so the record is made before the client is done.
-        self.is_ended && self.ready.is_empty()
+        self.is_ended && self.ready.is_empty() && self.failure.is_none() && self.trailers.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
