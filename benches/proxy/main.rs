@@ -103,8 +103,25 @@ fn start_child(args: &[&str]) -> Process {
     spawn(command, |line| line.trim().parse().ok())
 }
 
-fn start_proxy(upstream: SocketAddr) -> Process {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_llm-meter"));
+/// Builds the proxy exactly as users do (`cargo build --release`), in a target folder of its own:
+/// the copy cargo builds for benchmarks carries dev-dependency features (tokio's test clock among
+/// them) that a user's build does not have.
+fn build_proxy() -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = root.join("target").join("bench-proxy");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "--quiet", "--bin", "llm-meter", "--target-dir"])
+        .arg(&target)
+        .current_dir(root)
+        .status()
+        .expect("cargo build");
+    assert!(status.success(), "building the proxy failed");
+    target.join("release").join("llm-meter")
+}
+
+fn start_proxy(binary: &std::path::Path, upstream: SocketAddr) -> Process {
+    let mut command = Command::new(binary);
     command
         .args(["--listen", "127.0.0.1:0", "--upstream", &format!("http://{upstream}/v1")])
         .args(std::env::var("BENCH_PROXY_ARGS").unwrap_or_default().split_whitespace())
@@ -229,9 +246,10 @@ fn measured(rounds: &[Round], cpu: (Duration, u64)) -> Measured {
 }
 
 async fn orchestrate(options: &Options) {
+    let binary = build_proxy();
     let mock = start_child(&["--mock"]);
     let floor = start_child(&["--floor", &mock.addr.to_string()]);
-    let proxy = start_proxy(mock.addr);
+    let proxy = start_proxy(&binary, mock.addr);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let idle_rss = memory_mb(proxy.pid(), "VmRSS");
     let mut checked = 0u64;

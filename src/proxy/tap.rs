@@ -308,23 +308,24 @@ impl Tap {
 
     /// Upstream has nothing new: wait, unless it has been silent for the whole idle timeout.
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> PollFrame {
+        let first_deadline = self.last_activity + self.idle_timeout;
+        let sleep = self
+            .idle
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(first_deadline)));
         loop {
-            let deadline = self.last_activity + self.idle_timeout;
-            let sleep = self
-                .idle
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-            if sleep.deadline() < deadline {
-                sleep.as_mut().reset(deadline);
-            }
             ready!(sleep.as_mut().poll(cx));
-            if Instant::now() >= self.last_activity + self.idle_timeout {
-                self.finish(Outcome::UpstreamFailed);
-                let err = format!(
-                    "upstream sent nothing for {} (idle_timeout)",
-                    humantime::format_duration(self.idle_timeout)
-                );
-                return Poll::Ready(Some(Err(err.into())));
+            // The timer is only moved when it fires: data since it was set means it fired early.
+            let deadline = self.last_activity + self.idle_timeout;
+            if Instant::now() < deadline {
+                sleep.as_mut().reset(deadline);
+                continue;
             }
+            self.finish(Outcome::UpstreamFailed);
+            let err = format!(
+                "upstream sent nothing for {} (idle_timeout)",
+                humantime::format_duration(self.idle_timeout)
+            );
+            return Poll::Ready(Some(Err(err.into())));
         }
     }
 }
