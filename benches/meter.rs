@@ -29,7 +29,9 @@ fn record_path(c: &mut Criterion) {
     let meter = Meter::in_memory(PriceTable::builtin());
     let identity = Identity::from_key(b"sk-proj-bench-0123456789abcdefghij");
     let mut group = c.benchmark_group("record");
-    group.bench_function("single thread", |b| b.iter(|| record(&meter, &identity, "gpt-4o-mini-2024-07-18")));
+    group.bench_function("single thread", |b| {
+        b.iter(|| record(&meter, &identity, "gpt-4o-mini-2024-07-18"))
+    });
     group.bench_function("two threads, same key and model", |b| {
         b.iter_custom(|iterations| contended(&meter, &identity, iterations, true));
     });
@@ -46,7 +48,9 @@ fn contended(meter: &Meter, identity: &Identity, iterations: u64, same_key: bool
     std::thread::scope(|s| {
         s.spawn(|| (0..iterations).for_each(|_| record(meter, identity, "gpt-4o-mini-2024-07-18")));
         let second = if same_key { identity } else { &other };
-        s.spawn(move || (0..iterations).for_each(|_| record(meter, second, "gpt-4o-mini-2024-07-18")));
+        s.spawn(move || {
+            (0..iterations).for_each(|_| record(meter, second, "gpt-4o-mini-2024-07-18"))
+        });
     });
     started.elapsed()
 }

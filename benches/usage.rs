@@ -22,7 +22,11 @@ fn sse_extraction(c: &mut Criterion) {
     let fixture = stream_fixture(200);
     let mut group = c.benchmark_group("sse");
     group.throughput(Throughput::Bytes(fixture.len() as u64));
-    for (name, chunk) in [("event-sized chunks", 0usize), ("64-byte chunks", 64), ("one chunk", usize::MAX)] {
+    for (name, chunk) in [
+        ("event-sized chunks", 0usize),
+        ("64-byte chunks", 64),
+        ("one chunk", usize::MAX),
+    ] {
         let chunks: Vec<Bytes> = match chunk {
             0 => fixture
                 .split_inclusive(|b| *b == b'\n')
@@ -59,7 +63,9 @@ fn plain_extraction(c: &mut Criterion) {
     let body = br#"{"id":"chatcmpl-1","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":"A short answer of about twenty tokens, as an agent loop usually gets back.","refusal":null},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":57,"completion_tokens":21,"total_tokens":78,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0}},"system_fingerprint":"fp"}"#;
     let mut group = c.benchmark_group("plain");
     group.throughput(Throughput::Bytes(body.len() as u64));
-    group.bench_function("chat completion body", |b| b.iter(|| openai_chat::parse_body(body)));
+    group.bench_function("chat completion body", |b| {
+        b.iter(|| openai_chat::parse_body(body))
+    });
     group.finish();
 }
 

@@ -578,6 +578,33 @@ mod tests {
     }
 
     #[test]
+    fn threads_come_from_any_layer_and_must_be_positive() {
+        assert_eq!(load(None, &[], &Flags::default()).unwrap().threads, 1);
+        assert_eq!(
+            load(Some("threads = 4"), &[], &Flags::default())
+                .unwrap()
+                .threads,
+            4
+        );
+        assert_eq!(
+            load(
+                Some("threads = 4"),
+                &[(env::THREADS, "2")],
+                &Flags::default()
+            )
+            .unwrap()
+            .threads,
+            2
+        );
+        for bad in ["0", "-1", "many", "100000"] {
+            let err = load(None, &[(env::THREADS, bad)], &Flags::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("`threads`"), "{err}");
+        }
+    }
+
+    #[test]
     fn upstream_base_path_loses_trailing_slash() {
         let u = Upstream::parse("http://127.0.0.1:9000/api/v1/").unwrap();
         assert_eq!(u.base_path, "/api/v1");

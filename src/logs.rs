@@ -115,7 +115,10 @@ fn drain(shared: &Shared, mut out: impl Write) {
         // Nothing to do if stderr is gone; the proxy goes on.
         let _ = out.write_all(&batch);
         if dropped > 0 {
-            let _ = writeln!(out, "llm-meter: {dropped} log lines dropped while the log output was blocked");
+            let _ = writeln!(
+                out,
+                "llm-meter: {dropped} log lines dropped while the log output was blocked"
+            );
         }
         let _ = out.flush();
         batch.clear();

@@ -6,12 +6,14 @@ use std::path::Path;
 use llm_meter::config::{Config, Flags};
 
 fn shipped() -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml")).expect("proxy.toml at the root")
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml"))
+        .expect("proxy.toml at the root")
 }
 
 #[test]
 fn shipped_file_is_valid_as_is() {
-    let config = Config::from_layers(Some(&shipped()), None, &HashMap::new(), &Flags::default()).unwrap();
+    let config =
+        Config::from_layers(Some(&shipped()), None, &HashMap::new(), &Flags::default()).unwrap();
     assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
 }
 
@@ -20,19 +22,43 @@ fn every_commented_example_is_valid_when_uncommented() {
     let uncommented: String = shipped()
         .lines()
         .map(|line| match line.strip_prefix("# ") {
-            Some(rest) if rest.starts_with('[') || rest.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')) => rest,
+            Some(rest)
+                if rest.starts_with('[')
+                    || rest
+                        .split_once(" = ")
+                        .is_some_and(|(k, _)| !k.contains(' ')) =>
+            {
+                rest
+            }
             _ => line,
         })
         .collect::<Vec<_>>()
         .join("\n");
     for field in [
-        "listen", "upstream", "admin_token", "log_format", "max_body_bytes", "connect_timeout",
-        "response_timeout", "idle_timeout", "shutdown_grace", "input_per_million", "output_per_million",
-        "cached_input_per_million", "cache_write_per_million",
+        "listen",
+        "upstream",
+        "admin_token",
+        "log_format",
+        "threads",
+        "max_body_bytes",
+        "connect_timeout",
+        "response_timeout",
+        "idle_timeout",
+        "shutdown_grace",
+        "input_per_million",
+        "output_per_million",
+        "cached_input_per_million",
+        "cache_write_per_million",
     ] {
-        assert!(uncommented.lines().any(|l| l.starts_with(&format!("{field} = "))), "{field} is not documented");
+        assert!(
+            uncommented
+                .lines()
+                .any(|l| l.starts_with(&format!("{field} = "))),
+            "{field} is not documented"
+        );
     }
-    let config = Config::from_layers(Some(&uncommented), None, &HashMap::new(), &Flags::default()).unwrap();
+    let config =
+        Config::from_layers(Some(&uncommented), None, &HashMap::new(), &Flags::default()).unwrap();
     assert_eq!(config.admin_token.unwrap().expose(), "change-me");
     assert!(config.prices.resolve("my-fine-tune").is_some());
 }

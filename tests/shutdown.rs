@@ -35,8 +35,15 @@ async fn in_flight_streams_finish_after_the_shutdown_signal() {
     while let Some(chunk) = response.chunk().await.unwrap() {
         rest.extend_from_slice(&chunk);
     }
-    assert!(String::from_utf8(rest).unwrap().ends_with("data: [DONE]\n\n"));
-    tokio::time::timeout(Duration::from_secs(5), stopping).await.unwrap().unwrap();
+    assert!(
+        String::from_utf8(rest)
+            .unwrap()
+            .ends_with("data: [DONE]\n\n")
+    );
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(meter.snapshot().totals.completion_tokens, 3);
 }
 
@@ -48,6 +55,8 @@ async fn shutdown_does_not_wait_past_the_grace_period() {
     response.chunk().await.unwrap();
 
     let started = std::time::Instant::now();
-    tokio::time::timeout(Duration::from_secs(5), proxy.stop()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), proxy.stop())
+        .await
+        .unwrap();
     assert!(started.elapsed() >= Duration::from_millis(300));
 }

@@ -16,9 +16,12 @@ use tokio::net::TcpListener;
 pub async fn serve(listener: TcpListener, upstream: SocketAddr) {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new()).build(connector);
+    let client: Client<HttpConnector, Incoming> =
+        Client::builder(TokioExecutor::new()).build(connector);
     loop {
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let client = client.clone();
         tokio::spawn(async move {
@@ -26,13 +29,19 @@ pub async fn serve(listener: TcpListener, upstream: SocketAddr) {
                 let client = client.clone();
                 async move {
                     let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
-                    let uri = format!("http://{upstream}{path}").parse().expect("upstream URI");
+                    let uri = format!("http://{upstream}{path}")
+                        .parse()
+                        .expect("upstream URI");
                     *request.uri_mut() = uri;
                     let response = match client.request(request).await {
                         Ok(response) => response.map(BodyExt::boxed),
                         Err(_) => Response::builder()
                             .status(502)
-                            .body(Empty::new().map_err(|never: Infallible| match never {}).boxed())
+                            .body(
+                                Empty::new()
+                                    .map_err(|never: Infallible| match never {})
+                                    .boxed(),
+                            )
                             .expect("response"),
                     };
                     Ok::<_, Infallible>(response)

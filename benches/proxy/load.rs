@@ -64,7 +64,9 @@ impl Round {
 type Sender = SendRequest<Full<Bytes>>;
 
 async fn connect(addr: SocketAddr) -> Sender {
-    let tcp = TcpStream::connect(addr).await.expect("connect to the target");
+    let tcp = TcpStream::connect(addr)
+        .await
+        .expect("connect to the target");
     tcp.set_nodelay(true).expect("nodelay");
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
@@ -74,10 +76,18 @@ async fn connect(addr: SocketAddr) -> Sender {
 }
 
 /// Sends one request; returns the latency from `start` and whether the answer was right.
-async fn exchange(sender: &mut Sender, shape: &Shape, start: Instant, measure: Measure) -> (Duration, bool) {
+async fn exchange(
+    sender: &mut Sender,
+    shape: &Shape,
+    start: Instant,
+    measure: Measure,
+) -> (Duration, bool) {
     let request = Request::post("/v1/chat/completions")
         .header(header::HOST, "bench")
-        .header(header::AUTHORIZATION, "Bearer sk-bench-0123456789abcdefghijklmnop")
+        .header(
+            header::AUTHORIZATION,
+            "Bearer sk-bench-0123456789abcdefghijklmnop",
+        )
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(shape.body.clone()))
         .expect("request");
@@ -92,7 +102,9 @@ async fn exchange(sender: &mut Sender, shape: &Shape, start: Instant, measure: M
     let mut bytes = Vec::new();
     let mut first_byte = None;
     while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else { return (start.elapsed(), false) };
+        let Ok(frame) = frame else {
+            return (start.elapsed(), false);
+        };
         if let Ok(data) = frame.into_data() {
             if first_byte.is_none() && !data.is_empty() {
                 first_byte = Some(start.elapsed());
@@ -120,14 +132,26 @@ fn answer_is_right(body: &[u8], is_stream: bool) -> bool {
 }
 
 /// Runs one round against `addr` for `duration`.
-pub async fn round(addr: SocketAddr, shape: &Shape, mode: Mode, measure: Measure, duration: Duration) -> Round {
+pub async fn round(
+    addr: SocketAddr,
+    shape: &Shape,
+    mode: Mode,
+    measure: Measure,
+    duration: Duration,
+) -> Round {
     match mode {
         Mode::Closed { concurrency } => closed(addr, shape, concurrency, measure, duration).await,
         Mode::Rate { per_second } => rate(addr, shape, per_second, measure, duration).await,
     }
 }
 
-async fn closed(addr: SocketAddr, shape: &Shape, concurrency: usize, measure: Measure, duration: Duration) -> Round {
+async fn closed(
+    addr: SocketAddr,
+    shape: &Shape,
+    concurrency: usize,
+    measure: Measure,
+    duration: Duration,
+) -> Round {
     let mut senders = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
         senders.push(connect(addr).await);
@@ -163,10 +187,17 @@ async fn closed(addr: SocketAddr, shape: &Shape, concurrency: usize, measure: Me
     total
 }
 
-async fn rate(addr: SocketAddr, shape: &Shape, per_second: u32, measure: Measure, duration: Duration) -> Round {
+async fn rate(
+    addr: SocketAddr,
+    shape: &Shape,
+    per_second: u32,
+    measure: Measure,
+    duration: Duration,
+) -> Round {
     let idle: Arc<Mutex<Vec<Sender>>> = Arc::new(Mutex::new(Vec::new()));
     for _ in 0..4 {
-        idle.lock().push(connect(addr).await);
+        let sender = connect(addr).await;
+        idle.lock().push(sender);
     }
     let results = Arc::new(Mutex::new(Round::default()));
     let interval = Duration::from_secs_f64(1.0 / f64::from(per_second));
@@ -214,6 +245,11 @@ pub async fn get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
         .body(Full::new(Bytes::new()))
         .expect("request");
     let response = sender.send_request(request).await.expect("stats answer");
-    let body = response.into_body().collect().await.expect("stats body").to_bytes();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("stats body")
+        .to_bytes();
     serde_json::from_slice(&body).expect("stats JSON")
 }

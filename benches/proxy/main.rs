@@ -24,10 +24,17 @@ struct Options {
 
 fn options() -> Options {
     let args: Vec<String> = std::env::args().collect();
-    let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     Options {
         rounds: value("--rounds").and_then(|v| v.parse().ok()).unwrap_or(3),
-        seconds: value("--seconds").and_then(|v| v.parse().ok()).unwrap_or(2.0),
+        seconds: value("--seconds")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2.0),
         soak_seconds: value("--soak").and_then(|v| v.parse().ok()).unwrap_or(0),
         only: value("--only").map(|v| v.split(',').map(str::to_owned).collect()),
     }
@@ -36,10 +43,16 @@ fn options() -> Options {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--mock") {
-        return serve_child(|listener| mock::serve(listener));
+        return serve_child(mock::serve);
     }
-    if let Some(upstream) = args.iter().position(|a| a == "--floor").and_then(|i| args.get(i + 1)) {
-        let upstream: SocketAddr = upstream.parse().expect("--floor takes the upstream address");
+    if let Some(upstream) = args
+        .iter()
+        .position(|a| a == "--floor")
+        .and_then(|i| args.get(i + 1))
+    {
+        let upstream: SocketAddr = upstream
+            .parse()
+            .expect("--floor takes the upstream address");
         return serve_child(move |listener| floor::serve(listener, upstream));
     }
     let options = options();
@@ -52,13 +65,17 @@ fn main() {
 }
 
 /// Runs a server of the benchmark's own (mock or floor) in this child process.
-fn serve_child<F: std::future::Future<Output = ()>>(server: impl FnOnce(tokio::net::TcpListener) -> F) {
+fn serve_child<F: std::future::Future<Output = ()>>(
+    server: impl FnOnce(tokio::net::TcpListener) -> F,
+) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         println!("{}", listener.local_addr().expect("addr"));
         server(listener).await;
     });
@@ -111,7 +128,14 @@ fn build_proxy() -> std::path::PathBuf {
     let target = root.join("target").join("bench-proxy");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let status = Command::new(cargo)
-        .args(["build", "--release", "--quiet", "--bin", "llm-meter", "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "--bin",
+            "llm-meter",
+            "--target-dir",
+        ])
         .arg(&target)
         .current_dir(root)
         .status()
@@ -123,18 +147,43 @@ fn build_proxy() -> std::path::PathBuf {
 fn start_proxy(binary: &std::path::Path, upstream: SocketAddr) -> Process {
     let mut command = Command::new(binary);
     command
-        .args(["--listen", "127.0.0.1:0", "--upstream", &format!("http://{upstream}/v1")])
-        .args(std::env::var("BENCH_PROXY_ARGS").unwrap_or_default().split_whitespace())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &format!("http://{upstream}/v1"),
+        ])
+        .args(
+            std::env::var("BENCH_PROXY_ARGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
         .current_dir(std::env::temp_dir())
-        .env("RUST_LOG", std::env::var("BENCH_PROXY_LOG").unwrap_or_else(|_| "info".to_owned()));
-    spawn(command, |line| line.split("http://").nth(1)?.split(',').next()?.parse().ok())
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_PROXY_LOG").unwrap_or_else(|_| "info".to_owned()),
+        );
+    spawn(command, |line| {
+        line.split("http://")
+            .nth(1)?
+            .split(',')
+            .next()?
+            .parse()
+            .ok()
+    })
 }
 
 /// CPU time (user + system) of a process so far.
 fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(") ").map(|(_, rest)| rest.split(' ').collect()).unwrap_or_default();
-    let ticks: u64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<u64>().ok()).sum();
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split(' ').collect())
+        .unwrap_or_default();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
     Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second())
 }
 
@@ -152,7 +201,15 @@ fn memory_mb(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix(field)?.trim_start_matches(':').trim().strip_suffix(" kB")?.trim().parse::<f64>().ok())
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim_start_matches(':')
+                .trim()
+                .strip_suffix(" kB")?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
@@ -170,7 +227,9 @@ struct Scenario {
 }
 
 fn chat_body(prompt_bytes: usize, stream: bool) -> Bytes {
-    let skeleton = format!(r#"{{"model":"gpt-4o-mini","stream":{stream},"messages":[{{"role":"user","content":""}}]}}"#);
+    let skeleton = format!(
+        r#"{{"model":"gpt-4o-mini","stream":{stream},"messages":[{{"role":"user","content":""}}]}}"#
+    );
     let filler = "lorem ipsum dolor sit amet ".repeat(prompt_bytes / 27 + 1);
     let content = &filler[..prompt_bytes.saturating_sub(skeleton.len())];
     Bytes::from(format!(
@@ -179,17 +238,62 @@ fn chat_body(prompt_bytes: usize, stream: bool) -> Bytes {
 }
 
 fn scenarios() -> Vec<Scenario> {
-    let small = Shape { body: chat_body(300, false), is_stream: false };
-    let large = Shape { body: chat_body(100 * 1024, false), is_stream: false };
-    let stream = Shape { body: chat_body(300, true), is_stream: true };
+    let small = Shape {
+        body: chat_body(300, false),
+        is_stream: false,
+    };
+    let large = Shape {
+        body: chat_body(100 * 1024, false),
+        is_stream: false,
+    };
+    let stream = Shape {
+        body: chat_body(300, true),
+        is_stream: true,
+    };
     let closed = Mode::Closed { concurrency: 16 };
     vec![
-        Scenario { name: "S1", what: "small body (~300 B), c=16", shape: small.clone(), mode: closed, measure: Measure::Total },
-        Scenario { name: "S2", what: "100 KB prompt body, c=16", shape: large, mode: closed, measure: Measure::Total },
-        Scenario { name: "S3", what: "stream of 20 chunks, c=16", shape: stream.clone(), mode: closed, measure: Measure::Total },
-        Scenario { name: "S4", what: "fixed 200 req/s", shape: small.clone(), mode: Mode::Rate { per_second: 200 }, measure: Measure::Total },
-        Scenario { name: "S5", what: "fixed 20 req/s", shape: small, mode: Mode::Rate { per_second: 20 }, measure: Measure::Total },
-        Scenario { name: "S6", what: "stream at 20 req/s, first byte", shape: stream, mode: Mode::Rate { per_second: 20 }, measure: Measure::FirstByte },
+        Scenario {
+            name: "S1",
+            what: "small body (~300 B), c=16",
+            shape: small.clone(),
+            mode: closed,
+            measure: Measure::Total,
+        },
+        Scenario {
+            name: "S2",
+            what: "100 KB prompt body, c=16",
+            shape: large,
+            mode: closed,
+            measure: Measure::Total,
+        },
+        Scenario {
+            name: "S3",
+            what: "stream of 20 chunks, c=16",
+            shape: stream.clone(),
+            mode: closed,
+            measure: Measure::Total,
+        },
+        Scenario {
+            name: "S4",
+            what: "fixed 200 req/s",
+            shape: small.clone(),
+            mode: Mode::Rate { per_second: 200 },
+            measure: Measure::Total,
+        },
+        Scenario {
+            name: "S5",
+            what: "fixed 20 req/s",
+            shape: small,
+            mode: Mode::Rate { per_second: 20 },
+            measure: Measure::Total,
+        },
+        Scenario {
+            name: "S6",
+            what: "stream at 20 req/s, first byte",
+            shape: stream,
+            mode: Mode::Rate { per_second: 20 },
+            measure: Measure::FirstByte,
+        },
     ]
 }
 
@@ -231,10 +335,21 @@ async fn measure(
     cpu: &mut (Duration, u64),
 ) {
     let before = cpu_time(target.pid());
-    let round = load::round(target.addr, &scenario.shape, scenario.mode, scenario.measure, duration).await;
+    let round = load::round(
+        target.addr,
+        &scenario.shape,
+        scenario.mode,
+        scenario.measure,
+        duration,
+    )
+    .await;
     cpu.0 += cpu_time(target.pid()) - before;
     cpu.1 += round.ok;
-    assert_eq!(round.failed, 0, "{}: {} wrong answers", scenario.name, round.failed);
+    assert_eq!(
+        round.failed, 0,
+        "{}: {} wrong answers",
+        scenario.name, round.failed
+    );
     rounds.push(round);
 }
 
@@ -254,21 +369,43 @@ async fn orchestrate(options: &Options) {
     let idle_rss = memory_mb(proxy.pid(), "VmRSS");
     let mut checked = 0u64;
 
-    println!("llm-meter load benchmark: {} rounds of {} s per target and scenario, medians", options.rounds, options.seconds);
-    println!("machine: {} cores, {}", std::thread::available_parallelism().map_or(0, usize::from), cpu_model());
-    println!("targets: direct to the mock; floor = bare hyper pass-through (no metering, no logs); llm-meter (metering and request logs on)");
+    println!(
+        "llm-meter load benchmark: {} rounds of {} s per target and scenario, medians",
+        options.rounds, options.seconds
+    );
+    println!(
+        "machine: {} cores, {}",
+        std::thread::available_parallelism().map_or(0, usize::from),
+        cpu_model()
+    );
+    println!(
+        "targets: direct to the mock; floor = bare hyper pass-through (no metering, no logs); llm-meter (metering and request logs on)"
+    );
     println!();
-    println!("| scenario | direct req/s | floor req/s (ratio) | llm-meter req/s (ratio) | direct p50 / p99 ms | added p50 / p99 ms, floor | added p50 / p99 ms, llm-meter | CPU/req floor | CPU/req llm-meter | llm-meter peak RSS |");
+    println!(
+        "| scenario | direct req/s | floor req/s (ratio) | llm-meter req/s (ratio) | direct p50 / p99 ms | added p50 / p99 ms, floor | added p50 / p99 ms, llm-meter | CPU/req floor | CPU/req llm-meter | llm-meter peak RSS |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let duration = Duration::from_secs_f64(options.seconds);
     for scenario in scenarios() {
-        if options.only.as_ref().is_some_and(|only| !only.iter().any(|n| n == scenario.name)) {
+        if options
+            .only
+            .as_ref()
+            .is_some_and(|only| !only.iter().any(|n| n == scenario.name))
+        {
             continue;
         }
         // Warm every path (connections, caches, pools).
         let warm = Duration::from_millis(300);
         for target in [&mock, &floor, &proxy] {
-            let warmed = load::round(target.addr, &scenario.shape, scenario.mode, scenario.measure, warm).await;
+            let warmed = load::round(
+                target.addr,
+                &scenario.shape,
+                scenario.mode,
+                scenario.measure,
+                warm,
+            )
+            .await;
             if std::ptr::eq(target, &proxy) {
                 checked += warmed.ok + warmed.failed;
             }
@@ -291,19 +428,44 @@ async fn orchestrate(options: &Options) {
         let (d, f, p) = (&d.summary, &f, &p);
         let peak = memory_mb(proxy.pid(), "VmHWM");
         let throughput = |m: &Measured| match scenario.mode {
-            Mode::Closed { .. } => format!("{:.0} ({:.2})", m.summary.per_second, m.summary.per_second / d.per_second),
+            Mode::Closed { .. } => format!(
+                "{:.0} ({:.2})",
+                m.summary.per_second,
+                m.summary.per_second / d.per_second
+            ),
             Mode::Rate { .. } => format!("{:.0}", m.summary.per_second),
         };
-        let added = |m: &Measured| format!("{:+.3} / {:+.3}", m.summary.p50 - d.p50, m.summary.p99 - d.p99);
+        let added = |m: &Measured| {
+            format!(
+                "{:+.3} / {:+.3}",
+                m.summary.p50 - d.p50,
+                m.summary.p99 - d.p99
+            )
+        };
         println!(
             "| {} {} | {:.0} | {} | {} | {:.3} / {:.3} | {} | {} | {:.3} ms | {:.3} ms | {:.1} MB |",
-            scenario.name, scenario.what, d.per_second, throughput(f), throughput(p), d.p50, d.p99,
-            added(f), added(p), f.cpu_per_request_ms, p.cpu_per_request_ms, peak
+            scenario.name,
+            scenario.what,
+            d.per_second,
+            throughput(f),
+            throughput(p),
+            d.p50,
+            d.p99,
+            added(f),
+            added(p),
+            f.cpu_per_request_ms,
+            p.cpu_per_request_ms,
+            peak
         );
     }
     println!();
-    println!("llm-meter RSS: {idle_rss:.1} MB idle at start, {:.1} MB idle after the load", memory_mb(proxy.pid(), "VmRSS"));
-    println!("checked: every answer (status 200, usage present, streams complete and unchanged) and /stats = {checked} requests");
+    println!(
+        "llm-meter RSS: {idle_rss:.1} MB idle at start, {:.1} MB idle after the load",
+        memory_mb(proxy.pid(), "VmRSS")
+    );
+    println!(
+        "checked: every answer (status 200, usage present, streams complete and unchanged) and /stats = {checked} requests"
+    );
     if options.soak_seconds > 0 {
         soak(&proxy, options.soak_seconds).await;
     }
@@ -314,17 +476,38 @@ async fn check_stats(proxy: SocketAddr, expected: u64, scenario: &str) {
     let stats = load::get_json(proxy, "/stats").await;
     let requests = stats["totals"]["requests"].as_u64().unwrap_or(0);
     let completion = stats["totals"]["completion_tokens"].as_u64().unwrap_or(0);
-    assert_eq!(requests, expected, "{scenario}: /stats counted {requests} requests, {expected} were sent");
-    assert_eq!(completion, expected * mock::COMPLETION_TOKENS, "{scenario}: /stats completion tokens");
-    assert_eq!(stats["totals"]["errors"].as_u64(), Some(0), "{scenario}: errors in /stats");
+    assert_eq!(
+        requests, expected,
+        "{scenario}: /stats counted {requests} requests, {expected} were sent"
+    );
+    assert_eq!(
+        completion,
+        expected * mock::COMPLETION_TOKENS,
+        "{scenario}: /stats completion tokens"
+    );
+    assert_eq!(
+        stats["totals"]["errors"].as_u64(),
+        Some(0),
+        "{scenario}: errors in /stats"
+    );
 }
 
 async fn soak(proxy: &Process, seconds: u64) {
-    let shape = Shape { body: chat_body(300, false), is_stream: false };
+    let shape = Shape {
+        body: chat_body(300, false),
+        is_stream: false,
+    };
     let started = Instant::now();
     let mut samples = Vec::new();
     while started.elapsed() < Duration::from_secs(seconds) {
-        let round = load::round(proxy.addr, &shape, Mode::Closed { concurrency: 16 }, Measure::Total, Duration::from_secs(5)).await;
+        let round = load::round(
+            proxy.addr,
+            &shape,
+            Mode::Closed { concurrency: 16 },
+            Measure::Total,
+            Duration::from_secs(5),
+        )
+        .await;
         assert_eq!(round.failed, 0);
         samples.push(memory_mb(proxy.pid(), "VmRSS"));
     }
@@ -341,6 +524,10 @@ fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, v)| v.trim().to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split_once(':')
+                .map(|(_, v)| v.trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown CPU".to_owned())
 }

@@ -22,7 +22,9 @@ pub async fn serve(listener: TcpListener) {
     let plain = Bytes::from(plain_body());
     let (stream_with_usage, stream_without) = (stream_events(true), stream_events(false));
     loop {
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let plain = plain.clone();
         let (with, without) = (stream_with_usage.clone(), stream_without.clone());
@@ -39,8 +41,18 @@ pub async fn serve(listener: TcpListener) {
     }
 }
 
-async fn answer(request: Request<Incoming>, plain: Bytes, with: Vec<Bytes>, without: Vec<Bytes>) -> Response<Body> {
-    let body = request.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+async fn answer(
+    request: Request<Incoming>,
+    plain: Bytes,
+    with: Vec<Bytes>,
+    without: Vec<Bytes>,
+) -> Response<Body> {
+    let body = request
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     let is_stream = memchr::memmem::find(&body, b"\"stream\":true").is_some();
     if !is_stream {
         return Response::builder()
@@ -50,7 +62,11 @@ async fn answer(request: Request<Incoming>, plain: Bytes, with: Vec<Bytes>, with
     }
     let wants_usage = memchr::memmem::find(&body, b"\"include_usage\":true").is_some();
     let events = if wants_usage { with } else { without };
-    let frames = futures_util::stream::iter(events.into_iter().map(|e| Ok::<_, Infallible>(Frame::data(e))));
+    let frames = futures_util::stream::iter(
+        events
+            .into_iter()
+            .map(|e| Ok::<_, Infallible>(Frame::data(e))),
+    );
     Response::builder()
         .header("content-type", "text/event-stream")
         .body(StreamBody::new(frames).boxed())

@@ -81,7 +81,8 @@ impl Counters {
         s.prompt_tokens.fetch_add(c.prompt_tokens, Relaxed);
         s.completion_tokens.fetch_add(c.completion_tokens, Relaxed);
         s.cached_tokens.fetch_add(c.cached_tokens, Relaxed);
-        s.cache_write_tokens.fetch_add(c.cache_write_tokens, Relaxed);
+        s.cache_write_tokens
+            .fetch_add(c.cache_write_tokens, Relaxed);
         s.reasoning_tokens.fetch_add(c.reasoning_tokens, Relaxed);
         s.cost_nano_usd.fetch_add(c.cost.0, Relaxed);
         s.unpriced_requests.fetch_add(c.unpriced_requests, Relaxed);

@@ -86,7 +86,6 @@ impl Extraction {
 /// Most bytes of already-arrived stream data merged into one write to the client.
 const BATCH_LIMIT: usize = 64 * 1024;
 
-
 /// The response body handed to the client.
 pub struct Tap {
     inner: Incoming,
@@ -216,7 +215,10 @@ impl Tap {
         if self.is_ended {
             return Poll::Ready(None);
         }
-        debug_assert!(is_waiting, "the loop only stops early with something to return");
+        debug_assert!(
+            is_waiting,
+            "the loop only stops early with something to return"
+        );
         self.poll_idle(cx)
     }
 

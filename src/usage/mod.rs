@@ -230,10 +230,20 @@ mod tests {
             ("true", Count::Bogus("not a number")),
         ];
         for (json, expected) in cases {
-            assert_eq!(serde_json::from_str::<Count>(json).unwrap(), expected, "{json}");
+            assert_eq!(
+                serde_json::from_str::<Count>(json).unwrap(),
+                expected,
+                "{json}"
+            );
         }
         let mut warnings = Vec::new();
         assert_eq!(Count::Bogus("negative").take("usage.x", &mut warnings), 0);
-        assert_eq!(warnings, [Warning { field: "usage.x", problem: "negative" }]);
+        assert_eq!(
+            warnings,
+            [Warning {
+                field: "usage.x",
+                problem: "negative"
+            }]
+        );
     }
 }

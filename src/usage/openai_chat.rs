@@ -10,8 +10,10 @@ use serde_json::value::RawValue;
 use super::{Count, Extracted, Usage, Warning, model_of, parse_raw, sse};
 
 /// Searchers built once: building one per event would cost more than the search.
-static USAGE_KEY: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
-static MODEL_KEY: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"\"model\""));
+static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+static MODEL_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"model\""));
 
 /// The top-level fields we read, borrowed as raw JSON; serde skips everything else without building it.
 #[derive(Deserialize)]
@@ -52,7 +54,10 @@ impl<'de> Deserialize<'de> for Choices {
             fn visit_unit<E>(self) -> Result<Choices, E> {
                 Ok(Choices::Absent)
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Choices, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Choices, A::Error> {
                 while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
                 Ok(Choices::Other)
             }
@@ -117,7 +122,9 @@ pub fn parse_body(body: &[u8]) -> Extracted {
         return out;
     };
     out.model = model_of(envelope.model, &mut out.warnings);
-    out.usage = envelope.usage.and_then(|u| usage_from(u, &mut out.warnings));
+    out.usage = envelope
+        .usage
+        .and_then(|u| usage_from(u, &mut out.warnings));
     out
 }
 
@@ -134,7 +141,9 @@ pub fn usage_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Usage> 
         .prompt_tokens_details
         .and_then(|d| parse_raw(d, "usage.prompt_tokens_details", "not an object", w))
         .unwrap_or_default();
-    let mut cached = details.cached_tokens.take("usage.prompt_tokens_details.cached_tokens", w);
+    let mut cached = details
+        .cached_tokens
+        .take("usage.prompt_tokens_details.cached_tokens", w);
     let mut write = match details.cache_write_tokens {
         Count::Absent => details
             .cache_creation_tokens
