@@ -85,15 +85,7 @@ async fn other_routes_pass_through_unmetered() {
         Mock::start(|r: &Received| Reply::json(200, &json!({"object": "list", "path": r.path})))
             .await;
     let proxy = Proxy::start(&mock.url()).await;
-    let models: Value = proxy
-        .client
-        .get(proxy.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = proxy.get_json("/v1/models").await;
     assert_eq!(models["path"], "/v1/models");
     let response = proxy
         .client
@@ -147,11 +139,8 @@ async fn upstream_base_path_is_kept() {
     let mock = Mock::openai().await;
     let proxy = Proxy::start(&format!("http://{}/api/v1/", mock.addr)).await;
     proxy
-        .chat("sk-base", &chat_request("gpt-4o", false))
-        .await
-        .bytes()
-        .await
-        .unwrap();
+        .chat_through("sk-base", &chat_request("gpt-4o", false))
+        .await;
     assert_eq!(mock.last().path, "/api/v1/chat/completions");
 }
 
@@ -182,11 +171,8 @@ async fn request_model_is_used_when_the_response_names_none() {
     .await;
     let proxy = Proxy::start(&mock.url()).await;
     proxy
-        .chat("sk-model", &chat_request("gpt-4.1-mini", false))
-        .await
-        .bytes()
-        .await
-        .unwrap();
+        .chat_through("sk-model", &chat_request("gpt-4.1-mini", false))
+        .await;
     let stats = proxy.stats_after(1).await;
     assert_eq!(
         stats["keys"][0]["models"]["gpt-4.1-mini"]["prompt_tokens"],

@@ -18,27 +18,13 @@ async fn the_full_key_never_appears_in_stats() {
     let mock = Mock::openai().await;
     let proxy = Proxy::start(&mock.url()).await;
     proxy
-        .chat(SECRET, &chat_request("gpt-4o", false))
-        .await
-        .bytes()
-        .await
-        .unwrap();
+        .chat_through(SECRET, &chat_request("gpt-4o", false))
+        .await;
     proxy
-        .chat(SECRET, &chat_request("gpt-4o", true))
-        .await
-        .bytes()
-        .await
-        .unwrap();
+        .chat_through(SECRET, &chat_request("gpt-4o", true))
+        .await;
     let stats = proxy.stats_after(2).await.to_string();
-    let text = proxy
-        .client
-        .get(proxy.url("/stats?format=text"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.get_text("/stats?format=text").await;
     for view in [&stats, &text] {
         assert!(!view.contains(secret_middle()), "{view}");
         assert!(view.contains("sk-proj-…6789"), "{view}");

@@ -23,11 +23,8 @@ async fn configured_price_gives_the_worked_costs() {
     let mock = Mock::start(fixed_usage(1_000_000, 1_000_000)).await;
     let proxy = Proxy::start_with(&mock.url(), PRICES).await;
     proxy
-        .chat("sk-price", &chat_request("house-model", false))
-        .await
-        .bytes()
-        .await
-        .unwrap();
+        .chat_through("sk-price", &chat_request("house-model", false))
+        .await;
     let stats = proxy.stats_after(1).await;
     assert_eq!(stats["totals"]["cost_usd"], 18.0);
     assert_eq!(stats["totals"]["cost_nano_usd"], 18_000_000_000u64);
@@ -35,11 +32,8 @@ async fn configured_price_gives_the_worked_costs() {
     let mock = Mock::start(fixed_usage(1_000, 200)).await;
     let proxy = Proxy::start_with(&mock.url(), PRICES).await;
     proxy
-        .chat("sk-price", &chat_request("house-model", false))
-        .await
-        .bytes()
-        .await
-        .unwrap();
+        .chat_through("sk-price", &chat_request("house-model", false))
+        .await;
     let stats = proxy.stats_after(1).await;
     assert_eq!(stats["totals"]["cost_usd"], 0.006);
 }
@@ -54,11 +48,8 @@ async fn cached_tokens_are_billed_at_the_cached_price() {
     .await;
     let proxy = Proxy::start_with(&mock.url(), PRICES).await;
     proxy
-        .chat("sk-cache", &chat_request("house-model", false))
-        .await
-        .bytes()
-        .await
-        .unwrap();
+        .chat_through("sk-cache", &chat_request("house-model", false))
+        .await;
     let stats = proxy.stats_after(1).await;
     // 200 x $3/M + 800 x $0.30/M = $0.00084
     assert_eq!(stats["totals"]["cost_nano_usd"], 840_000);
@@ -71,11 +62,8 @@ async fn dated_snapshots_are_priced_as_their_base_model() {
     let mock = Mock::start(fixed_usage(1_000_000, 0)).await;
     let proxy = Proxy::start(&mock.url()).await;
     proxy
-        .chat("sk-snap", &chat_request("gpt-4o-2024-08-06", false))
-        .await
-        .bytes()
-        .await
-        .unwrap();
+        .chat_through("sk-snap", &chat_request("gpt-4o-2024-08-06", false))
+        .await;
     let stats = proxy.stats_after(1).await;
     assert_eq!(stats["totals"]["cost_usd"], 2.5);
     assert_eq!(
@@ -90,11 +78,8 @@ async fn unpriced_models_count_tokens_and_are_flagged_not_free() {
     let proxy = Proxy::start(&mock.url()).await;
     for _ in 0..2 {
         proxy
-            .chat("sk-unpriced", &chat_request("my-local-llama", false))
-            .await
-            .bytes()
-            .await
-            .unwrap();
+            .chat_through("sk-unpriced", &chat_request("my-local-llama", false))
+            .await;
     }
     let stats = proxy.stats_after(2).await;
     let entry = &stats["keys"][0]["models"]["my-local-llama"];
@@ -102,14 +87,6 @@ async fn unpriced_models_count_tokens_and_are_flagged_not_free() {
     assert_eq!(entry["cost_usd"], 0.0);
     assert_eq!(entry["unpriced_requests"], 2);
     assert_eq!(stats["totals"]["unpriced_requests"], 2);
-    let text = proxy
-        .client
-        .get(proxy.url("/stats?format=text"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.get_text("/stats?format=text").await;
     assert!(text.contains("(+2 unpriced requests)"), "{text}");
 }

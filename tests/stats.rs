@@ -15,32 +15,23 @@ async fn stats_json_has_totals_keys_and_models() {
     assert!(time_is_rfc3339(&fresh["since"]));
 
     proxy
-        .chat(
+        .chat_through(
             "sk-alpha-00000000000000000001",
             &chat_request("gpt-4o", false),
         )
-        .await
-        .bytes()
-        .await
-        .unwrap();
+        .await;
     proxy
-        .chat(
+        .chat_through(
             "sk-alpha-00000000000000000001",
             &chat_request("gpt-4o-mini", true),
         )
-        .await
-        .bytes()
-        .await
-        .unwrap();
+        .await;
     proxy
-        .chat(
+        .chat_through(
             "sk-beta-000000000000000000002",
             &chat_request("gpt-4o", false),
         )
-        .await
-        .bytes()
-        .await
-        .unwrap();
+        .await;
     let stats = proxy.stats_after(3).await;
 
     assert_eq!(stats["totals"]["requests"], 3);
@@ -92,22 +83,11 @@ async fn stats_text_has_one_line_per_key_and_the_totals() {
     let proxy = Proxy::start(&mock.url()).await;
     for key in ["sk-text-one-000000000000000", "sk-text-two-000000000000000"] {
         proxy
-            .chat(key, &chat_request("gpt-4o", false))
-            .await
-            .bytes()
-            .await
-            .unwrap();
+            .chat_through(key, &chat_request("gpt-4o", false))
+            .await;
     }
     proxy.stats_after(2).await;
-    let text = proxy
-        .client
-        .get(proxy.url("/stats?format=text"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.get_text("/stats?format=text").await;
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
     for line in &lines[..2] {
@@ -138,11 +118,8 @@ async fn reset_zeroes_the_totals_and_returns_the_closed_period() {
     let mock = Mock::openai().await;
     let proxy = Proxy::start(&mock.url()).await;
     proxy
-        .chat("sk-reset", &chat_request("gpt-4o", false))
-        .await
-        .bytes()
-        .await
-        .unwrap();
+        .chat_through("sk-reset", &chat_request("gpt-4o", false))
+        .await;
     let before = proxy.stats_after(1).await;
 
     let closed: Value = proxy
@@ -166,11 +143,8 @@ async fn reset_requires_the_admin_token_when_one_is_configured() {
     let mock = Mock::openai().await;
     let proxy = Proxy::start_with(&mock.url(), "admin_token = \"admin-secret-token\"").await;
     proxy
-        .chat("sk-guarded", &chat_request("gpt-4o", false))
-        .await
-        .bytes()
-        .await
-        .unwrap();
+        .chat_through("sk-guarded", &chat_request("gpt-4o", false))
+        .await;
     proxy.stats_after(1).await;
 
     for auth in [

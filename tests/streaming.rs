@@ -54,7 +54,7 @@ async fn client_that_asked_for_usage_gets_the_stream_byte_for_byte() {
     let mut body = chat_request("gpt-4o", true);
     body["stream_options"] = json!({"include_usage": true});
 
-    let via_proxy = proxy.chat("sk-asked", &body).await.bytes().await.unwrap();
+    let via_proxy = proxy.chat_through("sk-asked", &body).await;
     let sent_upstream = mock.last().body;
     let direct = common::client()
         .post(format!("{}/chat/completions", mock.url()))

@@ -353,15 +353,37 @@ impl Proxy {
             .unwrap()
     }
 
-    pub async fn stats(&self) -> Value {
+    /// POSTs a chat completion and reads the whole answer.
+    pub async fn chat_through(&self, key: &str, body: &Value) -> Bytes {
+        self.chat(key, body).await.bytes().await.unwrap()
+    }
+
+    /// GETs one of the proxy's paths as text.
+    pub async fn get_text(&self, path: &str) -> String {
         self.client
-            .get(self.url("/stats"))
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// GETs one of the proxy's paths as JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.client
+            .get(self.url(path))
             .send()
             .await
             .unwrap()
             .json()
             .await
             .unwrap()
+    }
+
+    pub async fn stats(&self) -> Value {
+        self.get_json("/stats").await
     }
 
     /// Polls /stats until `totals.requests` reaches `n` (recording happens as the body ends,
