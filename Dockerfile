@@ -8,9 +8,11 @@ WORKDIR /src
 # Dependencies first, against stub sources: this layer is rebuilt only when Cargo.toml or
 # Cargo.lock change, not on every source edit.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+# The benchmark targets named in Cargo.toml must exist for cargo to read it; stubs will do.
+RUN mkdir -p src benches/proxy \
     && echo 'fn main() {}' > src/main.rs \
     && echo '//! stub' > src/lib.rs \
+    && for b in benches/proxy/main.rs benches/usage.rs benches/meter.rs; do echo 'fn main() {}' > "$b"; done \
     && cargo build --release --locked \
     && rm -rf src target/release/.fingerprint/llm-meter-* target/release/deps/llm_meter-* target/release/deps/libllm_meter-*
 

@@ -55,6 +55,8 @@ impl Exchange {
         }
         let duration_ms = millis(self.started.elapsed());
         let upstream_ms = millis(self.upstream_latency);
+        let is_error = !self.status.is_success() || outcome == Outcome::UpstreamFailed;
+        let is_whole = outcome == Outcome::Complete;
         let outcome = match outcome {
             Outcome::Complete => "complete",
             Outcome::UpstreamFailed => "upstream_failed",
@@ -69,8 +71,7 @@ impl Exchange {
             .as_deref()
             .or(self.request_model.as_deref())
             .unwrap_or(UNKNOWN_MODEL);
-        let is_error = !self.status.is_success() || outcome == "upstream_failed";
-        if extracted.usage.is_none() && !is_error && outcome == "complete" {
+        if extracted.usage.is_none() && !is_error && is_whole {
             tracing::warn!(
                 key_id,
                 model,
