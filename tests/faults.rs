@@ -271,3 +271,42 @@ async fn invalid_json_requests_are_forwarded_untouched() {
     );
     assert_eq!(proxy.stats_after(1).await["totals"]["errors"], 1);
 }
+
+#[tokio::test]
+async fn a_client_leaving_before_the_answer_is_still_counted_and_not_an_error() {
+    let mock = Mock::start(|_| Reply::Hang).await;
+    let proxy = Proxy::start(&mock.url()).await;
+    let gave_up = proxy
+        .client
+        .post(proxy.url("/v1/chat/completions"))
+        .bearer_auth("sk-impatient")
+        .json(&chat_request("gpt-4o", false))
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    assert!(gave_up.is_err());
+    // The upstream got the request and may bill it: it is counted, with its model.
+    let stats = proxy.stats_after(1).await;
+    let entry = Proxy::model_of(&stats, &key_id("sk-impatient"), "gpt-4o");
+    assert_eq!(entry["requests"], 1);
+    assert_eq!(entry["errors"], 0);
+    assert_eq!(mock.received().len(), 1);
+}
+
+#[tokio::test]
+async fn an_https_upstream_that_fails_the_tls_handshake_gives_502() {
+    // The mock speaks plain HTTP, so rustls's handshake with it fails.
+    let mock = Mock::openai().await;
+    let proxy = Proxy::start(&format!("https://{}/v1", mock.addr)).await;
+    let response = proxy.chat("sk-tls", &chat_request("gpt-4o", false)).await;
+    assert_eq!(response.status(), 502);
+    let body = error_body(response).await;
+    assert_eq!(body["error"]["code"], "upstream_unreachable");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("https://"),
+        "{body}"
+    );
+}

@@ -39,11 +39,18 @@ pub struct Exchange {
     started: Instant,
     upstream_latency: Duration,
     error: Option<String>,
+    is_done: bool,
 }
+
+/// Status logged for a request whose client left before any response (nginx's convention).
+const CLIENT_CLOSED: u16 = 499;
 
 impl Exchange {
     /// Records the request (metered routes) and writes its one log line.
-    pub fn complete(self, extracted: &Extracted, outcome: Outcome) {
+    pub fn complete(&mut self, extracted: &Extracted, outcome: Outcome) {
+        if std::mem::replace(&mut self.is_done, true) {
+            return;
+        }
         let key_id = self.identity.id.as_str();
         for warning in &extracted.warnings {
             tracing::warn!(
@@ -55,7 +62,8 @@ impl Exchange {
         }
         let duration_ms = millis(self.started.elapsed());
         let upstream_ms = millis(self.upstream_latency);
-        let is_error = !self.status.is_success() || outcome == Outcome::UpstreamFailed;
+        let is_error = outcome == Outcome::UpstreamFailed
+            || !(self.status.is_success() || self.status.as_u16() == CLIENT_CLOSED);
         let is_whole = outcome == Outcome::Complete;
         let outcome = match outcome {
             Outcome::Complete => "complete",
@@ -106,6 +114,14 @@ impl Exchange {
     }
 }
 
+/// A request whose handler is dropped before any response (the client left while the upstream
+/// was still answering) is still recorded: the provider may bill it.
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.complete(&Extracted::default(), Outcome::ClientGone);
+    }
+}
+
 fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -123,10 +139,11 @@ pub async fn forward(State(state): State<AppState>, request: Request) -> Respons
         path: key::redact_path(&parts.uri),
         request_model: None,
         is_streaming: false,
-        status: StatusCode::OK,
+        status: StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
         started: Instant::now(),
         upstream_latency: Duration::ZERO,
         error: None,
+        is_done: false,
     };
     match send(&state, parts, body, &mut exchange).await {
         Ok((parts, incoming, extraction)) => {

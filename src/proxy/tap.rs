@@ -302,7 +302,7 @@ impl Tap {
     }
 
     fn finish(&mut self, outcome: Outcome) {
-        if let Some(exchange) = self.exchange.take() {
+        if let Some(mut exchange) = self.exchange.take() {
             let extraction = std::mem::replace(&mut self.extraction, Extraction::None);
             exchange.complete(&extraction.finish(), outcome);
         }
