@@ -123,7 +123,10 @@ impl Drop for Exchange {
 }
 
 /// Milliseconds to the microsecond, so logs show `0.085`, not `0.08509000000000001`.
-#[expect(clippy::cast_precision_loss, reason = "durations under 2^52 µs are exact")]
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "durations under 2^52 µs are exact"
+)]
 fn millis(d: Duration) -> f64 {
     d.as_micros() as f64 / 1000.0
 }
