@@ -199,7 +199,7 @@ async fn startup_line_then_sigterm_prints_the_totals() {
     assert!(ok);
     assert_eq!(
         stdout.trim_end(),
-        "llm-meter stopped. 1 requests, 0 errors | tokens: 11 in + 3 out | cost: $0.0001"
+        "llm-meter stopped. 1 requests, 0 errors | tokens: 11 in + 3 out | cost: $0.0000575"
     );
 }
 

@@ -21,8 +21,13 @@ impl NanoUsd {
 }
 
 impl fmt::Display for NanoUsd {
-    /// `$1.2345`: dollars with four decimals, rounded half up.
+    /// `$1.2345`: dollars with four decimals, rounded half up; amounts under $0.0001 are shown
+    /// exactly (`$0.00002115`), so a small cost never reads as free.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if (1..100_000).contains(&self.0) {
+            let digits = format!("{:09}", self.0);
+            return write!(f, "$0.{}", digits.trim_end_matches('0'));
+        }
         let tenths_of_cents = (self.0 + 50_000) / 100_000;
         write!(
             f,
@@ -289,5 +294,9 @@ mod tests {
         assert_eq!(NanoUsd(12_200_000).to_string(), "$0.0122");
         assert_eq!(NanoUsd(0).to_string(), "$0.0000");
         assert_eq!(NanoUsd(1_234_567_890_123).to_string(), "$1234.5679");
+        assert_eq!(NanoUsd(21_150).to_string(), "$0.00002115");
+        assert_eq!(NanoUsd(1).to_string(), "$0.000000001");
+        assert_eq!(NanoUsd(99_999).to_string(), "$0.000099999");
+        assert_eq!(NanoUsd(100_000).to_string(), "$0.0001");
     }
 }
