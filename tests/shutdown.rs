@@ -30,6 +30,7 @@ async fn in_flight_streams_finish_after_the_shutdown_signal() {
     let first = response.chunk().await.unwrap().unwrap();
     let meter = std::sync::Arc::clone(&proxy.state.meter);
 
+    #[expect(clippy::disallowed_methods, reason = "owned: awaited below")]
     let stopping = tokio::spawn(proxy.stop());
     let mut rest = first.to_vec();
     while let Some(chunk) = response.chunk().await.unwrap() {

@@ -3,6 +3,13 @@
 //!
 //! `cargo bench --bench proxy` runs every scenario; `-- --rounds 5 --seconds 3 --soak 60` tunes it.
 
+// The benchmark's own servers and load driver run until the process ends: detached
+// connection tasks are what they are made of.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "benchmark processes own no graceful shutdown"
+)]
+
 mod floor;
 mod load;
 mod mock;

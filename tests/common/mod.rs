@@ -131,6 +131,10 @@ impl Mock {
             async move { serve(request, &script, &log).await }
         });
         let (tx, rx) = oneshot::channel::<()>();
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "the mock lives until its Mock is dropped, which closes the shutdown channel"
+        )]
         tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
@@ -326,6 +330,10 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let state = AppState::new(config).unwrap();
         let (tx, rx) = oneshot::channel::<()>();
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "owned: the handle is awaited in stop()"
+        )]
         let task = tokio::spawn(run(listener, state.clone(), async move {
             let _ = rx.await;
         }));
