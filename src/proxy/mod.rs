@@ -225,7 +225,7 @@ async fn send(
                 humantime::format_duration(config.response_timeout)
             ),
         })?
-        .map_err(|e| upstream::classify_error(&e, &config.upstream, config))?;
+        .map_err(|e| upstream::classify_error(&e, config))?;
     exchange.upstream_latency = sent.elapsed();
 
     let (mut parts, incoming) = response.into_parts();

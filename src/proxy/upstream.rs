@@ -92,11 +92,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Maps a failed upstream exchange to our error: 413 for our body limit, 504 for timeouts, else 502.
-pub fn classify_error(
-    err: &hyper_util::client::legacy::Error,
-    upstream: &Upstream,
-    config: &Config,
-) -> ProxyError {
+pub fn classify_error(err: &hyper_util::client::legacy::Error, config: &Config) -> ProxyError {
+    let upstream = &config.upstream;
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(cause) = source {
         if cause.is::<http_body_util::LengthLimitError>() {
