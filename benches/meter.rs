@@ -17,12 +17,7 @@ const USAGE: Usage = Usage {
 };
 
 fn record(meter: &Meter, identity: &Identity, model: &str) {
-    meter.record(&Record {
-        identity,
-        model,
-        usage: Some(USAGE),
-        is_error: false,
-    });
+    meter.record(&Record::ok(identity, model, Some(USAGE)));
 }
 
 fn record_path(c: &mut Criterion) {

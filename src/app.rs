@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::meter::Meter;
+use crate::meter::ledger::LedgerError;
 use crate::proxy::{self, upstream};
 use crate::{api, proxy::upstream::HttpClient};
 
@@ -37,11 +38,27 @@ impl Deref for AppState {
     }
 }
 
+/// Why the service cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The TLS client could not be set up.
+    #[error("cannot set up TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The ledger could not be opened.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
 impl AppState {
-    /// Builds the state: an in-memory meter with the configured prices and the upstream client.
-    pub fn new(config: Config) -> Result<Self, rustls::Error> {
+    /// Builds the state: the upstream client, and a meter with the configured prices whose
+    /// totals are restored from the ledger (unless persistence is off).
+    pub fn new(config: Config) -> Result<Self, StartError> {
         let client = upstream::client(&config)?;
-        let meter = Arc::new(Meter::in_memory(config.prices.clone()));
+        let meter = match &config.ledger {
+            Some(options) => Meter::persistent(config.prices.clone(), options)?,
+            None => Meter::in_memory(config.prices.clone()),
+        };
+        let meter = Arc::new(meter);
         Ok(Self(Arc::new(Shared {
             config,
             meter,
@@ -55,6 +72,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/stats", get(api::show))
         .route("/stats/reset", post(api::reset))
+        .route("/usage", get(api::history::usage))
+        .route("/export", get(api::history::export))
         .route("/healthz", get(api::healthz))
         .route(proxy::PREFIX, any(proxy::forward))
         .route(&format!("{}/{{*rest}}", proxy::PREFIX), any(proxy::forward))

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use crate::config::Flags;
 
@@ -37,6 +37,16 @@ pub struct Cli {
     #[arg(long, value_name = "N", global = true)]
     pub threads: Option<String>,
 
+    /// Directory of the ledger, the SQLite file every request is written to
+    /// [env: LLM_METER_DATA_DIR] [default: $XDG_DATA_HOME/llm-meter or ~/.local/share/llm-meter].
+    #[arg(long, value_name = "DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+
+    /// Keep totals in memory only: nothing is written, a restart starts from zero
+    /// [env: LLM_METER_PERSIST=false].
+    #[arg(long, global = true)]
+    pub no_persist: bool,
+
     /// What to do (default: serve).
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -49,6 +59,41 @@ pub enum Command {
     Serve,
     /// Exit 0 if the llm-meter at the configured listen address answers /healthz (for container health checks).
     Healthcheck,
+    /// Print spend from the ledger as a table with totals; works with or without the server running.
+    Report(ReportArgs),
+    /// Write the ledger's rows to stdout as CSV or JSON lines (no key material).
+    Export(ExportArgs),
+}
+
+/// `llm-meter report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// today, week (since Monday), month, or all; days start at 00:00 UTC.
+    #[arg(long, default_value = "today")]
+    pub period: String,
+    /// Rows per model, key, day or hour; combine with commas (day,model).
+    #[arg(long, default_value = "model")]
+    pub by: String,
+    /// Start instead of the period's: RFC 3339 time, date (2026-11-25) or span back (24h, 7d).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// End (exclusive), same forms as --since [default: now].
+    #[arg(long)]
+    pub until: Option<String>,
+}
+
+/// `llm-meter export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// csv or jsonl.
+    #[arg(long, default_value = "csv")]
+    pub format: String,
+    /// First time included: RFC 3339 time, date (2026-11-25) or span back (24h, 7d) [default: the first row].
+    #[arg(long)]
+    pub since: Option<String>,
+    /// End (exclusive), same forms as --since [default: now].
+    #[arg(long)]
+    pub until: Option<String>,
 }
 
 impl Cli {
@@ -60,6 +105,8 @@ impl Cli {
             upstream: self.upstream.clone(),
             log_format: self.log_format.clone(),
             threads: self.threads.clone(),
+            data_dir: self.data_dir.clone(),
+            no_persist: self.no_persist,
         }
     }
 }

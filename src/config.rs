@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::meter::ledger;
 use crate::meter::pricing::{Price, PriceTable};
 
 /// Default listen address: loopback only, so a key-carrying proxy is not exposed by accident.
@@ -35,7 +36,20 @@ pub mod env {
     pub const LOG_FORMAT: &str = "LLM_METER_LOG_FORMAT";
     /// Threads serving requests.
     pub const THREADS: &str = "LLM_METER_THREADS";
+    /// Directory of the ledger.
+    pub const DATA_DIR: &str = "LLM_METER_DATA_DIR";
+    /// `false` keeps totals in memory only.
+    pub const PERSIST: &str = "LLM_METER_PERSIST";
+    /// Base of per-user data directories (XDG); read to place the default data directory.
+    pub const XDG_DATA_HOME: &str = "XDG_DATA_HOME";
+    /// The user's home; the default data directory is under it when `XDG_DATA_HOME` is unset.
+    pub const HOME: &str = "HOME";
 }
+
+/// Default longest wait of a recorded row before it is committed to the ledger.
+pub const DEFAULT_FLUSH_INTERVAL: &str = "100ms";
+/// Default bound of rows kept in memory while the ledger's disk fails (about 30 MB).
+pub const DEFAULT_MAX_PENDING_ROWS: usize = 100_000;
 
 /// A configuration problem, naming where it is and what is wrong, on one line.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +96,10 @@ struct FileConfig {
     response_timeout: Option<String>,
     idle_timeout: Option<String>,
     shutdown_grace: Option<String>,
+    data_dir: Option<PathBuf>,
+    persist: Option<bool>,
+    flush_interval: Option<String>,
+    max_pending_rows: Option<usize>,
     #[serde(default)]
     pricing: BTreeMap<String, PriceEntry>,
 }
@@ -109,6 +127,10 @@ pub struct Flags {
     pub log_format: Option<String>,
     /// `--threads`.
     pub threads: Option<String>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--no-persist`.
+    pub no_persist: bool,
 }
 
 /// Log line format.
@@ -203,6 +225,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Built-in prices with the file's overrides applied.
     pub prices: PriceTable,
+    /// Where every request is written; `None` keeps totals in memory only.
+    pub ledger: Option<ledger::Options>,
     /// The config file that was read, if any.
     pub file: Option<PathBuf>,
 }
@@ -349,6 +373,60 @@ impl Config {
             prices.set(model, price);
         }
 
+        let persist = if flags.no_persist {
+            false
+        } else if let Some(v) = env.get(env::PERSIST) {
+            parse_bool(v).ok_or_else(|| {
+                invalid(
+                    "persist",
+                    &format!("environment variable {}", env::PERSIST),
+                    format!("expected true or false, got {v:?}"),
+                )
+            })?
+        } else {
+            file.persist.unwrap_or(true)
+        };
+        let ledger = if persist {
+            let dir = match (&flags.data_dir, env.get(env::DATA_DIR), file.data_dir) {
+                (Some(dir), _, _) => dir.clone(),
+                (None, Some(dir), _) => PathBuf::from(dir),
+                (None, None, Some(dir)) => dir,
+                (None, None, None) => default_data_dir(env).ok_or_else(|| {
+                    invalid(
+                        "data_dir",
+                        "default",
+                        "neither XDG_DATA_HOME nor HOME is set: give --data-dir, or --no-persist",
+                    )
+                })?,
+            };
+            if dir.as_os_str().is_empty() {
+                return Err(invalid("data_dir", "given", "must not be empty"));
+            }
+            let flush_interval = duration(
+                "flush_interval",
+                file.flush_interval.as_deref(),
+                DEFAULT_FLUSH_INTERVAL,
+            )?;
+            if flush_interval.is_zero() || flush_interval > Duration::from_secs(60) {
+                return Err(invalid(
+                    "flush_interval",
+                    &name,
+                    "must be more than 0 and at most 60s",
+                ));
+            }
+            let max_pending_rows = file.max_pending_rows.unwrap_or(DEFAULT_MAX_PENDING_ROWS);
+            if max_pending_rows == 0 {
+                return Err(invalid("max_pending_rows", &name, "must be at least 1"));
+            }
+            Some(ledger::Options {
+                dir,
+                flush_interval,
+                max_pending_rows,
+            })
+        } else {
+            None
+        };
+
         Ok(Self {
             listen,
             upstream,
@@ -361,6 +439,7 @@ impl Config {
             idle_timeout,
             shutdown_grace,
             prices,
+            ledger,
             file: None,
         })
     }
@@ -393,6 +472,22 @@ impl<'a> Layers<'a> {
     }
 }
 
+/// `$XDG_DATA_HOME/llm-meter`, else `$HOME/.local/share/llm-meter` (the XDG default).
+fn default_data_dir(env: &HashMap<String, String>) -> Option<PathBuf> {
+    let absolute = |name: &str| env.get(name).map(PathBuf::from).filter(|p| p.is_absolute());
+    absolute(env::XDG_DATA_HOME)
+        .or_else(|| absolute(env::HOME).map(|home| home.join(".local").join("share")))
+        .map(|base| base.join("llm-meter"))
+}
+
+fn parse_bool(value: &str) -> Option<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
 fn invalid(field: &str, from: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.to_owned(),
@@ -406,10 +501,10 @@ fn parse_file(text: &str, name: &str) -> Result<FileConfig, ConfigError> {
     toml::from_str(text).map_err(|e| {
         let start = e.span().map(|span| span.start.min(text.len()));
         let mut message = e.message().trim().replace('\n', " ");
-        if let Some(field) = start.and_then(|at| field_at(text, at)) {
-            if !message.contains(&field) {
-                message = format!("`{field}`: {message}");
-            }
+        if let Some(field) = start.and_then(|at| field_at(text, at))
+            && !message.contains(&field)
+        {
+            message = format!("`{field}`: {message}");
         }
         ConfigError::Parse {
             path: match start {
@@ -485,11 +580,15 @@ fn price_from(entry: &PriceEntry) -> Result<Price, String> {
 mod tests {
     use super::*;
 
+    /// The given variables, plus a HOME (every login has one) unless they set it.
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
+        let mut map: HashMap<String, String> = pairs
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+            .collect();
+        map.entry(env::HOME.to_owned())
+            .or_insert_with(|| "/home/ada".to_owned());
+        map
     }
 
     fn load(
@@ -508,6 +607,67 @@ mod tests {
         assert_eq!(c.max_body_bytes, 32 * 1024 * 1024);
         assert_eq!(c.log_format, LogFormat::Text);
         assert!(c.admin_token.is_none());
+    }
+
+    #[test]
+    fn the_ledger_lives_in_the_xdg_data_dir_unless_told_otherwise() {
+        let dir = |c: Config| c.ledger.unwrap().dir;
+        let c = load(None, &[], &Flags::default()).unwrap();
+        assert_eq!(dir(c), PathBuf::from("/home/ada/.local/share/llm-meter"));
+        let c = load(None, &[(env::XDG_DATA_HOME, "/xdg")], &Flags::default()).unwrap();
+        assert_eq!(dir(c), PathBuf::from("/xdg/llm-meter"));
+        // A relative XDG_DATA_HOME is invalid by the spec: ignored.
+        let c = load(None, &[(env::XDG_DATA_HOME, "xdg")], &Flags::default()).unwrap();
+        assert_eq!(dir(c), PathBuf::from("/home/ada/.local/share/llm-meter"));
+        let file = Some("data_dir = \"/from-file\"\n");
+        assert_eq!(
+            dir(load(file, &[], &Flags::default()).unwrap()),
+            PathBuf::from("/from-file")
+        );
+        let c = load(file, &[(env::DATA_DIR, "/from-env")], &Flags::default()).unwrap();
+        assert_eq!(dir(c), PathBuf::from("/from-env"));
+        let flags = Flags {
+            data_dir: Some("/from-flag".into()),
+            ..Flags::default()
+        };
+        let c = load(file, &[(env::DATA_DIR, "/from-env")], &flags).unwrap();
+        assert_eq!(dir(c), PathBuf::from("/from-flag"));
+        let c = load(None, &[], &Flags::default()).unwrap();
+        let ledger = c.ledger.unwrap();
+        assert_eq!(ledger.flush_interval, Duration::from_millis(100));
+        assert_eq!(ledger.max_pending_rows, DEFAULT_MAX_PENDING_ROWS);
+    }
+
+    #[test]
+    fn persistence_can_be_turned_off_from_any_layer() {
+        let off = |file: Option<&str>, env_pairs: &[(&str, &str)], flags: &Flags| {
+            load(file, env_pairs, flags).unwrap().ledger.is_none()
+        };
+        assert!(off(Some("persist = false\n"), &[], &Flags::default()));
+        assert!(off(None, &[(env::PERSIST, "false")], &Flags::default()));
+        assert!(!off(
+            Some("persist = false\n"),
+            &[(env::PERSIST, "true")],
+            &Flags::default()
+        ));
+        let no_persist = Flags {
+            no_persist: true,
+            ..Flags::default()
+        };
+        assert!(off(None, &[(env::PERSIST, "true")], &no_persist));
+        let err = load(None, &[(env::PERSIST, "maybe")], &Flags::default()).unwrap_err();
+        assert!(err.to_string().contains("LLM_METER_PERSIST"), "{err}");
+    }
+
+    #[test]
+    fn ledger_settings_are_checked() {
+        let no_home = HashMap::new();
+        let err = Config::from_layers(None, None, &no_home, &Flags::default()).unwrap_err();
+        assert!(err.to_string().contains("--data-dir"), "{err}");
+        let err = load(Some("flush_interval = \"2m\"\n"), &[], &Flags::default()).unwrap_err();
+        assert!(err.to_string().contains("flush_interval"), "{err}");
+        let err = load(Some("max_pending_rows = 0\n"), &[], &Flags::default()).unwrap_err();
+        assert!(err.to_string().contains("max_pending_rows"), "{err}");
     }
 
     #[test]

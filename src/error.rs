@@ -40,6 +40,14 @@ pub enum ProxyError {
         /// The timeout that elapsed, human readable.
         after: String,
     },
+    /// History was asked of a server that keeps no ledger.
+    #[error(
+        "history needs the ledger, and this llm-meter runs with persistence off (--no-persist)"
+    )]
+    NoLedger,
+    /// The ledger could not be read.
+    #[error("the ledger cannot be read: {0}")]
+    LedgerUnavailable(String),
     /// A bug or resource problem of our own; details go to the log, not the client.
     #[error("internal error")]
     Internal,
@@ -83,6 +91,16 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_error",
                 "upstream_timeout",
+            ),
+            Self::NoLedger => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "persistence_disabled",
+            ),
+            Self::LedgerUnavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "ledger_unavailable",
             ),
             Self::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,

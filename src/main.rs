@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use llm_meter::cli::{Cli, Command};
-use llm_meter::config::Config;
+use llm_meter::config::{Config, env};
 use llm_meter::{AppState, api};
 
 fn main() -> ExitCode {
@@ -37,15 +37,23 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Healthcheck) => healthcheck(&config),
+        Some(Command::Report(args)) => print(api::report::run(&config, &args)),
+        Some(Command::Export(args)) => {
+            let stdout = std::io::stdout();
+            print(
+                api::history::export_to(&config, &args, &mut stdout.lock()).map(|()| String::new()),
+            )
+        }
         Some(Command::Serve) | None => serve(config),
     }
 }
 
-/// The process environment's `LLM_METER_*` variables (others, and non-UTF-8 ones, are not ours).
+/// The process environment's `LLM_METER_*` variables and the two that place the default data
+/// directory (others, and non-UTF-8 ones, are not ours).
 fn llm_meter_env() -> HashMap<String, String> {
     std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .filter(|(k, _)| k.starts_with("LLM_METER_"))
+        .filter(|(k, _)| k.starts_with("LLM_METER_") || k == env::XDG_DATA_HOME || k == env::HOME)
         .collect()
 }
 
@@ -77,13 +85,20 @@ fn serve(config: Config) -> ExitCode {
         let state = match AppState::new(config) {
             Ok(state) => state,
             Err(err) => {
-                eprintln!("llm-meter: cannot set up TLS: {err}");
+                eprintln!("llm-meter: {err}");
                 return ExitCode::FAILURE;
             }
         };
-        println!("llm-meter listening on http://{addr}, forwarding /v1 to {upstream}");
+        let ledger = state.meter.ledger().map_or_else(
+            || "not persisted (--no-persist)".to_owned(),
+            |l| format!("ledger {}", l.path().display()),
+        );
+        println!("llm-meter listening on http://{addr}, forwarding /v1 to {upstream}, {ledger}");
         let meter = std::sync::Arc::clone(&state.meter);
-        if let Err(err) = llm_meter::run(listener, state, shutdown_signal()).await {
+        let served = llm_meter::run(listener, state, shutdown_signal()).await;
+        // Whatever happened, write out what was recorded.
+        meter.close();
+        if let Err(err) = served {
             eprintln!("llm-meter: server error: {err}");
             return ExitCode::FAILURE;
         }
@@ -93,6 +108,20 @@ fn serve(config: Config) -> ExitCode {
         );
         ExitCode::SUCCESS
     })
+}
+
+/// Prints a command's output, or its error on stderr with exit code 1.
+fn print(result: Result<String, String>) -> ExitCode {
+    match result {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("llm-meter: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn healthcheck(config: &Config) -> ExitCode {

@@ -10,11 +10,17 @@ fn shipped() -> String {
         .expect("proxy.toml at the root")
 }
 
+/// The environment of a login: only HOME matters to the config (the default data directory).
+fn login_env() -> HashMap<String, String> {
+    HashMap::from([("HOME".to_owned(), "/home/ada".to_owned())])
+}
+
 #[test]
 fn shipped_file_is_valid_as_is() {
     let config =
-        Config::from_layers(Some(&shipped()), None, &HashMap::new(), &Flags::default()).unwrap();
+        Config::from_layers(Some(&shipped()), None, &login_env(), &Flags::default()).unwrap();
     assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+    assert!(config.ledger.is_some());
 }
 
 #[test]
@@ -45,6 +51,10 @@ fn every_commented_example_is_valid_when_uncommented() {
         "response_timeout",
         "idle_timeout",
         "shutdown_grace",
+        "data_dir",
+        "persist",
+        "flush_interval",
+        "max_pending_rows",
         "input_per_million",
         "output_per_million",
         "cached_input_per_million",
@@ -58,7 +68,9 @@ fn every_commented_example_is_valid_when_uncommented() {
         );
     }
     let config =
-        Config::from_layers(Some(&uncommented), None, &HashMap::new(), &Flags::default()).unwrap();
+        Config::from_layers(Some(&uncommented), None, &login_env(), &Flags::default()).unwrap();
     assert_eq!(config.admin_token.unwrap().expose(), "change-me");
+    let ledger = config.ledger.unwrap();
+    assert_eq!(ledger.dir, Path::new("/var/lib/llm-meter"));
     assert!(config.prices.resolve("my-fine-tune").is_some());
 }

@@ -1,5 +1,7 @@
 //! Our own endpoints: `/stats`, `/stats/reset`, `/healthz`; provider endpoints live in `proxy`.
 
+pub mod history;
+pub mod report;
 pub mod stats;
 
 use std::io::{Read, Write};
@@ -15,17 +17,47 @@ use serde::Deserialize;
 use crate::app::AppState;
 use crate::error::ProxyError;
 
-/// `?format=` of `/stats`.
+/// `?format=&since=&until=` of `/stats`.
 #[derive(Debug, Deserialize)]
 pub struct StatsQuery {
     format: Option<String>,
+    #[serde(flatten)]
+    range: history::RangeQuery,
 }
 
-/// `GET /stats`: totals per key and model, as JSON or (`?format=text`) one line per key.
+/// `GET /stats`: totals per key and model, as JSON or (`?format=text`) one line per key; the
+/// current period's from memory, or any range's (`?since=&until=`) from the ledger.
 pub async fn show(State(state): State<AppState>, Query(query): Query<StatsQuery>) -> Response {
-    let snapshot = state.meter.snapshot();
+    if !matches!(query.format.as_deref(), None | Some("json" | "text")) {
+        return ProxyError::BadQuery("format must be json or text".into()).into_response();
+    }
+    let (snapshot, until, ledger) = if query.range.is_given() {
+        let range = match query.range.parse() {
+            Ok(range) => range,
+            Err(err) => return err.into_response(),
+        };
+        match history::read(&state, move |reader| reader.totals(range)).await {
+            Ok(snapshot) => (
+                snapshot,
+                Some(range.until.unwrap_or_else(time::OffsetDateTime::now_utc)),
+                None,
+            ),
+            Err(err) => return err.into_response(),
+        }
+    } else {
+        (
+            state.meter.snapshot(),
+            None,
+            state.meter.ledger().map(|l| l.health()),
+        )
+    };
     match query.format.as_deref() {
-        None | Some("json") => Json(stats::StatsView::new(&snapshot)).into_response(),
+        None | Some("json") => Json(
+            stats::StatsView::new(&snapshot)
+                .until(until)
+                .ledger(ledger.as_ref()),
+        )
+        .into_response(),
         Some("text") => (
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             stats::text(&snapshot),
@@ -46,8 +78,7 @@ pub async fn reset(State(state): State<AppState>, headers: HeaderMap) -> Respons
             return ProxyError::Unauthorized.into_response();
         }
     }
-    let closed = state.meter.snapshot();
-    state.meter.reset();
+    let closed = state.meter.reset();
     tracing::info!(
         requests = closed.totals.requests,
         cost_usd = closed.totals.cost.as_usd(),

@@ -6,7 +6,9 @@ use std::fmt::Write as _;
 use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 
+use crate::meter::ledger::Health;
 use crate::meter::{Counts, Snapshot};
+use time::OffsetDateTime;
 
 /// The counters as `/stats` shows them.
 #[derive(Debug, Serialize)]
@@ -52,12 +54,31 @@ struct KeyView<'a> {
     models: BTreeMap<&'a str, CountsView>,
 }
 
+/// The ledger's state in `/stats`.
+#[derive(Debug, Serialize)]
+struct LedgerView<'a> {
+    path: String,
+    /// Rows recorded but not yet on disk (a growing number means a slow or failing disk).
+    pending_rows: u64,
+    written_rows: u64,
+    /// Rows given up because the disk kept failing and the backlog bound was reached.
+    lost_rows: u64,
+    failing: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_error: Option<&'a str>,
+}
+
 /// The whole `/stats` JSON document.
 #[derive(Debug, Serialize)]
 pub struct StatsView<'a> {
     since: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    until: Option<String>,
     totals: CountsView,
     keys: Vec<KeyView<'a>>,
+    /// Absent for history ranges; `null` when persistence is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ledger: Option<Option<LedgerView<'a>>>,
 }
 
 impl<'a> StatsView<'a> {
@@ -65,6 +86,8 @@ impl<'a> StatsView<'a> {
     pub fn new(snapshot: &'a Snapshot) -> Self {
         Self {
             since: rfc3339(snapshot),
+            until: None,
+            ledger: None,
             totals: CountsView::from(&snapshot.totals),
             keys: snapshot
                 .keys
@@ -81,6 +104,31 @@ impl<'a> StatsView<'a> {
                 })
                 .collect(),
         }
+    }
+}
+
+impl<'a> StatsView<'a> {
+    /// Marks the view as a history range ending at `until`.
+    #[must_use]
+    pub fn until(mut self, until: Option<OffsetDateTime>) -> Self {
+        self.until = until.map(|t| t.format(&Rfc3339).unwrap_or_else(|_| t.to_string()));
+        self
+    }
+
+    /// Adds the ledger's state (`null` when there is none) to a view of the live totals.
+    #[must_use]
+    pub fn ledger(mut self, health: Option<&'a Health>) -> Self {
+        if self.until.is_none() {
+            self.ledger = Some(health.map(|h| LedgerView {
+                path: h.path.display().to_string(),
+                pending_rows: h.pending_rows,
+                written_rows: h.written_rows,
+                lost_rows: h.lost_rows,
+                failing: h.is_failing,
+                last_error: h.last_error.as_deref(),
+            }));
+        }
+        self
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use parking_lot::RwLock;
 use time::OffsetDateTime;
 
-use super::{Counts, KeySnapshot, Snapshot, Store};
+use super::{Counts, KeySnapshot, Snapshot, Store, ledger::Restored};
 use crate::key::Identity;
 use crate::meter::pricing::NanoUsd;
 
@@ -21,6 +21,7 @@ pub struct MemoryStore {
 }
 
 struct Period {
+    id: u64,
     since: OffsetDateTime,
     keys: Map<KeyEntry>,
 }
@@ -111,10 +112,15 @@ impl Counters {
 }
 
 impl MemoryStore {
+    fn snapshot_of(period: &Period) -> Snapshot {
+        let keys: Vec<KeySnapshot> = period.keys.values().map(KeyEntry::snapshot).collect();
+        Snapshot::from_keys(period.since, keys)
+    }
+
     /// An empty store whose period starts now.
     pub fn new() -> Self {
         Self {
-            period: RwLock::new(Period::new()),
+            period: RwLock::new(Period::new(1)),
         }
     }
 }
@@ -126,8 +132,9 @@ impl Default for MemoryStore {
 }
 
 impl Period {
-    fn new() -> Self {
+    fn new(id: u64) -> Self {
         Self {
+            id,
             since: OffsetDateTime::now_utc(),
             keys: Map::default(),
         }
@@ -154,7 +161,7 @@ impl KeyEntry {
 }
 
 impl Store for MemoryStore {
-    fn add(&self, identity: &Identity, model: &str, counts: &Counts) {
+    fn add(&self, identity: &Identity, model: &str, counts: &Counts) -> u64 {
         {
             let period = self.period.read();
             if let Some(counters) = period
@@ -163,7 +170,7 @@ impl Store for MemoryStore {
                 .and_then(|key| key.models.get(model))
             {
                 counters.add(counts);
-                return;
+                return period.id;
             }
         }
         // First request of this key or model: insert under the write lock (rare).
@@ -179,32 +186,42 @@ impl Store for MemoryStore {
             .entry(model.to_owned())
             .or_insert_with(Counters::new)
             .add(counts);
+        period.id
     }
 
     fn snapshot(&self) -> Snapshot {
-        let period = self.period.read();
-        let mut keys: Vec<KeySnapshot> = period.keys.values().map(KeyEntry::snapshot).collect();
-        let since = period.since;
-        drop(period);
-        keys.sort_by(|a, b| {
-            b.totals
-                .cost
-                .cmp(&a.totals.cost)
-                .then_with(|| a.identity.id.cmp(&b.identity.id))
-        });
-        let mut totals = Counts::default();
-        for key in &keys {
-            totals += &key.totals;
-        }
-        Snapshot {
-            since,
-            totals,
-            keys,
-        }
+        Self::snapshot_of(&self.period.read())
     }
 
-    fn reset(&self) {
-        *self.period.write() = Period::new();
+    fn reset(&self, started: &mut dyn FnMut(u64, OffsetDateTime)) -> Snapshot {
+        let mut period = self.period.write();
+        let next = Period::new(period.id + 1);
+        started(next.id, next.since);
+        let closed = std::mem::replace(&mut *period, next);
+        drop(period);
+        Self::snapshot_of(&closed)
+    }
+
+    fn restore(&self, restored: Restored) {
+        let mut period = Period {
+            id: restored.period,
+            since: restored.since,
+            keys: Map::default(),
+        };
+        for (identity, model, counts) in restored.totals {
+            let key = period
+                .keys
+                .entry(identity.id.clone())
+                .or_insert_with(|| KeyEntry {
+                    identity,
+                    models: Map::default(),
+                });
+            key.models
+                .entry(model)
+                .or_insert_with(Counters::new)
+                .add(&counts);
+        }
+        *self.period.write() = period;
     }
 }
 

@@ -1,16 +1,20 @@
 //! Metering: prices each finished request and adds it to per-key, per-model totals.
 
+pub mod ledger;
 pub mod memory;
 pub mod pricing;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::AddAssign;
+use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 use time::OffsetDateTime;
 
 use crate::key::Identity;
-use crate::usage::Usage;
+use crate::usage::{Flavor, Usage};
+use ledger::{Ledger, LedgerError, Row};
 use pricing::{NanoUsd, Price, PriceTable};
 
 /// Model name recorded when neither the response nor the request named one.
@@ -67,6 +71,36 @@ pub struct Record<'a> {
     pub usage: Option<Usage>,
     /// The request did not end in a complete 2xx response.
     pub is_error: bool,
+    /// The API flavor of the route.
+    pub flavor: Flavor,
+    /// HTTP status the client got.
+    pub status: u16,
+    /// A streamed response.
+    pub is_streaming: bool,
+    /// Time until the upstream's response headers, when there was a response.
+    pub upstream_latency: Option<Duration>,
+    /// The upstream's response id, when it sent one.
+    pub response_id: Option<&'a str>,
+    /// The response did not arrive whole.
+    pub is_partial: bool,
+}
+
+impl<'a> Record<'a> {
+    /// A complete, successful, non-streamed chat request: the common case, for tests and benchmarks.
+    pub fn ok(identity: &'a Identity, model: &'a str, usage: Option<Usage>) -> Self {
+        Self {
+            identity,
+            model,
+            usage,
+            is_error: false,
+            flavor: Flavor::OpenAiChat,
+            status: 200,
+            is_streaming: false,
+            upstream_latency: None,
+            response_id: None,
+            is_partial: false,
+        }
+    }
 }
 
 /// The result of recording: what the request cost.
@@ -78,18 +112,21 @@ pub struct Priced {
     pub is_priced: bool,
 }
 
-/// Where totals are kept: in memory today, a durable ledger later.
+/// Where the live totals of the current period are kept.
 pub trait Store: Send + Sync {
-    /// Adds one request's counts to its (key, model) entry.
-    fn add(&self, identity: &Identity, model: &str, counts: &Counts);
+    /// Adds one request's counts to its (key, model) entry; returns the period it counted in.
+    fn add(&self, identity: &Identity, model: &str, counts: &Counts) -> u64;
     /// All totals of the current period.
     fn snapshot(&self) -> Snapshot;
-    /// Starts a new period with zeroed totals.
-    fn reset(&self);
+    /// Starts a new period with zeroed totals and returns the one it closed. `started` is
+    /// called with the new period's number and start while no record can slip in between.
+    fn reset(&self, started: &mut dyn FnMut(u64, OffsetDateTime)) -> Snapshot;
+    /// Replaces the current period with one read back from the ledger.
+    fn restore(&self, restored: ledger::Restored);
 }
 
 /// Totals of one period, per key and per model within a key.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     /// When the period started (start-up or the last reset).
     pub since: OffsetDateTime,
@@ -99,8 +136,49 @@ pub struct Snapshot {
     pub keys: Vec<KeySnapshot>,
 }
 
+impl Snapshot {
+    /// Builds a snapshot from (key, model, counts) entries: keys most expensive first.
+    pub fn collect(
+        since: OffsetDateTime,
+        entries: impl IntoIterator<Item = (Identity, String, Counts)>,
+    ) -> Self {
+        let mut by_key: HashMap<String, KeySnapshot> = HashMap::new();
+        for (identity, model, counts) in entries {
+            let key = by_key
+                .entry(identity.id.clone())
+                .or_insert_with(|| KeySnapshot {
+                    identity,
+                    totals: Counts::default(),
+                    models: BTreeMap::new(),
+                });
+            key.totals += &counts;
+            *key.models.entry(model).or_default() += &counts;
+        }
+        Self::from_keys(since, by_key.into_values().collect())
+    }
+
+    /// Orders the keys (most expensive first, then by id) and sums them.
+    pub fn from_keys(since: OffsetDateTime, mut keys: Vec<KeySnapshot>) -> Self {
+        keys.sort_by(|a, b| {
+            b.totals
+                .cost
+                .cmp(&a.totals.cost)
+                .then_with(|| a.identity.id.cmp(&b.identity.id))
+        });
+        let mut totals = Counts::default();
+        for key in &keys {
+            totals += &key.totals;
+        }
+        Self {
+            since,
+            totals,
+            keys,
+        }
+    }
+}
+
 /// One key's totals.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeySnapshot {
     /// The key's identity.
     pub identity: Identity,
@@ -110,9 +188,10 @@ pub struct KeySnapshot {
     pub models: BTreeMap<String, Counts>,
 }
 
-/// Prices finished requests and keeps their totals.
+/// Prices finished requests and keeps their totals (and, with a ledger, every request).
 pub struct Meter {
     store: Box<dyn Store>,
+    ledger: Option<Ledger>,
     prices: PriceTable,
     /// Model name to price as resolved the first time, so snapshot suffixes are stripped once.
     resolved: RwLock<HashMap<String, Option<Price>, foldhash::fast::RandomState>>,
@@ -127,6 +206,7 @@ impl Meter {
     pub fn new(store: Box<dyn Store>, prices: PriceTable) -> Self {
         Self {
             store,
+            ledger: None,
             prices,
             resolved: RwLock::new(HashMap::default()),
             warned_unpriced: Mutex::new(HashSet::new()),
@@ -136,6 +216,22 @@ impl Meter {
     /// An in-memory meter.
     pub fn in_memory(prices: PriceTable) -> Self {
         Self::new(Box::new(memory::MemoryStore::new()), prices)
+    }
+
+    /// An in-memory meter that also writes every request to the ledger, its totals restored
+    /// from the ledger's current period.
+    pub fn persistent(prices: PriceTable, options: &ledger::Options) -> Result<Self, LedgerError> {
+        let (ledger, restored) = Ledger::open(options)?;
+        let store = memory::MemoryStore::new();
+        store.restore(restored);
+        let mut meter = Self::new(Box::new(store), prices);
+        meter.ledger = Some(ledger);
+        Ok(meter)
+    }
+
+    /// The ledger, when requests are persisted.
+    pub fn ledger(&self) -> Option<&Ledger> {
+        self.ledger.as_ref()
     }
 
     /// Prices one request and adds it to the totals; never fails.
@@ -171,7 +267,27 @@ impl Meter {
             cost: priced.cost,
             unpriced_requests: u64::from(!priced.is_priced),
         };
-        self.store.add(record.identity, record.model, &counts);
+        let period = self.store.add(record.identity, record.model, &counts);
+        if let Some(ledger) = &self.ledger {
+            ledger.append(Row {
+                at: OffsetDateTime::now_utc(),
+                period,
+                key_id: record.identity.id.clone(),
+                key_label: record.identity.label.clone(),
+                model: record.model.to_owned(),
+                flavor: Cow::Borrowed(record.flavor.as_str()),
+                status: record.status,
+                is_streaming: record.is_streaming,
+                usage,
+                cost: priced.cost,
+                latency: record.upstream_latency,
+                response_id: record.response_id.map(str::to_owned),
+                is_error: record.is_error,
+                is_unpriced: !priced.is_priced,
+                is_estimated: false,
+                is_partial: record.is_partial,
+            });
+        }
         priced
     }
 
@@ -204,9 +320,21 @@ impl Meter {
         self.store.snapshot()
     }
 
-    /// Zeroes the totals and starts a new period.
-    pub fn reset(&self) {
-        self.store.reset();
+    /// Zeroes the totals and starts a new period (recorded in the ledger; history is kept).
+    /// Returns the totals of the period it closed.
+    pub fn reset(&self) -> Snapshot {
+        self.store.reset(&mut |id, started| {
+            if let Some(ledger) = &self.ledger {
+                ledger.start_period(id, started);
+            }
+        })
+    }
+
+    /// Writes out everything recorded so far and stops the ledger's writer (graceful shutdown).
+    pub fn close(&self) {
+        if let Some(ledger) = &self.ledger {
+            ledger.close();
+        }
     }
 }
 
@@ -224,18 +352,11 @@ mod tests {
             ..Usage::default()
         };
         for _ in 0..3 {
-            meter.record(&Record {
-                identity: &alice,
-                model: "gpt-4o-2024-08-06",
-                usage: Some(usage),
-                is_error: false,
-            });
+            meter.record(&Record::ok(&alice, "gpt-4o-2024-08-06", Some(usage)));
         }
         let unpriced = meter.record(&Record {
-            identity: &alice,
-            model: "my-local-llama",
-            usage: Some(usage),
             is_error: true,
+            ..Record::ok(&alice, "my-local-llama", Some(usage))
         });
         assert!(!unpriced.is_priced);
         let snap = meter.snapshot();
@@ -255,14 +376,10 @@ mod tests {
     fn reset_zeroes_totals_and_moves_since() {
         let meter = Meter::in_memory(PriceTable::builtin());
         let before = meter.snapshot().since;
-        meter.record(&Record {
-            identity: &Identity::anonymous(),
-            model: UNKNOWN_MODEL,
-            usage: None,
-            is_error: false,
-        });
+        meter.record(&Record::ok(&Identity::anonymous(), UNKNOWN_MODEL, None));
         assert_eq!(meter.snapshot().totals.requests, 1);
-        meter.reset();
+        let closed = meter.reset();
+        assert_eq!(closed.totals.requests, 1);
         let snap = meter.snapshot();
         assert_eq!(snap.totals, Counts::default());
         assert!(snap.keys.is_empty());

@@ -137,10 +137,12 @@ fn strip_snapshot_suffix(name: &str) -> Option<&str> {
     let is_tag = |s: &str| s == "preview" || s == "exp";
     // Dated groups go at once: `-2024-08-06`, `-preview-05-20`.
     let parts: Vec<&str> = name.rsplitn(4, '-').collect();
-    if let [day, month, year, base] = parts[..] {
-        if digits(day, 2) && digits(month, 2) && (digits(year, 4) || is_tag(year)) {
-            return Some(base);
-        }
+    if let [day, month, year, base] = parts[..]
+        && digits(day, 2)
+        && digits(month, 2)
+        && (digits(year, 4) || is_tag(year))
+    {
+        return Some(base);
     }
     let (base, last) = name.rsplit_once('-')?;
     (digits(last, 8) || digits(last, 4) || digits(last, 3) || is_tag(last)).then_some(base)

@@ -37,7 +37,8 @@ pub struct Exchange {
     is_streaming: bool,
     status: StatusCode,
     started: Instant,
-    upstream_latency: Duration,
+    /// Until the upstream's response headers; `None` when there was no response.
+    upstream_latency: Option<Duration>,
     error: Option<String>,
     is_done: bool,
 }
@@ -61,7 +62,7 @@ impl Exchange {
             );
         }
         let duration_ms = millis(self.started.elapsed());
-        let upstream_ms = millis(self.upstream_latency);
+        let upstream_ms = millis(self.upstream_latency.unwrap_or_default());
         let is_error = outcome == Outcome::UpstreamFailed
             || !(self.status.is_success() || self.status.as_u16() == CLIENT_CLOSED);
         let is_whole = outcome == Outcome::Complete;
@@ -92,6 +93,12 @@ impl Exchange {
             model,
             usage: extracted.usage,
             is_error,
+            flavor,
+            status: self.status.as_u16(),
+            is_streaming: self.is_streaming,
+            upstream_latency: self.upstream_latency,
+            response_id: extracted.response_id.as_deref(),
+            is_partial: !is_whole,
         });
         let usage = extracted.usage.unwrap_or_default();
         tracing::info!(
@@ -146,7 +153,7 @@ pub async fn forward(State(state): State<AppState>, request: Request) -> Respons
         is_streaming: false,
         status: StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
         started: Instant::now(),
-        upstream_latency: Duration::ZERO,
+        upstream_latency: None,
         error: None,
         is_done: false,
     };
@@ -226,7 +233,7 @@ async fn send(
             ),
         })?
         .map_err(|e| upstream::classify_error(&e, config))?;
-    exchange.upstream_latency = sent.elapsed();
+    exchange.upstream_latency = Some(sent.elapsed());
 
     let (mut parts, incoming) = response.into_parts();
     upstream::strip_hop_by_hop(&mut parts.headers);

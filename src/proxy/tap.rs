@@ -291,11 +291,10 @@ impl Tap {
             strip_usage_chunk: true,
             ..
         } = &mut self.extraction
+            && !framer.is_empty()
         {
-            if !framer.is_empty() {
-                let rest = framer.take_rest();
-                self.push_ready(rest);
-            }
+            let rest = framer.take_rest();
+            self.push_ready(rest);
         }
         self.is_ended = true;
         self.finish(Outcome::Complete);

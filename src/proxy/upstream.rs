@@ -101,16 +101,16 @@ pub fn classify_error(err: &hyper_util::client::legacy::Error, config: &Config) 
                 limit: config.max_body_bytes,
             };
         }
-        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return ProxyError::UpstreamTimeout {
-                    upstream: upstream.to_string(),
-                    after: format!(
-                        "{} (connect_timeout)",
-                        humantime::format_duration(config.connect_timeout)
-                    ),
-                };
-            }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return ProxyError::UpstreamTimeout {
+                upstream: upstream.to_string(),
+                after: format!(
+                    "{} (connect_timeout)",
+                    humantime::format_duration(config.connect_timeout)
+                ),
+            };
         }
         source = cause.source();
     }

@@ -57,6 +57,15 @@ pub enum Flavor {
     OpenAiChat,
 }
 
+impl Flavor {
+    /// The name stored in the ledger and shown in exports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OpenAiChat => "openai_chat",
+        }
+    }
+}
+
 /// A usage field that was present but unusable, for one warning log line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Warning {
@@ -73,6 +82,8 @@ pub struct Extracted {
     pub usage: Option<Usage>,
     /// The model named in the response, if any.
     pub model: Option<String>,
+    /// The response's id (`chatcmpl-…`), if any.
+    pub response_id: Option<String>,
     /// Fields that were present but ignored.
     pub warnings: Vec<Warning>,
 }
@@ -202,6 +213,15 @@ fn parse_raw<'a, T: Deserialize<'a>>(
         }
     }
 }
+
+/// Reads a response's `id`: a short string, or nothing (an id is informational: no warning).
+fn id_of(raw: Option<&RawValue>) -> Option<String> {
+    let id: String = serde_json::from_str(raw?.get()).ok()?;
+    (!id.is_empty() && id.len() <= MAX_ID_LEN).then_some(id)
+}
+
+/// Longest response id kept; provider ids are tens of characters.
+const MAX_ID_LEN: usize = 256;
 
 /// Reads the `model` field: a non-empty string, or nothing (with a warning for another type).
 fn model_of(raw: Option<&RawValue>, warnings: &mut Vec<Warning>) -> Option<String> {

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::{Count, Extracted, Usage, Warning, model_of, parse_raw, sse};
+use super::{Count, Extracted, Usage, Warning, id_of, model_of, parse_raw, sse};
 
 /// Searchers built once: building one per event would cost more than the search.
 static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
@@ -18,6 +18,8 @@ static MODEL_KEY: LazyLock<memmem::Finder<'static>> =
 /// The top-level fields we read, borrowed as raw JSON; serde skips everything else without building it.
 #[derive(Deserialize)]
 struct Envelope<'a> {
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
     #[serde(borrow)]
     model: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -122,6 +124,7 @@ pub fn parse_body(body: &[u8]) -> Extracted {
         return out;
     };
     out.model = model_of(envelope.model, &mut out.warnings);
+    out.response_id = id_of(envelope.id);
     out.usage = envelope
         .usage
         .and_then(|u| usage_from(u, &mut out.warnings));
@@ -220,6 +223,9 @@ impl Stream {
         if let Some(model) = model_of(chunk.model, &mut out.warnings) {
             out.model = Some(model);
         }
+        if out.response_id.is_none() {
+            out.response_id = id_of(chunk.id);
+        }
         let Some(usage) = chunk.usage.and_then(|u| usage_from(u, &mut out.warnings)) else {
             return Event::Other;
         };
@@ -235,10 +241,13 @@ impl Stream {
         #[derive(Deserialize)]
         struct ModelOnly<'a> {
             #[serde(borrow)]
+            id: Option<&'a RawValue>,
+            #[serde(borrow)]
             model: Option<&'a RawValue>,
         }
         if let Ok(chunk) = serde_json::from_slice::<ModelOnly<'_>>(data) {
             self.extracted.model = model_of(chunk.model, &mut self.extracted.warnings);
+            self.extracted.response_id = id_of(chunk.id);
         }
     }
 
@@ -268,6 +277,7 @@ mod tests {
     fn plain_body_gives_all_five_counts() {
         let got = parse_body(PLAIN.as_bytes());
         assert_eq!(got.model.as_deref(), Some("gpt-4o-2024-08-06"));
+        assert_eq!(got.response_id.as_deref(), Some("chatcmpl-1"));
         assert_eq!(
             got.usage,
             Some(Usage {
@@ -354,6 +364,7 @@ mod tests {
     fn stream_usage_comes_from_the_usage_only_chunk() {
         let (got, kinds) = run_stream(&[STREAM.as_bytes()]);
         assert_eq!(got.model.as_deref(), Some("gpt-4o-mini"));
+        assert_eq!(got.response_id.as_deref(), Some("c"));
         assert_eq!(got.usage.unwrap().output_tokens, 2);
         assert_eq!(got.usage.unwrap().input_tokens, 9);
         assert_eq!(

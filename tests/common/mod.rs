@@ -318,12 +318,36 @@ impl Proxy {
         Self::start_with(upstream, "").await
     }
 
-    /// Starts with `toml` as the contents of proxy.toml.
+    /// Starts with `toml` as the contents of proxy.toml, in memory only (no ledger).
     pub async fn start_with(upstream: &str, toml: &str) -> Self {
+        Self::start_flags(
+            toml,
+            Flags {
+                upstream: Some(upstream.into()),
+                no_persist: true,
+                ..Flags::default()
+            },
+        )
+        .await
+    }
+
+    /// Starts with its ledger in `data_dir`.
+    pub async fn start_persistent(upstream: &str, data_dir: &std::path::Path, toml: &str) -> Self {
+        Self::start_flags(
+            toml,
+            Flags {
+                upstream: Some(upstream.into()),
+                data_dir: Some(data_dir.to_owned()),
+                ..Flags::default()
+            },
+        )
+        .await
+    }
+
+    async fn start_flags(toml: &str, flags: Flags) -> Self {
         let flags = Flags {
             listen: Some("127.0.0.1:0".into()),
-            upstream: Some(upstream.into()),
-            ..Flags::default()
+            ..flags
         };
         let config = Config::from_layers(Some(toml), None, &HashMap::new(), &flags).unwrap();
         let listener = TcpListener::bind(config.listen).await.unwrap();
@@ -415,6 +439,8 @@ impl Proxy {
         if let Some(task) = self.task.take() {
             task.await.unwrap().unwrap();
         }
+        // As the binary does after `run`: write out the ledger and release it.
+        self.state.meter.close();
     }
 
     /// The entry for a model under the key whose label ends with `suffix`.
@@ -463,7 +489,8 @@ pub struct Binary {
     stderr: Arc<Mutex<String>>,
 }
 
-/// A command for the built binary, run in `dir` (so no proxy.toml of the repo is picked up).
+/// A command for the built binary, run in `dir` (so no proxy.toml of the repo is picked up),
+/// with its ledger in `dir/data` (never the user's own).
 pub fn binary_command(dir: &std::path::Path) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_llm-meter"));
     command.current_dir(dir).env_remove("RUST_LOG");
@@ -472,6 +499,7 @@ pub fn binary_command(dir: &std::path::Path) -> std::process::Command {
             command.env_remove(name);
         }
     }
+    command.env("LLM_METER_DATA_DIR", dir.join("data"));
     command
 }
 

@@ -1,0 +1,214 @@
+//! `llm-meter report`: the ledger's spend over a period as an aligned table with totals.
+
+use std::fmt::Write as _;
+
+use time::{Duration, OffsetDateTime, Time};
+
+use super::history::{day, rfc3339};
+use crate::cli::ReportArgs;
+use crate::config::Config;
+use crate::meter::Counts;
+use crate::meter::ledger::history::{Filter, Group, Range, Reader, UsageLine, parse_time};
+
+/// Runs the command: reads the ledger named by the config and renders the table.
+pub fn run(config: &Config, args: &ReportArgs) -> Result<String, String> {
+    let options = config
+        .ledger
+        .as_ref()
+        .ok_or("persistence is off (--no-persist): there is no ledger to report on")?;
+    let now = OffsetDateTime::now_utc();
+    let mut range = period(&args.period, now)?;
+    if let Some(since) = &args.since {
+        range.since = Some(parse_time(since, now).map_err(|e| format!("--since: {e}"))?);
+    }
+    if let Some(until) = &args.until {
+        range.until = Some(parse_time(until, now).map_err(|e| format!("--until: {e}"))?);
+    }
+    let groups = Group::parse_list(&args.by).map_err(|e| format!("--by: {e}"))?;
+    let reader = Reader::open(&options.dir).map_err(|e| e.to_string())?;
+    let lines = reader
+        .usage(
+            &groups,
+            &Filter {
+                range,
+                ..Filter::default()
+            },
+        )
+        .map_err(|e| e.to_string())?;
+    let heading = match (&args.since, &args.until) {
+        (None, None) => format!("{} ({})", args.period, describe(range)),
+        _ => describe(range),
+    };
+    Ok(render(&heading, &groups, lines))
+}
+
+/// The range of a named period, in UTC: `today`, `week` (since Monday), `month`, `all`.
+pub fn period(name: &str, now: OffsetDateTime) -> Result<Range, String> {
+    let midnight = now.replace_time(Time::MIDNIGHT);
+    let since = match name {
+        "today" | "day" => midnight,
+        "week" => midnight - Duration::days(i64::from(now.weekday().number_days_from_monday())),
+        "month" => midnight
+            .replace_day(1)
+            .map_err(|e| format!("--period month: {e}"))?,
+        "all" => return Ok(Range::default()),
+        other => {
+            return Err(format!(
+                "--period: expected today, week, month or all, got {other:?}"
+            ));
+        }
+    };
+    Ok(Range {
+        since: Some(since),
+        until: None,
+    })
+}
+
+fn describe(range: Range) -> String {
+    let at = |t: Option<OffsetDateTime>, open: &str| t.map_or_else(|| open.to_owned(), rfc3339);
+    format!(
+        "{} to {}",
+        at(range.since, "the first request"),
+        at(range.until, "now")
+    )
+}
+
+/// Renders the table: one row per line, then the totals; costs of unpriced models noted.
+pub fn render(heading: &str, groups: &[Group], mut lines: Vec<UsageLine>) -> String {
+    let mut out = format!("llm-meter report: {heading}\n");
+    if lines.is_empty() {
+        out.push_str("no requests recorded in this range\n");
+        return out;
+    }
+    // Without a time column, the biggest spenders come first.
+    if !groups.iter().any(|g| matches!(g, Group::Day | Group::Hour)) {
+        lines.sort_by_key(|line| std::cmp::Reverse(line.counts.cost));
+    }
+    let mut header: Vec<String> = groups.iter().map(|g| g.as_str().to_uppercase()).collect();
+    header.extend(
+        [
+            "REQUESTS",
+            "ERRORS",
+            "PROMPT",
+            "CACHED",
+            "COMPLETION",
+            "COST",
+        ]
+        .map(str::to_owned),
+    );
+    let labels = groups.len();
+    let mut table = vec![header];
+    let mut totals = Counts::default();
+    for line in &lines {
+        totals += &line.counts;
+        let mut cells: Vec<String> = groups
+            .iter()
+            .map(|g| match g {
+                Group::Day => line.bucket.map(day).unwrap_or_default(),
+                Group::Hour => line
+                    .bucket
+                    .map(|t| format!("{} {:02}:00", day(t), t.hour()))
+                    .unwrap_or_default(),
+                Group::Model => line.model.clone().unwrap_or_default(),
+                Group::Key => line
+                    .key
+                    .as_ref()
+                    .map(|k| format!("{} [{}]", k.label, k.id))
+                    .unwrap_or_default(),
+            })
+            .collect();
+        cells.extend(numbers(&line.counts));
+        table.push(cells);
+    }
+    let mut total_row = vec![String::new(); labels.max(1)];
+    total_row[0] = "TOTAL".to_owned();
+    total_row.extend(numbers(&totals));
+    table.push(total_row);
+
+    let columns = table[0].len();
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            table
+                .iter()
+                .map(|row| row.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in &table {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            let pad = widths[c].saturating_sub(cell.chars().count());
+            if c > 0 {
+                line.push_str("  ");
+            }
+            if c < labels.max(1) {
+                line.push_str(cell);
+                line.push_str(&" ".repeat(pad));
+            } else {
+                line.push_str(&" ".repeat(pad));
+                line.push_str(cell);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    if totals.unpriced_requests > 0 {
+        let _ = writeln!(
+            out,
+            "{} requests were to models without a price: their tokens are counted, their cost is not",
+            totals.unpriced_requests
+        );
+    }
+    out
+}
+
+fn numbers(c: &Counts) -> Vec<String> {
+    vec![
+        thousands(c.requests),
+        thousands(c.errors),
+        thousands(c.prompt_tokens),
+        thousands(c.cached_tokens),
+        thousands(c.completion_tokens),
+        c.cost.to_string(),
+    ]
+}
+
+/// `1234567` as `1,234,567`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, d) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(d);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::format_description::well_known::Rfc3339;
+
+    #[test]
+    fn numbers_get_thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_000), "1,000");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn periods_start_at_utc_midnight_monday_and_the_first() {
+        // A Wednesday.
+        let now = OffsetDateTime::parse("2026-11-25T15:30:00Z", &Rfc3339).unwrap();
+        let since = |p| rfc3339(period(p, now).unwrap().since.unwrap());
+        assert_eq!(since("today"), "2026-11-25T00:00:00Z");
+        assert_eq!(since("week"), "2026-11-23T00:00:00Z");
+        assert_eq!(since("month"), "2026-11-01T00:00:00Z");
+        assert_eq!(period("all", now).unwrap(), Range::default());
+        assert!(period("year", now).is_err());
+    }
+}

@@ -1,0 +1,392 @@
+//! Reading the ledger: totals over a time range, usage grouped by day, hour, model or key, and
+//! the raw rows in order. Readers never write, so they work beside a running server.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, ToSql};
+use time::format_description::well_known::Rfc3339;
+use time::{Date, OffsetDateTime, Time};
+
+use super::writer::{count, counts_from};
+use super::{FILE_NAME, LedgerError, Row, from_micros, micros, schema};
+use crate::key::Identity;
+use crate::meter::pricing::NanoUsd;
+use crate::meter::{Counts, Snapshot};
+use crate::usage::Usage;
+
+/// A half-open time range `[since, until)`; an open end is unbounded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Range {
+    /// Inclusive start.
+    pub since: Option<OffsetDateTime>,
+    /// Exclusive end.
+    pub until: Option<OffsetDateTime>,
+}
+
+impl Range {
+    /// Parses `since` / `until` as given to `/stats`, `/usage`, `/export` and the CLI.
+    pub fn parse(
+        since: Option<&str>,
+        until: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<Self, String> {
+        let at = |name: &str, value: Option<&str>| {
+            value
+                .map(|v| parse_time(v, now).map_err(|reason| format!("`{name}`: {reason}")))
+                .transpose()
+        };
+        let range = Self {
+            since: at("since", since)?,
+            until: at("until", until)?,
+        };
+        if let (Some(since), Some(until)) = (range.since, range.until)
+            && since >= until
+        {
+            return Err("`since` must be before `until`".into());
+        }
+        Ok(range)
+    }
+
+    fn bounds(&self) -> (i64, i64) {
+        (
+            self.since.map_or(i64::MIN, micros),
+            self.until.map_or(i64::MAX, micros),
+        )
+    }
+}
+
+/// An RFC 3339 time (`2026-11-25T10:00:00Z`), a date (`2026-11-25`, midnight UTC), or a span
+/// back from now (`24h`, `7d`, `90m`).
+pub fn parse_time(value: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
+    let value = value.trim();
+    if let Ok(at) = OffsetDateTime::parse(value, &Rfc3339) {
+        return Ok(at);
+    }
+    let date_format = time::macros::format_description!("[year]-[month]-[day]");
+    if let Ok(date) = Date::parse(value, &date_format) {
+        return Ok(date.with_time(Time::MIDNIGHT).assume_utc());
+    }
+    if let Ok(span) = humantime::parse_duration(value) {
+        return now
+            .checked_sub(time::Duration::try_from(span).map_err(|e| e.to_string())?)
+            .ok_or_else(|| format!("{value:?} reaches before year -9999"));
+    }
+    Err(format!(
+        "expected an RFC 3339 time (2026-11-25T10:00:00Z), a date (2026-11-25) or a span back from now (24h, 7d), got {value:?}"
+    ))
+}
+
+/// One dimension of `/usage` and `llm-meter report`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    /// Calendar day, UTC.
+    Day,
+    /// Hour, UTC.
+    Hour,
+    /// Model.
+    Model,
+    /// API key.
+    Key,
+}
+
+impl Group {
+    /// Parses `day`, `hour`, `model` or `key`.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        match value.trim() {
+            "day" => Ok(Self::Day),
+            "hour" => Ok(Self::Hour),
+            "model" => Ok(Self::Model),
+            "key" => Ok(Self::Key),
+            other => Err(format!("expected day, hour, model or key, got {other:?}")),
+        }
+    }
+
+    /// Parses a comma-separated list (`day,model`), each at most once.
+    pub fn parse_list(value: &str) -> Result<Vec<Self>, String> {
+        let mut groups = Vec::new();
+        for part in value.split(',') {
+            let group = Self::parse(part)?;
+            if groups.contains(&group) {
+                return Err(format!("{part:?} is given twice"));
+            }
+            groups.push(group);
+        }
+        Ok(groups)
+    }
+
+    /// The name used in queries and headings.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Day => "day",
+            Self::Hour => "hour",
+            Self::Model => "model",
+            Self::Key => "key",
+        }
+    }
+
+    fn columns(self) -> &'static str {
+        match self {
+            Self::Day => "at / 86400000000",
+            Self::Hour => "at / 3600000000",
+            Self::Model => "model",
+            Self::Key => "key_id",
+        }
+    }
+}
+
+/// Rows to sum: a range, optionally one key (by id) and one model.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// The time range.
+    pub range: Range,
+    /// Only this key id.
+    pub key_id: Option<String>,
+    /// Only this model.
+    pub model: Option<String>,
+}
+
+/// One line of grouped usage; the dimensions not grouped by are `None`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageLine {
+    /// Start of the day or hour.
+    pub bucket: Option<OffsetDateTime>,
+    /// The model.
+    pub model: Option<String>,
+    /// The key.
+    pub key: Option<Identity>,
+    /// The sums.
+    pub counts: Counts,
+}
+
+/// The counter columns, summed, in the order `counts_from` reads them.
+const SUMS: &str = "count(*), sum(error), sum(input_tokens), sum(cached_tokens),
+    sum(cache_write_tokens), sum(output_tokens), sum(reasoning_tokens), sum(cost_nano_usd),
+    sum(unpriced)";
+
+/// A read-only view of a ledger.
+pub struct Reader {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Reader {
+    /// Opens the ledger in `dir`; fails if there is none, or it is not ours.
+    pub fn open(dir: &Path) -> Result<Self, LedgerError> {
+        Self::open_file(&dir.join(FILE_NAME))
+    }
+
+    /// Opens the ledger file itself.
+    pub fn open_file(path: &Path) -> Result<Self, LedgerError> {
+        let conn = schema::open(path, schema::Access::Read)?;
+        Ok(Self {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    fn fail(&self, err: &rusqlite::Error) -> LedgerError {
+        LedgerError::sqlite(&self.path, err)
+    }
+
+    /// The totals per key and model of the rows in `range`, shaped like `/stats`.
+    pub fn totals(&self, range: Range) -> Result<Snapshot, LedgerError> {
+        let lines = self.usage(
+            &[Group::Key, Group::Model],
+            &Filter {
+                range,
+                ..Filter::default()
+            },
+        )?;
+        let since = match range.since {
+            Some(since) => since,
+            None => self.first_time()?.unwrap_or_else(OffsetDateTime::now_utc),
+        };
+        Ok(Snapshot::collect(
+            since,
+            lines
+                .into_iter()
+                .filter_map(|line| Some((line.key?, line.model?, line.counts))),
+        ))
+    }
+
+    fn first_time(&self) -> Result<Option<OffsetDateTime>, LedgerError> {
+        self.conn
+            .query_row("SELECT min(at) FROM requests", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
+            .map(|at| at.map(from_micros))
+            .map_err(|e| self.fail(&e))
+    }
+
+    /// Sums of the filtered rows per group, in group order.
+    pub fn usage(&self, groups: &[Group], filter: &Filter) -> Result<Vec<UsageLine>, LedgerError> {
+        let (since, until) = filter.range.bounds();
+        let mut conditions = String::from("at >= ?1 AND at < ?2");
+        let mut params: Vec<&dyn ToSql> = vec![&since, &until];
+        if let Some(key_id) = &filter.key_id {
+            params.push(key_id);
+            conditions.push_str(&format!(" AND key_id = ?{}", params.len()));
+        }
+        if let Some(model) = &filter.model {
+            params.push(model);
+            conditions.push_str(&format!(" AND model = ?{}", params.len()));
+        }
+        let by: Vec<&str> = groups.iter().map(|g| g.columns()).collect();
+        let sql = if by.is_empty() {
+            format!("SELECT {SUMS} FROM requests WHERE {conditions} HAVING count(*) > 0")
+        } else {
+            let by = by.join(", ");
+            format!(
+                "SELECT {by}, max(key_label), {SUMS} FROM requests WHERE {conditions} GROUP BY {by} ORDER BY {by}"
+            )
+        };
+        let mut statement = self.conn.prepare(&sql).map_err(|e| self.fail(&e))?;
+        let lines = statement
+            .query_map(params.as_slice(), |r| {
+                let mut line = UsageLine {
+                    bucket: None,
+                    model: None,
+                    key: None,
+                    counts: Counts::default(),
+                };
+                let label = if groups.is_empty() {
+                    None
+                } else {
+                    Some(r.get::<_, String>(groups.len())?)
+                };
+                for (i, group) in groups.iter().enumerate() {
+                    match group {
+                        Group::Day => {
+                            line.bucket = Some(from_micros(r.get::<_, i64>(i)? * 86_400_000_000))
+                        }
+                        Group::Hour => {
+                            line.bucket = Some(from_micros(r.get::<_, i64>(i)? * 3_600_000_000))
+                        }
+                        Group::Model => line.model = Some(r.get(i)?),
+                        Group::Key => {
+                            line.key = Some(Identity {
+                                id: r.get(i)?,
+                                label: label.clone().unwrap_or_default(),
+                            });
+                        }
+                    }
+                }
+                let at = if groups.is_empty() {
+                    0
+                } else {
+                    groups.len() + 1
+                };
+                line.counts = counts_from(r, at)?;
+                Ok(line)
+            })
+            .map_err(|e| self.fail(&e))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.fail(&e))?;
+        Ok(lines)
+    }
+
+    /// Calls `each` with every row in `range`, oldest first, without loading them all; stops
+    /// early when `each` returns false.
+    pub fn for_each_row(
+        &self,
+        range: Range,
+        mut each: impl FnMut(&Row) -> bool,
+    ) -> Result<(), LedgerError> {
+        let (since, until) = range.bounds();
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT at, period, key_id, key_label, model, flavor, status, streamed,
+                    input_tokens, cached_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
+                    cost_nano_usd, latency_us, response_id, error, unpriced, estimated, partial
+                 FROM requests WHERE at >= ?1 AND at < ?2 ORDER BY at, id",
+            )
+            .map_err(|e| self.fail(&e))?;
+        let mut rows = statement.query([since, until]).map_err(|e| self.fail(&e))?;
+        while let Some(r) = rows.next().map_err(|e| self.fail(&e))? {
+            let row = row_from(r).map_err(|e| self.fail(&e))?;
+            if !each(&row) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    let n = |i: usize| -> rusqlite::Result<u64> { Ok(count(r.get::<_, i64>(i)?)) };
+    Ok(Row {
+        at: from_micros(r.get(0)?),
+        period: n(1)?,
+        key_id: r.get(2)?,
+        key_label: r.get(3)?,
+        model: r.get(4)?,
+        flavor: Cow::Owned(r.get(5)?),
+        status: r.get(6)?,
+        is_streaming: r.get(7)?,
+        usage: Usage {
+            input_tokens: n(8)?,
+            cached_input_tokens: n(9)?,
+            cache_write_tokens: n(10)?,
+            output_tokens: n(11)?,
+            reasoning_tokens: n(12)?,
+        },
+        cost: NanoUsd(n(13)?),
+        latency: r
+            .get::<_, Option<i64>>(14)?
+            .map(|us| Duration::from_micros(count(us))),
+        response_id: r.get(15)?,
+        is_error: r.get(16)?,
+        is_unpriced: r.get(17)?,
+        is_estimated: r.get(18)?,
+        is_partial: r.get(19)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::parse("2026-11-25T12:00:00Z", &Rfc3339).unwrap()
+    }
+
+    #[test]
+    fn times_are_rfc3339_dates_or_spans_back_from_now() {
+        let t = |v| parse_time(v, now()).unwrap().format(&Rfc3339).unwrap();
+        assert_eq!(t("2026-11-24T08:30:00Z"), "2026-11-24T08:30:00Z");
+        assert_eq!(t("2026-11-24T08:30:00+01:00"), "2026-11-24T08:30:00+01:00");
+        assert_eq!(t("2026-11-20"), "2026-11-20T00:00:00Z");
+        assert_eq!(t("24h"), "2026-11-24T12:00:00Z");
+        assert_eq!(t("7d"), "2026-11-18T12:00:00Z");
+        assert_eq!(t("90m"), "2026-11-25T10:30:00Z");
+        assert!(
+            parse_time("yesterday", now())
+                .unwrap_err()
+                .contains("RFC 3339")
+        );
+    }
+
+    #[test]
+    fn a_range_must_not_end_before_it_starts() {
+        assert!(Range::parse(Some("1h"), Some("2h"), now()).is_err());
+        assert!(Range::parse(Some("2h"), Some("1h"), now()).is_ok());
+        assert!(
+            Range::parse(Some("nonsense"), None, now())
+                .unwrap_err()
+                .starts_with("`since`")
+        );
+    }
+
+    #[test]
+    fn groups_parse_as_a_list_without_repeats() {
+        assert_eq!(
+            Group::parse_list("day,model").unwrap(),
+            vec![Group::Day, Group::Model]
+        );
+        assert!(Group::parse_list("day,day").is_err());
+        assert!(Group::parse_list("week").is_err());
+    }
+}

@@ -1,0 +1,438 @@
+//! The durable ledger: one SQLite row per metered request, written off the hot path by one
+//! writer thread in group commits, and read back on start so totals survive a restart.
+//!
+//! Recording pushes a row onto an in-memory queue (a short mutex section, no I/O). The writer
+//! thread wakes when a batch starts, waits up to `flush_interval` for more rows, and commits them
+//! in one transaction together with the per-period sums that restore `/stats` on start. A killed
+//! process loses at most the rows queued in its last `flush_interval` (plus the commit in
+//! progress); a graceful stop writes everything.
+
+pub mod history;
+pub mod schema;
+mod writer;
+
+use std::borrow::Cow;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+use time::OffsetDateTime;
+
+use crate::key::Identity;
+use crate::meter::Counts;
+use crate::meter::pricing::NanoUsd;
+use crate::usage::Usage;
+
+/// The database file inside the data directory.
+pub const FILE_NAME: &str = "ledger.sqlite3";
+/// The lock file that keeps a second server off the same ledger.
+pub const LOCK_FILE_NAME: &str = "llm-meter.lock";
+
+/// Why the ledger cannot be opened or read; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The data directory cannot be created or used.
+    #[error("cannot use data directory {path}: {reason}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        reason: String,
+    },
+    /// Another server holds the ledger.
+    #[error(
+        "the ledger in {path} is in use by another llm-meter{pid}; stop it, or give this one another --data-dir (or --no-persist)"
+    )]
+    InUse {
+        /// The data directory.
+        path: PathBuf,
+        /// ` (pid N)` when known.
+        pid: String,
+    },
+    /// No ledger has been written there yet.
+    #[error("no ledger at {0} (llm-meter serve creates it when it first starts)")]
+    Missing(PathBuf),
+    /// The file exists but is not an llm-meter ledger; it is left untouched.
+    #[error(
+        "{path} is not an llm-meter ledger: {reason}; it was left untouched (move it away or choose another --data-dir)"
+    )]
+    NotALedger {
+        /// The file.
+        path: PathBuf,
+        /// What it seems to be.
+        reason: String,
+    },
+    /// The ledger was written by a newer llm-meter.
+    #[error(
+        "{path} has ledger schema version {found}, newer than this llm-meter knows ({known}); upgrade llm-meter"
+    )]
+    TooNew {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        found: i32,
+        /// Ours.
+        known: i32,
+    },
+    /// SQLite failed.
+    #[error("ledger {path}: {reason}")]
+    Sqlite {
+        /// The file.
+        path: PathBuf,
+        /// SQLite's message.
+        reason: String,
+    },
+}
+
+impl LedgerError {
+    fn sqlite(path: &Path, err: &rusqlite::Error) -> Self {
+        Self::Sqlite {
+            path: path.to_owned(),
+            reason: err.to_string(),
+        }
+    }
+}
+
+/// How the ledger writes.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The directory holding the database and its lock file.
+    pub dir: PathBuf,
+    /// Longest time a recorded row waits before it is committed.
+    pub flush_interval: Duration,
+    /// Rows kept in memory while the disk refuses them; past it the oldest are given up (and counted).
+    pub max_pending_rows: usize,
+}
+
+/// One metered request as the ledger stores it. Carries no key material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    /// When it was recorded.
+    pub at: OffsetDateTime,
+    /// The `/stats` period it was counted in.
+    pub period: u64,
+    /// The caller's key id.
+    pub key_id: String,
+    /// The caller's redacted key label.
+    pub key_label: String,
+    /// The model it was counted under.
+    pub model: String,
+    /// The API flavor (`openai_chat`).
+    pub flavor: Cow<'static, str>,
+    /// HTTP status the client got (499 when it left first).
+    pub status: u16,
+    /// A streamed response.
+    pub is_streaming: bool,
+    /// Tokens (zero when none were reported).
+    pub usage: Usage,
+    /// Cost at the prices in force when recorded.
+    pub cost: NanoUsd,
+    /// Time until the upstream's response headers, when there was a response.
+    pub latency: Option<Duration>,
+    /// The upstream's response id (`chatcmpl-…`), when it sent one.
+    pub response_id: Option<String>,
+    /// Not a complete 2xx response.
+    pub is_error: bool,
+    /// The model had no price.
+    pub is_unpriced: bool,
+    /// Tokens counted by estimate, not reported by the provider.
+    pub is_estimated: bool,
+    /// The response did not arrive whole (client left, upstream cut).
+    pub is_partial: bool,
+}
+
+impl Row {
+    /// The counters this row adds to its (key, model) totals.
+    pub fn counts(&self) -> Counts {
+        let u = &self.usage;
+        Counts {
+            requests: 1,
+            errors: u64::from(self.is_error),
+            prompt_tokens: u.prompt_tokens(),
+            completion_tokens: u.output_tokens,
+            total_tokens: u.total_tokens(),
+            cached_tokens: u.cached_input_tokens,
+            cache_write_tokens: u.cache_write_tokens,
+            reasoning_tokens: u.reasoning_tokens,
+            cost: self.cost,
+            unpriced_requests: u64::from(self.is_unpriced),
+        }
+    }
+}
+
+/// What the writer thread is asked to store, in order.
+#[derive(Debug)]
+enum Entry {
+    Row(Row),
+    Period { id: u64, started: OffsetDateTime },
+}
+
+/// The totals of the ledger's current period, to rebuild the in-memory store on start.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    /// The current period's number.
+    pub period: u64,
+    /// When it started.
+    pub since: OffsetDateTime,
+    /// Its totals per (key, model).
+    pub totals: Vec<(Identity, String, Counts)>,
+}
+
+/// The ledger's state as `/stats` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// The database file.
+    pub path: PathBuf,
+    /// Rows recorded but not yet committed.
+    pub pending_rows: u64,
+    /// Rows committed since start.
+    pub written_rows: u64,
+    /// Rows given up because the disk kept failing and the backlog was full.
+    pub lost_rows: u64,
+    /// The last write failed (the disk is full, read-only, …); rows wait in memory.
+    pub is_failing: bool,
+    /// The last write error, while failing.
+    pub last_error: Option<String>,
+}
+
+/// The writer's side of the queue, shared with the recording threads.
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Wakes the writer: a batch started, grew long, a sync was asked for, or the ledger closes.
+    wake: Condvar,
+    /// Wakes `sync` callers: entries were committed (or given up).
+    settled_cv: Condvar,
+    /// Entries committed or given up, ever; compared with `Queue::enqueued`.
+    settled: AtomicU64,
+    pending: AtomicU64,
+    written: AtomicU64,
+    lost: AtomicU64,
+    is_failing: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    entries: Vec<Entry>,
+    /// Entries ever queued.
+    enqueued: u64,
+    /// A reader wants everything queued so far committed now.
+    is_flush_asked: bool,
+    is_closing: bool,
+}
+
+/// Entries that wake the writer before its flush interval is over, to keep batches bounded.
+const EARLY_WAKE: usize = 4096;
+
+/// A handle on the open ledger: appends rows, reports health, flushes on close.
+pub struct Ledger {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    path: PathBuf,
+    /// Held (and locked) until the ledger is closed.
+    lock: Mutex<Option<File>>,
+}
+
+impl Ledger {
+    /// Opens (creating or migrating) the ledger in `options.dir`, takes its lock, reads back the
+    /// current period's totals and starts the writer thread.
+    pub fn open(options: &Options) -> Result<(Self, Restored), LedgerError> {
+        let dir = &options.dir;
+        std::fs::create_dir_all(dir).map_err(|e| LedgerError::Dir {
+            path: dir.clone(),
+            reason: e.to_string(),
+        })?;
+        let lock = lock_dir(dir)?;
+        let path = dir.join(FILE_NAME);
+        let mut conn = schema::open(&path, schema::Access::Write)?;
+        let restored = writer::restore(&mut conn).map_err(|e| LedgerError::sqlite(&path, &e))?;
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            settled_cv: Condvar::new(),
+            settled: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            is_failing: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+        });
+        let writer = writer::Writer {
+            conn,
+            shared: Arc::clone(&shared),
+            flush_interval: options.flush_interval,
+            max_pending_rows: options.max_pending_rows.max(1),
+            path: path.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| LedgerError::Dir {
+                path: dir.clone(),
+                reason: format!("cannot start the writer thread: {e}"),
+            })?;
+        Ok((
+            Self {
+                shared,
+                writer: Mutex::new(Some(handle)),
+                path,
+                lock: Mutex::new(Some(lock)),
+            },
+            restored,
+        ))
+    }
+
+    /// Queues a row; never blocks on the disk.
+    pub fn append(&self, row: Row) {
+        self.push(Entry::Row(row));
+    }
+
+    /// Queues the start of a new period.
+    pub fn start_period(&self, id: u64, started: OffsetDateTime) {
+        self.push(Entry::Period { id, started });
+    }
+
+    fn push(&self, entry: Entry) {
+        let mut queue = self.shared.queue.lock();
+        if queue.is_closing {
+            drop(queue);
+            // Only a request finishing after shutdown's grace period can get here.
+            self.shared.lost.fetch_add(1, Relaxed);
+            tracing::warn!("a request finished after the ledger was closed: not written");
+            return;
+        }
+        self.shared.pending.fetch_add(1, Relaxed);
+        queue.entries.push(entry);
+        queue.enqueued += 1;
+        let len = queue.entries.len();
+        drop(queue);
+        // The first entry starts a batch (the writer sleeps until then); a long queue ends one early.
+        if len == 1 || len == EARLY_WAKE {
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// Waits until every row recorded before the call is committed, so that history reads see
+    /// them; false if that takes longer than `timeout` (a slow or failing disk).
+    pub fn sync(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut queue = self.shared.queue.lock();
+        let target = queue.enqueued;
+        if self.shared.settled.load(Relaxed) >= target {
+            return true;
+        }
+        queue.is_flush_asked = true;
+        self.shared.wake.notify_one();
+        while self.shared.settled.load(Relaxed) < target {
+            if self
+                .shared
+                .settled_cv
+                .wait_until(&mut queue, deadline)
+                .timed_out()
+            {
+                return self.shared.settled.load(Relaxed) >= target;
+            }
+        }
+        true
+    }
+
+    /// Counters for `/stats`.
+    pub fn health(&self) -> Health {
+        let s = &self.shared;
+        let is_failing = s.is_failing.load(Relaxed);
+        Health {
+            path: self.path.clone(),
+            pending_rows: s.pending.load(Relaxed),
+            written_rows: s.written.load(Relaxed),
+            lost_rows: s.lost.load(Relaxed),
+            is_failing,
+            last_error: if is_failing {
+                s.last_error.lock().clone()
+            } else {
+                None
+            },
+        }
+    }
+
+    /// Commits everything queued, stops the writer and releases the lock; later appends are
+    /// not written (and are counted as lost).
+    pub fn close(&self) {
+        self.shared.queue.lock().is_closing = true;
+        self.shared.wake.notify_one();
+        if let Some(handle) = self.writer.lock().take()
+            && handle.join().is_err()
+        {
+            tracing::error!(path = %self.path.display(), "the ledger writer panicked");
+        }
+        drop(self.lock.lock().take());
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Takes the directory's lock file, so two servers never write one ledger; readers don't take it.
+fn lock_dir(dir: &Path) -> Result<File, LedgerError> {
+    let path = dir.join(LOCK_FILE_NAME);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| LedgerError::Dir {
+            path: dir.to_owned(),
+            reason: format!("cannot open {}: {e}", path.display()),
+        })?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(LedgerError::InUse {
+                path: dir.to_owned(),
+                pid: if pid.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {pid})")
+                },
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(LedgerError::Dir {
+                path: dir.to_owned(),
+                reason: format!("cannot lock {}: {e}", path.display()),
+            });
+        }
+    }
+    // The pid is only a hint for the message above; failing to write it changes nothing.
+    let _ = file.set_len(0);
+    let _ = write!(file, "{}", std::process::id());
+    let _ = file.flush();
+    Ok(file)
+}
+
+/// Unix microseconds, as the ledger stores times.
+pub fn micros(at: OffsetDateTime) -> i64 {
+    i64::try_from(at.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
+}
+
+/// The time of a stored unix-microsecond value.
+pub fn from_micros(micros: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}

@@ -1,0 +1,184 @@
+//! The ledger file: opening it safely (never writing to a file that is not ours) and migrating its schema.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::LedgerError;
+
+/// Marks a database as an llm-meter ledger (`PRAGMA application_id`, "LLMm").
+pub const APPLICATION_ID: i32 = 0x4C4C_4D6D;
+
+/// Migrations in order; the schema version is the number applied (`PRAGMA user_version`).
+/// Never edit one that has shipped: add the next.
+const MIGRATIONS: &[&str] = &[
+    // 1: requests, periods, and per-period totals kept in step with the rows.
+    "
+    CREATE TABLE periods (
+        id          INTEGER PRIMARY KEY,
+        started_at  INTEGER NOT NULL  -- unix microseconds, UTC
+    );
+    CREATE TABLE requests (
+        id                  INTEGER PRIMARY KEY,
+        at                  INTEGER NOT NULL,  -- unix microseconds, UTC, when recorded
+        period              INTEGER NOT NULL,
+        key_id              TEXT NOT NULL,
+        key_label           TEXT NOT NULL,
+        model               TEXT NOT NULL,
+        flavor              TEXT NOT NULL,
+        status              INTEGER NOT NULL,
+        streamed            INTEGER NOT NULL,
+        input_tokens        INTEGER NOT NULL,  -- uncached input
+        cached_tokens       INTEGER NOT NULL,
+        cache_write_tokens  INTEGER NOT NULL,
+        output_tokens       INTEGER NOT NULL,  -- reasoning included
+        reasoning_tokens    INTEGER NOT NULL,
+        cost_nano_usd       INTEGER NOT NULL,
+        latency_us          INTEGER,           -- until the upstream's response headers
+        response_id         TEXT,
+        error               INTEGER NOT NULL,
+        unpriced            INTEGER NOT NULL,
+        estimated           INTEGER NOT NULL,
+        partial             INTEGER NOT NULL
+    );
+    CREATE INDEX requests_at ON requests(at);
+    -- The sums of each period's rows, updated in the same transaction as the rows, so that a
+    -- restart restores /stats without reading every row.
+    CREATE TABLE totals (
+        period              INTEGER NOT NULL,
+        key_id              TEXT NOT NULL,
+        key_label           TEXT NOT NULL,
+        model               TEXT NOT NULL,
+        requests            INTEGER NOT NULL,
+        errors              INTEGER NOT NULL,
+        input_tokens        INTEGER NOT NULL,
+        cached_tokens       INTEGER NOT NULL,
+        cache_write_tokens  INTEGER NOT NULL,
+        output_tokens       INTEGER NOT NULL,
+        reasoning_tokens    INTEGER NOT NULL,
+        cost_nano_usd       INTEGER NOT NULL,
+        unpriced            INTEGER NOT NULL,
+        PRIMARY KEY (period, key_id, model)
+    ) WITHOUT ROWID;
+    ",
+];
+
+/// The schema version this build writes and reads.
+pub const VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// How a connection will be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The server's writer: creates the file when missing and migrates it.
+    Write,
+    /// Reports and exports: never creates or changes anything.
+    Read,
+}
+
+/// Opens the ledger at `path`, refusing files that are not an llm-meter ledger of a known version.
+pub fn open(path: &Path, access: Access) -> Result<Connection, LedgerError> {
+    let flags = match access {
+        Access::Write => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        // Read-write without create: a reader of a WAL database may need to set up its
+        // shared-memory index; `query_only` below keeps it from changing data.
+        Access::Read => OpenFlags::SQLITE_OPEN_READ_WRITE,
+    } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if access == Access::Read && !path.exists() {
+        return Err(LedgerError::Missing(path.to_owned()));
+    }
+    let fail = |e: rusqlite::Error| LedgerError::sqlite(path, &e);
+    let conn = Connection::open_with_flags(path, flags).map_err(fail)?;
+    // Identify the file before anything writes to it: these reads fail on a file that is not
+    // SQLite ("file is not a database") and leave it untouched.
+    let (app_id, version, tables) = identify(&conn).map_err(|e| match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase) => LedgerError::NotALedger {
+            path: path.to_owned(),
+            reason: "it is not an SQLite database (corrupt, or another kind of file)".into(),
+        },
+        _ => fail(e),
+    })?;
+    let is_empty = app_id == 0 && version == 0 && tables == 0;
+    if !is_empty && app_id != APPLICATION_ID {
+        return Err(LedgerError::NotALedger {
+            path: path.to_owned(),
+            reason: "it is an SQLite database of another application".into(),
+        });
+    }
+    if version > VERSION {
+        return Err(LedgerError::TooNew {
+            path: path.to_owned(),
+            found: version,
+            known: VERSION,
+        });
+    }
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(fail)?;
+    match access {
+        Access::Read => {
+            if is_empty {
+                return Err(LedgerError::Missing(path.to_owned()));
+            }
+            conn.pragma_update(None, "query_only", true).map_err(fail)?;
+        }
+        Access::Write => {
+            // WAL: readers (reports, exports, /stats history) never block the writer. NORMAL:
+            // a commit is a write to the log, durable when the process dies; only a power loss
+            // can take the last commits, which the next checkpoint's fsync makes safe.
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .map_err(fail)?;
+            conn.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(fail)?;
+            migrate(&conn, version).map_err(fail)?;
+        }
+    }
+    Ok(conn)
+}
+
+fn identify(conn: &Connection) -> rusqlite::Result<(i32, i32, i64)> {
+    let app_id = conn.pragma_query_value(None, "application_id", |r| r.get(0))?;
+    let version = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let tables = conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))?;
+    Ok((app_id, version, tables))
+}
+
+/// Applies the migrations after `from`, each in its own transaction with its version bump.
+fn migrate(conn: &Connection, from: i32) -> rusqlite::Result<()> {
+    for (done, sql) in (from.max(0)..).zip(MIGRATIONS.iter().skip(from.max(0) as usize)) {
+        let version = done + 1;
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE;
+             {sql}
+             PRAGMA application_id = {APPLICATION_ID};
+             PRAGMA user_version = {version};
+             COMMIT;"
+        ))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_file_gets_the_latest_schema_and_opens_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite3");
+        drop(open(&path, Access::Write).unwrap());
+        let conn = open(&path, Access::Read).unwrap();
+        let (app_id, version, _) = identify(&conn).unwrap();
+        assert_eq!((app_id, version), (APPLICATION_ID, VERSION));
+        drop(open(&path, Access::Write).unwrap());
+    }
+
+    #[test]
+    fn readers_never_create_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite3");
+        assert!(matches!(
+            open(&path, Access::Read),
+            Err(LedgerError::Missing(_))
+        ));
+        assert!(!path.exists());
+    }
+}

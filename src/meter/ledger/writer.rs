@@ -1,0 +1,316 @@
+//! The writer thread: group commits of queued rows, retries while the disk fails, restore on start.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, TransactionBehavior, params};
+use time::OffsetDateTime;
+
+use super::{Entry, Restored, Row, Shared, from_micros, micros};
+use crate::key::Identity;
+use crate::meter::Counts;
+use crate::meter::pricing::NanoUsd;
+
+/// How long the writer waits before retrying after a failed commit.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Backlog above which a slow disk is warned about (at most once a minute).
+const SLOW_BACKLOG: u64 = 10_000;
+
+pub(super) struct Writer {
+    pub conn: Connection,
+    pub shared: Arc<Shared>,
+    pub flush_interval: Duration,
+    pub max_pending_rows: usize,
+    pub path: PathBuf,
+}
+
+impl Writer {
+    pub fn run(mut self) {
+        // Entries taken from the queue but not yet committed (kept across failed attempts).
+        let mut batch: Vec<Entry> = Vec::new();
+        let mut last_slow_warning: Option<Instant> = None;
+        loop {
+            let is_closing = self.gather(&mut batch);
+            if batch.is_empty() {
+                if is_closing {
+                    return;
+                }
+                continue;
+            }
+            let started = Instant::now();
+            match commit(&mut self.conn, &batch) {
+                Ok(()) => {
+                    let n = batch.len() as u64;
+                    batch.clear();
+                    self.shared.pending.fetch_sub(n, Relaxed);
+                    self.shared.written.fetch_add(n, Relaxed);
+                    self.settle(n);
+                    if self.shared.is_failing.swap(false, Relaxed) {
+                        tracing::info!(path = %self.path.display(), "ledger writes succeed again: the rows kept in memory are saved");
+                    }
+                    let pending = self.shared.pending.load(Relaxed);
+                    if pending > SLOW_BACKLOG
+                        && last_slow_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60))
+                    {
+                        last_slow_warning = Some(Instant::now());
+                        tracing::warn!(path = %self.path.display(), pending_rows = pending, commit_ms = started.elapsed().as_millis(), "the ledger's disk is slower than the traffic: rows are waiting in memory");
+                    }
+                }
+                Err(err) => {
+                    let reason = err.to_string();
+                    if !self.shared.is_failing.swap(true, Relaxed) {
+                        tracing::error!(path = %self.path.display(), error = %reason, "cannot write to the ledger: forwarding goes on, rows wait in memory and are retried");
+                    }
+                    *self.shared.last_error.lock() = Some(reason);
+                    self.give_up_oldest(&mut batch);
+                    if is_closing {
+                        let lost = batch.len();
+                        tracing::error!(path = %self.path.display(), lost_rows = lost, "stopping with the ledger still failing: the rows not yet written are lost");
+                        self.shared.lost.fetch_add(lost as u64, Relaxed);
+                        self.settle(lost as u64);
+                        return;
+                    }
+                    // Wait before the next attempt, still taking new rows (and a close).
+                    let mut queue = self.shared.queue.lock();
+                    if !queue.is_closing {
+                        self.shared.wake.wait_for(&mut queue, RETRY_AFTER);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for a batch to start, then up to a flush interval for it to fill; moves the queue
+    /// into `batch`. Returns whether the ledger is closing.
+    fn gather(&self, batch: &mut Vec<Entry>) -> bool {
+        let mut queue = self.shared.queue.lock();
+        while queue.entries.is_empty() && batch.is_empty() && !queue.is_closing {
+            self.shared.wake.wait(&mut queue);
+        }
+        let deadline = Instant::now() + self.flush_interval;
+        while !queue.is_closing && !queue.is_flush_asked && queue.entries.len() < super::EARLY_WAKE
+        {
+            if self
+                .shared
+                .wake
+                .wait_until(&mut queue, deadline)
+                .timed_out()
+            {
+                break;
+            }
+        }
+        queue.is_flush_asked = false;
+        batch.append(&mut queue.entries);
+        queue.is_closing
+    }
+
+    /// Counts entries as done with (committed or given up) and wakes `sync` callers.
+    fn settle(&self, n: u64) {
+        self.shared.settled.fetch_add(n, Relaxed);
+        let _queue = self.shared.queue.lock();
+        self.shared.settled_cv.notify_all();
+    }
+
+    /// Keeps the backlog within its bound by giving up the oldest rows (periods are kept).
+    fn give_up_oldest(&self, batch: &mut Vec<Entry>) {
+        let rows = batch.iter().filter(|e| matches!(e, Entry::Row(_))).count();
+        let excess = rows.saturating_sub(self.max_pending_rows);
+        if excess == 0 {
+            return;
+        }
+        let mut dropped = 0;
+        batch.retain(|e| {
+            if dropped < excess && matches!(e, Entry::Row(_)) {
+                dropped += 1;
+                false
+            } else {
+                true
+            }
+        });
+        self.shared.pending.fetch_sub(dropped as u64, Relaxed);
+        self.shared.lost.fetch_add(dropped as u64, Relaxed);
+        self.settle(dropped as u64);
+        tracing::error!(path = %self.path.display(), lost_rows = dropped, max_pending_rows = self.max_pending_rows, "the ledger backlog is full: gave up the oldest rows (their totals stay in /stats until restart)");
+    }
+}
+
+/// Writes a batch in one transaction: the rows, new periods, and the sums of the rows per
+/// (period, key, model) added to `totals`.
+fn commit(conn: &mut Connection, batch: &[Entry]) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut sums: HashMap<(u64, &str, &str), (&str, Counts), foldhash::fast::RandomState> =
+        HashMap::default();
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO requests (at, period, key_id, key_label, model, flavor, status, streamed,
+                input_tokens, cached_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
+                cost_nano_usd, latency_us, response_id, error, unpriced, estimated, partial)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
+        )?;
+        let mut period =
+            tx.prepare_cached("INSERT OR IGNORE INTO periods (id, started_at) VALUES (?1, ?2)")?;
+        for entry in batch {
+            match entry {
+                Entry::Period { id, started } => {
+                    period.execute(params![int(*id), micros(*started)])?;
+                }
+                Entry::Row(row) => {
+                    insert_row(&mut insert, row)?;
+                    let (_, sum) = sums
+                        .entry((row.period, &row.key_id, &row.model))
+                        .or_insert((&row.key_label, Counts::default()));
+                    *sum += &row.counts();
+                }
+            }
+        }
+    }
+    {
+        let mut upsert = tx.prepare_cached(
+            "INSERT INTO totals (period, key_id, key_label, model, requests, errors, input_tokens,
+                cached_tokens, cache_write_tokens, output_tokens, reasoning_tokens, cost_nano_usd, unpriced)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+             ON CONFLICT (period, key_id, model) DO UPDATE SET
+                requests = requests + excluded.requests,
+                errors = errors + excluded.errors,
+                input_tokens = input_tokens + excluded.input_tokens,
+                cached_tokens = cached_tokens + excluded.cached_tokens,
+                cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens,
+                output_tokens = output_tokens + excluded.output_tokens,
+                reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens,
+                cost_nano_usd = cost_nano_usd + excluded.cost_nano_usd,
+                unpriced = unpriced + excluded.unpriced",
+        )?;
+        for ((period, key_id, model), (label, c)) in &sums {
+            let input = c.prompt_tokens - c.cached_tokens - c.cache_write_tokens;
+            upsert.execute(params![
+                int(*period),
+                key_id,
+                label,
+                model,
+                int(c.requests),
+                int(c.errors),
+                int(input),
+                int(c.cached_tokens),
+                int(c.cache_write_tokens),
+                int(c.completion_tokens),
+                int(c.reasoning_tokens),
+                int(c.cost.0),
+                int(c.unpriced_requests),
+            ])?;
+        }
+    }
+    tx.commit()
+}
+
+fn insert_row(insert: &mut rusqlite::CachedStatement<'_>, row: &Row) -> rusqlite::Result<()> {
+    let u = &row.usage;
+    insert.execute(params![
+        micros(row.at),
+        int(row.period),
+        row.key_id,
+        row.key_label,
+        row.model,
+        row.flavor.as_ref(),
+        row.status,
+        row.is_streaming,
+        int(u.input_tokens),
+        int(u.cached_input_tokens),
+        int(u.cache_write_tokens),
+        int(u.output_tokens),
+        int(u.reasoning_tokens),
+        int(row.cost.0),
+        row.latency
+            .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
+        row.response_id,
+        row.is_error,
+        row.is_unpriced,
+        row.is_estimated,
+        row.is_partial,
+    ])?;
+    Ok(())
+}
+
+/// SQLite integers are signed; counts past `i64::MAX` cannot happen (tokens are capped per
+/// request), so saturating is only a guard.
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Reads back a stored count (never negative when we wrote it).
+pub(super) fn count(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// The current period's totals; starts period 1 in a new ledger.
+pub(super) fn restore(conn: &mut Connection) -> rusqlite::Result<Restored> {
+    let current: Option<(i64, i64)> = conn
+        .query_row(
+            "SELECT id, started_at FROM periods ORDER BY id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })?;
+    let Some((period, started)) = current else {
+        let since = OffsetDateTime::now_utc();
+        conn.execute(
+            "INSERT INTO periods (id, started_at) VALUES (1, ?1)",
+            params![micros(since)],
+        )?;
+        return Ok(Restored {
+            period: 1,
+            since,
+            totals: Vec::new(),
+        });
+    };
+    let mut statement = conn.prepare(
+        "SELECT key_id, key_label, model, requests, errors, input_tokens, cached_tokens,
+            cache_write_tokens, output_tokens, reasoning_tokens, cost_nano_usd, unpriced
+         FROM totals WHERE period = ?1",
+    )?;
+    let totals = statement
+        .query_map(params![period], |r| {
+            let identity = Identity {
+                id: r.get(0)?,
+                label: r.get(1)?,
+            };
+            let model: String = r.get(2)?;
+            let counts = counts_from(r, 3)?;
+            Ok((identity, model, counts))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Restored {
+        period: count(period),
+        since: from_micros(started),
+        totals,
+    })
+}
+
+/// Reads the counter columns `requests, errors, input, cached, cache_write, output, reasoning,
+/// cost, unpriced` starting at column `at`.
+pub fn counts_from(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Counts> {
+    let get = |i: usize| -> rusqlite::Result<u64> { Ok(count(r.get::<_, i64>(at + i)?)) };
+    let input = get(2)?;
+    let cached = get(3)?;
+    let cache_write = get(4)?;
+    let output = get(5)?;
+    let prompt = input + cached + cache_write;
+    Ok(Counts {
+        requests: get(0)?,
+        errors: get(1)?,
+        prompt_tokens: prompt,
+        completion_tokens: output,
+        total_tokens: prompt + output,
+        cached_tokens: cached,
+        cache_write_tokens: cache_write,
+        reasoning_tokens: get(6)?,
+        cost: NanoUsd(get(7)?),
+        unpriced_requests: get(8)?,
+    })
+}
