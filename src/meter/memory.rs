@@ -135,7 +135,7 @@ impl Period {
     fn new(id: u64) -> Self {
         Self {
             id,
-            since: OffsetDateTime::now_utc(),
+            since: super::ledger::now(),
             keys: Map::default(),
         }
     }

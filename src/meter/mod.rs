@@ -270,7 +270,7 @@ impl Meter {
         let period = self.store.add(record.identity, record.model, &counts);
         if let Some(ledger) = &self.ledger {
             ledger.append(Row {
-                at: OffsetDateTime::now_utc(),
+                at: ledger::now(),
                 period,
                 key_id: record.identity.id.clone(),
                 key_label: record.identity.label.clone(),

@@ -574,3 +574,72 @@ impl Drop for Binary {
         let _ = self.child.wait();
     }
 }
+
+/// A ledger row recorded at `at` (RFC 3339) for `key` and `model`, 200 OK, not streamed.
+pub fn ledger_row(
+    at: &str,
+    key: &str,
+    model: &str,
+    tokens: (u64, u64),
+    cost_nano_usd: u64,
+) -> llm_meter::meter::ledger::Row {
+    use time::format_description::well_known::Rfc3339;
+    let identity = llm_meter::key::Identity::from_key(key.as_bytes());
+    llm_meter::meter::ledger::Row {
+        at: time::OffsetDateTime::parse(at, &Rfc3339).unwrap(),
+        period: 1,
+        key_id: identity.id,
+        key_label: identity.label,
+        model: model.to_owned(),
+        flavor: "openai_chat".into(),
+        status: 200,
+        is_streaming: false,
+        usage: llm_meter::usage::Usage {
+            input_tokens: tokens.0,
+            output_tokens: tokens.1,
+            ..llm_meter::usage::Usage::default()
+        },
+        cost: llm_meter::meter::pricing::NanoUsd(cost_nano_usd),
+        latency: Some(Duration::from_micros(1500)),
+        response_id: Some("chatcmpl-test".to_owned()),
+        is_error: false,
+        is_unpriced: false,
+        is_estimated: false,
+        is_partial: false,
+    }
+}
+
+/// Writes `rows` to the ledger in `dir` as a server would, and closes it.
+pub fn write_ledger(
+    dir: &std::path::Path,
+    rows: impl IntoIterator<Item = llm_meter::meter::ledger::Row>,
+) {
+    use llm_meter::meter::ledger::{Ledger, Options};
+    let (ledger, _) = Ledger::open(&Options {
+        dir: dir.to_owned(),
+        flush_interval: Duration::from_millis(10),
+        max_pending_rows: usize::MAX,
+    })
+    .unwrap();
+    for row in rows {
+        ledger.append(row);
+    }
+    ledger.close();
+}
+
+/// Peak resident memory of a process, in KiB (`VmHWM`).
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// The stats JSON without the parts that describe the ledger's own progress, for comparing
+/// totals across restarts.
+pub fn totals_of(mut stats: Value) -> Value {
+    stats.as_object_mut().unwrap().remove("ledger");
+    stats
+}

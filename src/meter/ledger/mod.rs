@@ -426,6 +426,14 @@ fn lock_dir(dir: &Path) -> Result<File, LedgerError> {
     Ok(file)
 }
 
+/// The current time at the ledger's precision (microseconds), so that what is shown before a
+/// restart equals what is read back after it.
+pub fn now() -> OffsetDateTime {
+    let t = OffsetDateTime::now_utc();
+    t.replace_nanosecond(t.nanosecond() / 1000 * 1000)
+        .unwrap_or(t)
+}
+
 /// Unix microseconds, as the ledger stores times.
 pub fn micros(at: OffsetDateTime) -> i64 {
     i64::try_from(at.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)

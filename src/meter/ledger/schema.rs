@@ -111,8 +111,13 @@ pub fn open(path: &Path, access: Access) -> Result<Connection, LedgerError> {
             known: VERSION,
         });
     }
-    conn.busy_timeout(std::time::Duration::from_secs(5))
-        .map_err(fail)?;
+    // The writer is the only writer (the lock file sees to that), so it waits briefly and
+    // retries later rather than stall its queue; readers may wait out a checkpoint.
+    let busy = match access {
+        Access::Write => std::time::Duration::from_secs(1),
+        Access::Read => std::time::Duration::from_secs(5),
+    };
+    conn.busy_timeout(busy).map_err(fail)?;
     match access {
         Access::Read => {
             if is_empty {

@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, TransactionBehavior, params};
-use time::OffsetDateTime;
 
 use super::{Entry, Restored, Row, Shared, from_micros, micros};
 use crate::key::Identity;
@@ -258,7 +257,7 @@ pub(super) fn restore(conn: &mut Connection) -> rusqlite::Result<Restored> {
             e => Err(e),
         })?;
     let Some((period, started)) = current else {
-        let since = OffsetDateTime::now_utc();
+        let since = super::now();
         conn.execute(
             "INSERT INTO periods (id, started_at) VALUES (1, ?1)",
             params![micros(since)],

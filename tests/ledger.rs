@@ -1,0 +1,377 @@
+//! The durable ledger: totals survive restarts exactly, a hard kill loses at most the flush
+//! window, a failing disk never stops forwarding, and files that are not ours are refused untouched.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use common::{Binary, Mock, Proxy, binary_command, chat_request, totals_of};
+use llm_meter::meter::ledger::history::{Filter, Reader};
+use serde_json::Value;
+
+/// Requests the ledger in `data` holds, read as `llm-meter report` would.
+fn rows_in(data: &Path) -> u64 {
+    let reader = Reader::open(data).unwrap();
+    let lines = reader.usage(&[], &Filter::default()).unwrap();
+    lines.first().map_or(0, |l| l.counts.requests)
+}
+
+/// Sends a mix of keys, models (one unpriced), plain and streamed requests.
+async fn send_mix(proxy: &Proxy, n: usize) {
+    for i in 0..n {
+        let key = if i % 3 == 0 {
+            "sk-alice-000111"
+        } else {
+            "sk-bob-000222"
+        };
+        let model = ["gpt-4o", "gpt-4o-mini-2024-07-18", "my-local-llama"][i % 3];
+        proxy
+            .chat_through(key, &chat_request(model, i % 2 == 0))
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn stats_after_a_restart_equal_stats_before_it_to_the_nano_dollar() {
+    let mock = Mock::openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start_persistent(&mock.url(), dir.path(), "").await;
+    send_mix(&proxy, 30).await;
+    let before = totals_of(proxy.stats_after(30).await);
+    proxy.stop().await;
+
+    let proxy = Proxy::start_persistent(&mock.url(), dir.path(), "").await;
+    let after = totals_of(proxy.stats().await);
+    assert_eq!(before, after);
+    assert_eq!(after["totals"]["requests"], 30);
+    assert_eq!(after["totals"]["unpriced_requests"], 10);
+    assert!(after["totals"]["cost_nano_usd"].as_u64().unwrap() > 0);
+    // And the restored totals keep counting.
+    send_mix(&proxy, 3).await;
+    assert_eq!(proxy.stats_after(33).await["totals"]["requests"], 33);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn reset_starts_a_new_period_that_survives_restarts_and_history_keeps_both() {
+    let mock = Mock::openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start_persistent(&mock.url(), dir.path(), "").await;
+    send_mix(&proxy, 3).await;
+    proxy.stats_after(3).await;
+    let closed: Value = proxy
+        .client
+        .post(proxy.url("/stats/reset"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(closed["totals"]["requests"], 3);
+    send_mix(&proxy, 2).await;
+    let before = totals_of(proxy.stats_after(2).await);
+    proxy.stop().await;
+
+    let proxy = Proxy::start_persistent(&mock.url(), dir.path(), "").await;
+    let after = totals_of(proxy.stats().await);
+    assert_eq!(after, before);
+    assert_eq!(after["totals"]["requests"], 2);
+    let history = proxy.get_json("/stats?since=1h").await;
+    assert_eq!(history["totals"]["requests"], 5);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_disk_never_stops_forwarding_and_its_backlog_is_bounded_and_reported() {
+    let mock = Mock::openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = "flush_interval = \"10ms\"\nmax_pending_rows = 5\n";
+    let proxy = Proxy::start_persistent(&mock.url(), dir.path(), toml).await;
+    // Another connection holds the write lock: every commit of ours fails as on a full disk.
+    let blocker = rusqlite::Connection::open(dir.path().join("ledger.sqlite3")).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+
+    let started = Instant::now();
+    for _ in 0..8 {
+        let response = proxy
+            .chat("sk-disk-full-01", &chat_request("gpt-4o", false))
+            .await;
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    // The writer waits a second for the lock on every attempt; requests never wait for it.
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let stats = poll(&proxy, |s| s["ledger"]["lost_rows"] == 3).await;
+    assert_eq!(stats["ledger"]["failing"], true);
+    assert_eq!(stats["ledger"]["pending_rows"], 5);
+    assert!(
+        stats["ledger"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("locked")
+    );
+    // Live totals still count every request.
+    assert_eq!(stats["totals"]["requests"], 8);
+
+    blocker.execute_batch("ROLLBACK").unwrap();
+    drop(blocker);
+    let stats = poll(&proxy, |s| s["ledger"]["pending_rows"] == 0).await;
+    assert_eq!(stats["ledger"]["failing"], false);
+    assert_eq!(stats["ledger"].get("last_error"), None);
+    proxy.stop().await;
+    // The rows given up are the only ones missing after a restart.
+    assert_eq!(rows_in(dir.path()), 5);
+}
+
+async fn poll(proxy: &Proxy, done: impl Fn(&Value) -> bool) -> Value {
+    for _ in 0..300 {
+        let stats = proxy.stats().await;
+        if done(&stats) {
+            return stats;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("condition never met: {}", proxy.stats().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_writes_everything_even_with_a_long_flush_interval() {
+    let mock = Mock::openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("proxy.toml"), "flush_interval = \"60s\"\n").unwrap();
+    let start = || {
+        let mut command = binary_command(dir.path());
+        command.args(["--listen", "127.0.0.1:0", "--upstream", &mock.url()]);
+        Binary::start(command)
+    };
+    let binary = start();
+    assert!(
+        binary.banner.contains("ledger.sqlite3"),
+        "{}",
+        binary.banner
+    );
+    let client = common::client();
+    for _ in 0..10 {
+        client
+            .post(binary.url("/v1/chat/completions"))
+            .bearer_auth("sk-graceful-1")
+            .json(&chat_request("gpt-4o", true))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+    }
+    let before: Value = client
+        .get(binary.url("/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(before["ledger"]["pending_rows"], 10);
+    let (ok, _, _) = binary.terminate();
+    assert!(ok);
+
+    let binary = start();
+    let after: Value = client
+        .get(binary.url("/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(totals_of(after), totals_of(before));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_kill_loses_at_most_the_rows_of_the_last_flush_interval() {
+    let mock = Mock::openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = binary_command(dir.path());
+    command.args(["--listen", "127.0.0.1:0", "--upstream", &mock.url()]);
+    let mut binary = Binary::start(command);
+    let client = common::client();
+    let mut answered = Vec::new();
+    let load_until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < load_until {
+        client
+            .post(binary.url("/v1/chat/completions"))
+            .bearer_auth("sk-killed-01")
+            .json(&chat_request("gpt-4o", false))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        answered.push(Instant::now());
+    }
+    binary.child.kill().unwrap();
+    let killed = Instant::now();
+    binary.child.wait().unwrap();
+
+    let rows = rows_in(&dir.path().join("data"));
+    let received = answered.len() as u64;
+    // Flush interval (100 ms) plus a margin for the commit itself.
+    let window = Duration::from_millis(150);
+    let must_have = answered.iter().filter(|t| **t + window < killed).count() as u64;
+    eprintln!(
+        "hard kill: {received} answered, {rows} in the ledger, {} lost",
+        received - rows
+    );
+    assert!(rows <= received, "{rows} rows for {received} answers");
+    assert!(
+        rows >= must_have,
+        "{rows} rows, but {must_have} answers were older than {window:?}"
+    );
+}
+
+fn serve_once(dir: &Path) -> Output {
+    let mut command = binary_command(dir);
+    command.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "http://127.0.0.1:9/v1",
+    ]);
+    command.output().unwrap()
+}
+
+fn assert_refused(output: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        output.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    for needle in needles {
+        assert!(stderr.contains(needle), "{needle:?} not in {stderr:?}");
+    }
+}
+
+#[test]
+fn a_corrupt_ledger_is_refused_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let file = data.join("ledger.sqlite3");
+    let garbage: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&file, &garbage).unwrap();
+    assert_refused(
+        &serve_once(dir.path()),
+        &[
+            &file.display().to_string(),
+            "not an llm-meter ledger",
+            "left untouched",
+        ],
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), garbage);
+    assert!(!data.join("ledger.sqlite3-wal").exists());
+}
+
+#[test]
+fn another_applications_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let file = data.join("ledger.sqlite3");
+    rusqlite::Connection::open(&file)
+        .unwrap()
+        .execute_batch("CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('mine');")
+        .unwrap();
+    let before = std::fs::read(&file).unwrap();
+    assert_refused(&serve_once(dir.path()), &["another application"]);
+    assert_eq!(std::fs::read(&file).unwrap(), before);
+}
+
+#[test]
+fn a_ledger_from_a_newer_llm_meter_is_refused_by_serve_and_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::write_ledger(&data, []);
+    rusqlite::Connection::open(data.join("ledger.sqlite3"))
+        .unwrap()
+        .execute_batch("PRAGMA user_version = 99")
+        .unwrap();
+    assert_refused(
+        &serve_once(dir.path()),
+        &["schema version 99", "upgrade llm-meter"],
+    );
+    let report = binary_command(dir.path()).arg("report").output().unwrap();
+    assert_refused(&report, &["schema version 99"]);
+}
+
+#[test]
+fn a_second_server_on_the_same_ledger_says_so_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = binary_command(dir.path());
+    first.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "http://127.0.0.1:9/v1",
+    ]);
+    let first = Binary::start(first);
+    let pid = first.child.id().to_string();
+    assert_refused(
+        &serve_once(dir.path()),
+        &["in use by another llm-meter", &pid],
+    );
+    // The first one is unaffected.
+    drop(first);
+    // Once it is gone, the ledger is free again (the lock dies with the process).
+    let mut again = binary_command(dir.path());
+    again.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "http://127.0.0.1:9/v1",
+    ]);
+    drop(Binary::start(again));
+}
+
+#[test]
+fn an_unusable_data_dir_is_refused_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, "x").unwrap();
+    let mut command = binary_command(dir.path());
+    command.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        not_a_dir.join("sub").to_str().unwrap(),
+    ]);
+    assert_refused(
+        &command.output().unwrap(),
+        &["cannot use data directory", "sub"],
+    );
+}
+
+#[tokio::test]
+async fn no_persist_writes_nothing() {
+    let mock = Mock::openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start_with(
+        &mock.url(),
+        &format!("data_dir = {:?}\npersist = false\n", dir.path()),
+    )
+    .await;
+    send_mix(&proxy, 2).await;
+    let stats = proxy.stats_after(2).await;
+    assert_eq!(stats["ledger"], Value::Null);
+    proxy.stop().await;
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
