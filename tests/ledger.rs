@@ -13,8 +13,10 @@ use serde_json::Value;
 
 /// Requests the ledger in `data` holds, read as `llm-meter report` would.
 fn rows_in(data: &Path) -> u64 {
-    let reader = Reader::open(data).unwrap();
-    let lines = reader.usage(&[], &Filter::default()).unwrap();
+    let reader = Reader::open(data).expect("a readable ledger");
+    let lines = reader
+        .usage(&[], &Filter::default())
+        .expect("summable rows");
     lines.first().map_or(0, |l| l.counts.requests)
 }
 
@@ -245,7 +247,7 @@ fn serve_once(dir: &Path) -> Output {
         "--upstream",
         "http://127.0.0.1:9/v1",
     ]);
-    command.output().unwrap()
+    command.output().expect("the binary runs")
 }
 
 fn assert_refused(output: &Output, needles: &[&str]) {
