@@ -151,15 +151,24 @@ fn build_proxy() -> std::path::PathBuf {
     target.join("release").join("llm-meter")
 }
 
-fn start_proxy(binary: &std::path::Path, upstream: SocketAddr) -> Process {
+/// Starts llm-meter; `data_dir` holds its ledger, `None` runs it with `--no-persist`.
+fn start_proxy(
+    binary: &std::path::Path,
+    upstream: SocketAddr,
+    data_dir: Option<&std::path::Path>,
+) -> Process {
     let mut command = Command::new(binary);
+    command.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &format!("http://{upstream}/v1"),
+    ]);
+    match data_dir {
+        Some(dir) => command.arg("--data-dir").arg(dir),
+        None => command.arg("--no-persist"),
+    };
     command
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &format!("http://{upstream}/v1"),
-        ])
         .args(
             std::env::var("BENCH_PROXY_ARGS")
                 .unwrap_or_default()
@@ -371,10 +380,13 @@ async fn orchestrate(options: &Options) {
     let binary = build_proxy();
     let mock = start_child(&["--mock"]);
     let floor = start_child(&["--floor", &mock.addr.to_string()]);
-    let proxy = start_proxy(&binary, mock.addr);
+    let data = tempfile::tempdir().expect("a temporary data directory");
+    let proxy = start_proxy(&binary, mock.addr, Some(data.path()));
+    let in_memory = start_proxy(&binary, mock.addr, None);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let idle_rss = memory_mb(proxy.pid(), "VmRSS");
-    let mut checked = 0u64;
+    // Requests each llm-meter was sent, to check its /stats against.
+    let mut checked = [0u64; 2];
 
     println!(
         "llm-meter load benchmark: {} rounds of {} s per target and scenario, medians",
@@ -386,13 +398,13 @@ async fn orchestrate(options: &Options) {
         cpu_model()
     );
     println!(
-        "targets: direct to the mock; floor = bare hyper pass-through (no metering, no logs); llm-meter (metering and request logs on)"
+        "targets: direct to the mock; floor = bare hyper pass-through (no metering, no logs); llm-meter (metering, ledger and request logs on); llm-meter --no-persist (no ledger)"
     );
     println!();
     println!(
-        "| scenario | direct req/s | floor req/s (ratio) | llm-meter req/s (ratio) | direct p50 / p99 ms | added p50 / p99 ms, floor | added p50 / p99 ms, llm-meter | CPU/req floor | CPU/req llm-meter | llm-meter peak RSS |"
+        "| scenario | direct req/s | floor req/s (ratio) | llm-meter req/s (ratio) | --no-persist req/s (ratio) | ledger cost | direct p50 / p99 ms | added p50 / p99 ms, floor | added p50 / p99 ms, llm-meter | CPU/req floor | CPU/req llm-meter | llm-meter peak RSS |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let duration = Duration::from_secs_f64(options.seconds);
     for scenario in scenarios() {
         if options
@@ -404,7 +416,8 @@ async fn orchestrate(options: &Options) {
         }
         // Warm every path (connections, caches, pools).
         let warm = Duration::from_millis(300);
-        for target in [&mock, &floor, &proxy] {
+        let targets = [&mock, &floor, &proxy, &in_memory];
+        for (t, target) in targets.iter().enumerate() {
             let warmed = load::round(
                 target.addr,
                 &scenario.shape,
@@ -413,26 +426,34 @@ async fn orchestrate(options: &Options) {
                 warm,
             )
             .await;
-            if std::ptr::eq(target, &proxy) {
-                checked += warmed.ok + warmed.failed;
+            if t >= 2 {
+                checked[t - 2] += warmed.ok + warmed.failed;
             }
         }
-        let mut rounds: [Vec<Round>; 3] = Default::default();
-        let mut cpu = [(Duration::ZERO, 0u64); 3];
+        let mut rounds: [Vec<Round>; 4] = Default::default();
+        let mut cpu = [(Duration::ZERO, 0u64); 4];
         reset_peak(proxy.pid());
         for i in 0..options.rounds {
             // Rotate the order, so drift on a shared machine hits every target alike.
-            for k in 0..3 {
-                let t = (i + k) % 3;
-                let target = [&mock, &floor, &proxy][t];
-                measure(target, &scenario, duration, &mut rounds[t], &mut cpu[t]).await;
+            for k in 0..targets.len() {
+                let t = (i + k) % targets.len();
+                measure(targets[t], &scenario, duration, &mut rounds[t], &mut cpu[t]).await;
             }
         }
-        checked += rounds[2].iter().map(|r| r.ok).sum::<u64>();
-        check_stats(proxy.addr, checked, scenario.name).await;
+        for (i, target) in [&proxy, &in_memory].into_iter().enumerate() {
+            checked[i] += rounds[2 + i].iter().map(|r| r.ok).sum::<u64>();
+            check_stats(target.addr, checked[i], scenario.name).await;
+        }
 
-        let [d, f, p] = [0, 1, 2].map(|t| measured(&rounds[t], cpu[t]));
-        let (d, f, p) = (&d.summary, &f, &p);
+        let [d, f, p, m] = [0, 1, 2, 3].map(|t| measured(&rounds[t], cpu[t]));
+        let (d, f, p, m) = (&d.summary, &f, &p, &m);
+        let ledger_cost = match scenario.mode {
+            Mode::Closed { .. } => format!(
+                "{:+.1}%",
+                (p.summary.per_second / m.summary.per_second - 1.0) * 100.0
+            ),
+            Mode::Rate { .. } => format!("{:+.3} ms p50", p.summary.p50 - m.summary.p50),
+        };
         let peak = memory_mb(proxy.pid(), "VmHWM");
         let throughput = |m: &Measured| match scenario.mode {
             Mode::Closed { .. } => format!(
@@ -450,12 +471,14 @@ async fn orchestrate(options: &Options) {
             )
         };
         println!(
-            "| {} {} | {:.0} | {} | {} | {:.3} / {:.3} | {} | {} | {:.3} ms | {:.3} ms | {:.1} MB |",
+            "| {} {} | {:.0} | {} | {} | {} | {} | {:.3} / {:.3} | {} | {} | {:.3} ms | {:.3} ms | {:.1} MB |",
             scenario.name,
             scenario.what,
             d.per_second,
             throughput(f),
             throughput(p),
+            throughput(m),
+            ledger_cost,
             d.p50,
             d.p99,
             added(f),
@@ -471,7 +494,16 @@ async fn orchestrate(options: &Options) {
         memory_mb(proxy.pid(), "VmRSS")
     );
     println!(
-        "checked: every answer (status 200, usage present, streams complete and unchanged) and /stats = {checked} requests"
+        "checked: every answer (status 200, usage present, streams complete and unchanged) and /stats = {} requests (ledger), {} (--no-persist)",
+        checked[0], checked[1]
+    );
+    let stats = load::get_json(proxy.addr, "/stats").await;
+    println!(
+        "ledger: {} rows written, {} pending, {} lost; file {:.1} MB",
+        stats["ledger"]["written_rows"],
+        stats["ledger"]["pending_rows"],
+        stats["ledger"]["lost_rows"],
+        dir_mb(data.path())
     );
     if options.soak_seconds > 0 {
         soak(&proxy, options.soak_seconds).await;
@@ -525,6 +557,19 @@ async fn soak(proxy: &Process, seconds: u64) {
         "soak: {seconds} s of S1, RSS sampled every 5 s: first {first:.1} MB, last {last:.1} MB, max {max:.1} MB ({:+.1}% first to last)",
         (last - first) / first * 100.0
     );
+}
+
+/// Size of the files in a directory, in MB.
+fn dir_mb(dir: &std::path::Path) -> f64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len() as f64)
+                .sum::<f64>()
+        })
+        .unwrap_or(0.0)
+        / 1e6
 }
 
 fn cpu_model() -> String {
