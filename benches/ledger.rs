@@ -64,8 +64,13 @@ fn main() {
         record(&meter, i);
     }
     let appended = started.elapsed();
-    meter.close();
+    let ledger = meter.ledger().expect("a ledger");
+    while ledger.health().pending_rows > 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let committed = started.elapsed();
+    let writer_cpu = thread_cpu("ledger-writer");
+    meter.close();
     let per = |d: Duration| d.as_nanos() as f64 / rows as f64;
     println!(
         "record, in memory only: {:.0} ns per request",
@@ -77,9 +82,10 @@ fn main() {
         per(appended) - per(in_memory)
     );
     println!(
-        "writer: all {rows} rows committed {:.2} s after the first ({:.0} rows/s); file {:.1} MB",
+        "writer: all {rows} rows committed {:.2} s after the first ({:.0} rows/s), {:.2} µs of CPU per row; file {:.1} MB",
         committed.as_secs_f64(),
         rows as f64 / committed.as_secs_f64(),
+        writer_cpu.as_secs_f64() * 1e6 / rows as f64,
         size_mb(dir.path())
     );
     drop(meter);
@@ -108,7 +114,12 @@ fn main() {
 fn binary_start(data: &std::path::Path) -> (Duration, Duration) {
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_llm-meter"))
-        .args(["--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:9/v1"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "http://127.0.0.1:9/v1",
+        ])
         .arg("--data-dir")
         .arg(data)
         .env("RUST_LOG", "warn")
@@ -136,6 +147,29 @@ fn binary_start(data: &std::path::Path) -> (Duration, Duration) {
     let _ = child.kill();
     let _ = child.wait();
     (banner, healthy)
+}
+
+/// CPU time (user + system) of this process's thread with the given name.
+fn thread_cpu(name: &str) -> Duration {
+    let ticks_per_second = 100.0; // USER_HZ on Linux
+    std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .filter_map(|t| {
+            let dir = t.ok()?.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+            if comm.trim() != name {
+                return None;
+            }
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split(' ').collect();
+            let ticks: u64 = [11, 12]
+                .iter()
+                .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+                .sum();
+            Some(Duration::from_secs_f64(ticks as f64 / ticks_per_second))
+        })
+        .sum()
 }
 
 fn size_mb(dir: &std::path::Path) -> f64 {

@@ -9,8 +9,11 @@
 //!    and `proxy::tap` hands every response byte to the client as it arrives and, on the side,
 //!    to the extractor.
 //! 4. `usage` turns each flavor's `usage` object (plain JSON or SSE) into one `Usage` record.
-//! 5. `meter` prices the record in integer nano-dollars and adds it to per-key, per-model totals.
-//! 6. `api` shows the totals (`/stats`), resets them, and answers `/healthz`.
+//! 5. `meter` prices the record in integer nano-dollars and adds it to per-key, per-model totals;
+//!    `meter::ledger` writes every request to SQLite off the request path and restores the
+//!    totals on start.
+//! 6. `api` shows the totals (`/stats`), resets them, reads history from the ledger (`/usage`,
+//!    `/export`, the `report` and `export` commands), and answers `/healthz`.
 //!
 //! `logs` writes one line per request through a batching writer.
 //!

@@ -246,6 +246,16 @@ async fn export_has_every_row_as_csv_or_json_lines_and_no_key() {
     assert!(rows[0]["latency_ms"].as_f64().unwrap() > 0.0);
     assert!(!jsonl.contains("secret-0123456789"));
     proxy.stop().await;
+    // Nor is it in any file the ledger wrote (database, log, lock).
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            !bytes.windows(17).any(|w| w == b"secret-0123456789"),
+            "the key is in {}",
+            path.display()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

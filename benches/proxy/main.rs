@@ -191,7 +191,30 @@ fn start_proxy(
 
 /// CPU time (user + system) of a process so far.
 fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time of each thread of a process so far, by thread name.
+fn thread_cpu(pid: u32) -> Vec<(String, Duration)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut threads: Vec<(String, Duration)> = tasks
+        .filter_map(|t| {
+            let dir = t.ok()?.path();
+            let name = std::fs::read_to_string(dir.join("comm")).ok()?;
+            Some((
+                name.trim().to_owned(),
+                stat_cpu(&dir.join("stat").display().to_string()),
+            ))
+        })
+        .collect();
+    threads.sort_by(|a, b| b.1.cmp(&a.1));
+    threads
+}
+
+fn stat_cpu(path: &str) -> Duration {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit_once(") ")
         .map(|(_, rest)| rest.split(' ').collect())
@@ -505,6 +528,24 @@ async fn orchestrate(options: &Options) {
         stats["ledger"]["lost_rows"],
         dir_mb(data.path())
     );
+    for (i, (target, what)) in [(&proxy, "ledger"), (&in_memory, "--no-persist")]
+        .into_iter()
+        .enumerate()
+    {
+        let threads: Vec<String> = thread_cpu(target.pid())
+            .iter()
+            .map(|(name, cpu)| {
+                format!(
+                    "{name} {:.2} µs",
+                    cpu.as_secs_f64() * 1e6 / checked[i].max(1) as f64
+                )
+            })
+            .collect();
+        println!(
+            "llm-meter ({what}) CPU per request by thread: {}",
+            threads.join(", ")
+        );
+    }
     if options.soak_seconds > 0 {
         soak(&proxy, options.soak_seconds).await;
     }

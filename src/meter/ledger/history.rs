@@ -301,7 +301,7 @@ impl Reader {
                 "SELECT at, period, key_id, key_label, model, flavor, status, streamed,
                     input_tokens, cached_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
                     cost_nano_usd, latency_us, response_id, error, unpriced, estimated, partial
-                 FROM requests WHERE at >= ?1 AND at < ?2 ORDER BY at, id",
+                 FROM requests WHERE at >= ?1 AND at < ?2 ORDER BY at",
             )
             .map_err(|e| self.fail(&e))?;
         let mut rows = statement.query([since, until]).map_err(|e| self.fail(&e))?;

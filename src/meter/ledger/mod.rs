@@ -251,6 +251,7 @@ impl Ledger {
         let path = dir.join(FILE_NAME);
         let mut conn = schema::open(&path, schema::Access::Write)?;
         let restored = writer::restore(&mut conn).map_err(|e| LedgerError::sqlite(&path, &e))?;
+        let last_at = writer::last_at(&conn).map_err(|e| LedgerError::sqlite(&path, &e))?;
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
@@ -264,6 +265,7 @@ impl Ledger {
         });
         let writer = writer::Writer {
             conn,
+            last_at,
             shared: Arc::clone(&shared),
             flush_interval: options.flush_interval,
             max_pending_rows: options.max_pending_rows.max(1),

@@ -20,6 +20,8 @@ const SLOW_BACKLOG: u64 = 10_000;
 
 pub(super) struct Writer {
     pub conn: Connection,
+    /// The last `at` written: each row's is made greater, so it can be the rowid.
+    pub last_at: i64,
     pub shared: Arc<Shared>,
     pub flush_interval: Duration,
     pub max_pending_rows: usize,
@@ -40,7 +42,7 @@ impl Writer {
                 continue;
             }
             let started = Instant::now();
-            match commit(&mut self.conn, &batch) {
+            match commit(&mut self.conn, &batch, &mut self.last_at) {
                 Ok(()) => {
                     let n = batch.len() as u64;
                     batch.clear();
@@ -138,8 +140,9 @@ impl Writer {
 
 /// Writes a batch in one transaction: the rows, new periods, and the sums of the rows per
 /// (period, key, model) added to `totals`.
-fn commit(conn: &mut Connection, batch: &[Entry]) -> rusqlite::Result<()> {
+fn commit(conn: &mut Connection, batch: &[Entry], last_at: &mut i64) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut at = *last_at;
     let mut sums: HashMap<(u64, &str, &str), (&str, Counts), foldhash::fast::RandomState> =
         HashMap::default();
     {
@@ -157,7 +160,8 @@ fn commit(conn: &mut Connection, batch: &[Entry]) -> rusqlite::Result<()> {
                     period.execute(params![int(*id), micros(*started)])?;
                 }
                 Entry::Row(row) => {
-                    insert_row(&mut insert, row)?;
+                    at = micros(row.at).max(at.saturating_add(1));
+                    insert_row(&mut insert, at, row)?;
                     let (_, sum) = sums
                         .entry((row.period, &row.key_id, &row.model))
                         .or_insert((&row.key_label, Counts::default()));
@@ -201,34 +205,44 @@ fn commit(conn: &mut Connection, batch: &[Entry]) -> rusqlite::Result<()> {
             ])?;
         }
     }
-    tx.commit()
+    tx.commit()?;
+    // Only once committed: a failed batch is retried with the same times.
+    *last_at = at;
+    Ok(())
 }
 
-fn insert_row(insert: &mut rusqlite::CachedStatement<'_>, row: &Row) -> rusqlite::Result<()> {
+/// Binds each column directly: the generic `params!` path costs a visible share per row.
+fn insert_row(
+    insert: &mut rusqlite::CachedStatement<'_>,
+    at: i64,
+    row: &Row,
+) -> rusqlite::Result<()> {
     let u = &row.usage;
-    insert.execute(params![
-        micros(row.at),
-        int(row.period),
-        row.key_id,
-        row.key_label,
-        row.model,
-        row.flavor.as_ref(),
-        row.status,
-        row.is_streaming,
-        int(u.input_tokens),
-        int(u.cached_input_tokens),
-        int(u.cache_write_tokens),
-        int(u.output_tokens),
-        int(u.reasoning_tokens),
-        int(row.cost.0),
+    insert.raw_bind_parameter(1, at)?;
+    insert.raw_bind_parameter(2, int(row.period))?;
+    insert.raw_bind_parameter(3, row.key_id.as_str())?;
+    insert.raw_bind_parameter(4, row.key_label.as_str())?;
+    insert.raw_bind_parameter(5, row.model.as_str())?;
+    insert.raw_bind_parameter(6, row.flavor.as_ref())?;
+    insert.raw_bind_parameter(7, row.status)?;
+    insert.raw_bind_parameter(8, row.is_streaming)?;
+    insert.raw_bind_parameter(9, int(u.input_tokens))?;
+    insert.raw_bind_parameter(10, int(u.cached_input_tokens))?;
+    insert.raw_bind_parameter(11, int(u.cache_write_tokens))?;
+    insert.raw_bind_parameter(12, int(u.output_tokens))?;
+    insert.raw_bind_parameter(13, int(u.reasoning_tokens))?;
+    insert.raw_bind_parameter(14, int(row.cost.0))?;
+    insert.raw_bind_parameter(
+        15,
         row.latency
             .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
-        row.response_id,
-        row.is_error,
-        row.is_unpriced,
-        row.is_estimated,
-        row.is_partial,
-    ])?;
+    )?;
+    insert.raw_bind_parameter(16, row.response_id.as_deref())?;
+    insert.raw_bind_parameter(17, row.is_error)?;
+    insert.raw_bind_parameter(18, row.is_unpriced)?;
+    insert.raw_bind_parameter(19, row.is_estimated)?;
+    insert.raw_bind_parameter(20, row.is_partial)?;
+    insert.raw_execute()?;
     Ok(())
 }
 
@@ -241,6 +255,13 @@ fn int(v: u64) -> i64 {
 /// Reads back a stored count (never negative when we wrote it).
 pub(super) fn count(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
+}
+
+/// The newest row's time (0 in an empty ledger).
+pub(super) fn last_at(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("SELECT coalesce(max(at), 0) FROM requests", [], |r| {
+        r.get(0)
+    })
 }
 
 /// The current period's totals; starts period 1 in a new ledger.
