@@ -209,7 +209,7 @@ fn thread_cpu(pid: u32) -> Vec<(String, Duration)> {
             ))
         })
         .collect();
-    threads.sort_by(|a, b| b.1.cmp(&a.1));
+    threads.sort_by_key(|t| std::cmp::Reverse(t.1));
     threads
 }
 
