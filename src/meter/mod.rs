@@ -4,7 +4,6 @@ pub mod ledger;
 pub mod memory;
 pub mod pricing;
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::AddAssign;
 use std::time::Duration;
@@ -269,19 +268,19 @@ impl Meter {
         };
         let period = self.store.add(record.identity, record.model, &counts);
         if let Some(ledger) = &self.ledger {
-            ledger.append(Row {
+            ledger.append(&Row {
                 at: ledger::now(),
                 period,
-                key_id: record.identity.id.clone(),
-                key_label: record.identity.label.clone(),
-                model: record.model.to_owned(),
-                flavor: Cow::Borrowed(record.flavor.as_str()),
+                key_id: record.identity.id.as_str(),
+                key_label: record.identity.label.as_str(),
+                model: record.model,
+                flavor: record.flavor.as_str(),
                 status: record.status,
                 is_streaming: record.is_streaming,
                 usage,
                 cost: priced.cost,
                 latency: record.upstream_latency,
-                response_id: record.response_id.map(str::to_owned),
+                response_id: record.response_id,
                 is_error: record.is_error,
                 is_unpriced: !priced.is_priced,
                 is_estimated: false,

@@ -622,7 +622,7 @@ pub fn write_ledger(
     })
     .unwrap();
     for row in rows {
-        ledger.append(row);
+        ledger.append(&row.borrowed());
     }
     ledger.close();
 }

@@ -1,7 +1,6 @@
 //! Reading the ledger: totals over a time range, usage grouped by day, hour, model or key, and
 //! the raw rows in order. Readers never write, so they work beside a running server.
 
-use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -235,11 +234,11 @@ impl Reader {
         }
         let by: Vec<&str> = groups.iter().map(|g| g.columns()).collect();
         let sql = if by.is_empty() {
-            format!("SELECT {SUMS} FROM requests WHERE {conditions} HAVING count(*) > 0")
+            format!("SELECT {SUMS} FROM request_rows WHERE {conditions} HAVING count(*) > 0")
         } else {
             let by = by.join(", ");
             format!(
-                "SELECT {by}, max(key_label), {SUMS} FROM requests WHERE {conditions} GROUP BY {by} ORDER BY {by}"
+                "SELECT {by}, max(key_label), {SUMS} FROM request_rows WHERE {conditions} GROUP BY {by} ORDER BY {by}"
             )
         };
         let mut statement = self.conn.prepare(&sql).map_err(|e| self.fail(&e))?;
@@ -301,7 +300,7 @@ impl Reader {
                 "SELECT at, period, key_id, key_label, model, flavor, status, streamed,
                     input_tokens, cached_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
                     cost_nano_usd, latency_us, response_id, error, unpriced, estimated, partial
-                 FROM requests WHERE at >= ?1 AND at < ?2 ORDER BY at",
+                 FROM request_rows WHERE at >= ?1 AND at < ?2 ORDER BY at",
             )
             .map_err(|e| self.fail(&e))?;
         let mut rows = statement.query([since, until]).map_err(|e| self.fail(&e))?;
@@ -323,7 +322,7 @@ fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         key_id: r.get(2)?,
         key_label: r.get(3)?,
         model: r.get(4)?,
-        flavor: Cow::Owned(r.get(5)?),
+        flavor: r.get(5)?,
         status: r.get(6)?,
         is_streaming: r.get(7)?,
         usage: Usage {

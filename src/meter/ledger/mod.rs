@@ -8,10 +8,10 @@
 //! progress); a graceful stop writes everything.
 
 pub mod history;
+mod queue;
 pub mod schema;
 mod writer;
 
-use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -109,21 +109,22 @@ pub struct Options {
     pub max_pending_rows: usize,
 }
 
-/// One metered request as the ledger stores it. Carries no key material.
+/// One metered request as the ledger stores it. Carries no key material. Its text is owned
+/// when read back (`Row<String>`) and borrowed when recorded (`Row<&str>`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Row {
+pub struct Row<S = String> {
     /// When it was recorded.
     pub at: OffsetDateTime,
     /// The `/stats` period it was counted in.
     pub period: u64,
     /// The caller's key id.
-    pub key_id: String,
+    pub key_id: S,
     /// The caller's redacted key label.
-    pub key_label: String,
+    pub key_label: S,
     /// The model it was counted under.
-    pub model: String,
+    pub model: S,
     /// The API flavor (`openai_chat`).
-    pub flavor: Cow<'static, str>,
+    pub flavor: S,
     /// HTTP status the client got (499 when it left first).
     pub status: u16,
     /// A streamed response.
@@ -135,7 +136,7 @@ pub struct Row {
     /// Time until the upstream's response headers, when there was a response.
     pub latency: Option<Duration>,
     /// The upstream's response id (`chatcmpl-…`), when it sent one.
-    pub response_id: Option<String>,
+    pub response_id: Option<S>,
     /// Not a complete 2xx response.
     pub is_error: bool,
     /// The model had no price.
@@ -146,7 +147,29 @@ pub struct Row {
     pub is_partial: bool,
 }
 
-impl Row {
+impl<S: AsRef<str>> Row<S> {
+    /// The same row, borrowing its text.
+    pub fn borrowed(&self) -> Row<&str> {
+        Row {
+            at: self.at,
+            period: self.period,
+            key_id: self.key_id.as_ref(),
+            key_label: self.key_label.as_ref(),
+            model: self.model.as_ref(),
+            flavor: self.flavor.as_ref(),
+            status: self.status,
+            is_streaming: self.is_streaming,
+            usage: self.usage,
+            cost: self.cost,
+            latency: self.latency,
+            response_id: self.response_id.as_ref().map(AsRef::as_ref),
+            is_error: self.is_error,
+            is_unpriced: self.is_unpriced,
+            is_estimated: self.is_estimated,
+            is_partial: self.is_partial,
+        }
+    }
+
     /// The counters this row adds to its (key, model) totals.
     pub fn counts(&self) -> Counts {
         let u = &self.usage;
@@ -163,13 +186,6 @@ impl Row {
             unpriced_requests: u64::from(self.is_unpriced),
         }
     }
-}
-
-/// What the writer thread is asked to store, in order.
-#[derive(Debug)]
-enum Entry {
-    Row(Row),
-    Period { id: u64, started: OffsetDateTime },
 }
 
 /// The totals of the ledger's current period, to rebuild the in-memory store on start.
@@ -218,7 +234,10 @@ struct Shared {
 
 #[derive(Default)]
 struct Queue {
-    entries: Vec<Entry>,
+    /// Encoded entries (`queue.rs`), oldest first.
+    bytes: Vec<u8>,
+    /// How many entries `bytes` holds.
+    len: usize,
     /// Entries ever queued.
     enqueued: u64,
     /// A reader wants everything queued so far committed now.
@@ -265,6 +284,7 @@ impl Ledger {
         });
         let writer = writer::Writer {
             conn,
+            ids: writer::Ids::default(),
             last_at,
             shared: Arc::clone(&shared),
             flush_interval: options.flush_interval,
@@ -289,17 +309,17 @@ impl Ledger {
         ))
     }
 
-    /// Queues a row; never blocks on the disk.
-    pub fn append(&self, row: Row) {
-        self.push(Entry::Row(row));
+    /// Queues a row (a copy into the queue's buffer); never blocks on the disk.
+    pub fn append(&self, row: &Row<&str>) {
+        self.push(|bytes| queue::push_row(bytes, row));
     }
 
     /// Queues the start of a new period.
     pub fn start_period(&self, id: u64, started: OffsetDateTime) {
-        self.push(Entry::Period { id, started });
+        self.push(|bytes| queue::push_period(bytes, id, started));
     }
 
-    fn push(&self, entry: Entry) {
+    fn push(&self, encode: impl FnOnce(&mut Vec<u8>)) {
         let mut queue = self.shared.queue.lock();
         if queue.is_closing {
             drop(queue);
@@ -309,9 +329,10 @@ impl Ledger {
             return;
         }
         self.shared.pending.fetch_add(1, Relaxed);
-        queue.entries.push(entry);
+        encode(&mut queue.bytes);
+        queue.len += 1;
         queue.enqueued += 1;
-        let len = queue.entries.len();
+        let len = queue.len;
         drop(queue);
         // The first entry starts a batch (the writer sleeps until then); a long queue ends one early.
         if len == 1 || len == EARLY_WAKE {

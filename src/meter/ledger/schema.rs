@@ -18,15 +18,25 @@ const MIGRATIONS: &[&str] = &[
         id          INTEGER PRIMARY KEY,
         started_at  INTEGER NOT NULL  -- unix microseconds, UTC
     );
+    -- Key ids and labels, model and flavor names, stored once and referred to by number, so a
+    -- request row is mostly small integers.
+    CREATE TABLE keys (
+        id      INTEGER PRIMARY KEY,
+        key_id  TEXT NOT NULL UNIQUE,
+        label   TEXT NOT NULL
+    );
+    CREATE TABLE names (
+        id      INTEGER PRIMARY KEY,
+        name    TEXT NOT NULL UNIQUE
+    );
     -- `at` is the rowid: rows are stored in time order and a time range is a rowid range, with
     -- no index to keep up. The writer makes it unique by moving a clash one microsecond on.
     CREATE TABLE requests (
         at                  INTEGER PRIMARY KEY,  -- unix microseconds, UTC, when recorded
         period              INTEGER NOT NULL,
-        key_id              TEXT NOT NULL,
-        key_label           TEXT NOT NULL,
-        model               TEXT NOT NULL,
-        flavor              TEXT NOT NULL,
+        key                 INTEGER NOT NULL REFERENCES keys,
+        model               INTEGER NOT NULL REFERENCES names,
+        flavor              INTEGER NOT NULL REFERENCES names,
         status              INTEGER NOT NULL,
         streamed            INTEGER NOT NULL,
         input_tokens        INTEGER NOT NULL,  -- uncached input
@@ -42,6 +52,16 @@ const MIGRATIONS: &[&str] = &[
         estimated           INTEGER NOT NULL,
         partial             INTEGER NOT NULL
     );
+    -- The rows with their names: what reports read, and what to query by hand.
+    CREATE VIEW request_rows AS
+        SELECT r.at, r.period, k.key_id, k.label AS key_label, m.name AS model,
+            f.name AS flavor, r.status, r.streamed, r.input_tokens, r.cached_tokens,
+            r.cache_write_tokens, r.output_tokens, r.reasoning_tokens, r.cost_nano_usd,
+            r.latency_us, r.response_id, r.error, r.unpriced, r.estimated, r.partial
+        FROM requests r
+        JOIN keys k ON k.id = r.key
+        JOIN names m ON m.id = r.model
+        JOIN names f ON f.id = r.flavor;
     -- The sums of each period's rows, updated in the same transaction as the rows, so that a
     -- restart restores /stats without reading every row.
     CREATE TABLE totals (

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, TransactionBehavior, params};
 
-use super::{Entry, Restored, Row, Shared, from_micros, micros};
+use super::queue::{self, Entry};
+use super::{Restored, Row, Shared, from_micros, micros};
 use crate::key::Identity;
 use crate::meter::Counts;
 use crate::meter::pricing::NanoUsd;
@@ -20,6 +21,7 @@ const SLOW_BACKLOG: u64 = 10_000;
 
 pub(super) struct Writer {
     pub conn: Connection,
+    pub ids: Ids,
     /// The last `at` written: each row's is made greater, so it can be the rowid.
     pub last_at: i64,
     pub shared: Arc<Shared>,
@@ -28,24 +30,42 @@ pub(super) struct Writer {
     pub path: PathBuf,
 }
 
+/// Entries taken from the queue but not yet committed (kept across failed attempts).
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    len: usize,
+}
+
+/// A buffer grown past this by a backlog is given back once the backlog is written.
+const KEEP_CAPACITY: usize = 4 << 20;
+
 impl Writer {
     pub fn run(mut self) {
-        // Entries taken from the queue but not yet committed (kept across failed attempts).
-        let mut batch: Vec<Entry> = Vec::new();
+        let mut batch = Batch::default();
         let mut last_slow_warning: Option<Instant> = None;
         loop {
             let is_closing = self.gather(&mut batch);
-            if batch.is_empty() {
+            if batch.len == 0 {
                 if is_closing {
                     return;
                 }
                 continue;
             }
             let started = Instant::now();
-            match commit(&mut self.conn, &batch, &mut self.last_at) {
+            match commit(
+                &mut self.conn,
+                &batch.bytes,
+                &mut self.last_at,
+                &mut self.ids,
+            ) {
                 Ok(()) => {
-                    let n = batch.len() as u64;
-                    batch.clear();
+                    let n = batch.len as u64;
+                    batch.len = 0;
+                    batch.bytes.clear();
+                    if batch.bytes.capacity() > KEEP_CAPACITY {
+                        batch.bytes.shrink_to(KEEP_CAPACITY / 4);
+                    }
                     self.shared.pending.fetch_sub(n, Relaxed);
                     self.shared.written.fetch_add(n, Relaxed);
                     self.settle(n);
@@ -61,6 +81,8 @@ impl Writer {
                     }
                 }
                 Err(err) => {
+                    // Ids handed out in the rolled-back transaction no longer exist.
+                    self.ids = Ids::default();
                     let reason = err.to_string();
                     if !self.shared.is_failing.swap(true, Relaxed) {
                         tracing::error!(path = %self.path.display(), error = %reason, "cannot write to the ledger: forwarding goes on, rows wait in memory and are retried");
@@ -68,10 +90,11 @@ impl Writer {
                     *self.shared.last_error.lock() = Some(reason);
                     self.give_up_oldest(&mut batch);
                     if is_closing {
-                        let lost = batch.len();
+                        let lost = batch.len as u64;
                         tracing::error!(path = %self.path.display(), lost_rows = lost, "stopping with the ledger still failing: the rows not yet written are lost");
-                        self.shared.lost.fetch_add(lost as u64, Relaxed);
-                        self.settle(lost as u64);
+                        self.shared.lost.fetch_add(lost, Relaxed);
+                        self.shared.pending.fetch_sub(lost, Relaxed);
+                        self.settle(lost);
                         return;
                     }
                     // Wait before the next attempt, still taking new rows (and a close).
@@ -86,14 +109,13 @@ impl Writer {
 
     /// Waits for a batch to start, then up to a flush interval for it to fill; moves the queue
     /// into `batch`. Returns whether the ledger is closing.
-    fn gather(&self, batch: &mut Vec<Entry>) -> bool {
+    fn gather(&self, batch: &mut Batch) -> bool {
         let mut queue = self.shared.queue.lock();
-        while queue.entries.is_empty() && batch.is_empty() && !queue.is_closing {
+        while queue.len == 0 && batch.len == 0 && !queue.is_closing {
             self.shared.wake.wait(&mut queue);
         }
         let deadline = Instant::now() + self.flush_interval;
-        while !queue.is_closing && !queue.is_flush_asked && queue.entries.len() < super::EARLY_WAKE
-        {
+        while !queue.is_closing && !queue.is_flush_asked && queue.len < super::EARLY_WAKE {
             if self
                 .shared
                 .wake
@@ -104,7 +126,15 @@ impl Writer {
             }
         }
         queue.is_flush_asked = false;
-        batch.append(&mut queue.entries);
+        if batch.len == 0 {
+            // Trade buffers: the queue gets the writer's empty one, capacity and all.
+            batch.bytes.clear();
+            std::mem::swap(&mut batch.bytes, &mut queue.bytes);
+        } else {
+            batch.bytes.extend_from_slice(&queue.bytes);
+            queue.bytes.clear();
+        }
+        batch.len += std::mem::take(&mut queue.len);
         queue.is_closing
     }
 
@@ -116,21 +146,16 @@ impl Writer {
     }
 
     /// Keeps the backlog within its bound by giving up the oldest rows (periods are kept).
-    fn give_up_oldest(&self, batch: &mut Vec<Entry>) {
-        let rows = batch.iter().filter(|e| matches!(e, Entry::Row(_))).count();
+    fn give_up_oldest(&self, batch: &mut Batch) {
+        let rows = queue::entries(&batch.bytes)
+            .filter(|e| matches!(e, Entry::Row(_)))
+            .count();
         let excess = rows.saturating_sub(self.max_pending_rows);
         if excess == 0 {
             return;
         }
-        let mut dropped = 0;
-        batch.retain(|e| {
-            if dropped < excess && matches!(e, Entry::Row(_)) {
-                dropped += 1;
-                false
-            } else {
-                true
-            }
-        });
+        let dropped = queue::drop_oldest_rows(&mut batch.bytes, excess);
+        batch.len -= dropped;
         self.shared.pending.fetch_sub(dropped as u64, Relaxed);
         self.shared.lost.fetch_add(dropped as u64, Relaxed);
         self.settle(dropped as u64);
@@ -140,34 +165,53 @@ impl Writer {
 
 /// Writes a batch in one transaction: the rows, new periods, and the sums of the rows per
 /// (period, key, model) added to `totals`.
-fn commit(conn: &mut Connection, batch: &[Entry], last_at: &mut i64) -> rusqlite::Result<()> {
+fn commit(
+    conn: &mut Connection,
+    batch: &[u8],
+    last_at: &mut i64,
+    ids: &mut Ids,
+) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut at = *last_at;
     let mut sums: HashMap<(u64, &str, &str), (&str, Counts), foldhash::fast::RandomState> =
         HashMap::default();
     {
-        let mut insert = tx.prepare_cached(
-            "INSERT INTO requests (at, period, key_id, key_label, model, flavor, status, streamed,
-                input_tokens, cached_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
-                cost_nano_usd, latency_us, response_id, error, unpriced, estimated, partial)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
-        )?;
+        let mut one = tx.prepare_cached(&insert_sql(1))?;
+        let mut many = tx.prepare_cached(&insert_sql(ROWS_PER_INSERT))?;
         let mut period =
             tx.prepare_cached("INSERT OR IGNORE INTO periods (id, started_at) VALUES (?1, ?2)")?;
-        for entry in batch {
+        let mut chunk: Vec<(Refs, Row<&str>)> = Vec::with_capacity(ROWS_PER_INSERT);
+        for entry in queue::entries(batch) {
             match entry {
                 Entry::Period { id, started } => {
-                    period.execute(params![int(*id), micros(*started)])?;
+                    period.execute(params![int(id), micros(started)])?;
                 }
                 Entry::Row(row) => {
                     at = micros(row.at).max(at.saturating_add(1));
-                    insert_row(&mut insert, at, row)?;
                     let (_, sum) = sums
-                        .entry((row.period, &row.key_id, &row.model))
-                        .or_insert((&row.key_label, Counts::default()));
+                        .entry((row.period, row.key_id, row.model))
+                        .or_insert((row.key_label, Counts::default()));
                     *sum += &row.counts();
+                    let refs = Refs {
+                        at,
+                        key: ids.key(&tx, row.key_id, row.key_label)?,
+                        model: ids.name(&tx, row.model)?,
+                        flavor: ids.name(&tx, row.flavor)?,
+                    };
+                    chunk.push((refs, row));
+                    if chunk.len() == ROWS_PER_INSERT {
+                        for (i, (refs, row)) in chunk.iter().enumerate() {
+                            bind_row(&mut many, i * COLUMNS, refs, row)?;
+                        }
+                        many.raw_execute()?;
+                        chunk.clear();
+                    }
                 }
             }
+        }
+        for (refs, row) in &chunk {
+            bind_row(&mut one, 0, refs, row)?;
+            one.raw_execute()?;
         }
     }
     {
@@ -211,38 +255,117 @@ fn commit(conn: &mut Connection, batch: &[Entry], last_at: &mut i64) -> rusqlite
     Ok(())
 }
 
-/// Binds each column directly: the generic `params!` path costs a visible share per row.
-fn insert_row(
-    insert: &mut rusqlite::CachedStatement<'_>,
+/// Columns of `requests`, bound per row.
+const COLUMNS: usize = 19;
+
+/// A row's time (its rowid) and the numbers of its key, model and flavor.
+struct Refs {
     at: i64,
-    row: &Row,
+    key: i64,
+    model: i64,
+    flavor: i64,
+}
+
+/// Numbers of the keys and names already in the ledger, so most rows need no lookup.
+#[derive(Default)]
+pub(super) struct Ids {
+    keys: HashMap<String, i64, foldhash::fast::RandomState>,
+    names: HashMap<String, i64, foldhash::fast::RandomState>,
+}
+
+/// Entries each map keeps before starting over (many distinct keys must not grow it forever).
+const IDS_CAP: usize = 10_000;
+
+impl Ids {
+    fn key(&mut self, tx: &Connection, key_id: &str, label: &str) -> rusqlite::Result<i64> {
+        if let Some(id) = self.keys.get(key_id) {
+            return Ok(*id);
+        }
+        let id = tx
+            .prepare_cached(
+                "INSERT INTO keys (key_id, label) VALUES (?1, ?2)
+                 ON CONFLICT (key_id) DO UPDATE SET label = excluded.label RETURNING id",
+            )?
+            .query_row(params![key_id, label], |r| r.get(0))?;
+        if self.keys.len() >= IDS_CAP {
+            self.keys.clear();
+        }
+        self.keys.insert(key_id.to_owned(), id);
+        Ok(id)
+    }
+
+    fn name(&mut self, tx: &Connection, name: &str) -> rusqlite::Result<i64> {
+        if let Some(id) = self.names.get(name) {
+            return Ok(*id);
+        }
+        let id = tx
+            .prepare_cached(
+                "INSERT INTO names (name) VALUES (?1)
+                 ON CONFLICT (name) DO UPDATE SET name = excluded.name RETURNING id",
+            )?
+            .query_row(params![name], |r| r.get(0))?;
+        if self.names.len() >= IDS_CAP {
+            self.names.clear();
+        }
+        self.names.insert(name.to_owned(), id);
+        Ok(id)
+    }
+}
+/// Rows inserted by one statement: a statement's fixed cost (step, reset, unbind) is then paid
+/// once per this many rows.
+const ROWS_PER_INSERT: usize = 32;
+
+/// `INSERT INTO requests … VALUES (…), (…), …` for `rows` rows.
+fn insert_sql(rows: usize) -> String {
+    let values: Vec<String> = (0..rows)
+        .map(|r| {
+            let params: Vec<String> = (1..=COLUMNS)
+                .map(|c| format!("?{}", r * COLUMNS + c))
+                .collect();
+            format!("({})", params.join(", "))
+        })
+        .collect();
+    format!(
+        "INSERT INTO requests (at, period, key, model, flavor, status, streamed,
+            input_tokens, cached_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
+            cost_nano_usd, latency_us, response_id, error, unpriced, estimated, partial)
+         VALUES {}",
+        values.join(", ")
+    )
+}
+
+/// Binds one row's columns after `base` parameters, directly: the generic `params!` path costs
+/// a visible share per row.
+fn bind_row(
+    insert: &mut rusqlite::CachedStatement<'_>,
+    base: usize,
+    refs: &Refs,
+    row: &Row<&str>,
 ) -> rusqlite::Result<()> {
     let u = &row.usage;
-    insert.raw_bind_parameter(1, at)?;
-    insert.raw_bind_parameter(2, int(row.period))?;
-    insert.raw_bind_parameter(3, row.key_id.as_str())?;
-    insert.raw_bind_parameter(4, row.key_label.as_str())?;
-    insert.raw_bind_parameter(5, row.model.as_str())?;
-    insert.raw_bind_parameter(6, row.flavor.as_ref())?;
-    insert.raw_bind_parameter(7, row.status)?;
-    insert.raw_bind_parameter(8, row.is_streaming)?;
-    insert.raw_bind_parameter(9, int(u.input_tokens))?;
-    insert.raw_bind_parameter(10, int(u.cached_input_tokens))?;
-    insert.raw_bind_parameter(11, int(u.cache_write_tokens))?;
-    insert.raw_bind_parameter(12, int(u.output_tokens))?;
-    insert.raw_bind_parameter(13, int(u.reasoning_tokens))?;
-    insert.raw_bind_parameter(14, int(row.cost.0))?;
+    insert.raw_bind_parameter(base + 1, refs.at)?;
+    insert.raw_bind_parameter(base + 2, int(row.period))?;
+    insert.raw_bind_parameter(base + 3, refs.key)?;
+    insert.raw_bind_parameter(base + 4, refs.model)?;
+    insert.raw_bind_parameter(base + 5, refs.flavor)?;
+    insert.raw_bind_parameter(base + 6, row.status)?;
+    insert.raw_bind_parameter(base + 7, row.is_streaming)?;
+    insert.raw_bind_parameter(base + 8, int(u.input_tokens))?;
+    insert.raw_bind_parameter(base + 9, int(u.cached_input_tokens))?;
+    insert.raw_bind_parameter(base + 10, int(u.cache_write_tokens))?;
+    insert.raw_bind_parameter(base + 11, int(u.output_tokens))?;
+    insert.raw_bind_parameter(base + 12, int(u.reasoning_tokens))?;
+    insert.raw_bind_parameter(base + 13, int(row.cost.0))?;
     insert.raw_bind_parameter(
-        15,
+        base + 14,
         row.latency
             .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
     )?;
-    insert.raw_bind_parameter(16, row.response_id.as_deref())?;
-    insert.raw_bind_parameter(17, row.is_error)?;
-    insert.raw_bind_parameter(18, row.is_unpriced)?;
-    insert.raw_bind_parameter(19, row.is_estimated)?;
-    insert.raw_bind_parameter(20, row.is_partial)?;
-    insert.raw_execute()?;
+    insert.raw_bind_parameter(base + 15, row.response_id)?;
+    insert.raw_bind_parameter(base + 16, row.is_error)?;
+    insert.raw_bind_parameter(base + 17, row.is_unpriced)?;
+    insert.raw_bind_parameter(base + 18, row.is_estimated)?;
+    insert.raw_bind_parameter(base + 19, row.is_partial)?;
     Ok(())
 }
 
