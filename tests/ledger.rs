@@ -63,15 +63,7 @@ async fn reset_starts_a_new_period_that_survives_restarts_and_history_keeps_both
     let proxy = Proxy::start_persistent(&mock.url(), dir.path(), "").await;
     send_mix(&proxy, 3).await;
     proxy.stats_after(3).await;
-    let closed: Value = proxy
-        .client
-        .post(proxy.url("/stats/reset"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let closed = proxy.reset().await;
     assert_eq!(closed["totals"]["requests"], 3);
     send_mix(&proxy, 2).await;
     let before = totals_of(proxy.stats_after(2).await);
@@ -159,40 +151,18 @@ async fn a_graceful_stop_writes_everything_even_with_a_long_flush_interval() {
         "{}",
         binary.banner
     );
-    let client = common::client();
     for _ in 0..10 {
-        client
-            .post(binary.url("/v1/chat/completions"))
-            .bearer_auth("sk-graceful-1")
-            .json(&chat_request("gpt-4o", true))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        binary
+            .chat_through("sk-graceful-1", &chat_request("gpt-4o", true))
+            .await;
     }
-    let before: Value = client
-        .get(binary.url("/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let before = binary.get_json("/stats").await;
     assert_eq!(before["ledger"]["pending_rows"], 10);
     let (ok, _, _) = binary.terminate();
     assert!(ok);
 
     let binary = start();
-    let after: Value = client
-        .get(binary.url("/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let after = binary.get_json("/stats").await;
     assert_eq!(totals_of(after), totals_of(before));
 }
 
@@ -203,20 +173,12 @@ async fn a_hard_kill_loses_at_most_the_rows_of_the_last_flush_interval() {
     let mut command = binary_command(dir.path());
     command.args(["--listen", "127.0.0.1:0", "--upstream", &mock.url()]);
     let mut binary = Binary::start(command);
-    let client = common::client();
     let mut answered = Vec::new();
     let load_until = Instant::now() + Duration::from_millis(1500);
     while Instant::now() < load_until {
-        client
-            .post(binary.url("/v1/chat/completions"))
-            .bearer_auth("sk-killed-01")
-            .json(&chat_request("gpt-4o", false))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        binary
+            .chat_through("sk-killed-01", &chat_request("gpt-4o", false))
+            .await;
         answered.push(Instant::now());
     }
     binary.child.kill().unwrap();

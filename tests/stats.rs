@@ -122,15 +122,7 @@ async fn reset_zeroes_the_totals_and_returns_the_closed_period() {
         .await;
     let before = proxy.stats_after(1).await;
 
-    let closed: Value = proxy
-        .client
-        .post(proxy.url("/stats/reset"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let closed = proxy.reset().await;
     assert_eq!(closed["totals"]["requests"], 1);
     let after = proxy.stats().await;
     assert_eq!(after["totals"]["requests"], 0);

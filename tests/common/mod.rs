@@ -418,6 +418,18 @@ impl Proxy {
         self.get_json("/stats").await
     }
 
+    /// POSTs `/stats/reset` (no admin token) and returns the closed period's totals.
+    pub async fn reset(&self) -> Value {
+        self.client
+            .post(self.url("/stats/reset"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// Polls /stats until `totals.requests` reaches `n` (recording happens as the body ends,
     /// which can be a moment after the client has every byte).
     pub async fn stats_after(&self, n: u64) -> Value {
@@ -504,6 +516,32 @@ pub fn binary_command(dir: &std::path::Path) -> std::process::Command {
 }
 
 impl Binary {
+    /// POSTs a chat completion with a bearer key and reads the whole answer.
+    pub async fn chat_through(&self, key: &str, body: &Value) -> Bytes {
+        client()
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+    }
+
+    /// GETs one of its paths as JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        client()
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// Starts the binary and waits for its startup line.
     pub fn start(mut command: std::process::Command) -> Self {
         use std::io::BufRead;

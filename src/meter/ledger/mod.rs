@@ -223,6 +223,8 @@ struct Shared {
     wake: Condvar,
     /// Wakes `sync` callers: entries were committed (or given up).
     settled_cv: Condvar,
+    /// Wakes the normal-priority writer thread on close.
+    rescue: Condvar,
     /// Entries committed or given up, ever; compared with `Queue::enqueued`.
     settled: AtomicU64,
     pending: AtomicU64,
@@ -230,6 +232,44 @@ struct Shared {
     lost: AtomicU64,
     is_failing: AtomicBool,
     last_error: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn new() -> Self {
+        Self {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            settled_cv: Condvar::new(),
+            rescue: Condvar::new(),
+            settled: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            is_failing: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    fn push(&self, encode: impl FnOnce(&mut Vec<u8>)) {
+        let mut queue = self.queue.lock();
+        if queue.is_closing {
+            drop(queue);
+            // Only a request finishing after shutdown's grace period can get here.
+            self.lost.fetch_add(1, Relaxed);
+            tracing::warn!("a request finished after the ledger was closed: not written");
+            return;
+        }
+        self.pending.fetch_add(1, Relaxed);
+        encode(&mut queue.bytes);
+        queue.len += 1;
+        queue.enqueued += 1;
+        let len = queue.len;
+        drop(queue);
+        // The first entry starts a batch (the writer sleeps until then); a long queue ends one early.
+        if len == 1 || len == EARLY_WAKE {
+            self.wake.notify_one();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -251,7 +291,7 @@ const EARLY_WAKE: usize = 4096;
 /// A handle on the open ledger: appends rows, reports health, flushes on close.
 pub struct Ledger {
     shared: Arc<Shared>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     path: PathBuf,
     /// Held (and locked) until the ledger is closed.
     lock: Mutex<Option<File>>,
@@ -271,17 +311,7 @@ impl Ledger {
         let mut conn = schema::open(&path, schema::Access::Write)?;
         let restored = writer::restore(&mut conn).map_err(|e| LedgerError::sqlite(&path, &e))?;
         let last_at = writer::last_at(&conn).map_err(|e| LedgerError::sqlite(&path, &e))?;
-        let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue::default()),
-            wake: Condvar::new(),
-            settled_cv: Condvar::new(),
-            settled: AtomicU64::new(0),
-            pending: AtomicU64::new(0),
-            written: AtomicU64::new(0),
-            lost: AtomicU64::new(0),
-            is_failing: AtomicBool::new(false),
-            last_error: Mutex::new(None),
-        });
+        let shared = Arc::new(Shared::new());
         let writer = writer::Writer {
             conn,
             ids: writer::Ids::default(),
@@ -290,18 +320,17 @@ impl Ledger {
             flush_interval: options.flush_interval,
             max_pending_rows: options.max_pending_rows.max(1),
             path: path.clone(),
+            batch: writer::Batch::default(),
+            last_slow_warning: None,
         };
-        let handle = std::thread::Builder::new()
-            .name("ledger-writer".into())
-            .spawn(move || writer.run())
-            .map_err(|e| LedgerError::Dir {
-                path: dir.clone(),
-                reason: format!("cannot start the writer thread: {e}"),
-            })?;
+        let threads = writer::start(writer).map_err(|e| LedgerError::Dir {
+            path: dir.clone(),
+            reason: format!("cannot start the writer thread: {e}"),
+        })?;
         Ok((
             Self {
                 shared,
-                writer: Mutex::new(Some(handle)),
+                threads: Mutex::new(threads),
                 path,
                 lock: Mutex::new(Some(lock)),
             },
@@ -320,24 +349,7 @@ impl Ledger {
     }
 
     fn push(&self, encode: impl FnOnce(&mut Vec<u8>)) {
-        let mut queue = self.shared.queue.lock();
-        if queue.is_closing {
-            drop(queue);
-            // Only a request finishing after shutdown's grace period can get here.
-            self.shared.lost.fetch_add(1, Relaxed);
-            tracing::warn!("a request finished after the ledger was closed: not written");
-            return;
-        }
-        self.shared.pending.fetch_add(1, Relaxed);
-        encode(&mut queue.bytes);
-        queue.len += 1;
-        queue.enqueued += 1;
-        let len = queue.len;
-        drop(queue);
-        // The first entry starts a batch (the writer sleeps until then); a long queue ends one early.
-        if len == 1 || len == EARLY_WAKE {
-            self.shared.wake.notify_one();
-        }
+        self.shared.push(encode);
     }
 
     /// Waits until every row recorded before the call is committed, so that history reads see
@@ -386,11 +398,12 @@ impl Ledger {
     /// not written (and are counted as lost).
     pub fn close(&self) {
         self.shared.queue.lock().is_closing = true;
-        self.shared.wake.notify_one();
-        if let Some(handle) = self.writer.lock().take()
-            && handle.join().is_err()
-        {
-            tracing::error!(path = %self.path.display(), "the ledger writer panicked");
+        self.shared.wake.notify_all();
+        self.shared.rescue.notify_all();
+        for handle in self.threads.lock().drain(..) {
+            if handle.join().is_err() {
+                tracing::error!(path = %self.path.display(), "the ledger writer panicked");
+            }
         }
         drop(self.lock.lock().take());
     }

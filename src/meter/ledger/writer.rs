@@ -3,6 +3,9 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use parking_lot::Mutex;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -28,11 +31,13 @@ pub(super) struct Writer {
     pub flush_interval: Duration,
     pub max_pending_rows: usize,
     pub path: PathBuf,
+    pub batch: Batch,
+    pub last_slow_warning: Option<Instant>,
 }
 
 /// Entries taken from the queue but not yet committed (kept across failed attempts).
 #[derive(Default)]
-struct Batch {
+pub(super) struct Batch {
     bytes: Vec<u8>,
     len: usize,
 }
@@ -41,70 +46,75 @@ struct Batch {
 const KEEP_CAPACITY: usize = 4 << 20;
 
 impl Writer {
-    pub fn run(mut self) {
-        let mut batch = Batch::default();
-        let mut last_slow_warning: Option<Instant> = None;
-        loop {
-            let is_closing = self.gather(&mut batch);
-            if batch.len == 0 {
-                if is_closing {
-                    return;
+    /// One round: gathers a batch and commits it (or keeps it for a retry). False once the
+    /// ledger is closed and everything is written or given up.
+    fn round(&mut self) -> bool {
+        let mut batch = std::mem::take(&mut self.batch);
+        let go_on = self.round_with(&mut batch);
+        self.batch = batch;
+        go_on
+    }
+
+    fn round_with(&mut self, batch: &mut Batch) -> bool {
+        let is_closing = self.gather(batch);
+        if batch.len == 0 {
+            return !is_closing;
+        }
+        let started = Instant::now();
+        match commit(
+            &mut self.conn,
+            &batch.bytes,
+            &mut self.last_at,
+            &mut self.ids,
+        ) {
+            Ok(()) => {
+                let n = batch.len as u64;
+                batch.len = 0;
+                batch.bytes.clear();
+                if batch.bytes.capacity() > KEEP_CAPACITY {
+                    batch.bytes.shrink_to(KEEP_CAPACITY / 4);
                 }
-                continue;
+                self.shared.pending.fetch_sub(n, Relaxed);
+                self.shared.written.fetch_add(n, Relaxed);
+                self.settle(n);
+                if self.shared.is_failing.swap(false, Relaxed) {
+                    tracing::info!(path = %self.path.display(), "ledger writes succeed again: the rows kept in memory are saved");
+                }
+                let pending = self.shared.pending.load(Relaxed);
+                if pending > SLOW_BACKLOG
+                    && self
+                        .last_slow_warning
+                        .is_none_or(|t| t.elapsed() > Duration::from_secs(60))
+                {
+                    self.last_slow_warning = Some(Instant::now());
+                    tracing::warn!(path = %self.path.display(), pending_rows = pending, commit_ms = started.elapsed().as_millis(), "the ledger's disk is slower than the traffic: rows are waiting in memory");
+                }
             }
-            let started = Instant::now();
-            match commit(
-                &mut self.conn,
-                &batch.bytes,
-                &mut self.last_at,
-                &mut self.ids,
-            ) {
-                Ok(()) => {
-                    let n = batch.len as u64;
-                    batch.len = 0;
-                    batch.bytes.clear();
-                    if batch.bytes.capacity() > KEEP_CAPACITY {
-                        batch.bytes.shrink_to(KEEP_CAPACITY / 4);
-                    }
-                    self.shared.pending.fetch_sub(n, Relaxed);
-                    self.shared.written.fetch_add(n, Relaxed);
-                    self.settle(n);
-                    if self.shared.is_failing.swap(false, Relaxed) {
-                        tracing::info!(path = %self.path.display(), "ledger writes succeed again: the rows kept in memory are saved");
-                    }
-                    let pending = self.shared.pending.load(Relaxed);
-                    if pending > SLOW_BACKLOG
-                        && last_slow_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60))
-                    {
-                        last_slow_warning = Some(Instant::now());
-                        tracing::warn!(path = %self.path.display(), pending_rows = pending, commit_ms = started.elapsed().as_millis(), "the ledger's disk is slower than the traffic: rows are waiting in memory");
-                    }
+            Err(err) => {
+                // Ids handed out in the rolled-back transaction no longer exist.
+                self.ids = Ids::default();
+                let reason = err.to_string();
+                if !self.shared.is_failing.swap(true, Relaxed) {
+                    tracing::error!(path = %self.path.display(), error = %reason, "cannot write to the ledger: forwarding goes on, rows wait in memory and are retried");
                 }
-                Err(err) => {
-                    // Ids handed out in the rolled-back transaction no longer exist.
-                    self.ids = Ids::default();
-                    let reason = err.to_string();
-                    if !self.shared.is_failing.swap(true, Relaxed) {
-                        tracing::error!(path = %self.path.display(), error = %reason, "cannot write to the ledger: forwarding goes on, rows wait in memory and are retried");
-                    }
-                    *self.shared.last_error.lock() = Some(reason);
-                    self.give_up_oldest(&mut batch);
-                    if is_closing {
-                        let lost = batch.len as u64;
-                        tracing::error!(path = %self.path.display(), lost_rows = lost, "stopping with the ledger still failing: the rows not yet written are lost");
-                        self.shared.lost.fetch_add(lost, Relaxed);
-                        self.shared.pending.fetch_sub(lost, Relaxed);
-                        self.settle(lost);
-                        return;
-                    }
-                    // Wait before the next attempt, still taking new rows (and a close).
-                    let mut queue = self.shared.queue.lock();
-                    if !queue.is_closing {
-                        self.shared.wake.wait_for(&mut queue, RETRY_AFTER);
-                    }
+                *self.shared.last_error.lock() = Some(reason);
+                self.give_up_oldest(batch);
+                if is_closing {
+                    let lost = batch.len as u64;
+                    tracing::error!(path = %self.path.display(), lost_rows = lost, "stopping with the ledger still failing: the rows not yet written are lost");
+                    self.shared.lost.fetch_add(lost, Relaxed);
+                    self.shared.pending.fetch_sub(lost, Relaxed);
+                    self.settle(lost);
+                    return false;
+                }
+                // Wait before the next attempt, still taking new rows (and a close).
+                let mut queue = self.shared.queue.lock();
+                if !queue.is_closing {
+                    self.shared.wake.wait_for(&mut queue, RETRY_AFTER);
                 }
             }
         }
+        true
     }
 
     /// Waits for a batch to start, then up to a flush interval for it to fill; moves the queue
@@ -160,6 +170,82 @@ impl Writer {
         self.shared.lost.fetch_add(dropped as u64, Relaxed);
         self.settle(dropped as u64);
         tracing::error!(path = %self.path.display(), lost_rows = dropped, max_pending_rows = self.max_pending_rows, "the ledger backlog is full: gave up the oldest rows (their totals stay in /stats until restart)");
+    }
+}
+
+/// Backlog past which the normal-priority thread takes over from the background one.
+const HIGH_WATER: u64 = 20_000;
+/// Backlog under which it hands back.
+const LOW_WATER: u64 = 1_000;
+/// How often the normal-priority thread looks at the backlog.
+const RESCUE_CHECK: Duration = Duration::from_millis(200);
+
+/// Starts the writer on two threads sharing it. One runs at background priority (`SCHED_IDLE`
+/// on Linux): it writes with CPU time nobody else wants, so a busy proxy never waits for it.
+/// The other, at normal priority, sleeps and takes over when the backlog shows that the CPU
+/// has had no room for a while, and for the final flush on close.
+pub(super) fn start(writer: Writer) -> std::io::Result<Vec<JoinHandle<()>>> {
+    let shared = Arc::clone(&writer.shared);
+    let writer = Arc::new(Mutex::new(writer));
+    let background = Arc::clone(&writer);
+    let writing = std::thread::Builder::new()
+        .name("ledger-writer".into())
+        .spawn(move || {
+            lower_priority();
+            while background.lock().round() {}
+        })?;
+    let rescuing = std::thread::Builder::new()
+        .name("ledger-rescue".into())
+        .spawn(move || rescue(&writer, &shared))?;
+    Ok(vec![writing, rescuing])
+}
+
+fn rescue(writer: &Mutex<Writer>, shared: &Shared) {
+    loop {
+        let mut queue = shared.queue.lock();
+        if !queue.is_closing {
+            shared.rescue.wait_for(&mut queue, RESCUE_CHECK);
+        }
+        let is_closing = queue.is_closing;
+        drop(queue);
+        if is_closing {
+            // Shutdown must not wait for idle CPU.
+            let mut writer = writer.lock();
+            while writer.round() {}
+            return;
+        }
+        let pending = shared.pending.load(Relaxed);
+        if pending > HIGH_WATER {
+            let mut writer = writer.lock();
+            tracing::info!(
+                pending_rows = pending,
+                "the CPU has been busy: the ledger catches up at normal priority"
+            );
+            while shared.pending.load(Relaxed) > LOW_WATER {
+                if !writer.round() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Lowers the calling thread to background priority, where the platform allows it.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        use thread_priority::unix::{
+            NormalThreadSchedulePolicy, ThreadSchedulePolicy, set_thread_priority_and_policy,
+            thread_native_id,
+        };
+        let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+        if let Err(err) = set_thread_priority_and_policy(
+            thread_native_id(),
+            thread_priority::ThreadPriority::Min,
+            idle,
+        ) {
+            tracing::debug!(?err, "the ledger writer keeps normal priority");
+        }
     }
 }
 
@@ -456,4 +542,72 @@ pub fn counts_from(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Counts>
         cost: NanoUsd(get(7)?),
         unpriced_requests: get(8)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{FILE_NAME, schema};
+    use super::*;
+    use crate::meter::pricing::NanoUsd;
+    use crate::usage::Usage;
+
+    #[test]
+    fn the_normal_priority_thread_catches_up_when_the_background_one_gets_no_cpu() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let mut conn = schema::open(&path, schema::Access::Write).unwrap();
+        restore(&mut conn).unwrap();
+        let shared = Arc::new(Shared::new());
+        let writer = Mutex::new(Writer {
+            conn,
+            ids: Ids::default(),
+            last_at: 0,
+            shared: Arc::clone(&shared),
+            flush_interval: Duration::from_millis(10),
+            max_pending_rows: usize::MAX,
+            path,
+            batch: Batch::default(),
+            last_slow_warning: None,
+        });
+        let rows = HIGH_WATER + 5_000;
+        for _ in 0..rows {
+            shared.push(|bytes| {
+                queue::push_row(
+                    bytes,
+                    &Row {
+                        at: super::super::now(),
+                        period: 1,
+                        key_id: "0123456789abcdef",
+                        key_label: "sk-…cdef",
+                        model: "gpt-4o",
+                        flavor: "openai_chat",
+                        status: 200,
+                        is_streaming: false,
+                        usage: Usage::default(),
+                        cost: NanoUsd(1),
+                        latency: None,
+                        response_id: None,
+                        is_error: false,
+                        is_unpriced: false,
+                        is_estimated: false,
+                        is_partial: false,
+                    },
+                );
+            });
+        }
+        // No background thread at all: only the rescuer runs.
+        std::thread::scope(|s| {
+            let rescuer = s.spawn(|| rescue(&writer, &shared));
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while shared.pending.load(Relaxed) > LOW_WATER {
+                assert!(Instant::now() < deadline, "the backlog was never written");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            shared.queue.lock().is_closing = true;
+            shared.rescue.notify_all();
+            rescuer.join().unwrap();
+        });
+        assert_eq!(shared.pending.load(Relaxed), 0);
+        assert_eq!(shared.written.load(Relaxed), rows);
+    }
 }
