@@ -425,7 +425,7 @@ async fn orchestrate(options: &Options) {
     );
     println!();
     println!(
-        "| scenario | direct req/s | floor req/s (ratio) | llm-meter req/s (ratio) | --no-persist req/s (ratio) | ledger cost | direct p50 / p99 ms | added p50 / p99 ms, floor | added p50 / p99 ms, llm-meter | CPU/req floor | CPU/req llm-meter | llm-meter peak RSS |"
+        "| scenario | direct req/s | floor req/s (ratio) | llm-meter req/s (ratio) | --no-persist req/s (ratio) | ledger vs --no-persist | direct p50 / p99 ms | added p50 / p99 ms, floor | added p50 / p99 ms, llm-meter | CPU/req floor | CPU/req llm-meter | llm-meter peak RSS |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let duration = Duration::from_secs_f64(options.seconds);
