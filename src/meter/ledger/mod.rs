@@ -261,6 +261,9 @@ impl Shared {
         }
         self.pending.fetch_add(1, Relaxed);
         encode(&mut queue.bytes);
+        if queue.len == 0 {
+            queue.oldest = Some(std::time::Instant::now());
+        }
         queue.len += 1;
         queue.enqueued += 1;
         let len = queue.len;
@@ -283,6 +286,8 @@ struct Queue {
     /// A reader wants everything queued so far committed now.
     is_flush_asked: bool,
     is_closing: bool,
+    /// When the oldest entry still in the queue was pushed (the writer has not taken it yet).
+    oldest: Option<std::time::Instant>,
 }
 
 /// Entries that wake the writer before its flush interval is over, to keep batches bounded.

@@ -145,6 +145,7 @@ impl Writer {
             queue.bytes.clear();
         }
         batch.len += std::mem::take(&mut queue.len);
+        queue.oldest = None;
         queue.is_closing
     }
 
@@ -177,8 +178,6 @@ impl Writer {
 const HIGH_WATER: u64 = 20_000;
 /// Backlog under which it hands back.
 const LOW_WATER: u64 = 1_000;
-/// How often the normal-priority thread looks at the backlog.
-const RESCUE_CHECK: Duration = Duration::from_millis(200);
 
 /// Starts the writer on two threads sharing it. One runs at background priority (`SCHED_IDLE`
 /// on Linux): it writes with CPU time nobody else wants, so a busy proxy never waits for it.
@@ -186,6 +185,7 @@ const RESCUE_CHECK: Duration = Duration::from_millis(200);
 /// has had no room for a while, and for the final flush on close.
 pub(super) fn start(writer: Writer) -> std::io::Result<Vec<JoinHandle<()>>> {
     let shared = Arc::clone(&writer.shared);
+    let flush_interval = writer.flush_interval;
     let writer = Arc::new(Mutex::new(writer));
     let background = Arc::clone(&writer);
     let writing = std::thread::Builder::new()
@@ -196,17 +196,22 @@ pub(super) fn start(writer: Writer) -> std::io::Result<Vec<JoinHandle<()>>> {
         })?;
     let rescuing = std::thread::Builder::new()
         .name("ledger-rescue".into())
-        .spawn(move || rescue(&writer, &shared))?;
+        .spawn(move || rescue(&writer, &shared, flush_interval))?;
     Ok(vec![writing, rescuing])
 }
 
-fn rescue(writer: &Mutex<Writer>, shared: &Shared) {
+/// Looks every flush interval whether the background writer keeps up: it has not taken a row
+/// queued two intervals ago, or the backlog is long. Then it writes until the backlog is short,
+/// so what a killed process can lose stays about three flush intervals even on a busy CPU.
+fn rescue(writer: &Mutex<Writer>, shared: &Shared, flush_interval: Duration) {
+    let late = flush_interval * 2;
     loop {
         let mut queue = shared.queue.lock();
         if !queue.is_closing {
-            shared.rescue.wait_for(&mut queue, RESCUE_CHECK);
+            shared.rescue.wait_for(&mut queue, flush_interval);
         }
         let is_closing = queue.is_closing;
+        let is_late = queue.oldest.is_some_and(|t| t.elapsed() > late);
         drop(queue);
         if is_closing {
             // Shutdown must not wait for idle CPU.
@@ -215,15 +220,18 @@ fn rescue(writer: &Mutex<Writer>, shared: &Shared) {
             return;
         }
         let pending = shared.pending.load(Relaxed);
-        if pending > HIGH_WATER {
+        if is_late || pending > HIGH_WATER {
             let mut writer = writer.lock();
-            tracing::info!(
+            tracing::debug!(
                 pending_rows = pending,
-                "the CPU has been busy: the ledger catches up at normal priority"
+                "the CPU is busy: the ledger writes at normal priority until it catches up"
             );
-            while shared.pending.load(Relaxed) > LOW_WATER {
+            loop {
                 if !writer.round() {
                     return;
+                }
+                if shared.pending.load(Relaxed) <= LOW_WATER {
+                    break;
                 }
             }
         }
@@ -551,10 +559,9 @@ mod tests {
     use crate::meter::pricing::NanoUsd;
     use crate::usage::Usage;
 
-    #[test]
-    fn the_normal_priority_thread_catches_up_when_the_background_one_gets_no_cpu() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(FILE_NAME);
+    /// A writer over a new ledger in `dir`, with no thread running it, and its shared state.
+    fn idle_writer(dir: &std::path::Path) -> (Mutex<Writer>, Arc<Shared>) {
+        let path = dir.join(FILE_NAME);
         let mut conn = schema::open(&path, schema::Access::Write).unwrap();
         restore(&mut conn).unwrap();
         let shared = Arc::new(Shared::new());
@@ -569,8 +576,11 @@ mod tests {
             batch: Batch::default(),
             last_slow_warning: None,
         });
-        let rows = HIGH_WATER + 5_000;
-        for _ in 0..rows {
+        (writer, shared)
+    }
+
+    fn queue_rows(shared: &Shared, n: u64) {
+        for _ in 0..n {
             shared.push(|bytes| {
                 queue::push_row(
                     bytes,
@@ -595,19 +605,49 @@ mod tests {
                 );
             });
         }
-        // No background thread at all: only the rescuer runs.
+    }
+
+    /// Runs only the normal-priority thread (as if the background one never got the CPU) until
+    /// `done`, then closes.
+    fn rescue_until(writer: &Mutex<Writer>, shared: &Shared, done: impl Fn() -> bool) {
         std::thread::scope(|s| {
-            let rescuer = s.spawn(|| rescue(&writer, &shared));
+            let rescuer = s.spawn(|| rescue(writer, shared, Duration::from_millis(10)));
             let deadline = Instant::now() + Duration::from_secs(20);
-            while shared.pending.load(Relaxed) > LOW_WATER {
-                assert!(Instant::now() < deadline, "the backlog was never written");
-                std::thread::sleep(Duration::from_millis(20));
+            while !done() {
+                assert!(Instant::now() < deadline, "the rows were never written");
+                std::thread::sleep(Duration::from_millis(5));
             }
             shared.queue.lock().is_closing = true;
             shared.rescue.notify_all();
             rescuer.join().unwrap();
         });
+    }
+
+    #[test]
+    fn a_long_backlog_is_written_at_normal_priority() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, shared) = idle_writer(dir.path());
+        let rows = HIGH_WATER + 5_000;
+        queue_rows(&shared, rows);
+        rescue_until(&writer, &shared, || {
+            shared.pending.load(Relaxed) <= LOW_WATER
+        });
         assert_eq!(shared.pending.load(Relaxed), 0);
         assert_eq!(shared.written.load(Relaxed), rows);
+    }
+
+    #[test]
+    fn a_few_rows_left_waiting_are_written_within_three_flush_intervals() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, shared) = idle_writer(dir.path());
+        let started = Instant::now();
+        queue_rows(&shared, 3);
+        rescue_until(&writer, &shared, || shared.written.load(Relaxed) == 3);
+        // 10 ms intervals: noticed after 20-30 ms, committed after one more.
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }
