@@ -19,7 +19,7 @@ use crate::app::AppState;
 use crate::error::ProxyError;
 use crate::key::{self, Identity};
 use crate::meter::{Meter, Record, UNKNOWN_MODEL};
-use crate::usage::{Extracted, Flavor, openai_chat, sse};
+use crate::usage::{Extracted, Flavor, StreamUsage, sse};
 use rewrite::{ChatRequest, Spliced};
 use tap::{Extraction, Outcome, Tap};
 
@@ -202,7 +202,15 @@ async fn send(
             HeaderValue::from_static("identity"),
         );
         let bytes = read_body(body, limit).await?;
+        let asks_usage = exchange
+            .flavor
+            .is_some_and(Flavor::needs_stream_usage_asked);
         match ChatRequest::inspect(&bytes) {
+            Some(chat) if !asks_usage => {
+                exchange.request_model = chat.model;
+                exchange.is_streaming = chat.is_streaming;
+                Body::from(bytes)
+            }
             Some(chat) => {
                 exchange.request_model.clone_from(&chat.model);
                 exchange.is_streaming = chat.is_streaming;
@@ -239,18 +247,19 @@ async fn send(
     upstream::strip_hop_by_hop(&mut parts.headers);
     let extraction = match exchange.flavor {
         None => Extraction::None,
-        Some(Flavor::OpenAiChat) if is_event_stream(&parts.headers) => {
+        Some(flavor) if is_event_stream(&parts.headers) => {
             if strip_usage_chunk {
                 // One chunk will be removed, so the upstream's length no longer holds.
                 parts.headers.remove(header::CONTENT_LENGTH);
             }
             Extraction::Stream {
                 framer: sse::Framer::new(sse::DEFAULT_EVENT_CAP),
-                chat: openai_chat::Stream::default(),
+                reader: StreamUsage::new(flavor),
                 strip_usage_chunk,
             }
         }
-        Some(Flavor::OpenAiChat) => Extraction::Body {
+        Some(flavor) => Extraction::Body {
+            flavor,
             chunks: Vec::new(),
             len: 0,
         },

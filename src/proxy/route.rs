@@ -13,6 +13,9 @@ pub fn classify(method: &Method, rest: &str) -> Option<Flavor> {
     }
     match rest.trim_end_matches('/') {
         "/chat/completions" => Some(Flavor::OpenAiChat),
+        "/completions" => Some(Flavor::OpenAiCompletions),
+        "/embeddings" => Some(Flavor::OpenAiEmbeddings),
+        "/responses" => Some(Flavor::OpenAiResponses),
         _ => None,
     }
 }
@@ -20,6 +23,21 @@ pub fn classify(method: &Method, rest: &str) -> Option<Flavor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_openai_route_that_reports_usage_is_metered() {
+        for (path, flavor) in [
+            ("/completions", Flavor::OpenAiCompletions),
+            ("/embeddings", Flavor::OpenAiEmbeddings),
+            ("/responses", Flavor::OpenAiResponses),
+        ] {
+            assert_eq!(classify(&Method::POST, path), Some(flavor));
+        }
+        // Retrieving, cancelling or listing a stored response reports no usage of its own.
+        assert_eq!(classify(&Method::GET, "/responses/resp_1"), None);
+        assert_eq!(classify(&Method::POST, "/responses/resp_1/cancel"), None);
+        assert_eq!(classify(&Method::POST, "/responses/input_tokens"), None);
+    }
 
     #[test]
     fn only_posted_chat_completions_are_metered() {

@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::Exchange;
-use crate::usage::{Extracted, openai_chat, sse};
+use crate::usage::{Extracted, Flavor, StreamUsage, openai_chat, sse};
 
 /// Largest plain response body kept for usage extraction; past it the usage is given up, not the response.
 pub const BODY_CAP: usize = 16 * 1024 * 1024;
@@ -38,17 +38,19 @@ pub enum Extraction {
     None,
     /// A plain JSON body: keep clones of its chunks until the end.
     Body {
+        /// How to read it.
+        flavor: Flavor,
         /// The chunks so far (reference-counted, not copied).
         chunks: Vec<Bytes>,
         /// Their total length.
         len: usize,
     },
-    /// An SSE chat stream.
+    /// An SSE stream.
     Stream {
         /// Splits the bytes into events.
         framer: sse::Framer,
         /// Reads usage from the events.
-        chat: openai_chat::Stream,
+        reader: StreamUsage,
         /// Hide the usage-only chunk: llm-meter asked for it, the client did not.
         strip_usage_chunk: bool,
     },
@@ -61,12 +63,12 @@ impl Extraction {
     fn finish(self) -> Extracted {
         match self {
             Self::None => Extracted::default(),
-            Self::Body { chunks, .. } => match chunks.as_slice() {
-                [] => openai_chat::parse_body(b""),
-                [one] => openai_chat::parse_body(one),
-                many => openai_chat::parse_body(&many.concat()),
+            Self::Body { flavor, chunks, .. } => match chunks.as_slice() {
+                [] => flavor.parse_body(b""),
+                [one] => flavor.parse_body(one),
+                many => flavor.parse_body(&many.concat()),
             },
-            Self::Stream { chat, .. } => chat.finish(),
+            Self::Stream { reader, .. } => reader.finish(),
             Self::GaveUp(extracted) => extracted,
         }
     }
@@ -162,7 +164,7 @@ impl Tap {
     }
 
     fn keep_for_extraction(&mut self, data: &Bytes) {
-        if let Extraction::Body { chunks, len } = &mut self.extraction {
+        if let Extraction::Body { chunks, len, .. } = &mut self.extraction {
             *len += data.len();
             if *len <= BODY_CAP {
                 chunks.push(data.clone());
@@ -227,7 +229,7 @@ impl Tap {
     fn on_stream_data(&mut self, data: Bytes) {
         let Extraction::Stream {
             framer,
-            chat,
+            reader,
             strip_usage_chunk,
         } = &mut self.extraction
         else {
@@ -238,7 +240,7 @@ impl Tap {
         let strip = *strip_usage_chunk;
         let (ready, ready_len) = (&mut self.ready, &mut self.ready_len);
         let fed = framer.feed(&data, |event| {
-            let kind = chat.on_event(&event);
+            let kind = reader.on_event(&event);
             if strip && kind != openai_chat::Event::UsageOnly {
                 *ready_len += event.len();
                 ready.push_back(event);

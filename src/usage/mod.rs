@@ -2,6 +2,8 @@
 //!
 //! Wire fields per flavor and how each maps to the record:
 //!
+//! (The Responses API's mapping is in `openai_responses`.)
+//!
 //! | record field          | OpenAI chat / completions / embeddings                |
 //! |-----------------------|-------------------------------------------------------|
 //! | `input_tokens`        | `prompt_tokens` − cached − cache writes               |
@@ -15,8 +17,12 @@
 //! A response with no `usage` object at all yields no `Usage`: the request is still counted.
 
 pub mod openai_chat;
+pub mod openai_responses;
 pub mod sse;
 
+use std::sync::LazyLock;
+
+use memchr::memmem;
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
@@ -55,6 +61,12 @@ impl Usage {
 pub enum Flavor {
     /// OpenAI chat completions: plain JSON or SSE chunks with a final usage chunk.
     OpenAiChat,
+    /// OpenAI legacy completions: the same usage shapes as chat.
+    OpenAiCompletions,
+    /// OpenAI embeddings: plain JSON, `prompt_tokens` only.
+    OpenAiEmbeddings,
+    /// OpenAI Responses API: plain JSON, or typed SSE events ending in `response.completed`.
+    OpenAiResponses,
 }
 
 impl Flavor {
@@ -62,8 +74,78 @@ impl Flavor {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::OpenAiChat => "openai_chat",
+            Self::OpenAiCompletions => "openai_completions",
+            Self::OpenAiEmbeddings => "openai_embeddings",
+            Self::OpenAiResponses => "openai_responses",
         }
     }
+
+    /// True when a stream reports usage only if asked (`stream_options.include_usage`), so
+    /// llm-meter asks on the client's behalf.
+    pub fn needs_stream_usage_asked(self) -> bool {
+        matches!(self, Self::OpenAiChat | Self::OpenAiCompletions)
+    }
+
+    /// Reads a complete (non-streaming) response body.
+    pub fn parse_body(self, body: &[u8]) -> Extracted {
+        match self {
+            Self::OpenAiChat | Self::OpenAiCompletions | Self::OpenAiEmbeddings => {
+                openai_chat::parse_body(body)
+            }
+            Self::OpenAiResponses => openai_responses::parse_body(body),
+        }
+    }
+}
+
+/// Usage extraction state for one SSE stream, per flavor.
+#[derive(Debug)]
+pub enum StreamUsage {
+    /// Chat or legacy completions chunks.
+    Chat(openai_chat::Stream),
+    /// Responses API events.
+    Responses(openai_responses::Stream),
+}
+
+impl StreamUsage {
+    /// The extractor for a stream of this flavor.
+    pub fn new(flavor: Flavor) -> Self {
+        match flavor {
+            Flavor::OpenAiResponses => Self::Responses(openai_responses::Stream::default()),
+            _ => Self::Chat(openai_chat::Stream::default()),
+        }
+    }
+
+    /// Looks at one whole event and says what it was.
+    pub fn on_event(&mut self, event: &[u8]) -> openai_chat::Event {
+        match self {
+            Self::Chat(chat) => chat.on_event(event),
+            Self::Responses(responses) => {
+                responses.on_event(event);
+                openai_chat::Event::Other
+            }
+        }
+    }
+
+    /// What the stream reported, once it has ended (or was cut).
+    pub fn finish(self) -> Extracted {
+        match self {
+            Self::Chat(chat) => chat.finish(),
+            Self::Responses(responses) => responses.finish(),
+        }
+    }
+}
+
+/// A searcher built once: building one per event would cost more than the search.
+static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+
+/// True when the data has a `"usage"` key whose value is an object (not `null`), found without parsing.
+fn has_usage_object(data: &[u8]) -> bool {
+    USAGE_KEY.find_iter(data).any(|at| {
+        let rest = data[at + 7..].trim_ascii_start();
+        rest.strip_prefix(b":")
+            .is_some_and(|v| v.trim_ascii_start().first() == Some(&b'{'))
+    })
 }
 
 /// A usage field that was present but unusable, for one warning log line.

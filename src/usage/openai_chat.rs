@@ -7,11 +7,9 @@ use serde::Deserialize;
 use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::{Count, Extracted, Usage, Warning, id_of, model_of, parse_raw, sse};
+use super::{Count, Extracted, Usage, Warning, has_usage_object, id_of, model_of, parse_raw, sse};
 
-/// Searchers built once: building one per event would cost more than the search.
-static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
-    LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+/// A searcher built once: building one per event would cost more than the search.
 static MODEL_KEY: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\"model\""));
 
@@ -255,15 +253,6 @@ impl Stream {
     pub fn finish(self) -> Extracted {
         self.extracted
     }
-}
-
-/// True when the data has a `"usage"` key whose value is an object (not `null`), found without parsing.
-fn has_usage_object(data: &[u8]) -> bool {
-    USAGE_KEY.find_iter(data).any(|at| {
-        let rest = data[at + 7..].trim_ascii_start();
-        rest.strip_prefix(b":")
-            .is_some_and(|v| v.trim_ascii_start().first() == Some(&b'{'))
-    })
 }
 
 #[cfg(test)]
