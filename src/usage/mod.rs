@@ -296,6 +296,29 @@ fn parse_raw<'a, T: Deserialize<'a>>(
     }
 }
 
+/// Reads an optional `*_details` object; absent, `null` or unusable (with a warning) gives its defaults.
+fn details<'a, T: Deserialize<'a> + Default>(
+    raw: Option<&'a RawValue>,
+    field: &'static str,
+    warnings: &mut Vec<Warning>,
+) -> T {
+    raw.and_then(|d| parse_raw(d, field, "not an object", warnings))
+        .unwrap_or_default()
+}
+
+/// A part of a count that says it is larger than the whole is cut to the whole, with a warning.
+fn part_of(part: u64, whole: u64, field: &'static str, warnings: &mut Vec<Warning>) -> u64 {
+    if part > whole {
+        warnings.push(Warning {
+            field,
+            problem: "exceeds the total it is part of",
+        });
+        whole
+    } else {
+        part
+    }
+}
+
 /// Reads a response's `id`: a short string, or nothing (an id is informational: no warning).
 fn id_of(raw: Option<&RawValue>) -> Option<String> {
     let id: String = serde_json::from_str(raw?.get()).ok()?;

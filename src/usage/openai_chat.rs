@@ -7,7 +7,10 @@ use serde::Deserialize;
 use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::{Count, Extracted, Usage, Warning, has_usage_object, id_of, model_of, parse_raw, sse};
+use super::{
+    Count, Extracted, Usage, Warning, details, has_usage_object, id_of, model_of, parse_raw,
+    part_of, sse,
+};
 
 /// A searcher built once: building one per event would cost more than the search.
 static MODEL_KEY: LazyLock<memmem::Finder<'static>> =
@@ -138,24 +141,26 @@ pub fn usage_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Usage> 
     let usage: WireUsage<'_> = parse_raw(raw, "usage", "not an object", w)?;
     let prompt = usage.prompt_tokens.take("usage.prompt_tokens", w);
     let completion = usage.completion_tokens.take("usage.completion_tokens", w);
-    let details: PromptDetails = usage
-        .prompt_tokens_details
-        .and_then(|d| parse_raw(d, "usage.prompt_tokens_details", "not an object", w))
-        .unwrap_or_default();
-    let mut cached = details
+    let prompt_details: PromptDetails = details(
+        usage.prompt_tokens_details,
+        "usage.prompt_tokens_details",
+        w,
+    );
+    let mut cached = prompt_details
         .cached_tokens
         .take("usage.prompt_tokens_details.cached_tokens", w);
-    let mut write = match details.cache_write_tokens {
-        Count::Absent => details
+    let mut write = match prompt_details.cache_write_tokens {
+        Count::Absent => prompt_details
             .cache_creation_tokens
             .take("usage.prompt_tokens_details.cache_creation_tokens", w),
         present => present.take("usage.prompt_tokens_details.cache_write_tokens", w),
     };
-    let completion_details: CompletionDetails = usage
-        .completion_tokens_details
-        .and_then(|d| parse_raw(d, "usage.completion_tokens_details", "not an object", w))
-        .unwrap_or_default();
-    let mut reasoning = completion_details
+    let completion_details: CompletionDetails = details(
+        usage.completion_tokens_details,
+        "usage.completion_tokens_details",
+        w,
+    );
+    let reasoning = completion_details
         .reasoning_tokens
         .take("usage.completion_tokens_details.reasoning_tokens", w);
     // `prompt_tokens` includes cache reads and writes; parts larger than the whole are bogus.
@@ -167,13 +172,12 @@ pub fn usage_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Usage> 
         cached = cached.min(prompt);
         write = write.min(prompt - cached);
     }
-    if reasoning > completion {
-        w.push(Warning {
-            field: "usage.completion_tokens_details.reasoning_tokens",
-            problem: "exceeds completion_tokens",
-        });
-        reasoning = completion;
-    }
+    let reasoning = part_of(
+        reasoning,
+        completion,
+        "usage.completion_tokens_details.reasoning_tokens",
+        w,
+    );
     Some(Usage {
         input_tokens: prompt - cached - write,
         cached_input_tokens: cached,

@@ -14,7 +14,10 @@ use memchr::memmem;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{Count, Extracted, Usage, Warning, has_usage_object, id_of, model_of, parse_raw, sse};
+use super::{
+    Count, Extracted, Usage, Warning, details, has_usage_object, id_of, model_of, parse_raw,
+    part_of, sse,
+};
 
 /// The stream's first event names the model and id, so a cut stream still has them.
 static CREATED: LazyLock<memmem::Finder<'static>> =
@@ -103,34 +106,26 @@ pub fn usage_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Usage> 
     let usage: WireUsage<'_> = parse_raw(raw, "usage", "not an object", w)?;
     let input = usage.input_tokens.take("usage.input_tokens", w);
     let output = usage.output_tokens.take("usage.output_tokens", w);
-    let input_details: InputDetails = usage
-        .input_tokens_details
-        .and_then(|d| parse_raw(d, "usage.input_tokens_details", "not an object", w))
-        .unwrap_or_default();
-    let mut cached = input_details
+    let input_details: InputDetails =
+        details(usage.input_tokens_details, "usage.input_tokens_details", w);
+    let cached = input_details
         .cached_tokens
         .take("usage.input_tokens_details.cached_tokens", w);
-    let output_details: OutputDetails = usage
-        .output_tokens_details
-        .and_then(|d| parse_raw(d, "usage.output_tokens_details", "not an object", w))
-        .unwrap_or_default();
-    let mut reasoning = output_details
+    let cached = part_of(cached, input, "usage.input_tokens_details.cached_tokens", w);
+    let output_details: OutputDetails = details(
+        usage.output_tokens_details,
+        "usage.output_tokens_details",
+        w,
+    );
+    let reasoning = output_details
         .reasoning_tokens
         .take("usage.output_tokens_details.reasoning_tokens", w);
-    if cached > input {
-        w.push(Warning {
-            field: "usage.input_tokens_details.cached_tokens",
-            problem: "exceeds input_tokens",
-        });
-        cached = input;
-    }
-    if reasoning > output {
-        w.push(Warning {
-            field: "usage.output_tokens_details.reasoning_tokens",
-            problem: "exceeds output_tokens",
-        });
-        reasoning = output;
-    }
+    let reasoning = part_of(
+        reasoning,
+        output,
+        "usage.output_tokens_details.reasoning_tokens",
+        w,
+    );
     Some(Usage {
         input_tokens: input - cached,
         cached_input_tokens: cached,
