@@ -268,9 +268,10 @@ impl Shared {
         queue.enqueued += 1;
         let len = queue.len;
         drop(queue);
-        // The first entry starts a batch (the writer sleeps until then); a long queue ends one early.
+        // The first entry starts a batch (the writer sleeps until then); a long queue ends one
+        // early. Both writer threads may be waiting: wake both, the writer's lock picks one.
         if len == 1 || len == EARLY_WAKE {
-            self.wake.notify_one();
+            self.wake.notify_all();
         }
     }
 }
@@ -367,7 +368,7 @@ impl Ledger {
             return true;
         }
         queue.is_flush_asked = true;
-        self.shared.wake.notify_one();
+        self.shared.wake.notify_all();
         while self.shared.settled.load(Relaxed) < target {
             if self
                 .shared

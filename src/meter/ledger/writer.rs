@@ -48,7 +48,12 @@ const KEEP_CAPACITY: usize = 4 << 20;
 impl Writer {
     /// One round: gathers a batch and commits it (or keeps it for a retry). False once the
     /// ledger is closed and everything is written or given up.
-    fn round(&mut self) -> bool {
+    /// With `wait`, first waits for the batch to fill (see `wait_for_batch`); without, the caller
+    /// has waited already, outside the writer's lock.
+    fn round(&mut self, wait: bool) -> bool {
+        if wait {
+            wait_for_batch(&self.shared, self.flush_interval, self.batch.len > 0);
+        }
         let mut batch = std::mem::take(&mut self.batch);
         let go_on = self.round_with(&mut batch);
         self.batch = batch;
@@ -56,7 +61,7 @@ impl Writer {
     }
 
     fn round_with(&mut self, batch: &mut Batch) -> bool {
-        let is_closing = self.gather(batch);
+        let is_closing = self.take(batch);
         if batch.len == 0 {
             return !is_closing;
         }
@@ -117,24 +122,9 @@ impl Writer {
         true
     }
 
-    /// Waits for a batch to start, then up to a flush interval for it to fill; moves the queue
-    /// into `batch`. Returns whether the ledger is closing.
-    fn gather(&self, batch: &mut Batch) -> bool {
+    /// Moves the queue into `batch`. Returns whether the ledger is closing.
+    fn take(&self, batch: &mut Batch) -> bool {
         let mut queue = self.shared.queue.lock();
-        while queue.len == 0 && batch.len == 0 && !queue.is_closing {
-            self.shared.wake.wait(&mut queue);
-        }
-        let deadline = Instant::now() + self.flush_interval;
-        while !queue.is_closing && !queue.is_flush_asked && queue.len < super::EARLY_WAKE {
-            if self
-                .shared
-                .wake
-                .wait_until(&mut queue, deadline)
-                .timed_out()
-            {
-                break;
-            }
-        }
         queue.is_flush_asked = false;
         if batch.len == 0 {
             // Trade buffers: the queue gets the writer's empty one, capacity and all.
@@ -174,6 +164,22 @@ impl Writer {
     }
 }
 
+/// Waits for a batch to start (unless one is already waiting for a retry), then up to a flush
+/// interval for it to fill; returns early on a long queue, a history read's flush, or close.
+/// Runs without the writer's lock, so the background thread never sleeps holding it.
+fn wait_for_batch(shared: &Shared, flush_interval: Duration, is_retrying: bool) {
+    let mut queue = shared.queue.lock();
+    while queue.len == 0 && !is_retrying && !queue.is_closing {
+        shared.wake.wait(&mut queue);
+    }
+    let deadline = Instant::now() + flush_interval;
+    while !queue.is_closing && !queue.is_flush_asked && queue.len < super::EARLY_WAKE {
+        if shared.wake.wait_until(&mut queue, deadline).timed_out() {
+            break;
+        }
+    }
+}
+
 /// Backlog past which the normal-priority thread takes over from the background one.
 const HIGH_WATER: u64 = 20_000;
 /// Backlog under which it hands back.
@@ -188,11 +194,18 @@ pub(super) fn start(writer: Writer) -> std::io::Result<Vec<JoinHandle<()>>> {
     let flush_interval = writer.flush_interval;
     let writer = Arc::new(Mutex::new(writer));
     let background = Arc::clone(&writer);
+    let shared_bg = Arc::clone(&shared);
     let writing = std::thread::Builder::new()
         .name("ledger-writer".into())
         .spawn(move || {
             lower_priority();
-            while background.lock().round() {}
+            loop {
+                let is_retrying = background.lock().batch.len > 0;
+                wait_for_batch(&shared_bg, flush_interval, is_retrying);
+                if !background.lock().round(false) {
+                    return;
+                }
+            }
         })?;
     let rescuing = std::thread::Builder::new()
         .name("ledger-rescue".into())
@@ -216,7 +229,7 @@ fn rescue(writer: &Mutex<Writer>, shared: &Shared, flush_interval: Duration) {
         if is_closing {
             // Shutdown must not wait for idle CPU.
             let mut writer = writer.lock();
-            while writer.round() {}
+            while writer.round(true) {}
             return;
         }
         let pending = shared.pending.load(Relaxed);
@@ -227,7 +240,7 @@ fn rescue(writer: &Mutex<Writer>, shared: &Shared, flush_interval: Duration) {
                 "the CPU is busy: the ledger writes at normal priority until it catches up"
             );
             loop {
-                if !writer.round() {
+                if !writer.round(true) {
                     return;
                 }
                 if shared.pending.load(Relaxed) <= LOW_WATER {
