@@ -339,3 +339,56 @@ async fn no_persist_writes_nothing() {
     proxy.stop().await;
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+#[tokio::test]
+async fn rows_say_when_a_stream_was_cut_short_by_the_client_or_the_upstream() {
+    use bytes::Bytes;
+    use common::{Chunk, Reply, chat_stream};
+    let mock = Mock::start(|r: &common::Received| {
+        let events = chat_stream("gpt-4o", &["a", "b"], Some((5, 2)));
+        let chunks = events.into_iter().map(|e| Chunk::now(Bytes::from(e)));
+        match r.json()["model"].as_str() {
+            // The client reads the first event, then leaves; the rest never comes.
+            Some("leave") => Reply::Stream {
+                chunks: chunks.take(1).collect(),
+                then_cut: false,
+                then_hang: true,
+            },
+            // The upstream cuts the connection after two events.
+            _ => Reply::Stream {
+                chunks: chunks.take(2).collect(),
+                then_cut: true,
+                then_hang: false,
+            },
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start_persistent(&mock.url(), dir.path(), "").await;
+    let mut leaving = proxy
+        .chat("sk-partial-01", &chat_request("leave", true))
+        .await;
+    assert!(leaving.chunk().await.unwrap().is_some());
+    drop(leaving);
+    let cut = proxy
+        .chat("sk-partial-01", &chat_request("cut", true))
+        .await;
+    assert!(cut.bytes().await.is_err());
+    proxy.stats_after(2).await;
+
+    let rows = proxy.get_text("/export?format=jsonl").await;
+    let rows: Vec<Value> = rows
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        assert_eq!(row["partial"], true, "{row}");
+        assert_eq!(row["streamed"], true, "{row}");
+        assert_eq!(row["model"], "gpt-4o", "{row}");
+    }
+    // Leaving is not an error (the provider may still bill it); a cut stream is.
+    let by_error: Vec<bool> = rows.iter().map(|r| r["error"] == true).collect();
+    assert_eq!(by_error.iter().filter(|e| **e).count(), 1, "{rows:?}");
+    proxy.stop().await;
+}
