@@ -78,7 +78,7 @@ fn request_rewrite(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(body.len() as u64));
     group.bench_function("include_usage into 100 KB request", |b| {
         b.iter(|| {
-            let chat = ChatRequest::inspect(&body).expect("valid request");
+            let chat = ChatRequest::inspect(&body, true).expect("valid request");
             chat.rewrite(body.clone())
         });
     });

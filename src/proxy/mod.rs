@@ -205,12 +205,7 @@ async fn send(
         let asks_usage = exchange
             .flavor
             .is_some_and(Flavor::needs_stream_usage_asked);
-        match ChatRequest::inspect(&bytes) {
-            Some(chat) if !asks_usage => {
-                exchange.request_model = chat.model;
-                exchange.is_streaming = chat.is_streaming;
-                Body::from(bytes)
-            }
+        match ChatRequest::inspect(&bytes, asks_usage) {
             Some(chat) => {
                 exchange.request_model.clone_from(&chat.model);
                 exchange.is_streaming = chat.is_streaming;

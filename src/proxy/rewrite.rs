@@ -52,9 +52,11 @@ struct StreamOptions<'a> {
 }
 
 impl ChatRequest {
-    /// Reads a chat request body; `None` when it is not a JSON object we can safely edit
-    /// (invalid JSON, duplicate top-level fields): such a body is forwarded untouched.
-    pub fn inspect(body: &[u8]) -> Option<Self> {
+    /// Reads a request body; `None` when it is not a JSON object we can safely edit (invalid
+    /// JSON, duplicate top-level fields): such a body is forwarded untouched. With
+    /// `asks_stream_usage` (routes whose streams report usage only when asked), a streaming
+    /// request that does not ask gets the edit planned.
+    pub fn inspect(body: &[u8], asks_stream_usage: bool) -> Option<Self> {
         // serde would also read a struct from a JSON array; only an object can be edited.
         if body.trim_ascii_start().first() != Some(&b'{') {
             return None;
@@ -62,7 +64,7 @@ impl ChatRequest {
         let top: TopLevel<'_> = serde_json::from_slice(body).ok()?;
         let model = top.model.and_then(|m| serde_json::from_str(m.get()).ok());
         let is_streaming = top.stream.is_some_and(|s| s.get() == "true");
-        let edit = if is_streaming {
+        let edit = if is_streaming && asks_stream_usage {
             usage_edit(body, top.stream_options)?
         } else {
             None
@@ -210,7 +212,7 @@ mod tests {
     use serde_json::{Value, json};
 
     fn rewritten(body: &str) -> (ChatRequest, String) {
-        let req = ChatRequest::inspect(body.as_bytes()).expect("inspectable");
+        let req = ChatRequest::inspect(body.as_bytes(), true).expect("inspectable");
         let out = req
             .rewrite(Bytes::copy_from_slice(body.as_bytes()))
             .concat();
@@ -301,13 +303,28 @@ mod tests {
             r#"{"stream":true,"stream":true}"#,
             r#"{"stream":true"#,
         ] {
-            assert_eq!(ChatRequest::inspect(body.as_bytes()), None, "{body}");
+            assert_eq!(ChatRequest::inspect(body.as_bytes(), true), None, "{body}");
+        }
+    }
+
+    #[test]
+    fn routes_whose_streams_always_report_usage_get_no_edit() {
+        // Neither body is touched, with or without `stream_options` (chat would edit both).
+        for body in [
+            r#"{"model":"gpt-4.1","stream":true,"input":"hi"}"#,
+            r#"{"model":"gpt-4.1","stream":true,"stream_options":7}"#,
+        ] {
+            let req = ChatRequest::inspect(body.as_bytes(), false).expect("inspectable");
+            assert_eq!(req.model.as_deref(), Some("gpt-4.1"));
+            assert!(req.is_streaming);
+            assert!(!req.needs_usage_injected());
+            assert_eq!(req.rewrite(Bytes::from(body)).concat(), body.as_bytes());
         }
     }
 
     #[test]
     fn model_that_is_not_a_string_is_ignored() {
-        let req = ChatRequest::inspect(br#"{"model":5}"#).unwrap();
+        let req = ChatRequest::inspect(br#"{"model":5}"#, true).unwrap();
         assert_eq!(req.model, None);
     }
 }
