@@ -59,6 +59,24 @@ impl AddAssign<&Counts> for Counts {
     }
 }
 
+impl Counts {
+    /// The counts of one request with these tokens and this cost.
+    pub fn of_request(usage: &Usage, cost: NanoUsd, is_error: bool, is_unpriced: bool) -> Self {
+        Self {
+            requests: 1,
+            errors: u64::from(is_error),
+            prompt_tokens: usage.prompt_tokens(),
+            completion_tokens: usage.output_tokens,
+            total_tokens: usage.total_tokens(),
+            cached_tokens: usage.cached_input_tokens,
+            cache_write_tokens: usage.cache_write_tokens,
+            reasoning_tokens: usage.reasoning_tokens,
+            cost,
+            unpriced_requests: u64::from(is_unpriced),
+        }
+    }
+}
+
 /// One finished request, as the proxy hands it to the meter.
 #[derive(Debug, Clone, Copy)]
 pub struct Record<'a> {
@@ -254,18 +272,7 @@ impl Meter {
                 }
             }
         };
-        let counts = Counts {
-            requests: 1,
-            errors: u64::from(record.is_error),
-            prompt_tokens: usage.prompt_tokens(),
-            completion_tokens: usage.output_tokens,
-            total_tokens: usage.total_tokens(),
-            cached_tokens: usage.cached_input_tokens,
-            cache_write_tokens: usage.cache_write_tokens,
-            reasoning_tokens: usage.reasoning_tokens,
-            cost: priced.cost,
-            unpriced_requests: u64::from(!priced.is_priced),
-        };
+        let counts = Counts::of_request(&usage, priced.cost, record.is_error, !priced.is_priced);
         let period = self.store.add(record.identity, record.model, &counts);
         if let Some(ledger) = &self.ledger {
             ledger.append(&Row {

@@ -172,19 +172,7 @@ impl<S: AsRef<str>> Row<S> {
 
     /// The counters this row adds to its (key, model) totals.
     pub fn counts(&self) -> Counts {
-        let u = &self.usage;
-        Counts {
-            requests: 1,
-            errors: u64::from(self.is_error),
-            prompt_tokens: u.prompt_tokens(),
-            completion_tokens: u.output_tokens,
-            total_tokens: u.total_tokens(),
-            cached_tokens: u.cached_input_tokens,
-            cache_write_tokens: u.cache_write_tokens,
-            reasoning_tokens: u.reasoning_tokens,
-            cost: self.cost,
-            unpriced_requests: u64::from(self.is_unpriced),
-        }
+        Counts::of_request(&self.usage, self.cost, self.is_error, self.is_unpriced)
     }
 }
 
