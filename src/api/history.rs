@@ -16,17 +16,16 @@ use http::header;
 use http_body::Frame;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
-use super::stats::CountsView;
+use super::stats::{CountsView, rfc3339};
 use crate::app::AppState;
 use crate::cli::ExportArgs;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::meter::Counts;
 use crate::meter::ledger::LedgerError;
+use crate::meter::ledger::Row;
 use crate::meter::ledger::history::{Filter, Group, Range, Reader, UsageLine};
-use crate::meter::ledger::{Row, micros};
 
 /// How long a history read waits for the rows recorded before it to be committed.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(2);
@@ -445,12 +444,6 @@ fn json_line(row: &Row, line: &mut String) {
         line.push_str(&json);
     }
     line.push('\n');
-}
-
-/// RFC 3339 with microseconds, as rows are stored.
-pub fn rfc3339(at: OffsetDateTime) -> String {
-    at.format(&Rfc3339)
-        .unwrap_or_else(|_| micros(at).to_string())
 }
 
 /// `2026-11-25`.

@@ -4,7 +4,8 @@ use std::fmt::Write as _;
 
 use time::{Duration, OffsetDateTime, Time};
 
-use super::history::{day, rfc3339};
+use super::history::day;
+use super::stats::rfc3339;
 use crate::cli::ReportArgs;
 use crate::config::Config;
 use crate::meter::Counts;

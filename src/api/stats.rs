@@ -85,7 +85,7 @@ impl<'a> StatsView<'a> {
     /// Builds the JSON view of a snapshot.
     pub fn new(snapshot: &'a Snapshot) -> Self {
         Self {
-            since: rfc3339(snapshot),
+            since: rfc3339(snapshot.since),
             until: None,
             ledger: None,
             totals: CountsView::from(&snapshot.totals),
@@ -111,7 +111,7 @@ impl<'a> StatsView<'a> {
     /// Marks the view as a history range ending at `until`.
     #[must_use]
     pub fn until(mut self, until: Option<OffsetDateTime>) -> Self {
-        self.until = until.map(|t| t.format(&Rfc3339).unwrap_or_else(|_| t.to_string()));
+        self.until = until.map(rfc3339);
         self
     }
 
@@ -132,11 +132,10 @@ impl<'a> StatsView<'a> {
     }
 }
 
-fn rfc3339(snapshot: &Snapshot) -> String {
-    snapshot
-        .since
-        .format(&Rfc3339)
-        .unwrap_or_else(|_| snapshot.since.to_string())
+/// A time as RFC 3339 (`2026-11-25T09:00:00.123456Z`), as every view shows times.
+pub fn rfc3339(at: OffsetDateTime) -> String {
+    // Formatting fails only outside years 0-9999, which no clock here produces.
+    at.format(&Rfc3339).unwrap_or_else(|_| at.to_string())
 }
 
 /// One line of counters: `12 requests, 0 errors | tokens: 1234 in + 567 out | cost: $0.0122`.
@@ -166,7 +165,7 @@ pub fn text(snapshot: &Snapshot) -> String {
     let _ = writeln!(
         out,
         "total since {}: {}",
-        rfc3339(snapshot),
+        rfc3339(snapshot.since),
         summary_line(&snapshot.totals)
     );
     out
