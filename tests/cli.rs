@@ -244,10 +244,7 @@ async fn json_log_format_writes_one_json_object_per_line() {
         .await
         .unwrap();
     let (_, _, stderr) = binary.terminate();
-    let lines: Vec<serde_json::Value> = stderr
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = common::json_lines(&stderr);
     let request = lines
         .iter()
         .find(|l| l["fields"]["message"] == "request")

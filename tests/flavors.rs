@@ -101,10 +101,7 @@ async fn responses_api_is_metered_plain_and_streamed_with_the_stream_untouched()
     assert_eq!(stream["reasoning_tokens"], 25);
 
     let rows = proxy.get_text("/export?format=jsonl").await;
-    let rows: Vec<Value> = rows
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = common::json_lines(&rows);
     assert_eq!(rows.len(), 2);
     assert!(rows.iter().all(|r| r["flavor"] == "openai_responses"));
     assert_eq!(rows[0]["response_id"], "resp_8");

@@ -225,10 +225,7 @@ async fn export_has_every_row_as_csv_or_json_lines_and_no_key() {
     assert!(!csv.contains("secret-0123456789"));
 
     let jsonl = proxy.get_text("/export?format=jsonl").await;
-    let rows: Vec<Value> = jsonl
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = common::json_lines(&jsonl);
     assert_eq!(rows.len(), 3);
     let cost: u64 = rows
         .iter()
@@ -382,10 +379,7 @@ fn export_command_writes_rows_to_stdout() {
         String::from_utf8_lossy(&output.stderr)
     );
     let stdout = String::from_utf8(output.stdout).unwrap();
-    let rows: Vec<Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = common::json_lines(&stdout);
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["time"], "2026-11-02T08:00:00Z");
     assert_eq!(rows[1]["model"], "claude-sonnet-4");

@@ -377,10 +377,7 @@ async fn rows_say_when_a_stream_was_cut_short_by_the_client_or_the_upstream() {
     proxy.stats_after(2).await;
 
     let rows = proxy.get_text("/export?format=jsonl").await;
-    let rows: Vec<Value> = rows
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = common::json_lines(&rows);
     assert_eq!(rows.len(), 2);
     for row in &rows {
         assert_eq!(row["partial"], true, "{row}");

@@ -675,6 +675,13 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// Parses JSON lines (an export, a JSON log).
+pub fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// The stats JSON without the parts that describe the ledger's own progress, for comparing
 /// totals across restarts.
 pub fn totals_of(mut stats: Value) -> Value {

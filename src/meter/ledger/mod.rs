@@ -334,16 +334,13 @@ impl Ledger {
 
     /// Queues a row (a copy into the queue's buffer); never blocks on the disk.
     pub fn append(&self, row: &Row<&str>) {
-        self.push(|bytes| queue::push_row(bytes, row));
+        self.shared.push(|bytes| queue::push_row(bytes, row));
     }
 
     /// Queues the start of a new period.
     pub fn start_period(&self, id: u64, started: OffsetDateTime) {
-        self.push(|bytes| queue::push_period(bytes, id, started));
-    }
-
-    fn push(&self, encode: impl FnOnce(&mut Vec<u8>)) {
-        self.shared.push(encode);
+        self.shared
+            .push(|bytes| queue::push_period(bytes, id, started));
     }
 
     /// Waits until every row recorded before the call is committed, so that history reads see
