@@ -5,6 +5,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::{Request, State};
 use axum::routing::{any, get, post};
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
@@ -13,7 +14,7 @@ use tokio::sync::Notify;
 use crate::config::Config;
 use crate::meter::Meter;
 use crate::meter::ledger::LedgerError;
-use crate::proxy::{self, upstream};
+use crate::proxy::{self, UpstreamState, upstream};
 use crate::{api, proxy::upstream::HttpClient};
 
 /// What every handler shares; cheap to clone.
@@ -28,6 +29,8 @@ pub struct Shared {
     pub meter: Arc<Meter>,
     /// The pooled upstream client.
     pub client: HttpClient,
+    /// What is learned of each upstream while running, in the order of `config.routes`.
+    pub upstreams: Vec<UpstreamState>,
 }
 
 impl Deref for AppState {
@@ -59,26 +62,33 @@ impl AppState {
             None => Meter::in_memory(config.prices.clone()),
         };
         let meter = Arc::new(meter);
+        let upstreams = config.routes.iter().map(UpstreamState::new).collect();
         Ok(Self(Arc::new(Shared {
             config,
             meter,
             client,
+            upstreams,
         })))
     }
 }
 
-/// All routes: the provider prefix is forwarded, our own endpoints answer locally.
+/// All routes: each upstream's prefix is forwarded, our own endpoints answer locally.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/stats", get(api::show))
         .route("/stats/reset", post(api::reset))
         .route("/usage", get(api::history::usage))
         .route("/export", get(api::history::export))
-        .route("/healthz", get(api::healthz))
-        .route(proxy::PREFIX, any(proxy::forward))
-        .route(&format!("{}/{{*rest}}", proxy::PREFIX), any(proxy::forward))
-        .fallback(proxy::not_found)
-        .with_state(state)
+        .route("/healthz", get(api::healthz));
+    for (i, route) in state.config.routes.iter().enumerate() {
+        let handler = any(move |State(state): State<AppState>, request: Request| {
+            proxy::forward(state, i, request)
+        });
+        router = router
+            .route(&route.prefix, handler.clone())
+            .route(&format!("{}/{{*rest}}", route.prefix), handler);
+    }
+    router.fallback(proxy::not_found).with_state(state)
 }
 
 /// Serves on `listener` until `shutdown` completes, then gives in-flight requests and streams

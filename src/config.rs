@@ -15,6 +15,16 @@ use crate::meter::pricing::{Price, PriceTable};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Default upstream, written as clients write it (`/v1` included).
 pub const DEFAULT_UPSTREAM: &str = "https://api.openai.com/v1";
+/// Default Anthropic upstream, mounted at `/anthropic/v1`.
+pub const DEFAULT_ANTHROPIC_UPSTREAM: &str = "https://api.anthropic.com/v1";
+/// Name of the built-in upstream behind `/v1` (its URL is the `upstream` setting).
+pub const OPENAI: &str = "openai";
+/// Name of the built-in upstream behind `/anthropic/v1`.
+pub const ANTHROPIC: &str = "anthropic";
+/// Our own endpoints: no upstream prefix may shadow them.
+const RESERVED_PATHS: [&str; 6] = [
+    "/stats", "/usage", "/export", "/healthz", "/admin", "/alerts",
+];
 /// Most threads one instance may run.
 pub const MAX_THREADS: usize = 256;
 /// The file read when it exists in the working directory and no other is named.
@@ -30,6 +40,8 @@ pub mod env {
     pub const LISTEN: &str = "LLM_METER_LISTEN";
     /// Upstream base URL.
     pub const UPSTREAM: &str = "LLM_METER_UPSTREAM";
+    /// Base URL of the built-in Anthropic upstream.
+    pub const ANTHROPIC_UPSTREAM: &str = "LLM_METER_ANTHROPIC_UPSTREAM";
     /// Admin token for `/stats/reset`.
     pub const ADMIN_TOKEN: &str = "LLM_METER_ADMIN_TOKEN";
     /// `text` or `json`.
@@ -100,8 +112,22 @@ struct FileConfig {
     persist: Option<bool>,
     flush_interval: Option<String>,
     max_pending_rows: Option<usize>,
+    on_client_disconnect: Option<String>,
+    drain_timeout: Option<String>,
     #[serde(default)]
     pricing: BTreeMap<String, PriceEntry>,
+    #[serde(default)]
+    upstreams: BTreeMap<String, UpstreamEntry>,
+}
+
+/// One `[upstreams.NAME]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamEntry {
+    prefix: Option<String>,
+    url: Option<String>,
+    flavor: Option<String>,
+    inject_stream_usage: Option<String>,
 }
 
 /// One `[pricing."MODEL"]` table, in USD per million tokens.
@@ -194,6 +220,67 @@ impl Upstream {
     }
 }
 
+/// Which provider API an upstream speaks, and so which routes are metered and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiFlavor {
+    /// OpenAI and OpenAI-compatible servers (OpenRouter, vLLM, llama.cpp, Ollama, Gemini's compatibility endpoint).
+    OpenAi,
+    /// Anthropic Messages.
+    Anthropic,
+    /// Gemini's native `generateContent` API.
+    Gemini,
+}
+
+/// Whether llm-meter adds `stream_options.include_usage` to streaming requests that lack it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectStreamUsage {
+    /// Add it; if the upstream rejects it with a 400 naming it, retry without it and stop adding it.
+    Auto,
+    /// Always add it.
+    Always,
+    /// Never add it: such streams are metered by estimate.
+    Never,
+}
+
+/// What llm-meter does with the upstream stream when the client leaves before its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnClientDisconnect {
+    /// Close the upstream connection at once: the provider stops generating (and billing).
+    Close,
+    /// Keep reading to the end (bounded by `drain_timeout` and `DRAIN_MAX_BYTES`) to record the exact usage.
+    Drain,
+}
+
+/// Most bytes read from an upstream after its client left, in drain mode.
+pub const DRAIN_MAX_BYTES: usize = 8 * 1024 * 1024;
+
+/// A named upstream and the path prefix it is mounted at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The name shown in `/stats` and stored in the ledger.
+    pub name: String,
+    /// Our path prefix (`/v1`, `/anthropic/v1`, `/openrouter/v1`), stripped before forwarding.
+    pub prefix: String,
+    /// Where the rest of the path is appended.
+    pub upstream: Upstream,
+    /// The API it speaks.
+    pub flavor: ApiFlavor,
+    /// Whether to ask for stream usage on the client's behalf.
+    pub inject_stream_usage: InjectStreamUsage,
+}
+
+impl Route {
+    fn new(name: &str, prefix: &str, upstream: Upstream, flavor: ApiFlavor) -> Self {
+        Self {
+            name: name.to_owned(),
+            prefix: prefix.to_owned(),
+            upstream,
+            flavor,
+            inject_stream_usage: InjectStreamUsage::Auto,
+        }
+    }
+}
+
 impl fmt::Display for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
@@ -205,8 +292,14 @@ impl fmt::Display for Upstream {
 pub struct Config {
     /// Where to listen.
     pub listen: SocketAddr,
-    /// Where `/v1/*` is forwarded.
+    /// Where `/v1/*` is forwarded (the first route's upstream).
     pub upstream: Upstream,
+    /// Every mounted upstream: `openai` at `/v1`, `anthropic` at `/anthropic/v1`, then the declared ones.
+    pub routes: Vec<Route>,
+    /// Close or drain an upstream stream whose client left.
+    pub on_client_disconnect: OnClientDisconnect,
+    /// Longest a drained stream is read after its client left.
+    pub drain_timeout: Duration,
     /// Token required by `/stats/reset` when set.
     pub admin_token: Option<Secret>,
     /// Log line format.
@@ -427,9 +520,42 @@ impl Config {
             None
         };
 
+        let on_client_disconnect = match file.on_client_disconnect.as_deref() {
+            None | Some("close") => OnClientDisconnect::Close,
+            Some("drain") => OnClientDisconnect::Drain,
+            Some(other) => {
+                return Err(invalid(
+                    "on_client_disconnect",
+                    &name,
+                    format!("expected \"close\" or \"drain\", got {other:?}"),
+                ));
+            }
+        };
+        let drain_timeout = duration("drain_timeout", file.drain_timeout.as_deref(), "2m")?;
+        let anthropic = match env.get(env::ANTHROPIC_UPSTREAM) {
+            Some(url) => Upstream::parse(url).map_err(|r| {
+                invalid(
+                    "upstreams.anthropic.url",
+                    &format!("environment variable {}", env::ANTHROPIC_UPSTREAM),
+                    r,
+                )
+            })?,
+            None => Upstream::parse(DEFAULT_ANTHROPIC_UPSTREAM)
+                .map_err(|r| invalid("upstreams.anthropic.url", "default", r))?,
+        };
+        let routes = routes(
+            Route::new(OPENAI, "/v1", upstream.clone(), ApiFlavor::OpenAi),
+            Route::new(ANTHROPIC, "/anthropic/v1", anthropic, ApiFlavor::Anthropic),
+            file.upstreams,
+            &name,
+        )?;
+
         Ok(Self {
             listen,
             upstream,
+            routes,
+            on_client_disconnect,
+            drain_timeout,
             admin_token,
             log_format,
             threads,
@@ -443,6 +569,129 @@ impl Config {
             file: None,
         })
     }
+}
+
+/// The built-in routes with the file's `[upstreams.*]` applied: `openai` may set only
+/// `inject_stream_usage` (its URL is `upstream`), `anthropic` may be re-pointed, others are added.
+fn routes(
+    openai: Route,
+    anthropic: Route,
+    declared: BTreeMap<String, UpstreamEntry>,
+    file: &str,
+) -> Result<Vec<Route>, ConfigError> {
+    let mut routes = vec![openai, anthropic];
+    for (name, entry) in declared {
+        let field = |part: &str| format!("upstreams.{name}.{part}");
+        let is_valid_name = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !is_valid_name {
+            return Err(invalid(
+                &format!("upstreams.{name}"),
+                file,
+                "a name may only have letters, digits, '-' and '_'",
+            ));
+        }
+        let existing = routes.iter().position(|r| r.name == name);
+        if name == OPENAI
+            && (entry.url.is_some() || entry.prefix.is_some() || entry.flavor.is_some())
+        {
+            return Err(invalid(
+                &field("url"),
+                file,
+                "the openai upstream's URL is the top-level `upstream` setting; only inject_stream_usage may be set here",
+            ));
+        }
+        let mut route = match existing {
+            Some(at) => routes.remove(at),
+            None => {
+                let url = entry.url.as_deref().ok_or_else(|| {
+                    invalid(
+                        &field("url"),
+                        file,
+                        "missing: where this upstream's requests go",
+                    )
+                })?;
+                let upstream = Upstream::parse(url).map_err(|r| invalid(&field("url"), file, r))?;
+                Route::new(&name, &format!("/{name}/v1"), upstream, ApiFlavor::OpenAi)
+            }
+        };
+        if let Some(url) = entry.url.as_deref() {
+            route.upstream = Upstream::parse(url).map_err(|r| invalid(&field("url"), file, r))?;
+        }
+        if let Some(flavor) = entry.flavor.as_deref() {
+            route.flavor = match flavor {
+                "openai" => ApiFlavor::OpenAi,
+                "anthropic" => ApiFlavor::Anthropic,
+                "gemini" => ApiFlavor::Gemini,
+                other => {
+                    return Err(invalid(
+                        &field("flavor"),
+                        file,
+                        format!("expected \"openai\", \"anthropic\" or \"gemini\", got {other:?}"),
+                    ));
+                }
+            };
+        }
+        if let Some(prefix) = entry.prefix {
+            route.prefix = prefix.trim_end_matches('/').to_owned();
+        }
+        if let Some(inject) = entry.inject_stream_usage.as_deref() {
+            route.inject_stream_usage = match inject {
+                "auto" => InjectStreamUsage::Auto,
+                "always" => InjectStreamUsage::Always,
+                "never" => InjectStreamUsage::Never,
+                other => {
+                    return Err(invalid(
+                        &field("inject_stream_usage"),
+                        file,
+                        format!("expected \"auto\", \"always\" or \"never\", got {other:?}"),
+                    ));
+                }
+            };
+        }
+        check_prefix(&route.prefix, &routes).map_err(|r| invalid(&field("prefix"), file, r))?;
+        let at = existing.unwrap_or(routes.len()).min(routes.len());
+        routes.insert(at, route);
+    }
+    Ok(routes)
+}
+
+/// A prefix is a plain absolute path, apart from our own endpoints and every other prefix.
+fn check_prefix(prefix: &str, others: &[Route]) -> Result<(), String> {
+    let is_plain = prefix.starts_with('/')
+        && prefix.len() > 1
+        && prefix.split('/').skip(1).all(|segment| {
+            !segment.is_empty()
+                && segment != "."
+                && segment != ".."
+                && segment
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
+        });
+    if !is_plain {
+        return Err(format!(
+            "{prefix:?} must be an absolute path of plain segments, such as \"/openrouter/v1\""
+        ));
+    }
+    let nests = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}/"));
+    if let Some(own) = RESERVED_PATHS
+        .iter()
+        .find(|own| nests(prefix, own) || nests(own, prefix))
+    {
+        return Err(format!("{prefix:?} would hide llm-meter's own {own}"));
+    }
+    if let Some(other) = others
+        .iter()
+        .find(|r| nests(prefix, &r.prefix) || nests(&r.prefix, prefix))
+    {
+        return Err(format!(
+            "{prefix:?} overlaps the prefix {:?} of upstream {:?}",
+            other.prefix, other.name
+        ));
+    }
+    Ok(())
 }
 
 /// The environment and the file name, to pick each value from the highest layer that has it.

@@ -5,8 +5,9 @@ use std::fmt;
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 
-/// Header names a client may carry its key in, in the order they are tried after `Authorization`.
-const KEY_HEADERS: [&str; 2] = ["x-api-key", "api-key"];
+/// Header names a client may carry its key in, in the order they are tried after `Authorization`:
+/// Anthropic's, Azure's, Gemini's.
+const KEY_HEADERS: [&str; 3] = ["x-api-key", "api-key", "x-goog-api-key"];
 
 /// Id and label of callers that sent no key at all.
 pub const ANONYMOUS: &str = "anonymous";
@@ -44,6 +45,14 @@ impl Identity {
     pub fn from_headers(headers: &HeaderMap) -> Self {
         raw_key(headers).map_or_else(Self::anonymous, Self::from_key)
     }
+
+    /// Identifies the caller by its headers, else by a `?key=` query parameter (Gemini's
+    /// convention), which is then treated exactly like a header key.
+    pub fn from_request(headers: &HeaderMap, query: Option<&str>) -> Self {
+        raw_key(headers)
+            .or_else(|| query_key(query?))
+            .map_or_else(Self::anonymous, Self::from_key)
+    }
 }
 
 impl fmt::Display for Identity {
@@ -64,6 +73,15 @@ fn raw_key(headers: &HeaderMap) -> Option<&[u8]> {
                 .find_map(|name| headers.get(*name).map(http::HeaderValue::as_bytes))
         })
         .map(<[u8]>::trim_ascii)
+        .filter(|k| !k.is_empty())
+}
+
+/// The value of a `key=` query parameter (percent-encoding is kept: the id only needs to be stable).
+fn query_key(query: &str) -> Option<&[u8]> {
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("key="))
+        .map(str::as_bytes)
         .filter(|k| !k.is_empty())
 }
 

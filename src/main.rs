@@ -81,7 +81,12 @@ fn serve(config: Config) -> ExitCode {
             }
         };
         let addr = listener.local_addr().unwrap_or(config.listen);
-        let upstream = config.upstream.to_string();
+        let routes: Vec<String> = config
+            .routes
+            .iter()
+            .map(|r| format!("{} to {}", r.prefix, r.upstream))
+            .collect();
+        let routes = routes.join(", ");
         let state = match AppState::new(config) {
             Ok(state) => state,
             Err(err) => {
@@ -93,7 +98,7 @@ fn serve(config: Config) -> ExitCode {
             || "not persisted (--no-persist)".to_owned(),
             |l| format!("ledger {}", l.path().display()),
         );
-        println!("llm-meter listening on http://{addr}, forwarding /v1 to {upstream}, {ledger}");
+        println!("llm-meter listening on http://{addr}, forwarding {routes}; {ledger}");
         let meter = std::sync::Arc::clone(&state.meter);
         let served = llm_meter::run(listener, state, shutdown_signal()).await;
         // Whatever happened, write out what was recorded.

@@ -198,8 +198,9 @@ async fn crlf_framed_streams_are_understood() {
 }
 
 #[tokio::test]
-async fn stream_without_any_usage_is_counted_with_zero_tokens() {
-    let mock = Mock::start(|_| Reply::sse(&chat_stream("local-llama", &["hi"], None))).await;
+async fn stream_without_any_usage_is_estimated_from_its_text() {
+    let words = ["Hello", ",", " world", "!"];
+    let mock = Mock::start(move |_| Reply::sse(&chat_stream("local-llama", &words, None))).await;
     let proxy = Proxy::start(&mock.url()).await;
     let events = sse_data(
         proxy
@@ -211,7 +212,12 @@ async fn stream_without_any_usage_is_counted_with_zero_tokens() {
     let stats = proxy.stats_after(1).await;
     let entry = Proxy::model_of(&stats, &key_id("sk-none"), "local-llama");
     assert_eq!(entry["requests"], 1);
-    assert_eq!(entry["total_tokens"], 0);
+    assert_eq!(entry["estimated_requests"], 1);
+    // "Hello, world!" is 4 tokens; the prompt is its one message "hi" with the chat framing
+    // (3 tokens per message, 3 to prime the reply).
+    assert_eq!(entry["completion_tokens"], 4);
+    let hi = llm_meter::usage::estimate::count("local-llama", "hi\n");
+    assert_eq!(entry["prompt_tokens"], hi + 6);
     assert_eq!(entry["errors"], 0);
 }
 

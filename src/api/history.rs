@@ -104,6 +104,8 @@ struct UsageRowView {
     key: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream: Option<String>,
     #[serde(flatten)]
     counts: CountsView,
 }
@@ -163,6 +165,7 @@ fn row_view(groups: &[Group], line: &UsageLine) -> UsageRowView {
         model: line.model.clone(),
         key: line.key.as_ref().map(|k| k.label.clone()),
         key_id: line.key.as_ref().map(|k| k.id.clone()),
+        upstream: line.upstream.clone(),
         counts: CountsView::from(&line.counts),
     }
 }
@@ -275,8 +278,8 @@ pub fn export_to(config: &Config, args: &ExportArgs, out: &mut impl Write) -> Re
     }
 }
 
-/// The export columns, in order.
-const COLUMNS: [&str; 23] = [
+/// The export columns, in order (new ones are added at the end, so scripts keep working).
+const COLUMNS: [&str; 24] = [
     "time",
     "key_id",
     "key",
@@ -300,6 +303,7 @@ const COLUMNS: [&str; 23] = [
     "estimated",
     "partial",
     "period",
+    "upstream",
 ];
 
 /// Writes the rows of `range` in `format` (CSV with a header line).
@@ -348,7 +352,7 @@ fn csv_line(row: &Row, line: &mut String) {
     let u = &row.usage;
     let _ = write!(
         line,
-        "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\r\n",
+        "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\r\n",
         rfc3339(row.at),
         csv_field(&row.key_id),
         csv_field(&row.key_label),
@@ -372,6 +376,7 @@ fn csv_line(row: &Row, line: &mut String) {
         row.is_estimated,
         row.is_partial,
         row.period,
+        csv_field(&row.upstream),
     );
 }
 
@@ -410,6 +415,7 @@ struct RowView<'a> {
     estimated: bool,
     partial: bool,
     period: u64,
+    upstream: &'a str,
 }
 
 fn json_line(row: &Row, line: &mut String) {
@@ -438,6 +444,7 @@ fn json_line(row: &Row, line: &mut String) {
         estimated: row.is_estimated,
         partial: row.is_partial,
         period: row.period,
+        upstream: &row.upstream,
     };
     // Serializing plain fields cannot fail; an empty line would be the only trace if it did.
     if let Ok(json) = serde_json::to_string(&view) {

@@ -116,6 +116,7 @@ pub fn render(heading: &str, groups: &[Group], mut lines: Vec<UsageLine>) -> Str
                     .as_ref()
                     .map(|k| format!("{} [{}]", k.label, k.id))
                     .unwrap_or_default(),
+                Group::Upstream => line.upstream.clone().unwrap_or_default(),
             })
             .collect();
         cells.extend(numbers(&line.counts));

@@ -25,6 +25,8 @@ pub struct CountsView {
     /// The exact cost; `cost_usd` is this divided by 10^9, rounded for display.
     cost_nano_usd: u64,
     unpriced_requests: u64,
+    /// Requests whose tokens a tokenizer counted because the provider reported none.
+    estimated_requests: u64,
 }
 
 impl From<&Counts> for CountsView {
@@ -41,6 +43,7 @@ impl From<&Counts> for CountsView {
             cost_usd: c.cost.as_usd(),
             cost_nano_usd: c.cost.0,
             unpriced_requests: c.unpriced_requests,
+            estimated_requests: c.estimated_requests,
         }
     }
 }
@@ -76,6 +79,8 @@ pub struct StatsView<'a> {
     until: Option<String>,
     totals: CountsView,
     keys: Vec<KeyView<'a>>,
+    /// Every key summed per upstream: what each provider (or local server) was sent.
+    by_upstream: BTreeMap<&'a str, CountsView>,
     /// Absent for history ranges; `null` when persistence is off.
     #[serde(skip_serializing_if = "Option::is_none")]
     ledger: Option<Option<LedgerView<'a>>>,
@@ -89,6 +94,11 @@ impl<'a> StatsView<'a> {
             until: None,
             ledger: None,
             totals: CountsView::from(&snapshot.totals),
+            by_upstream: snapshot
+                .upstreams
+                .iter()
+                .map(|(name, counts)| (name.as_str(), CountsView::from(counts)))
+                .collect(),
             keys: snapshot
                 .keys
                 .iter()
@@ -147,6 +157,9 @@ pub fn summary_line(c: &Counts) -> String {
     if c.unpriced_requests > 0 {
         let _ = write!(line, " (+{} unpriced requests)", c.unpriced_requests);
     }
+    if c.estimated_requests > 0 {
+        let _ = write!(line, " ({} estimated)", c.estimated_requests);
+    }
     line
 }
 
@@ -194,6 +207,7 @@ mod tests {
                 totals: counts,
                 models: BTreeMap::from([("gpt-4o".to_owned(), counts)]),
             }],
+            upstreams: BTreeMap::from([("openai".to_owned(), counts)]),
         }
     }
 

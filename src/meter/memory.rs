@@ -24,6 +24,8 @@ struct Period {
     id: u64,
     since: OffsetDateTime,
     keys: Map<KeyEntry>,
+    /// Every key summed per upstream: few entries, one more atomic add per record.
+    upstreams: Map<Counters>,
 }
 
 struct KeyEntry {
@@ -51,6 +53,7 @@ struct Stripe {
     reasoning_tokens: AtomicU64,
     cost_nano_usd: AtomicU64,
     unpriced_requests: AtomicU64,
+    estimated_requests: AtomicU64,
 }
 
 /// Each thread sticks to one stripe, handed out round-robin.
@@ -87,6 +90,10 @@ impl Counters {
         s.reasoning_tokens.fetch_add(c.reasoning_tokens, Relaxed);
         s.cost_nano_usd.fetch_add(c.cost.0, Relaxed);
         s.unpriced_requests.fetch_add(c.unpriced_requests, Relaxed);
+        if c.estimated_requests > 0 {
+            s.estimated_requests
+                .fetch_add(c.estimated_requests, Relaxed);
+        }
     }
 
     fn load(&self) -> Counts {
@@ -103,6 +110,7 @@ impl Counters {
                 reasoning_tokens: s.reasoning_tokens.load(Relaxed),
                 cost: NanoUsd(s.cost_nano_usd.load(Relaxed)),
                 unpriced_requests: s.unpriced_requests.load(Relaxed),
+                estimated_requests: s.estimated_requests.load(Relaxed),
             };
             total += &c;
         }
@@ -114,7 +122,12 @@ impl Counters {
 impl MemoryStore {
     fn snapshot_of(period: &Period) -> Snapshot {
         let keys: Vec<KeySnapshot> = period.keys.values().map(KeyEntry::snapshot).collect();
-        Snapshot::from_keys(period.since, keys)
+        let upstreams = period
+            .upstreams
+            .iter()
+            .map(|(name, counters)| (name.clone(), counters.load()))
+            .collect();
+        Snapshot::from_keys(period.since, keys, upstreams)
     }
 
     /// An empty store whose period starts now.
@@ -137,7 +150,27 @@ impl Period {
             id,
             since: super::ledger::now(),
             keys: Map::default(),
+            upstreams: Map::default(),
         }
+    }
+
+    /// Adds to the entries, creating those that are missing (under the write lock).
+    fn insert(&mut self, identity: &Identity, model: &str, upstream: &str, counts: &Counts) {
+        let key = self
+            .keys
+            .entry(identity.id.clone())
+            .or_insert_with(|| KeyEntry {
+                identity: identity.clone(),
+                models: Map::default(),
+            });
+        key.models
+            .entry(model.to_owned())
+            .or_insert_with(Counters::new)
+            .add(counts);
+        self.upstreams
+            .entry(upstream.to_owned())
+            .or_insert_with(Counters::new)
+            .add(counts);
     }
 }
 
@@ -161,31 +194,22 @@ impl KeyEntry {
 }
 
 impl Store for MemoryStore {
-    fn add(&self, identity: &Identity, model: &str, counts: &Counts) -> u64 {
+    fn add(&self, identity: &Identity, model: &str, upstream: &str, counts: &Counts) -> u64 {
         {
             let period = self.period.read();
-            if let Some(counters) = period
+            let entry = period
                 .keys
                 .get(&identity.id)
-                .and_then(|key| key.models.get(model))
-            {
-                counters.add(counts);
+                .and_then(|key| key.models.get(model));
+            if let (Some(entry), Some(total)) = (entry, period.upstreams.get(upstream)) {
+                entry.add(counts);
+                total.add(counts);
                 return period.id;
             }
         }
-        // First request of this key or model: insert under the write lock (rare).
+        // First request of this key, model or upstream: insert under the write lock (rare).
         let mut period = self.period.write();
-        let key = period
-            .keys
-            .entry(identity.id.clone())
-            .or_insert_with(|| KeyEntry {
-                identity: identity.clone(),
-                models: Map::default(),
-            });
-        key.models
-            .entry(model.to_owned())
-            .or_insert_with(Counters::new)
-            .add(counts);
+        period.insert(identity, model, upstream, counts);
         period.id
     }
 
@@ -207,6 +231,7 @@ impl Store for MemoryStore {
             id: restored.period,
             since: restored.since,
             keys: Map::default(),
+            upstreams: Map::default(),
         };
         for (identity, model, counts) in restored.totals {
             let key = period
@@ -218,6 +243,13 @@ impl Store for MemoryStore {
                 });
             key.models
                 .entry(model)
+                .or_insert_with(Counters::new)
+                .add(&counts);
+        }
+        for (upstream, counts) in restored.upstreams {
+            period
+                .upstreams
+                .entry(upstream)
                 .or_insert_with(Counters::new)
                 .add(&counts);
         }
@@ -246,7 +278,7 @@ mod tests {
                 s.spawn(move || {
                     for i in 0..10_000 {
                         let id = Identity::from_key(format!("key-{}", (t + i) % 5).as_bytes());
-                        store.add(&id, if i % 2 == 0 { "a" } else { "b" }, &one);
+                        store.add(&id, if i % 2 == 0 { "a" } else { "b" }, "openai", &one);
                     }
                 });
             }
@@ -257,5 +289,6 @@ mod tests {
         assert_eq!(snap.totals.total_tokens, 200_000);
         assert_eq!(snap.totals.cost, NanoUsd(280_000));
         assert_eq!(snap.keys.len(), 5);
+        assert_eq!(snap.upstreams["openai"], snap.totals);
     }
 }

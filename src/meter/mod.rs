@@ -6,6 +6,8 @@ pub mod pricing;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::AddAssign;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
@@ -42,6 +44,8 @@ pub struct Counts {
     pub cost: NanoUsd,
     /// Requests whose model has no price: their tokens are counted, their cost is not known.
     pub unpriced_requests: u64,
+    /// Requests whose tokens were counted by a tokenizer because the provider reported none.
+    pub estimated_requests: u64,
 }
 
 impl AddAssign<&Counts> for Counts {
@@ -56,15 +60,16 @@ impl AddAssign<&Counts> for Counts {
         self.reasoning_tokens += other.reasoning_tokens;
         self.cost.0 += other.cost.0;
         self.unpriced_requests += other.unpriced_requests;
+        self.estimated_requests += other.estimated_requests;
     }
 }
 
 impl Counts {
     /// The counts of one request with these tokens and this cost.
-    pub fn of_request(usage: &Usage, cost: NanoUsd, is_error: bool, is_unpriced: bool) -> Self {
+    pub fn of_request(usage: &Usage, cost: NanoUsd, flags: Flags) -> Self {
         Self {
             requests: 1,
-            errors: u64::from(is_error),
+            errors: u64::from(flags.is_error),
             prompt_tokens: usage.prompt_tokens(),
             completion_tokens: usage.output_tokens,
             total_tokens: usage.total_tokens(),
@@ -72,9 +77,21 @@ impl Counts {
             cache_write_tokens: usage.cache_write_tokens,
             reasoning_tokens: usage.reasoning_tokens,
             cost,
-            unpriced_requests: u64::from(is_unpriced),
+            unpriced_requests: u64::from(flags.is_unpriced),
+            estimated_requests: u64::from(flags.is_estimated),
         }
     }
+}
+
+/// What a request's counts say besides its tokens and cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flags {
+    /// It did not end in a complete 2xx response.
+    pub is_error: bool,
+    /// Its model has no price.
+    pub is_unpriced: bool,
+    /// Its tokens were estimated.
+    pub is_estimated: bool,
 }
 
 /// One finished request, as the proxy hands it to the meter.
@@ -100,6 +117,10 @@ pub struct Record<'a> {
     pub response_id: Option<&'a str>,
     /// The response did not arrive whole.
     pub is_partial: bool,
+    /// The usage was counted by a tokenizer: the provider reported none.
+    pub is_estimated: bool,
+    /// The name of the upstream it went to (`openai`, `anthropic`, or a declared one).
+    pub upstream: &'a str,
 }
 
 impl<'a> Record<'a> {
@@ -116,6 +137,8 @@ impl<'a> Record<'a> {
             upstream_latency: None,
             response_id: None,
             is_partial: false,
+            is_estimated: false,
+            upstream: crate::config::OPENAI,
         }
     }
 }
@@ -131,8 +154,9 @@ pub struct Priced {
 
 /// Where the live totals of the current period are kept.
 pub trait Store: Send + Sync {
-    /// Adds one request's counts to its (key, model) entry; returns the period it counted in.
-    fn add(&self, identity: &Identity, model: &str, counts: &Counts) -> u64;
+    /// Adds one request's counts to its (key, model) entry and to its upstream's totals;
+    /// returns the period it counted in.
+    fn add(&self, identity: &Identity, model: &str, upstream: &str, counts: &Counts) -> u64;
     /// All totals of the current period.
     fn snapshot(&self) -> Snapshot;
     /// Starts a new period with zeroed totals and returns the one it closed. `started` is
@@ -151,6 +175,8 @@ pub struct Snapshot {
     pub totals: Counts,
     /// One entry per key, most expensive first.
     pub keys: Vec<KeySnapshot>,
+    /// Every key summed per upstream (`openai`, `anthropic`, declared ones).
+    pub upstreams: BTreeMap<String, Counts>,
 }
 
 impl Snapshot {
@@ -158,6 +184,7 @@ impl Snapshot {
     pub fn collect(
         since: OffsetDateTime,
         entries: impl IntoIterator<Item = (Identity, String, Counts)>,
+        upstreams: BTreeMap<String, Counts>,
     ) -> Self {
         let mut by_key: HashMap<String, KeySnapshot> = HashMap::new();
         for (identity, model, counts) in entries {
@@ -171,11 +198,15 @@ impl Snapshot {
             key.totals += &counts;
             *key.models.entry(model).or_default() += &counts;
         }
-        Self::from_keys(since, by_key.into_values().collect())
+        Self::from_keys(since, by_key.into_values().collect(), upstreams)
     }
 
     /// Orders the keys (most expensive first, then by id) and sums them.
-    pub fn from_keys(since: OffsetDateTime, mut keys: Vec<KeySnapshot>) -> Self {
+    pub fn from_keys(
+        since: OffsetDateTime,
+        mut keys: Vec<KeySnapshot>,
+        upstreams: BTreeMap<String, Counts>,
+    ) -> Self {
         keys.sort_by(|a, b| {
             b.totals
                 .cost
@@ -190,6 +221,7 @@ impl Snapshot {
             since,
             totals,
             keys,
+            upstreams,
         }
     }
 }
@@ -213,7 +245,21 @@ pub struct Meter {
     /// Model name to price as resolved the first time, so snapshot suffixes are stripped once.
     resolved: RwLock<HashMap<String, Option<Price>, foldhash::fast::RandomState>>,
     warned_unpriced: Mutex<HashSet<String>>,
+    /// Requests being estimated on a blocking thread, not yet recorded: `close` waits for them.
+    estimating: Arc<AtomicUsize>,
 }
+
+/// Marks one estimate in progress until dropped.
+pub struct Estimating(Arc<AtomicUsize>);
+
+impl Drop for Estimating {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Longest `close` waits for estimates still running.
+const ESTIMATES_GRACE: Duration = Duration::from_secs(5);
 
 /// Distinct model names whose resolution is remembered; past it, names are resolved each time.
 const RESOLVED_CAP: usize = 4096;
@@ -227,6 +273,7 @@ impl Meter {
             prices,
             resolved: RwLock::new(HashMap::default()),
             warned_unpriced: Mutex::new(HashSet::new()),
+            estimating: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -272,8 +319,15 @@ impl Meter {
                 }
             }
         };
-        let counts = Counts::of_request(&usage, priced.cost, record.is_error, !priced.is_priced);
-        let period = self.store.add(record.identity, record.model, &counts);
+        let flags = Flags {
+            is_error: record.is_error,
+            is_unpriced: !priced.is_priced,
+            is_estimated: record.is_estimated,
+        };
+        let counts = Counts::of_request(&usage, priced.cost, flags);
+        let period = self
+            .store
+            .add(record.identity, record.model, record.upstream, &counts);
         if let Some(ledger) = &self.ledger {
             ledger.append(&Row {
                 at: ledger::now(),
@@ -281,6 +335,7 @@ impl Meter {
                 key_id: record.identity.id.as_str(),
                 key_label: record.identity.label.as_str(),
                 model: record.model,
+                upstream: record.upstream,
                 flavor: record.flavor.as_str(),
                 status: record.status,
                 is_streaming: record.is_streaming,
@@ -288,9 +343,9 @@ impl Meter {
                 cost: priced.cost,
                 latency: record.upstream_latency,
                 response_id: record.response_id,
-                is_error: record.is_error,
-                is_unpriced: !priced.is_priced,
-                is_estimated: false,
+                is_error: flags.is_error,
+                is_unpriced: flags.is_unpriced,
+                is_estimated: flags.is_estimated,
                 is_partial: record.is_partial,
             });
         }
@@ -336,8 +391,19 @@ impl Meter {
         })
     }
 
+    /// Marks a request whose record waits for an estimate, so that `close` waits for it too.
+    pub fn begin_estimate(&self) -> Estimating {
+        self.estimating.fetch_add(1, Ordering::AcqRel);
+        Estimating(Arc::clone(&self.estimating))
+    }
+
     /// Writes out everything recorded so far and stops the ledger's writer (graceful shutdown).
+    /// Records still being estimated are waited for (a few seconds at most).
     pub fn close(&self) {
+        let deadline = std::time::Instant::now() + ESTIMATES_GRACE;
+        while self.estimating.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
         if let Some(ledger) = &self.ledger {
             ledger.close();
         }

@@ -1,4 +1,5 @@
-//! Forwarding: `/v1/*` to the upstream, with the request rewritten and the response tapped only where metering needs it.
+//! Forwarding: each upstream's prefix to its base URL, with the request rewritten and the
+//! response tapped only where metering needs it.
 
 pub mod rewrite;
 pub mod route;
@@ -6,34 +7,78 @@ pub mod tap;
 pub mod upstream;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use crate::app::AppState;
+use crate::config::{InjectStreamUsage, Route};
 use crate::error::ProxyError;
 use crate::key::{self, Identity};
 use crate::meter::{Meter, Record, UNKNOWN_MODEL};
-use crate::usage::{Extracted, Flavor, StreamUsage, sse};
+use crate::usage::estimate::{self, Raw};
+use crate::usage::{Extracted, Flavor, StreamUsage, Usage, sse};
 use rewrite::{ChatRequest, Spliced};
 use tap::{Extraction, Outcome, Tap};
 
-/// Our own prefix, stripped before the rest of the path is appended to the upstream base.
-pub const PREFIX: &str = "/v1";
+/// What llm-meter has learned of one upstream while running.
+#[derive(Debug)]
+pub struct UpstreamState {
+    /// Its name, shared by every record of its requests.
+    pub name: Arc<str>,
+    /// Whether it takes `stream_options` (`STREAM_OPTIONS_*`), learned in `auto` mode.
+    stream_options: AtomicU8,
+}
+
+const STREAM_OPTIONS_UNKNOWN: u8 = 0;
+const STREAM_OPTIONS_ACCEPTED: u8 = 1;
+const STREAM_OPTIONS_REJECTED: u8 = 2;
+
+impl UpstreamState {
+    /// The state of an upstream not yet heard from.
+    pub fn new(route: &Route) -> Self {
+        Self {
+            name: Arc::from(route.name.as_str()),
+            stream_options: AtomicU8::new(STREAM_OPTIONS_UNKNOWN),
+        }
+    }
+
+    /// Whether to add `stream_options.include_usage` to a streaming request that lacks it.
+    fn injects(&self, mode: InjectStreamUsage) -> bool {
+        match mode {
+            InjectStreamUsage::Always => true,
+            InjectStreamUsage::Never => false,
+            InjectStreamUsage::Auto => {
+                self.stream_options.load(Ordering::Relaxed) != STREAM_OPTIONS_REJECTED
+            }
+        }
+    }
+
+    /// True while a rejection of the injected option must still be watched for.
+    fn is_unproven(&self, mode: InjectStreamUsage) -> bool {
+        mode == InjectStreamUsage::Auto
+            && self.stream_options.load(Ordering::Relaxed) == STREAM_OPTIONS_UNKNOWN
+    }
+}
 
 /// One request on its way through: what the record and the log line need once it finishes.
 pub struct Exchange {
     meter: Arc<Meter>,
     identity: Identity,
+    upstream: Arc<str>,
     flavor: Option<Flavor>,
     method: Method,
     path: String,
     request_model: Option<String>,
+    /// The request body of a metered route (shared, not copied), for an estimate if needed.
+    request_body: Option<Bytes>,
     is_streaming: bool,
     status: StatusCode,
     started: Instant,
@@ -46,9 +91,98 @@ pub struct Exchange {
 /// Status logged for a request whose client left before any response (nginx's convention).
 const CLIENT_CLOSED: u16 = 499;
 
+/// Everything a record and its log line need, owned, so it can be finished on another thread.
+struct Finished {
+    meter: Arc<Meter>,
+    identity: Identity,
+    upstream: Arc<str>,
+    flavor: Flavor,
+    method: Method,
+    path: String,
+    model: String,
+    extracted: Extracted,
+    is_streaming: bool,
+    status: StatusCode,
+    started: Instant,
+    upstream_latency: Option<Duration>,
+    error: Option<String>,
+    is_error: bool,
+    is_whole: bool,
+    outcome: &'static str,
+}
+
+impl Finished {
+    /// Counts the missing tokens with the tokenizer: the prompt from the request (unless the
+    /// provider already reported it), the output from the text the client received.
+    fn estimate(&mut self, request: Option<&[u8]>, raw: Option<&Raw>) {
+        let counted = estimate::estimate(self.flavor, &self.model, request, raw);
+        let usage = match self.extracted.usage {
+            // A cut Anthropic stream: the input counts are the provider's, the output is not final.
+            Some(reported) => Usage {
+                output_tokens: reported.output_tokens.max(counted.output_tokens),
+                ..reported
+            },
+            None => counted,
+        };
+        self.extracted.usage = Some(usage);
+    }
+
+    /// Records the request and writes its one log line.
+    fn record(self, is_estimated: bool) {
+        let key_id = self.identity.id.as_str();
+        let duration_ms = millis(self.started.elapsed());
+        let upstream_ms = millis(self.upstream_latency.unwrap_or_default());
+        let model = self.model.as_str();
+        if self.extracted.usage.is_none() && !self.is_error && self.is_whole {
+            tracing::warn!(
+                key_id,
+                model,
+                flavor = self.flavor.as_str(),
+                "response carried no usage: request counted with 0 tokens"
+            );
+        }
+        let priced = self.meter.record(&Record {
+            identity: &self.identity,
+            model,
+            usage: self.extracted.usage,
+            is_error: self.is_error,
+            flavor: self.flavor,
+            status: self.status.as_u16(),
+            is_streaming: self.is_streaming,
+            upstream_latency: self.upstream_latency,
+            response_id: self.extracted.response_id.as_deref(),
+            is_partial: !self.is_whole,
+            is_estimated,
+            upstream: &self.upstream,
+        });
+        let usage = self.extracted.usage.unwrap_or_default();
+        tracing::info!(
+            method = %self.method,
+            path = self.path,
+            status = self.status.as_u16(),
+            key_id,
+            upstream = &*self.upstream,
+            model,
+            stream = self.is_streaming,
+            tokens_in = usage.prompt_tokens(),
+            tokens_out = usage.output_tokens,
+            estimated = is_estimated,
+            cost_usd = priced.cost.as_usd(),
+            priced = priced.is_priced,
+            upstream_ms,
+            duration_ms,
+            outcome = self.outcome,
+            error = self.error,
+            "request"
+        );
+    }
+}
+
 impl Exchange {
-    /// Records the request (metered routes) and writes its one log line.
-    pub fn complete(&mut self, extracted: &Extracted, outcome: Outcome) {
+    /// Records the request (metered routes) and writes its one log line. A 2xx response that
+    /// reported no usage (or a stream cut before its final count) is estimated first, on a
+    /// blocking thread, so neither this response nor any other waits for the tokenizer.
+    pub fn complete(&mut self, extracted: Extracted, raw: Option<Raw>, outcome: Outcome) {
         if std::mem::replace(&mut self.is_done, true) {
             return;
         }
@@ -61,8 +195,6 @@ impl Exchange {
                 "ignored a usage field"
             );
         }
-        let duration_ms = millis(self.started.elapsed());
-        let upstream_ms = millis(self.upstream_latency.unwrap_or_default());
         let is_error = outcome == Outcome::UpstreamFailed
             || !(self.status.is_success() || self.status.as_u16() == CLIENT_CLOSED);
         let is_whole = outcome == Outcome::Complete;
@@ -72,52 +204,55 @@ impl Exchange {
             Outcome::ClientGone => "client_gone",
         };
         let Some(flavor) = self.flavor else {
-            tracing::info!(method = %self.method, path = self.path, status = self.status.as_u16(), key_id, upstream_ms, duration_ms, outcome, error = self.error, "request");
+            let duration_ms = millis(self.started.elapsed());
+            let upstream_ms = millis(self.upstream_latency.unwrap_or_default());
+            tracing::info!(method = %self.method, path = self.path, status = self.status.as_u16(), key_id, upstream = &*self.upstream, upstream_ms, duration_ms, outcome, error = self.error, "request");
             return;
         };
         let model = extracted
             .model
-            .as_deref()
-            .or(self.request_model.as_deref())
-            .unwrap_or(UNKNOWN_MODEL);
-        if extracted.usage.is_none() && !is_error && is_whole {
-            tracing::warn!(
-                key_id,
-                model,
-                ?flavor,
-                "response carried no usage: request counted with 0 tokens"
-            );
-        }
-        let priced = self.meter.record(&Record {
-            identity: &self.identity,
-            model,
-            usage: extracted.usage,
-            is_error,
+            .clone()
+            .or_else(|| self.request_model.take())
+            .unwrap_or_else(|| UNKNOWN_MODEL.to_owned());
+        let needs_estimate = self.status.is_success()
+            && (extracted.usage.is_none() || extracted.is_output_provisional);
+        let mut finished = Finished {
+            meter: Arc::clone(&self.meter),
+            identity: std::mem::replace(&mut self.identity, Identity::anonymous()),
+            upstream: Arc::clone(&self.upstream),
             flavor,
-            status: self.status.as_u16(),
-            is_streaming: self.is_streaming,
-            upstream_latency: self.upstream_latency,
-            response_id: extracted.response_id.as_deref(),
-            is_partial: !is_whole,
-        });
-        let usage = extracted.usage.unwrap_or_default();
-        tracing::info!(
-            method = %self.method,
-            path = self.path,
-            status = self.status.as_u16(),
-            key_id,
+            method: self.method.clone(),
+            path: std::mem::take(&mut self.path),
             model,
-            stream = self.is_streaming,
-            tokens_in = usage.prompt_tokens(),
-            tokens_out = usage.output_tokens,
-            cost_usd = priced.cost.as_usd(),
-            priced = priced.is_priced,
-            upstream_ms,
-            duration_ms,
+            extracted,
+            is_streaming: self.is_streaming,
+            status: self.status,
+            started: self.started,
+            upstream_latency: self.upstream_latency,
+            error: self.error.take(),
+            is_error,
+            is_whole,
             outcome,
-            error = self.error,
-            "request"
-        );
+        };
+        if !needs_estimate {
+            finished.record(false);
+            return;
+        }
+        let request = self.request_body.take();
+        let job = move || {
+            finished.estimate(request.as_deref(), raw.as_ref());
+            finished.record(true);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let guard = self.meter.begin_estimate();
+                runtime.spawn_blocking(move || {
+                    job();
+                    drop(guard);
+                });
+            }
+            Err(_) => job(),
+        }
     }
 }
 
@@ -125,7 +260,7 @@ impl Exchange {
 /// was still answering) is still recorded: the provider may bill it.
 impl Drop for Exchange {
     fn drop(&mut self) {
-        self.complete(&Extracted::default(), Outcome::ClientGone);
+        self.complete(Extracted::default(), None, Outcome::ClientGone);
     }
 }
 
@@ -138,47 +273,89 @@ fn millis(d: Duration) -> f64 {
     d.as_micros() as f64 / 1000.0
 }
 
-/// The `/v1/*` handler: forwards any method, meters the routes that report usage.
-pub async fn forward(State(state): State<AppState>, request: Request) -> Response {
+/// The handler of one upstream's prefix: forwards any method, meters the routes that report usage.
+pub async fn forward(state: AppState, upstream: usize, request: Request) -> Response {
+    let (Some(route), Some(runtime)) = (
+        state.config.routes.get(upstream),
+        state.upstreams.get(upstream),
+    ) else {
+        return ProxyError::Internal.into_response();
+    };
     let (parts, body) = request.into_parts();
-    let rest = parts.uri.path().strip_prefix(PREFIX).unwrap_or_default();
-    let flavor = route::classify(&parts.method, rest);
+    let rest = parts
+        .uri
+        .path()
+        .strip_prefix(route.prefix.as_str())
+        .unwrap_or_default();
+    let metered = route::classify(route.flavor, &parts.method, rest);
     let mut exchange = Exchange {
         meter: Arc::clone(&state.meter),
-        identity: Identity::from_headers(&parts.headers),
-        flavor,
+        identity: Identity::from_request(&parts.headers, parts.uri.query()),
+        upstream: Arc::clone(&runtime.name),
+        flavor: metered.map(|m| m.flavor),
         method: parts.method.clone(),
         path: key::redact_path(&parts.uri),
-        request_model: None,
-        is_streaming: false,
+        request_model: metered.and_then(|m| m.path_model).map(str::to_owned),
+        request_body: None,
+        is_streaming: metered.is_some_and(|m| m.is_stream_path),
         status: StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
         started: Instant::now(),
         upstream_latency: None,
         error: None,
         is_done: false,
     };
-    match send(&state, parts, body, &mut exchange).await {
-        Ok((parts, incoming, extraction)) => {
+    match send(&state, route, runtime, parts, body, &mut exchange).await {
+        Ok(Answer::Tapped(parts, incoming, extraction)) => {
             exchange.status = parts.status;
-            let tap = Tap::new(incoming, extraction, exchange, state.config.idle_timeout);
+            let tap = Tap::new(incoming, extraction, exchange, &state.config);
             Response::from_parts(parts, Body::new(tap))
+        }
+        Ok(Answer::Whole(response)) => {
+            exchange.status = response.status();
+            exchange.complete(Extracted::default(), None, Outcome::Complete);
+            response
         }
         Err(err) => {
             exchange.status = err.status();
             exchange.error = Some(err.to_string());
-            exchange.complete(&Extracted::default(), Outcome::Complete);
+            exchange.complete(Extracted::default(), None, Outcome::Complete);
             err.into_response()
         }
     }
 }
 
+/// What the upstream answered.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "moved once per request; boxing would allocate on every request"
+)]
+enum Answer {
+    /// A response whose body is handed on through a tap.
+    Tapped(http::response::Parts, Incoming, Extraction),
+    /// A response already read whole (an error we had to look at), handed on as it was.
+    Whole(Response),
+}
+
+/// A request as first sent, to send again without the injected `stream_options`.
+struct Retry {
+    method: Method,
+    uri: http::Uri,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+/// Largest error body read to see whether the upstream rejected `stream_options`.
+const REJECTION_CAP: usize = 64 * 1024;
+
 /// Sends the request upstream and prepares the response's tap.
 async fn send(
     state: &AppState,
+    route: &Route,
+    runtime: &UpstreamState,
     mut parts: http::request::Parts,
     body: Body,
     exchange: &mut Exchange,
-) -> Result<(http::response::Parts, Incoming, Extraction), ProxyError> {
+) -> Result<Answer, ProxyError> {
     let config = &state.config;
     let limit = config.max_body_bytes;
     let declared = parts
@@ -188,55 +365,92 @@ async fn send(
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
-    let rest = parts.uri.path().strip_prefix(PREFIX).unwrap_or_default();
-    let uri = upstream::target_uri(&config.upstream, rest, parts.uri.query())?;
+    let rest = parts
+        .uri
+        .path()
+        .strip_prefix(route.prefix.as_str())
+        .unwrap_or_default();
+    let uri = upstream::target_uri(&route.upstream, rest, parts.uri.query())?;
     upstream::strip_hop_by_hop(&mut parts.headers);
     // We send the whole body at once; the upstream must not wait for a 100 Continue.
     parts.headers.remove(header::EXPECT);
 
     let mut strip_usage_chunk = false;
-    let body = if exchange.flavor.is_some() {
-        // Usage must be readable: ask for an uncompressed response on metered routes.
-        parts.headers.insert(
-            header::ACCEPT_ENCODING,
-            HeaderValue::from_static("identity"),
-        );
-        let bytes = read_body(body, limit).await?;
-        let asks_usage = exchange
-            .flavor
-            .is_some_and(Flavor::needs_stream_usage_asked);
-        match ChatRequest::inspect(&bytes, asks_usage) {
-            Some(chat) => {
-                exchange.request_model.clone_from(&chat.model);
-                exchange.is_streaming = chat.is_streaming;
-                strip_usage_chunk = chat.needs_usage_injected();
-                let spliced = Spliced::new(chat.rewrite(bytes));
-                parts
-                    .headers
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(spliced.len()));
-                Body::new(spliced)
+    let mut retry = None;
+    let body = match exchange.flavor {
+        Some(flavor) => {
+            // Usage must be readable: ask for an uncompressed response on metered routes.
+            parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+            let bytes = read_body(body, limit).await?;
+            exchange.request_body = Some(bytes.clone());
+            let asks_usage =
+                flavor.needs_stream_usage_asked() && runtime.injects(route.inject_stream_usage);
+            match ChatRequest::inspect(&bytes, asks_usage) {
+                Some(chat) => {
+                    if chat.model.is_some() {
+                        exchange.request_model.clone_from(&chat.model);
+                    }
+                    exchange.is_streaming |= chat.is_streaming;
+                    strip_usage_chunk = chat.needs_usage_injected();
+                    if strip_usage_chunk && runtime.is_unproven(route.inject_stream_usage) {
+                        retry = Some(Retry {
+                            method: parts.method.clone(),
+                            uri: uri.clone(),
+                            headers: parts.headers.clone(),
+                            body: bytes.clone(),
+                        });
+                    }
+                    let spliced = Spliced::new(chat.rewrite(bytes));
+                    parts
+                        .headers
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(spliced.len()));
+                    Body::new(spliced)
+                }
+                None => Body::from(bytes),
             }
-            None => Body::from(bytes),
         }
-    } else {
-        Body::new(Limited::new(body, limit))
+        None => Body::new(Limited::new(body, limit)),
     };
 
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
-    let request = Request::from_parts(parts, body);
-    let sent = Instant::now();
-    let response = tokio::time::timeout(config.response_timeout, state.client.request(request))
-        .await
-        .map_err(|_| ProxyError::UpstreamTimeout {
-            upstream: config.upstream.to_string(),
-            after: format!(
-                "{} (response_timeout)",
-                humantime::format_duration(config.response_timeout)
-            ),
-        })?
-        .map_err(|e| upstream::classify_error(&e, config))?;
-    exchange.upstream_latency = Some(sent.elapsed());
+    let mut response =
+        exchange_once(state, route, Request::from_parts(parts, body), exchange).await?;
+    if let Some(retry) = retry {
+        if response.status() == StatusCode::BAD_REQUEST {
+            let (mut parts, incoming) = response.into_parts();
+            let rejection = read_rejection(incoming, config.idle_timeout).await;
+            if memchr::memmem::find(&rejection, b"stream_options").is_none() {
+                upstream::strip_hop_by_hop(&mut parts.headers);
+                // The body is handed on whole now: its length is what was read.
+                parts.headers.remove(header::CONTENT_LENGTH);
+                return Ok(Answer::Whole(Response::from_parts(
+                    parts,
+                    Body::from(rejection),
+                )));
+            }
+            runtime
+                .stream_options
+                .store(STREAM_OPTIONS_REJECTED, Ordering::Relaxed);
+            tracing::warn!(
+                upstream = route.name,
+                "upstream rejects stream_options: sending streams without it from now on and estimating their usage"
+            );
+            strip_usage_chunk = false;
+            let mut again = Request::new(Body::from(retry.body));
+            *again.method_mut() = retry.method;
+            *again.uri_mut() = retry.uri;
+            *again.headers_mut() = retry.headers;
+            response = exchange_once(state, route, again, exchange).await?;
+        } else if response.status().is_success() {
+            runtime
+                .stream_options
+                .store(STREAM_OPTIONS_ACCEPTED, Ordering::Relaxed);
+        }
+    }
 
     let (mut parts, incoming) = response.into_parts();
     upstream::strip_hop_by_hop(&mut parts.headers);
@@ -251,6 +465,8 @@ async fn send(
                 framer: sse::Framer::new(sse::DEFAULT_EVENT_CAP),
                 reader: StreamUsage::new(flavor),
                 strip_usage_chunk,
+                kept: Vec::new(),
+                kept_len: 0,
             }
         }
         Some(flavor) => Extraction::Body {
@@ -259,11 +475,43 @@ async fn send(
             len: 0,
         },
     };
-    Ok((parts, incoming, extraction))
+    Ok(Answer::Tapped(parts, incoming, extraction))
+}
+
+/// One round trip to the upstream, bounded by the response timeout.
+async fn exchange_once(
+    state: &AppState,
+    route: &Route,
+    request: Request,
+    exchange: &mut Exchange,
+) -> Result<http::Response<Incoming>, ProxyError> {
+    let config = &state.config;
+    let sent = Instant::now();
+    let response = tokio::time::timeout(config.response_timeout, state.client.request(request))
+        .await
+        .map_err(|_| ProxyError::UpstreamTimeout {
+            upstream: route.upstream.to_string(),
+            after: format!(
+                "{} (response_timeout)",
+                humantime::format_duration(config.response_timeout)
+            ),
+        })?
+        .map_err(|e| upstream::classify_error(&e, config, &route.upstream))?;
+    exchange.upstream_latency = Some(sent.elapsed());
+    Ok(response)
+}
+
+/// Reads an error body to look into it (bounded in size and time); what could not be read is left out.
+async fn read_rejection(body: Incoming, timeout: Duration) -> Bytes {
+    let read = Limited::new(body, REJECTION_CAP).collect();
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        _ => Bytes::new(),
+    }
 }
 
 /// Reads a body that must be inspected whole, refusing it past the limit.
-async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ProxyError> {
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ProxyError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(err) if err.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),

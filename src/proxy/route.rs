@@ -2,21 +2,67 @@
 
 use http::Method;
 
+use crate::config::ApiFlavor;
 use crate::usage::Flavor;
+
+/// A metered route: how its response reports usage, and what its path says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Metered<'a> {
+    /// How to read the response's usage.
+    pub flavor: Flavor,
+    /// The model named in the path (Gemini puts it there, not in the body).
+    pub path_model: Option<&'a str>,
+    /// The path alone says the response streams (Gemini's `streamGenerateContent`).
+    pub is_stream_path: bool,
+}
+
+impl Metered<'_> {
+    fn body(flavor: Flavor) -> Self {
+        Self {
+            flavor,
+            path_model: None,
+            is_stream_path: false,
+        }
+    }
+}
 
 /// The flavor whose usage a request's response carries, or `None` for routes passed through unmetered.
 ///
-/// `rest` is the path after llm-meter's own `/v1` prefix (`/chat/completions`).
-pub fn classify(method: &Method, rest: &str) -> Option<Flavor> {
+/// `rest` is the path after the upstream's prefix (`/chat/completions`, `/messages`).
+pub fn classify<'a>(api: ApiFlavor, method: &Method, rest: &'a str) -> Option<Metered<'a>> {
     if method != Method::POST {
         return None;
     }
-    match rest.trim_end_matches('/') {
-        "/chat/completions" => Some(Flavor::OpenAiChat),
-        "/completions" => Some(Flavor::OpenAiCompletions),
-        "/embeddings" => Some(Flavor::OpenAiEmbeddings),
-        "/responses" => Some(Flavor::OpenAiResponses),
-        _ => None,
+    let rest = rest.trim_end_matches('/');
+    match api {
+        ApiFlavor::OpenAi => match rest {
+            "/chat/completions" => Some(Metered::body(Flavor::OpenAiChat)),
+            "/completions" => Some(Metered::body(Flavor::OpenAiCompletions)),
+            "/embeddings" => Some(Metered::body(Flavor::OpenAiEmbeddings)),
+            "/responses" => Some(Metered::body(Flavor::OpenAiResponses)),
+            _ => None,
+        },
+        // `/messages/count_tokens` and `/messages/batches` report no usage of their own.
+        ApiFlavor::Anthropic => {
+            (rest == "/messages").then(|| Metered::body(Flavor::AnthropicMessages))
+        }
+        ApiFlavor::Gemini => {
+            let (model_path, method) = rest.rsplit_once(':')?;
+            let is_stream_path = match method {
+                "generateContent" => false,
+                "streamGenerateContent" => true,
+                _ => return None,
+            };
+            let model = model_path
+                .strip_prefix("/models/")
+                .or_else(|| model_path.strip_prefix("/tunedModels/"))
+                .filter(|m| !m.is_empty() && !m.contains('/'))?;
+            Some(Metered {
+                flavor: Flavor::Gemini,
+                path_model: Some(model),
+                is_stream_path,
+            })
+        }
     }
 }
 
@@ -24,36 +70,104 @@ pub fn classify(method: &Method, rest: &str) -> Option<Flavor> {
 mod tests {
     use super::*;
 
+    fn flavor(api: ApiFlavor, method: &Method, rest: &str) -> Option<Flavor> {
+        classify(api, method, rest).map(|m| m.flavor)
+    }
+
     #[test]
     fn every_openai_route_that_reports_usage_is_metered() {
-        for (path, flavor) in [
+        let openai = ApiFlavor::OpenAi;
+        for (path, expected) in [
             ("/completions", Flavor::OpenAiCompletions),
             ("/embeddings", Flavor::OpenAiEmbeddings),
             ("/responses", Flavor::OpenAiResponses),
         ] {
-            assert_eq!(classify(&Method::POST, path), Some(flavor));
+            assert_eq!(flavor(openai, &Method::POST, path), Some(expected));
         }
         // Retrieving, cancelling or listing a stored response reports no usage of its own.
-        assert_eq!(classify(&Method::GET, "/responses/resp_1"), None);
-        assert_eq!(classify(&Method::POST, "/responses/resp_1/cancel"), None);
-        assert_eq!(classify(&Method::POST, "/responses/input_tokens"), None);
+        assert_eq!(flavor(openai, &Method::GET, "/responses/resp_1"), None);
+        assert_eq!(
+            flavor(openai, &Method::POST, "/responses/resp_1/cancel"),
+            None
+        );
+        assert_eq!(
+            flavor(openai, &Method::POST, "/responses/input_tokens"),
+            None
+        );
     }
 
     #[test]
     fn only_posted_chat_completions_are_metered() {
+        let openai = ApiFlavor::OpenAi;
         assert_eq!(
-            classify(&Method::POST, "/chat/completions"),
+            flavor(openai, &Method::POST, "/chat/completions"),
             Some(Flavor::OpenAiChat)
         );
         assert_eq!(
-            classify(&Method::POST, "/chat/completions/"),
+            flavor(openai, &Method::POST, "/chat/completions/"),
             Some(Flavor::OpenAiChat)
         );
-        assert_eq!(classify(&Method::GET, "/chat/completions"), None);
-        assert_eq!(classify(&Method::GET, "/models"), None);
+        assert_eq!(flavor(openai, &Method::GET, "/chat/completions"), None);
+        assert_eq!(flavor(openai, &Method::GET, "/models"), None);
         assert_eq!(
-            classify(&Method::POST, "/chat/completions/abc/messages"),
+            flavor(openai, &Method::POST, "/chat/completions/abc/messages"),
             None
         );
+    }
+
+    #[test]
+    fn anthropic_meters_messages_but_not_token_counting_or_batches() {
+        let anthropic = ApiFlavor::Anthropic;
+        assert_eq!(
+            flavor(anthropic, &Method::POST, "/messages"),
+            Some(Flavor::AnthropicMessages)
+        );
+        assert_eq!(
+            flavor(anthropic, &Method::POST, "/messages/count_tokens"),
+            None
+        );
+        assert_eq!(flavor(anthropic, &Method::POST, "/messages/batches"), None);
+        assert_eq!(flavor(anthropic, &Method::GET, "/models"), None);
+        // The OpenAI paths mean nothing on an Anthropic upstream.
+        assert_eq!(flavor(anthropic, &Method::POST, "/chat/completions"), None);
+    }
+
+    #[test]
+    fn gemini_takes_the_model_and_streaming_from_the_path() {
+        let gemini = ApiFlavor::Gemini;
+        let plain = classify(
+            gemini,
+            &Method::POST,
+            "/models/gemini-2.5-flash:generateContent",
+        );
+        assert_eq!(
+            plain,
+            Some(Metered {
+                flavor: Flavor::Gemini,
+                path_model: Some("gemini-2.5-flash"),
+                is_stream_path: false,
+            })
+        );
+        let stream = classify(
+            gemini,
+            &Method::POST,
+            "/models/gemini-2.0-flash:streamGenerateContent",
+        )
+        .unwrap();
+        assert!(stream.is_stream_path);
+        assert_eq!(stream.path_model, Some("gemini-2.0-flash"));
+        for unmetered in [
+            "/models/gemini-2.0-flash:countTokens",
+            "/models/gemini-2.0-flash:embedContent",
+            "/models",
+            "/models/:generateContent",
+            "/cachedContents",
+        ] {
+            assert_eq!(
+                classify(gemini, &Method::POST, unmetered),
+                None,
+                "{unmetered}"
+            );
+        }
     }
 }

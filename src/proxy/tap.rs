@@ -1,7 +1,9 @@
 //! The response body wrapper: hands every byte to the client as it arrives and, on the side, to the usage extractor.
 //!
 //! It finishes exactly once: at the end of the upstream body, on an upstream error or idle
-//! timeout, or when dropped because the client went away.
+//! timeout, or when dropped because the client went away. In that last case the upstream
+//! connection is closed at once, or, with `on_client_disconnect = "drain"`, read to its end
+//! (within `drain_timeout` and `DRAIN_MAX_BYTES`) by a task of its own, for the exact usage.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -14,6 +16,8 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::Exchange;
+use crate::config::{Config, DRAIN_MAX_BYTES, OnClientDisconnect};
+use crate::usage::estimate::{KEEP_CAP, Raw};
 use crate::usage::{Extracted, Flavor, StreamUsage, openai_chat, sse};
 
 /// Largest plain response body kept for usage extraction; past it the usage is given up, not the response.
@@ -53,23 +57,66 @@ pub enum Extraction {
         reader: StreamUsage,
         /// Hide the usage-only chunk: llm-meter asked for it, the client did not.
         strip_usage_chunk: bool,
+        /// The stream's chunks (shared, not copied, up to `KEEP_CAP`), for an estimate if
+        /// the stream ends without usage.
+        kept: Vec<Bytes>,
+        /// Their total length.
+        kept_len: usize,
     },
     /// Past a cap: bytes pass through, and what was learned before stays for the record.
     GaveUp(Extracted),
 }
 
 impl Extraction {
-    /// What was extracted by the time the body ended.
-    fn finish(self) -> Extracted {
+    /// What was extracted by the time the body ended, and the bytes to estimate from when
+    /// the usage is missing (or not final).
+    fn finish(self) -> (Extracted, Option<Raw>) {
         match self {
-            Self::None => Extracted::default(),
-            Self::Body { flavor, chunks, .. } => match chunks.as_slice() {
-                [] => flavor.parse_body(b""),
-                [one] => flavor.parse_body(one),
-                many => flavor.parse_body(&many.concat()),
-            },
-            Self::Stream { reader, .. } => reader.finish(),
-            Self::GaveUp(extracted) => extracted,
+            Self::None => (Extracted::default(), None),
+            Self::Body { flavor, chunks, .. } => {
+                let extracted = match chunks.as_slice() {
+                    [] => flavor.parse_body(b""),
+                    [one] => flavor.parse_body(one),
+                    many => flavor.parse_body(&many.concat()),
+                };
+                let raw = extracted.usage.is_none().then_some(Raw::Body(chunks));
+                (extracted, raw)
+            }
+            Self::Stream { reader, kept, .. } => {
+                let extracted = reader.finish();
+                let needs_text = extracted.usage.is_none() || extracted.is_output_provisional;
+                (extracted, needs_text.then_some(Raw::Stream(kept)))
+            }
+            Self::GaveUp(extracted) => (extracted, None),
+        }
+    }
+
+    /// Reads a chunk the client will not see (draining after it left).
+    fn observe(&mut self, data: Bytes) {
+        match self {
+            Self::Body { chunks, len, .. } => {
+                *len += data.len();
+                if *len <= BODY_CAP {
+                    chunks.push(data);
+                }
+            }
+            Self::Stream {
+                framer,
+                reader,
+                kept,
+                kept_len,
+                ..
+            } => {
+                let fed = framer.feed(&data, |event| {
+                    reader.on_event(&event);
+                });
+                keep(kept, kept_len, data);
+                if fed.is_err() {
+                    let so_far = std::mem::replace(self, Self::None).finish().0;
+                    *self = Self::GaveUp(so_far);
+                }
+            }
+            Self::None | Self::GaveUp(_) => {}
         }
     }
 
@@ -88,9 +135,18 @@ impl Extraction {
 /// Most bytes of already-arrived stream data merged into one write to the client.
 const BATCH_LIMIT: usize = 64 * 1024;
 
+/// Keeps a chunk for an estimate while under `KEEP_CAP` (a reference, not a copy).
+fn keep(kept: &mut Vec<Bytes>, kept_len: &mut usize, data: Bytes) {
+    if *kept_len < KEEP_CAP {
+        *kept_len += data.len();
+        kept.push(data);
+    }
+}
+
 /// The response body handed to the client.
 pub struct Tap {
-    inner: Incoming,
+    /// The upstream body; taken away only by a drain when the client has left.
+    inner: Option<Incoming>,
     extraction: Extraction,
     /// Stream bytes ready for the client: events (filtering) or raw chunks.
     ready: VecDeque<Bytes>,
@@ -105,6 +161,8 @@ pub struct Tap {
     failure: Option<BoxError>,
     trailers: Option<Frame<Bytes>>,
     idle_timeout: Duration,
+    on_client_disconnect: OnClientDisconnect,
+    drain_timeout: Duration,
     last_activity: Instant,
     /// Armed lazily and re-armed only when it fires, so a busy stream costs no timer work per chunk.
     idle: Option<Pin<Box<Sleep>>>,
@@ -118,10 +176,10 @@ impl Tap {
         inner: Incoming,
         extraction: Extraction,
         exchange: Exchange,
-        idle_timeout: Duration,
+        config: &Config,
     ) -> Self {
         Self {
-            inner,
+            inner: Some(inner),
             is_stream: matches!(extraction, Extraction::Stream { .. }),
             is_filtering: extraction.is_filtering(),
             extraction,
@@ -131,7 +189,9 @@ impl Tap {
             is_ended: false,
             failure: None,
             trailers: None,
-            idle_timeout,
+            idle_timeout: config.idle_timeout,
+            on_client_disconnect: config.on_client_disconnect,
+            drain_timeout: config.drain_timeout,
             last_activity: Instant::now(),
             idle: None,
         }
@@ -139,10 +199,10 @@ impl Tap {
 
     /// Plain bodies: each upstream frame goes on as it is, a clone kept for the extractor.
     fn poll_plain(&mut self, cx: &mut Context<'_>) -> PollFrame {
-        if self.is_ended {
+        let Some(inner) = self.inner.as_mut().filter(|_| !self.is_ended) else {
             return Poll::Ready(None);
-        }
-        match Pin::new(&mut self.inner).poll_frame(cx) {
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Pending => self.poll_idle(cx),
             Poll::Ready(Some(Ok(frame))) => {
                 self.last_activity = Instant::now();
@@ -186,7 +246,10 @@ impl Tap {
             && self.trailers.is_none()
             && self.ready_len < BATCH_LIMIT
         {
-            match Pin::new(&mut self.inner).poll_frame(cx) {
+            let Some(inner) = self.inner.as_mut() else {
+                break;
+            };
+            match Pin::new(inner).poll_frame(cx) {
                 Poll::Pending => {
                     is_waiting = true;
                     break;
@@ -231,6 +294,8 @@ impl Tap {
             framer,
             reader,
             strip_usage_chunk,
+            kept,
+            kept_len,
         } = &mut self.extraction
         else {
             // Gave up on extraction: pass through.
@@ -238,6 +303,7 @@ impl Tap {
             return;
         };
         let strip = *strip_usage_chunk;
+        keep(kept, kept_len, data.clone());
         let (ready, ready_len) = (&mut self.ready, &mut self.ready_len);
         let fed = framer.feed(&data, |event| {
             let kind = reader.on_event(&event);
@@ -252,7 +318,9 @@ impl Tap {
                 "SSE event too large: usage of this stream is not read"
             );
             let rest = framer.take_rest();
-            let so_far = std::mem::replace(&mut self.extraction, Extraction::None).finish();
+            let so_far = std::mem::replace(&mut self.extraction, Extraction::None)
+                .finish()
+                .0;
             self.extraction = Extraction::GaveUp(so_far);
             if strip {
                 self.push_ready(rest);
@@ -304,8 +372,9 @@ impl Tap {
 
     fn finish(&mut self, outcome: Outcome) {
         if let Some(mut exchange) = self.exchange.take() {
-            let extraction = std::mem::replace(&mut self.extraction, Extraction::None);
-            exchange.complete(&extraction.finish(), outcome);
+            let (extracted, raw) =
+                std::mem::replace(&mut self.extraction, Extraction::None).finish();
+            exchange.complete(extracted, raw, outcome);
         }
     }
 
@@ -355,18 +424,68 @@ impl Body for Tap {
         if self.is_filtering {
             SizeHint::default()
         } else {
-            self.inner.size_hint()
+            self.inner
+                .as_ref()
+                .map_or_else(SizeHint::default, Body::size_hint)
         }
     }
 }
 
 impl Drop for Tap {
     fn drop(&mut self) {
-        let outcome = if self.inner.is_end_stream() {
-            Outcome::Complete
-        } else {
-            Outcome::ClientGone
-        };
-        self.finish(outcome);
+        let is_whole = self.inner.as_ref().is_none_or(Body::is_end_stream);
+        if is_whole {
+            self.finish(Outcome::Complete);
+            return;
+        }
+        let drains = self.on_client_disconnect == OnClientDisconnect::Drain
+            && !matches!(self.extraction, Extraction::None)
+            && self.exchange.is_some();
+        if drains && let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let parts = (self.exchange.take(), self.inner.take());
+            if let (Some(exchange), Some(inner)) = parts {
+                let extraction = std::mem::replace(&mut self.extraction, Extraction::None);
+                runtime.spawn(drain(inner, extraction, exchange, self.drain_timeout));
+                return;
+            }
+        }
+        self.finish(Outcome::ClientGone);
     }
+}
+
+/// Reads an upstream body whose client has left, to its end, within `timeout` and
+/// `DRAIN_MAX_BYTES`, then records what it said. The record is flagged partial (the client did
+/// not get it all); its usage is the provider's own when the end was reached.
+async fn drain(
+    mut inner: Incoming,
+    mut extraction: Extraction,
+    mut exchange: Exchange,
+    timeout: Duration,
+) {
+    use http_body_util::BodyExt as _;
+    let mut read = 0;
+    let reading = async {
+        while let Some(frame) = inner.frame().await {
+            let Ok(frame) = frame else {
+                return Outcome::UpstreamFailed;
+            };
+            if let Ok(data) = frame.into_data() {
+                read += data.len();
+                if read > DRAIN_MAX_BYTES {
+                    tracing::warn!(
+                        cap = DRAIN_MAX_BYTES,
+                        "stopped draining a response: too long"
+                    );
+                    break;
+                }
+                extraction.observe(data);
+            }
+        }
+        Outcome::ClientGone
+    };
+    let outcome = tokio::time::timeout(timeout, reading)
+        .await
+        .unwrap_or(Outcome::ClientGone);
+    let (extracted, raw) = extraction.finish();
+    exchange.complete(extracted, raw, outcome);
 }

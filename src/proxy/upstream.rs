@@ -37,7 +37,7 @@ pub fn client(config: &Config) -> Result<HttpClient, rustls::Error> {
         .build(https))
 }
 
-/// Joins the upstream base with the path after our `/v1` and the client's query string.
+/// Joins the upstream base with the path after its prefix and the client's query string.
 pub fn target_uri(upstream: &Upstream, rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
     let mut path = String::with_capacity(
         upstream.base_path.len() + rest.len() + 1 + query.map_or(0, str::len),
@@ -92,8 +92,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Maps a failed upstream exchange to our error: 413 for our body limit, 504 for timeouts, else 502.
-pub fn classify_error(err: &hyper_util::client::legacy::Error, config: &Config) -> ProxyError {
-    let upstream = &config.upstream;
+pub fn classify_error(
+    err: &hyper_util::client::legacy::Error,
+    config: &Config,
+    upstream: &Upstream,
+) -> ProxyError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(cause) = source {
         if cause.is::<http_body_util::LengthLimitError>() {

@@ -2,7 +2,7 @@
 //!
 //! Wire fields per flavor and how each maps to the record:
 //!
-//! (The Responses API's mapping is in `openai_responses`.)
+//! (The Responses API's, Anthropic's and Gemini's mappings are in their own modules.)
 //!
 //! | record field          | OpenAI chat / completions / embeddings                |
 //! |-----------------------|-------------------------------------------------------|
@@ -16,6 +16,9 @@
 //! absurdly large (over `MAX_TOKENS`) is ignored (counted as 0) and reported as a `Warning`.
 //! A response with no `usage` object at all yields no `Usage`: the request is still counted.
 
+pub mod anthropic;
+pub mod estimate;
+pub mod gemini;
 pub mod openai_chat;
 pub mod openai_responses;
 pub mod sse;
@@ -67,6 +70,10 @@ pub enum Flavor {
     OpenAiEmbeddings,
     /// OpenAI Responses API: plain JSON, or typed SSE events ending in `response.completed`.
     OpenAiResponses,
+    /// Anthropic Messages: plain JSON, or SSE with `message_start` and cumulative `message_delta` usage.
+    AnthropicMessages,
+    /// Gemini native `generateContent` / `streamGenerateContent`: `usageMetadata`.
+    Gemini,
 }
 
 impl Flavor {
@@ -77,6 +84,8 @@ impl Flavor {
             Self::OpenAiCompletions => "openai_completions",
             Self::OpenAiEmbeddings => "openai_embeddings",
             Self::OpenAiResponses => "openai_responses",
+            Self::AnthropicMessages => "anthropic_messages",
+            Self::Gemini => "gemini",
         }
     }
 
@@ -93,6 +102,8 @@ impl Flavor {
                 openai_chat::parse_body(body)
             }
             Self::OpenAiResponses => openai_responses::parse_body(body),
+            Self::AnthropicMessages => anthropic::parse_body(body),
+            Self::Gemini => gemini::parse_body(body),
         }
     }
 }
@@ -104,14 +115,22 @@ pub enum StreamUsage {
     Chat(openai_chat::Stream),
     /// Responses API events.
     Responses(openai_responses::Stream),
+    /// Anthropic Messages events.
+    Anthropic(anthropic::Stream),
+    /// Gemini `alt=sse` chunks.
+    Gemini(gemini::Stream),
 }
 
 impl StreamUsage {
     /// The extractor for a stream of this flavor.
     pub fn new(flavor: Flavor) -> Self {
         match flavor {
+            Flavor::OpenAiChat | Flavor::OpenAiCompletions | Flavor::OpenAiEmbeddings => {
+                Self::Chat(openai_chat::Stream::default())
+            }
             Flavor::OpenAiResponses => Self::Responses(openai_responses::Stream::default()),
-            _ => Self::Chat(openai_chat::Stream::default()),
+            Flavor::AnthropicMessages => Self::Anthropic(anthropic::Stream::default()),
+            Flavor::Gemini => Self::Gemini(gemini::Stream::default()),
         }
     }
 
@@ -123,6 +142,14 @@ impl StreamUsage {
                 responses.on_event(event);
                 openai_chat::Event::Other
             }
+            Self::Anthropic(anthropic) => {
+                anthropic.on_event(event);
+                openai_chat::Event::Other
+            }
+            Self::Gemini(gemini) => {
+                gemini.on_event(event);
+                openai_chat::Event::Other
+            }
         }
     }
 
@@ -131,6 +158,8 @@ impl StreamUsage {
         match self {
             Self::Chat(chat) => chat.finish(),
             Self::Responses(responses) => responses.finish(),
+            Self::Anthropic(anthropic) => anthropic.finish(),
+            Self::Gemini(gemini) => gemini.finish(),
         }
     }
 }
@@ -141,11 +170,21 @@ static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
 
 /// True when the data has a `"usage"` key whose value is an object (not `null`), found without parsing.
 fn has_usage_object(data: &[u8]) -> bool {
-    USAGE_KEY.find_iter(data).any(|at| {
-        let rest = data[at + 7..].trim_ascii_start();
-        rest.strip_prefix(b":")
-            .is_some_and(|v| v.trim_ascii_start().first() == Some(&b'{'))
-    })
+    USAGE_KEY
+        .find_iter(data)
+        .any(|at| is_object_value(&data[at + 7..]))
+}
+
+/// True when the data has the quoted `key` followed by an object value (a scan, not a parse).
+fn has_key(data: &[u8], key: &[u8]) -> bool {
+    memmem::find_iter(data, key).any(|at| is_object_value(&data[at + key.len()..]))
+}
+
+/// True when `rest` (what follows a quoted key) is `: {`.
+fn is_object_value(rest: &[u8]) -> bool {
+    rest.trim_ascii_start()
+        .strip_prefix(b":")
+        .is_some_and(|v| v.trim_ascii_start().first() == Some(&b'{'))
 }
 
 /// A usage field that was present but unusable, for one warning log line.
@@ -168,6 +207,9 @@ pub struct Extracted {
     pub response_id: Option<String>,
     /// Fields that were present but ignored.
     pub warnings: Vec<Warning>,
+    /// The output count is a provisional one: the stream was cut before the provider's final
+    /// count (an Anthropic stream ends with it; its start gives only the input).
+    pub is_output_provisional: bool,
 }
 
 /// A JSON value found where a token count belongs, classified while parsing, without allocating.

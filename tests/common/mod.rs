@@ -629,6 +629,7 @@ pub fn ledger_row(
         key_id: identity.id,
         key_label: identity.label,
         model: model.to_owned(),
+        upstream: "openai".into(),
         flavor: "openai_chat".into(),
         status: 200,
         is_streaming: false,

@@ -88,17 +88,22 @@ pub enum Group {
     Model,
     /// API key.
     Key,
+    /// Per upstream.
+    Upstream,
 }
 
 impl Group {
-    /// Parses `day`, `hour`, `model` or `key`.
+    /// Parses `day`, `hour`, `model`, `key` or `upstream`.
     pub fn parse(value: &str) -> Result<Self, String> {
         match value.trim() {
             "day" => Ok(Self::Day),
             "hour" => Ok(Self::Hour),
             "model" => Ok(Self::Model),
             "key" => Ok(Self::Key),
-            other => Err(format!("expected day, hour, model or key, got {other:?}")),
+            "upstream" => Ok(Self::Upstream),
+            other => Err(format!(
+                "expected day, hour, model, key or upstream, got {other:?}"
+            )),
         }
     }
 
@@ -122,6 +127,7 @@ impl Group {
             Self::Hour => "hour",
             Self::Model => "model",
             Self::Key => "key",
+            Self::Upstream => "upstream",
         }
     }
 
@@ -131,6 +137,7 @@ impl Group {
             Self::Hour => "at / 3600000000",
             Self::Model => "model",
             Self::Key => "key_id",
+            Self::Upstream => "upstream",
         }
     }
 }
@@ -155,6 +162,8 @@ pub struct UsageLine {
     pub model: Option<String>,
     /// The key.
     pub key: Option<Identity>,
+    /// The upstream.
+    pub upstream: Option<String>,
     /// The sums.
     pub counts: Counts,
 }
@@ -162,7 +171,7 @@ pub struct UsageLine {
 /// The counter columns, summed, in the order `counts_from` reads them.
 const SUMS: &str = "count(*), sum(error), sum(input_tokens), sum(cached_tokens),
     sum(cache_write_tokens), sum(output_tokens), sum(reasoning_tokens), sum(cost_nano_usd),
-    sum(unpriced)";
+    sum(unpriced), sum(estimated)";
 
 /// A read-only view of a ledger.
 pub struct Reader {
@@ -202,11 +211,23 @@ impl Reader {
             Some(since) => since,
             None => self.first_time()?.unwrap_or_else(OffsetDateTime::now_utc),
         };
+        let upstreams = self
+            .usage(
+                &[Group::Upstream],
+                &Filter {
+                    range,
+                    ..Filter::default()
+                },
+            )?
+            .into_iter()
+            .filter_map(|line| Some((line.upstream?, line.counts)))
+            .collect();
         Ok(Snapshot::collect(
             since,
             lines
                 .into_iter()
                 .filter_map(|line| Some((line.key?, line.model?, line.counts))),
+            upstreams,
         ))
     }
 
@@ -248,6 +269,7 @@ impl Reader {
                     bucket: None,
                     model: None,
                     key: None,
+                    upstream: None,
                     counts: Counts::default(),
                 };
                 let label = if groups.is_empty() {
@@ -264,6 +286,7 @@ impl Reader {
                             line.bucket = Some(from_micros(r.get::<_, i64>(i)? * 3_600_000_000))
                         }
                         Group::Model => line.model = Some(r.get(i)?),
+                        Group::Upstream => line.upstream = Some(r.get(i)?),
                         Group::Key => {
                             line.key = Some(Identity {
                                 id: r.get(i)?,
@@ -299,7 +322,8 @@ impl Reader {
             .prepare(
                 "SELECT at, period, key_id, key_label, model, flavor, status, streamed,
                     input_tokens, cached_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
-                    cost_nano_usd, latency_us, response_id, error, unpriced, estimated, partial
+                    cost_nano_usd, latency_us, response_id, error, unpriced, estimated, partial,
+                    upstream
                  FROM request_rows WHERE at >= ?1 AND at < ?2 ORDER BY at",
             )
             .map_err(|e| self.fail(&e))?;
@@ -341,6 +365,7 @@ fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         is_unpriced: r.get(17)?,
         is_estimated: r.get(18)?,
         is_partial: r.get(19)?,
+        upstream: r.get(20)?,
     })
 }
 

@@ -24,8 +24,8 @@ use parking_lot::{Condvar, Mutex};
 use time::OffsetDateTime;
 
 use crate::key::Identity;
-use crate::meter::Counts;
 use crate::meter::pricing::NanoUsd;
+use crate::meter::{Counts, Flags};
 use crate::usage::Usage;
 
 /// The database file inside the data directory.
@@ -123,6 +123,8 @@ pub struct Row<S = String> {
     pub key_label: S,
     /// The model it was counted under.
     pub model: S,
+    /// The upstream's name (`openai`, `anthropic`, a declared one).
+    pub upstream: S,
     /// The API flavor (`openai_chat`).
     pub flavor: S,
     /// HTTP status the client got (499 when it left first).
@@ -156,6 +158,7 @@ impl<S: AsRef<str>> Row<S> {
             key_id: self.key_id.as_ref(),
             key_label: self.key_label.as_ref(),
             model: self.model.as_ref(),
+            upstream: self.upstream.as_ref(),
             flavor: self.flavor.as_ref(),
             status: self.status,
             is_streaming: self.is_streaming,
@@ -172,7 +175,12 @@ impl<S: AsRef<str>> Row<S> {
 
     /// The counters this row adds to its (key, model) totals.
     pub fn counts(&self) -> Counts {
-        Counts::of_request(&self.usage, self.cost, self.is_error, self.is_unpriced)
+        let flags = Flags {
+            is_error: self.is_error,
+            is_unpriced: self.is_unpriced,
+            is_estimated: self.is_estimated,
+        };
+        Counts::of_request(&self.usage, self.cost, flags)
     }
 }
 
@@ -185,6 +193,8 @@ pub struct Restored {
     pub since: OffsetDateTime,
     /// Its totals per (key, model).
     pub totals: Vec<(Identity, String, Counts)>,
+    /// Its totals per upstream.
+    pub upstreams: Vec<(String, Counts)>,
 }
 
 /// The ledger's state as `/stats` shows it.

@@ -63,6 +63,7 @@ pub(super) fn push_row(buf: &mut Vec<u8>, row: &Row<&str>) {
         row.key_id,
         row.key_label,
         row.model,
+        row.upstream,
         row.flavor,
         row.response_id.unwrap_or_default(),
     ] {
@@ -136,6 +137,7 @@ impl<'a> Entries<'a> {
         let key_id = self.text()?;
         let key_label = self.text()?;
         let model = self.text()?;
+        let upstream = self.text()?;
         let flavor = self.text()?;
         let response_id = self.text()?;
         let is = |bit: u8| flags & bit != 0;
@@ -145,6 +147,7 @@ impl<'a> Entries<'a> {
             key_id,
             key_label,
             model,
+            upstream,
             flavor,
             status,
             is_streaming: is(STREAMING),
@@ -208,6 +211,7 @@ mod tests {
             key_id: "0123456789abcdef".into(),
             key_label: "sk-…wxyz".into(),
             model: model.into(),
+            upstream: "openrouter".into(),
             flavor: "openai_chat".into(),
             status: 499,
             is_streaming: true,

@@ -81,6 +81,44 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (period, key_id, model)
     ) WITHOUT ROWID;
     ",
+    // 2: the upstream of each request (rows before it went to the only upstream, `openai`),
+    // estimated requests in the totals, and per-upstream totals for /stats' `by_upstream`.
+    "
+    ALTER TABLE requests ADD COLUMN upstream INTEGER REFERENCES names;
+    ALTER TABLE totals ADD COLUMN estimated INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE upstream_totals (
+        period              INTEGER NOT NULL,
+        upstream            TEXT NOT NULL,
+        requests            INTEGER NOT NULL,
+        errors              INTEGER NOT NULL,
+        input_tokens        INTEGER NOT NULL,
+        cached_tokens       INTEGER NOT NULL,
+        cache_write_tokens  INTEGER NOT NULL,
+        output_tokens       INTEGER NOT NULL,
+        reasoning_tokens    INTEGER NOT NULL,
+        cost_nano_usd       INTEGER NOT NULL,
+        unpriced            INTEGER NOT NULL,
+        estimated           INTEGER NOT NULL,
+        PRIMARY KEY (period, upstream)
+    ) WITHOUT ROWID;
+    INSERT INTO upstream_totals
+        SELECT period, 'openai', sum(requests), sum(errors), sum(input_tokens),
+            sum(cached_tokens), sum(cache_write_tokens), sum(output_tokens),
+            sum(reasoning_tokens), sum(cost_nano_usd), sum(unpriced), 0
+        FROM totals GROUP BY period;
+    DROP VIEW request_rows;
+    CREATE VIEW request_rows AS
+        SELECT r.at, r.period, k.key_id, k.label AS key_label, m.name AS model,
+            coalesce(u.name, 'openai') AS upstream,
+            f.name AS flavor, r.status, r.streamed, r.input_tokens, r.cached_tokens,
+            r.cache_write_tokens, r.output_tokens, r.reasoning_tokens, r.cost_nano_usd,
+            r.latency_us, r.response_id, r.error, r.unpriced, r.estimated, r.partial
+        FROM requests r
+        JOIN keys k ON k.id = r.key
+        JOIN names m ON m.id = r.model
+        JOIN names f ON f.id = r.flavor
+        LEFT JOIN names u ON u.id = r.upstream;
+    ",
 ];
 
 /// The schema version this build writes and reads.

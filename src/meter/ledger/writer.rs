@@ -282,6 +282,8 @@ fn commit(
     let mut at = *last_at;
     let mut sums: HashMap<(u64, &str, &str), (&str, Counts), foldhash::fast::RandomState> =
         HashMap::default();
+    let mut by_upstream: HashMap<(u64, &str), Counts, foldhash::fast::RandomState> =
+        HashMap::default();
     {
         let mut one = tx.prepare_cached(&insert_sql(1))?;
         let mut many = tx.prepare_cached(&insert_sql(ROWS_PER_INSERT))?;
@@ -298,11 +300,14 @@ fn commit(
                     let (_, sum) = sums
                         .entry((row.period, row.key_id, row.model))
                         .or_insert((row.key_label, Counts::default()));
-                    *sum += &row.counts();
+                    let counts = row.counts();
+                    *sum += &counts;
+                    *by_upstream.entry((row.period, row.upstream)).or_default() += &counts;
                     let refs = Refs {
                         at,
                         key: ids.key(&tx, row.key_id, row.key_label)?,
                         model: ids.name(&tx, row.model)?,
+                        upstream: ids.name(&tx, row.upstream)?,
                         flavor: ids.name(&tx, row.flavor)?,
                     };
                     chunk.push((refs, row));
@@ -322,38 +327,29 @@ fn commit(
         }
     }
     {
-        let mut upsert = tx.prepare_cached(
-            "INSERT INTO totals (period, key_id, key_label, model, requests, errors, input_tokens,
-                cached_tokens, cache_write_tokens, output_tokens, reasoning_tokens, cost_nano_usd, unpriced)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
-             ON CONFLICT (period, key_id, model) DO UPDATE SET
-                requests = requests + excluded.requests,
-                errors = errors + excluded.errors,
-                input_tokens = input_tokens + excluded.input_tokens,
-                cached_tokens = cached_tokens + excluded.cached_tokens,
-                cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens,
-                output_tokens = output_tokens + excluded.output_tokens,
-                reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens,
-                cost_nano_usd = cost_nano_usd + excluded.cost_nano_usd,
-                unpriced = unpriced + excluded.unpriced",
-        )?;
+        let mut upsert = tx.prepare_cached(&upsert_sql(
+            "totals (period, key_id, key_label, model,",
+            "?1, ?2, ?3, ?4",
+            "period, key_id, model",
+        ))?;
         for ((period, key_id, model), (label, c)) in &sums {
-            let input = c.prompt_tokens - c.cached_tokens - c.cache_write_tokens;
-            upsert.execute(params![
-                int(*period),
-                key_id,
-                label,
-                model,
-                int(c.requests),
-                int(c.errors),
-                int(input),
-                int(c.cached_tokens),
-                int(c.cache_write_tokens),
-                int(c.completion_tokens),
-                int(c.reasoning_tokens),
-                int(c.cost.0),
-                int(c.unpriced_requests),
-            ])?;
+            upsert.raw_bind_parameter(1, int(*period))?;
+            upsert.raw_bind_parameter(2, key_id)?;
+            upsert.raw_bind_parameter(3, label)?;
+            upsert.raw_bind_parameter(4, model)?;
+            bind_counts(&mut upsert, 4, c)?;
+            upsert.raw_execute()?;
+        }
+        let mut upsert = tx.prepare_cached(&upsert_sql(
+            "upstream_totals (period, upstream,",
+            "?1, ?2",
+            "period, upstream",
+        ))?;
+        for ((period, upstream), c) in &by_upstream {
+            upsert.raw_bind_parameter(1, int(*period))?;
+            upsert.raw_bind_parameter(2, upstream)?;
+            bind_counts(&mut upsert, 2, c)?;
+            upsert.raw_execute()?;
         }
     }
     tx.commit()?;
@@ -362,14 +358,75 @@ fn commit(
     Ok(())
 }
 
-/// Columns of `requests`, bound per row.
-const COLUMNS: usize = 19;
+/// Adds a batch's sums to a totals table: `table` names it and its leading columns,
+/// `values` their parameters, `conflict` its primary key; the ten counters follow.
+fn upsert_sql(table: &str, values: &str, conflict: &str) -> String {
+    let first = values.matches('?').count();
+    let params: Vec<String> = (first + 1..=first + COUNTERS.len())
+        .map(|i| format!("?{i}"))
+        .collect();
+    let sums: Vec<String> = COUNTERS
+        .iter()
+        .map(|c| format!("{c} = {c} + excluded.{c}"))
+        .collect();
+    format!(
+        "INSERT INTO {table} {}) VALUES ({values}, {}) ON CONFLICT ({conflict}) DO UPDATE SET {}",
+        COUNTERS.join(", "),
+        params.join(", "),
+        sums.join(", ")
+    )
+}
 
-/// A row's time (its rowid) and the numbers of its key, model and flavor.
+/// The counter columns of both totals tables, in the order `counts_from` reads them.
+pub const COUNTERS: [&str; 10] = [
+    "requests",
+    "errors",
+    "input_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "cost_nano_usd",
+    "unpriced",
+    "estimated",
+];
+
+/// Binds `COUNTERS` after `base` parameters.
+fn bind_counts(
+    upsert: &mut rusqlite::CachedStatement<'_>,
+    base: usize,
+    c: &Counts,
+) -> rusqlite::Result<()> {
+    let input = c.prompt_tokens - c.cached_tokens - c.cache_write_tokens;
+    for (i, n) in [
+        c.requests,
+        c.errors,
+        input,
+        c.cached_tokens,
+        c.cache_write_tokens,
+        c.completion_tokens,
+        c.reasoning_tokens,
+        c.cost.0,
+        c.unpriced_requests,
+        c.estimated_requests,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        upsert.raw_bind_parameter(base + 1 + i, int(n))?;
+    }
+    Ok(())
+}
+
+/// Columns of `requests`, bound per row.
+const COLUMNS: usize = 20;
+
+/// A row's time (its rowid) and the numbers of its key, model, upstream and flavor.
 struct Refs {
     at: i64,
     key: i64,
     model: i64,
+    upstream: i64,
     flavor: i64,
 }
 
@@ -435,7 +492,7 @@ fn insert_sql(rows: usize) -> String {
     format!(
         "INSERT INTO requests (at, period, key, model, flavor, status, streamed,
             input_tokens, cached_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
-            cost_nano_usd, latency_us, response_id, error, unpriced, estimated, partial)
+            cost_nano_usd, latency_us, response_id, error, unpriced, estimated, partial, upstream)
          VALUES {}",
         values.join(", ")
     )
@@ -473,6 +530,7 @@ fn bind_row(
     insert.raw_bind_parameter(base + 17, row.is_unpriced)?;
     insert.raw_bind_parameter(base + 18, row.is_estimated)?;
     insert.raw_bind_parameter(base + 19, row.is_partial)?;
+    insert.raw_bind_parameter(base + 20, refs.upstream)?;
     Ok(())
 }
 
@@ -517,13 +575,13 @@ pub(super) fn restore(conn: &mut Connection) -> rusqlite::Result<Restored> {
             period: 1,
             since,
             totals: Vec::new(),
+            upstreams: Vec::new(),
         });
     };
-    let mut statement = conn.prepare(
-        "SELECT key_id, key_label, model, requests, errors, input_tokens, cached_tokens,
-            cache_write_tokens, output_tokens, reasoning_tokens, cost_nano_usd, unpriced
-         FROM totals WHERE period = ?1",
-    )?;
+    let counters = COUNTERS.join(", ");
+    let mut statement = conn.prepare(&format!(
+        "SELECT key_id, key_label, model, {counters} FROM totals WHERE period = ?1"
+    ))?;
     let totals = statement
         .query_map(params![period], |r| {
             let identity = Identity {
@@ -535,10 +593,17 @@ pub(super) fn restore(conn: &mut Connection) -> rusqlite::Result<Restored> {
             Ok((identity, model, counts))
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
+    let upstreams = conn
+        .prepare(&format!(
+            "SELECT upstream, {counters} FROM upstream_totals WHERE period = ?1"
+        ))?
+        .query_map(params![period], |r| Ok((r.get(0)?, counts_from(r, 1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(Restored {
         period: count(period),
         since: from_micros(started),
         totals,
+        upstreams,
     })
 }
 
@@ -562,6 +627,7 @@ pub fn counts_from(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Counts>
         reasoning_tokens: get(6)?,
         cost: NanoUsd(get(7)?),
         unpriced_requests: get(8)?,
+        estimated_requests: get(9)?,
     })
 }
 
@@ -603,6 +669,7 @@ mod tests {
                         key_id: "0123456789abcdef",
                         key_label: "sk-…cdef",
                         model: "gpt-4o",
+                        upstream: "openai",
                         flavor: "openai_chat",
                         status: 200,
                         is_streaming: false,

@@ -1,0 +1,359 @@
+//! Token estimates for responses that report no usage: a real BPE tokenizer (tiktoken's
+//! `o200k_base`, or `cl100k_base` for the models that use it) over the request's prompt text
+//! and the text the response returned or streamed.
+//!
+//! Runs off the response's path (the proxy hands it to a blocking thread), and only when a
+//! response carried no usage: the JSON here is parsed whole, which the hot path never does.
+
+use std::sync::LazyLock;
+
+use bytes::Bytes;
+use serde_json::Value;
+use tiktoken_rs::CoreBPE;
+
+use super::{Flavor, Usage, sse};
+
+/// Tokens OpenAI's chat format adds around every message (role and separators).
+const TOKENS_PER_MESSAGE: u64 = 3;
+/// Tokens that prime the assistant's reply after the last message.
+const TOKENS_PER_REPLY: u64 = 3;
+
+/// The response's bytes, kept (reference-counted) for an estimate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Raw {
+    /// A plain JSON body, in its chunks.
+    Body(Vec<Bytes>),
+    /// SSE bytes as they arrived (up to `KEEP_CAP`).
+    Stream(Vec<Bytes>),
+}
+
+/// Most response bytes kept for an estimate; a longer response is estimated from its start.
+pub const KEEP_CAP: usize = 4 * 1024 * 1024;
+
+/// The tokenizer for a model: `cl100k_base` for GPT-3.5, GPT-4 (not 4o/4.1) and OpenAI's
+/// embedding models, `o200k_base` for everything else (current OpenAI models, and the closest
+/// estimate we have for other vendors').
+fn encoding_for(model: &str) -> Option<&'static CoreBPE> {
+    static O200K: LazyLock<Option<CoreBPE>> =
+        LazyLock::new(|| loaded(tiktoken_rs::o200k_base().map_err(|e| e.to_string())));
+    static CL100K: LazyLock<Option<CoreBPE>> =
+        LazyLock::new(|| loaded(tiktoken_rs::cl100k_base().map_err(|e| e.to_string())));
+    let base = model.rsplit('/').next().unwrap_or(model);
+    let is_cl100k = base.starts_with("gpt-3.5")
+        || base.starts_with("text-embedding")
+        || (base.starts_with("gpt-4")
+            && !base.starts_with("gpt-4o")
+            && !base.starts_with("gpt-4.")
+            && !base.starts_with("gpt-4-o"));
+    if is_cl100k {
+        CL100K.as_ref()
+    } else {
+        O200K.as_ref()
+    }
+}
+
+/// The tokenizer, or `None` (logged once) if its embedded table cannot be read.
+fn loaded(built: Result<CoreBPE, String>) -> Option<CoreBPE> {
+    built
+        .inspect_err(
+            |err| tracing::error!(%err, "cannot load the tokenizer: usage estimates are off"),
+        )
+        .ok()
+}
+
+/// Tokens of one text in the model's encoding.
+pub fn count(model: &str, text: &str) -> u64 {
+    encoding_for(model).map_or(0, |bpe| bpe.encode_ordinary(text).len() as u64)
+}
+
+/// An estimate of the usage of one exchange: prompt from the request, output from the response.
+pub fn estimate(flavor: Flavor, model: &str, request: Option<&[u8]>, raw: Option<&Raw>) -> Usage {
+    let input = request.map_or(0, |body| prompt_tokens(flavor, model, body));
+    let output = match raw {
+        Some(Raw::Body(chunks)) => {
+            let body = chunks.concat();
+            let mut text = String::new();
+            if let Ok(value) = serde_json::from_slice::<Value>(&body) {
+                response_text(flavor, &value, &mut text);
+            }
+            count(model, &text)
+        }
+        Some(Raw::Stream(chunks)) => count(model, &stream_text(flavor, chunks)),
+        None => 0,
+    };
+    Usage {
+        input_tokens: input,
+        output_tokens: output,
+        ..Usage::default()
+    }
+}
+
+/// Prompt tokens of a request body, per flavor.
+pub fn prompt_tokens(flavor: Flavor, model: &str, body: &[u8]) -> u64 {
+    let Ok(request) = serde_json::from_slice::<Value>(body) else {
+        return 0;
+    };
+    let mut text = String::new();
+    let mut overhead = 0;
+    match flavor {
+        Flavor::OpenAiChat => {
+            if let Some(messages) = request.get("messages").and_then(Value::as_array) {
+                for message in messages {
+                    collect_prompt(message, &mut text);
+                    overhead += TOKENS_PER_MESSAGE;
+                }
+                overhead += TOKENS_PER_REPLY;
+            }
+        }
+        Flavor::OpenAiCompletions => {
+            request
+                .get("prompt")
+                .inspect(|p| collect_prompt(p, &mut text));
+        }
+        Flavor::OpenAiEmbeddings => {
+            // Inputs given as token ids are counted as they are.
+            match request.get("input") {
+                Some(Value::Array(items)) if items.iter().all(Value::is_number) => {
+                    overhead += items.len() as u64;
+                }
+                Some(Value::Array(items)) if items.iter().all(Value::is_array) => {
+                    overhead += items
+                        .iter()
+                        .filter_map(Value::as_array)
+                        .map(|ids| ids.len() as u64)
+                        .sum::<u64>();
+                }
+                Some(input) => collect_prompt(input, &mut text),
+                None => {}
+            }
+        }
+        Flavor::OpenAiResponses => {
+            for field in ["instructions", "input"] {
+                request.get(field).inspect(|v| collect_prompt(v, &mut text));
+            }
+        }
+        Flavor::AnthropicMessages => {
+            for field in ["system", "messages", "tools"] {
+                request.get(field).inspect(|v| collect_prompt(v, &mut text));
+            }
+        }
+        Flavor::Gemini => {
+            for field in ["systemInstruction", "system_instruction", "contents"] {
+                request.get(field).inspect(|v| collect_prompt(v, &mut text));
+            }
+        }
+    }
+    count(model, &text) + overhead
+}
+
+/// Keys whose string values are not prompt text: roles, ids, and encoded media (which a
+/// tokenizer would count as thousands of tokens it never is).
+const NOT_TEXT: [&str; 14] = [
+    "role",
+    "type",
+    "id",
+    "tool_call_id",
+    "image_url",
+    "input_image",
+    "input_audio",
+    "file_data",
+    "source",
+    "inlineData",
+    "inline_data",
+    "fileData",
+    "mimeType",
+    "cache_control",
+];
+
+/// Appends every string in a prompt value (messages, parts, tool arguments), skipping `NOT_TEXT`.
+fn collect_prompt(value: &Value, text: &mut String) {
+    match value {
+        Value::String(s) => {
+            text.push_str(s);
+            text.push('\n');
+        }
+        Value::Array(items) => items.iter().for_each(|item| collect_prompt(item, text)),
+        Value::Object(fields) => {
+            for (key, field) in fields {
+                if !NOT_TEXT.contains(&key.as_str()) {
+                    collect_prompt(field, text);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Keys whose string values are generated text in a response or a stream chunk.
+const GENERATED: [&str; 6] = [
+    "content",
+    "text",
+    "arguments",
+    "refusal",
+    "partial_json",
+    "thinking",
+];
+
+/// Appends the generated text under `GENERATED` keys anywhere in `value`.
+fn collect_generated(value: &Value, text: &mut String) {
+    match value {
+        Value::Array(items) => items.iter().for_each(|item| collect_generated(item, text)),
+        Value::Object(fields) => {
+            for (key, field) in fields {
+                match field {
+                    Value::String(s) if GENERATED.contains(&key.as_str()) => text.push_str(s),
+                    _ => collect_generated(field, text),
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The generated text of a complete response (or of one stream chunk, for the flavors whose
+/// chunks have the response's shape).
+fn response_text(flavor: Flavor, response: &Value, text: &mut String) {
+    let field = match flavor {
+        Flavor::OpenAiChat | Flavor::OpenAiCompletions => "choices",
+        Flavor::OpenAiEmbeddings => return,
+        Flavor::OpenAiResponses => "output",
+        Flavor::AnthropicMessages => "content",
+        Flavor::Gemini => "candidates",
+    };
+    match response {
+        Value::Array(chunks) => chunks.iter().for_each(|c| response_text(flavor, c, text)),
+        _ => {
+            if let Some(value) = response.get(field) {
+                collect_generated(value, text);
+            }
+        }
+    }
+}
+
+/// The text a stream delivered, from its content-bearing events only (the Responses API
+/// repeats the whole text in its `.done` events; only deltas are counted).
+fn stream_text(flavor: Flavor, chunks: &[Bytes]) -> String {
+    let mut text = String::new();
+    let mut framer = sse::Framer::new(sse::DEFAULT_EVENT_CAP);
+    let mut on_event = |event: Bytes| {
+        let Some(data) = sse::data(&event) else {
+            return;
+        };
+        let Ok(value) = serde_json::from_slice::<Value>(&data) else {
+            return;
+        };
+        match flavor {
+            Flavor::OpenAiResponses => {
+                let kind = value.get("type").and_then(Value::as_str).unwrap_or("");
+                if kind.ends_with(".delta")
+                    && let Some(delta) = value.get("delta").and_then(Value::as_str)
+                {
+                    text.push_str(delta);
+                }
+            }
+            Flavor::AnthropicMessages => {
+                if let Some(delta) = value.get("delta") {
+                    collect_generated(delta, &mut text);
+                }
+            }
+            _ => response_text(flavor, &value, &mut text),
+        }
+    };
+    for chunk in chunks {
+        if framer.feed(chunk, &mut on_event).is_err() {
+            break;
+        }
+    }
+    // A stream cut mid-event still delivered that event's text so far: read what is whole.
+    let rest = framer.take_rest();
+    if !rest.is_empty() {
+        on_event(rest);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_texts_have_the_reference_tokenizer_counts() {
+        // OpenAI's tiktoken gives "hello world" as [24912, 2375] in o200k_base and
+        // [15339, 1917] in cl100k_base, and "tiktoken is great!" as
+        // [83, 1609, 5963, 374, 2294, 0] in cl100k_base (its README's example).
+        assert_eq!(count("gpt-4o", "hello world"), 2);
+        assert_eq!(count("gpt-4", "hello world"), 2);
+        assert_eq!(count("gpt-4-turbo", "tiktoken is great!"), 6);
+        assert_eq!(count("gpt-4o", "Hello, world!"), 4);
+        assert_eq!(count("llama3.2", ""), 0);
+        // The encoding goes by model family; vendor prefixes are ignored.
+        let same =
+            |a: &str, b: &str| std::ptr::eq(encoding_for(a).unwrap(), encoding_for(b).unwrap());
+        assert!(same("openai/gpt-4o-mini", "o3"));
+        assert!(same("gpt-3.5-turbo", "text-embedding-3-small"));
+        assert!(!same("gpt-4.1", "gpt-4-0613"));
+        assert!(same("llama3.2", "gpt-5"));
+    }
+
+    #[test]
+    fn chat_prompt_counts_every_message_with_its_framing() {
+        let body = br#"{"model":"gpt-4o","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":[{"type":"text","text":"Hello, world!"},{"type":"image_url","image_url":{"url":"data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="}}]}]}"#;
+        let text_only = count("gpt-4o", "You are terse.\nHello, world!\n");
+        assert_eq!(
+            prompt_tokens(Flavor::OpenAiChat, "gpt-4o", body),
+            text_only + 2 * TOKENS_PER_MESSAGE + TOKENS_PER_REPLY
+        );
+    }
+
+    #[test]
+    fn streamed_chat_text_is_the_sum_of_its_deltas() {
+        let stream = "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Hello,\"}}]}\n\n\
+                      data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" world!\"}}]}\n\n\
+                      data: [DONE]\n\n";
+        let raw = Raw::Stream(vec![Bytes::from(stream)]);
+        let usage = estimate(Flavor::OpenAiChat, "gpt-4o", None, Some(&raw));
+        assert_eq!(usage.output_tokens, 4);
+    }
+
+    #[test]
+    fn responses_stream_counts_deltas_not_the_repeated_full_text() {
+        let stream = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hello, world!\"}\n\n\
+                      event: response.output_text.done\ndata: {\"type\":\"response.output_text.done\",\"text\":\"Hello, world!\"}\n\n";
+        let raw = Raw::Stream(vec![Bytes::from(stream)]);
+        let usage = estimate(Flavor::OpenAiResponses, "gpt-4o", None, Some(&raw));
+        assert_eq!(usage.output_tokens, 4);
+    }
+
+    #[test]
+    fn anthropic_and_gemini_bodies_yield_their_text() {
+        let anthropic = Raw::Body(vec![Bytes::from_static(
+            br#"{"content":[{"type":"text","text":"Hello, world!"}],"usage":null}"#,
+        )]);
+        assert_eq!(
+            estimate(
+                Flavor::AnthropicMessages,
+                "claude-x",
+                None,
+                Some(&anthropic)
+            )
+            .output_tokens,
+            4
+        );
+        let gemini = Raw::Body(vec![Bytes::from_static(
+            br#"[{"candidates":[{"content":{"parts":[{"text":"Hello,"}],"role":"model"}}]},{"candidates":[{"content":{"parts":[{"text":" world!"}]}}]}]"#,
+        )]);
+        assert_eq!(
+            estimate(Flavor::Gemini, "gemini-x", None, Some(&gemini)).output_tokens,
+            4
+        );
+    }
+
+    #[test]
+    fn embeddings_given_as_token_ids_count_the_ids() {
+        let body = br#"{"model":"text-embedding-3-small","input":[[1,2,3],[4,5]]}"#;
+        assert_eq!(
+            prompt_tokens(Flavor::OpenAiEmbeddings, "text-embedding-3-small", body),
+            5
+        );
+    }
+}

@@ -1,0 +1,248 @@
+//! Gemini native usage (`generateContent`, `streamGenerateContent`): the `usageMetadata` object.
+//!
+//! | record field          | Gemini `usageMetadata`                                         |
+//! |-----------------------|----------------------------------------------------------------|
+//! | `input_tokens`        | `promptTokenCount` − cached + `toolUsePromptTokenCount`         |
+//! | `cached_input_tokens` | `cachedContentTokenCount` (part of `promptTokenCount`)          |
+//! | `output_tokens`       | `candidatesTokenCount` + `thoughtsTokenCount`, unless the total shows the thoughts are already inside the candidates |
+//! | `reasoning_tokens`    | `thoughtsTokenCount`                                           |
+//!
+//! A stream repeats a running `usageMetadata` in its chunks: the last one is the whole. Without
+//! `?alt=sse` the stream is one JSON array delivered piece by piece; it is read as a plain body.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{Count, Extracted, Usage, Warning, has_key, id_of, model_of, parse_raw, sse};
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow, rename = "responseId")]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, rename = "modelVersion")]
+    model: Option<&'a RawValue>,
+    #[serde(borrow, rename = "usageMetadata")]
+    usage: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireUsage {
+    #[serde(default)]
+    prompt_token_count: Count,
+    #[serde(default)]
+    candidates_token_count: Count,
+    #[serde(default)]
+    cached_content_token_count: Count,
+    #[serde(default)]
+    thoughts_token_count: Count,
+    #[serde(default)]
+    tool_use_prompt_token_count: Count,
+    #[serde(default)]
+    total_token_count: Count,
+}
+
+/// Maps a `usageMetadata` object to the record; `None` for `null`.
+pub fn usage_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Usage> {
+    if raw.get() == "null" {
+        return None;
+    }
+    let w = warnings;
+    let usage: WireUsage = parse_raw(raw, "usageMetadata", "not an object", w)?;
+    let prompt = usage
+        .prompt_token_count
+        .take("usageMetadata.promptTokenCount", w);
+    let candidates = usage
+        .candidates_token_count
+        .take("usageMetadata.candidatesTokenCount", w);
+    let cached = usage
+        .cached_content_token_count
+        .take("usageMetadata.cachedContentTokenCount", w);
+    let cached = super::part_of(cached, prompt, "usageMetadata.cachedContentTokenCount", w);
+    let thoughts = usage
+        .thoughts_token_count
+        .take("usageMetadata.thoughtsTokenCount", w);
+    let tool_prompt = usage
+        .tool_use_prompt_token_count
+        .take("usageMetadata.toolUsePromptTokenCount", w);
+    let total = usage
+        .total_token_count
+        .take("usageMetadata.totalTokenCount", w);
+    // Some model versions count thoughts inside the candidates; the total tells which.
+    let thoughts_inside = thoughts > 0 && prompt + tool_prompt + candidates == total;
+    let output = if thoughts_inside {
+        candidates.max(thoughts)
+    } else {
+        candidates + thoughts
+    };
+    Some(Usage {
+        input_tokens: prompt - cached + tool_prompt,
+        cached_input_tokens: cached,
+        cache_write_tokens: 0,
+        output_tokens: output,
+        reasoning_tokens: thoughts.min(output),
+    })
+}
+
+fn read(envelope: &Envelope<'_>, out: &mut Extracted) {
+    if let Some(model) = model_of(envelope.model, &mut out.warnings) {
+        out.model = Some(model);
+    }
+    if out.response_id.is_none() {
+        out.response_id = id_of(envelope.id);
+    }
+    if let Some(usage) = envelope
+        .usage
+        .and_then(|u| usage_from(u, &mut out.warnings))
+    {
+        out.usage = Some(usage);
+    }
+}
+
+/// Reads a complete response: one object, or the JSON array a stream without `alt=sse` is.
+pub fn parse_body(body: &[u8]) -> Extracted {
+    let mut out = Extracted::default();
+    match body.trim_ascii_start().first() {
+        Some(b'{') => {
+            if let Ok(envelope) = serde_json::from_slice::<Envelope<'_>>(body) {
+                read(&envelope, &mut out);
+                return out;
+            }
+        }
+        Some(b'[') => {
+            if let Ok(chunks) = serde_json::from_slice::<Vec<Envelope<'_>>>(body) {
+                for chunk in &chunks {
+                    read(chunk, &mut out);
+                }
+                return out;
+            }
+        }
+        _ => {}
+    }
+    out.warnings.push(Warning {
+        field: "body",
+        problem: "not a JSON object or array",
+    });
+    out
+}
+
+/// Usage extraction state for one `streamGenerateContent?alt=sse` stream.
+#[derive(Debug, Default)]
+pub struct Stream {
+    extracted: Extracted,
+}
+
+impl Stream {
+    /// Looks at one whole event; parses JSON only when it carries `usageMetadata` or the
+    /// model is not known yet.
+    pub fn on_event(&mut self, event: &[u8]) {
+        let Some(data) = sse::data(event) else {
+            return;
+        };
+        if !has_key(&data, b"\"usageMetadata\"") && self.extracted.model.is_some() {
+            return;
+        }
+        match serde_json::from_slice::<Envelope<'_>>(&data) {
+            Ok(envelope) => read(&envelope, &mut self.extracted),
+            Err(_) => self.extracted.warnings.push(Warning {
+                field: "stream chunk",
+                problem: "not a JSON object",
+            }),
+        }
+    }
+
+    /// What the stream reported, once it has ended (or was cut).
+    pub fn finish(self) -> Extracted {
+        self.extracted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thoughts_outside_the_candidates_are_added_to_the_output() {
+        let got = parse_body(
+            br#"{"candidates":[{"content":{"parts":[{"text":"Hi"}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":12,"totalTokenCount":45,"thoughtsTokenCount":25,"promptTokensDetails":[{"modality":"TEXT","tokenCount":8}]},"modelVersion":"gemini-2.5-flash","responseId":"r-1"}"#,
+        );
+        assert_eq!(got.model.as_deref(), Some("gemini-2.5-flash"));
+        assert_eq!(got.response_id.as_deref(), Some("r-1"));
+        assert_eq!(
+            got.usage,
+            Some(Usage {
+                input_tokens: 8,
+                cached_input_tokens: 0,
+                cache_write_tokens: 0,
+                output_tokens: 37,
+                reasoning_tokens: 25,
+            })
+        );
+        assert!(got.warnings.is_empty(), "{:?}", got.warnings);
+    }
+
+    #[test]
+    fn thoughts_inside_the_candidates_are_not_counted_twice() {
+        let got = parse_body(
+            br#"{"usageMetadata":{"promptTokenCount":100,"cachedContentTokenCount":60,"candidatesTokenCount":40,"thoughtsTokenCount":30,"totalTokenCount":140},"modelVersion":"gemini-2.5-pro"}"#,
+        );
+        let usage = got.usage.unwrap();
+        assert_eq!((usage.input_tokens, usage.cached_input_tokens), (40, 60));
+        assert_eq!((usage.output_tokens, usage.reasoning_tokens), (40, 30));
+        assert_eq!(usage.total_tokens(), 140);
+    }
+
+    #[test]
+    fn a_json_array_stream_keeps_the_last_usage() {
+        let got = parse_body(
+            br#"[{"candidates":[],"usageMetadata":{"promptTokenCount":5,"candidatesTokenCount":1,"totalTokenCount":6},"modelVersion":"gemini-2.0-flash"}
+,{"candidates":[],"usageMetadata":{"promptTokenCount":5,"candidatesTokenCount":9,"totalTokenCount":14},"modelVersion":"gemini-2.0-flash"}]"#,
+        );
+        assert_eq!(got.usage.unwrap().output_tokens, 9);
+        assert_eq!(got.model.as_deref(), Some("gemini-2.0-flash"));
+    }
+
+    /// A stream as `streamGenerateContent?alt=sse` sends it (CRLF framing, running totals).
+    pub(crate) fn stream_events() -> Vec<String> {
+        let chunk = |text: &str, candidates: u64, finish: &str| {
+            format!(
+                "data: {{\"candidates\": [{{\"content\": {{\"parts\": [{{\"text\": \"{text}\"}}],\"role\": \"model\"}}{finish},\"index\": 0}}],\"usageMetadata\": {{\"promptTokenCount\": 7,\"candidatesTokenCount\": {candidates},\"totalTokenCount\": {}}},\"modelVersion\": \"gemini-2.0-flash\",\"responseId\": \"r-2\"}}\r\n\r\n",
+                7 + candidates
+            )
+        };
+        vec![
+            chunk("The \\\"usageMetadata\\\"", 2, ""),
+            chunk(" sky", 4, ""),
+            chunk(" is blue.", 6, ",\"finishReason\": \"STOP\""),
+        ]
+    }
+
+    fn run(chunks: &[&[u8]]) -> Extracted {
+        let mut framer = sse::Framer::new(sse::DEFAULT_EVENT_CAP);
+        let mut stream = Stream::default();
+        for chunk in chunks {
+            framer
+                .feed(&bytes::Bytes::copy_from_slice(chunk), |event| {
+                    stream.on_event(&event);
+                })
+                .unwrap();
+        }
+        stream.finish()
+    }
+
+    #[test]
+    fn sse_stream_usage_is_the_last_running_total_at_every_split() {
+        let whole = stream_events().concat();
+        let bytes = whole.as_bytes();
+        let expected = run(&[bytes]);
+        assert_eq!(expected.model.as_deref(), Some("gemini-2.0-flash"));
+        assert_eq!(
+            expected.usage.map(|u| (u.input_tokens, u.output_tokens)),
+            Some((7, 6))
+        );
+        for i in 0..=bytes.len() {
+            let (a, b) = bytes.split_at(i);
+            assert_eq!(run(&[a, b]), expected, "split at {i}");
+        }
+    }
+}
