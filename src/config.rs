@@ -1047,3 +1047,151 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod upstream_tests {
+    use super::*;
+
+    fn load(file: &str, env_pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut env: HashMap<String, String> = env_pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        env.insert(env::HOME.into(), "/home/ada".into());
+        Config::from_layers(Some(file), None, &env, &Flags::default())
+    }
+
+    fn error(file: &str) -> String {
+        load(file, &[]).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn openai_and_anthropic_are_mounted_with_no_config() {
+        let c = load("", &[]).unwrap();
+        let mounted: Vec<(&str, &str, String, ApiFlavor)> = c
+            .routes
+            .iter()
+            .map(|r| {
+                (
+                    r.name.as_str(),
+                    r.prefix.as_str(),
+                    r.upstream.to_string(),
+                    r.flavor,
+                )
+            })
+            .collect();
+        assert_eq!(
+            mounted,
+            [
+                (
+                    "openai",
+                    "/v1",
+                    DEFAULT_UPSTREAM.to_owned(),
+                    ApiFlavor::OpenAi
+                ),
+                (
+                    "anthropic",
+                    "/anthropic/v1",
+                    DEFAULT_ANTHROPIC_UPSTREAM.to_owned(),
+                    ApiFlavor::Anthropic
+                ),
+            ]
+        );
+        assert_eq!(c.on_client_disconnect, OnClientDisconnect::Close);
+    }
+
+    #[test]
+    fn declared_upstreams_get_a_prefix_from_their_name_unless_given_one() {
+        let c = load(
+            r#"
+            [upstreams.ollama]
+            url = "http://localhost:11434/v1"
+            inject_stream_usage = "never"
+            [upstreams.gemini]
+            prefix = "/gemini/v1beta/"
+            url = "https://generativelanguage.googleapis.com/v1beta"
+            flavor = "gemini"
+            [upstreams.anthropic]
+            url = "https://anthropic.example.com/v1"
+            "#,
+            &[],
+        )
+        .unwrap();
+        let by_name = |name: &str| c.routes.iter().find(|r| r.name == name).unwrap();
+        assert_eq!(by_name("ollama").prefix, "/ollama/v1");
+        assert_eq!(
+            by_name("ollama").inject_stream_usage,
+            InjectStreamUsage::Never
+        );
+        assert_eq!(by_name("gemini").prefix, "/gemini/v1beta");
+        assert_eq!(by_name("gemini").flavor, ApiFlavor::Gemini);
+        assert_eq!(
+            by_name("anthropic").upstream.to_string(),
+            "https://anthropic.example.com/v1"
+        );
+        assert_eq!(by_name("anthropic").prefix, "/anthropic/v1");
+        assert_eq!(c.routes.len(), 4);
+    }
+
+    #[test]
+    fn the_anthropic_upstream_can_come_from_the_environment() {
+        let c = load("", &[(env::ANTHROPIC_UPSTREAM, "http://127.0.0.1:7/v1")]).unwrap();
+        assert_eq!(c.routes[1].upstream.to_string(), "http://127.0.0.1:7/v1");
+    }
+
+    #[test]
+    fn bad_upstreams_are_refused_with_the_field_named() {
+        for (file, expected) in [
+            ("[upstreams.x]\nprefix = \"/x\"", "`upstreams.x.url`"),
+            ("[upstreams.x]\nurl = \"ftp://h\"", "`upstreams.x.url`"),
+            (
+                "[upstreams.x]\nurl = \"http://h\"\nflavor = \"cohere\"",
+                "`upstreams.x.flavor`",
+            ),
+            (
+                "[upstreams.x]\nurl = \"http://h\"\ninject_stream_usage = \"sometimes\"",
+                "`upstreams.x.inject_stream_usage`",
+            ),
+            (
+                "[upstreams.x]\nurl = \"http://h\"\nprefix = \"/v1\"",
+                "overlaps",
+            ),
+            (
+                "[upstreams.x]\nurl = \"http://h\"\nprefix = \"/v1/x\"",
+                "overlaps",
+            ),
+            (
+                "[upstreams.x]\nurl = \"http://h\"\nprefix = \"/stats\"",
+                "llm-meter's own /stats",
+            ),
+            (
+                "[upstreams.x]\nurl = \"http://h\"\nprefix = \"x\"",
+                "absolute path",
+            ),
+            (
+                "[upstreams.x]\nurl = \"http://h\"\nprefix = \"/a/../b\"",
+                "absolute path",
+            ),
+            (
+                "[upstreams.openai]\nurl = \"http://h\"",
+                "top-level `upstream`",
+            ),
+            ("[upstreams.\"a b\"]\nurl = \"http://h\"", "letters, digits"),
+            ("on_client_disconnect = \"wait\"", "`on_client_disconnect`"),
+        ] {
+            let message = error(file);
+            assert!(message.contains(expected), "{file:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn drain_mode_and_its_timeout_are_read() {
+        let c = load(
+            "on_client_disconnect = \"drain\"\ndrain_timeout = \"30s\"",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.on_client_disconnect, OnClientDisconnect::Drain);
+        assert_eq!(c.drain_timeout, Duration::from_secs(30));
+    }
+}

@@ -238,6 +238,42 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_ledger_is_migrated_with_its_rows_under_the_openai_upstream() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite3");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&format!(
+                "{}
+                 PRAGMA application_id = {APPLICATION_ID};
+                 PRAGMA user_version = 1;
+                 INSERT INTO periods VALUES (1, 0);
+                 INSERT INTO keys VALUES (1, 'k1', 'sk-…1');
+                 INSERT INTO names VALUES (1, 'gpt-4o'), (2, 'openai_chat');
+                 INSERT INTO requests VALUES (5, 1, 1, 1, 2, 200, 0, 10, 0, 0, 5, 0, 75, NULL, NULL, 0, 0, 0, 0);
+                 INSERT INTO totals VALUES (1, 'k1', 'sk-…1', 'gpt-4o', 1, 0, 10, 0, 0, 5, 0, 75, 0);",
+                MIGRATIONS[0]
+            ))
+            .unwrap();
+        }
+        let conn = open(&path, Access::Write).unwrap();
+        let (_, version, _) = identify(&conn).unwrap();
+        assert_eq!(version, VERSION);
+        let upstream: String = conn
+            .query_row("SELECT upstream FROM request_rows", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(upstream, "openai");
+        let (requests, cost): (i64, i64) = conn
+            .query_row(
+                "SELECT requests, cost_nano_usd FROM upstream_totals WHERE upstream = 'openai'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((requests, cost), (1, 75));
+    }
+
+    #[test]
     fn readers_never_create_a_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.sqlite3");
