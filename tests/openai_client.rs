@@ -1,4 +1,4 @@
-//! End to end through a real OpenAI client library (async-openai): what it reports equals /stats.
+//! End to end through a real OpenAI client library (async-openai): chat (plain and streamed), the Responses API and embeddings; what it reports equals /stats.
 
 #![expect(clippy::unwrap_used, reason = "request builders in test helpers")]
 
@@ -112,4 +112,75 @@ async fn streaming_without_include_usage_looks_unchanged_to_the_client_and_is_me
     assert_eq!(entry["completion_tokens"], 3);
     // gpt-4o-mini: 11 x $0.15/M + 3 x $0.60/M
     assert_eq!(entry["cost_nano_usd"], 3_450);
+}
+
+/// Answers the Responses API and embeddings the way OpenAI does.
+fn responses_and_embeddings(request: &common::Received) -> common::Reply {
+    match request.path.as_str() {
+        "/v1/responses" => common::Reply::json(
+            200,
+            &serde_json::json!({"id": "resp_e2e", "object": "response", "created_at": 1_741_476_542,
+                "status": "completed", "model": "gpt-4.1-mini-2025-04-14",
+                "output": [{"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": "Hello!", "annotations": []}]}],
+                "usage": {"input_tokens": 36, "input_tokens_details": {"cached_tokens": 6},
+                    "output_tokens": 87, "output_tokens_details": {"reasoning_tokens": 12}, "total_tokens": 123}}),
+        ),
+        "/v1/embeddings" => common::Reply::json(
+            200,
+            &serde_json::json!({"object": "list", "model": "text-embedding-3-small",
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.25, -0.5]}],
+                "usage": {"prompt_tokens": 8, "total_tokens": 8}}),
+        ),
+        _ => common::openai_like(request),
+    }
+}
+
+#[tokio::test]
+async fn responses_api_usage_matches_stats() {
+    use async_openai::types::responses::CreateResponseArgs;
+    let mock = Mock::start(responses_and_embeddings).await;
+    let proxy = Proxy::start(&mock.url()).await;
+    let request = CreateResponseArgs::default()
+        .model("gpt-4.1-mini")
+        .input("Say hello")
+        .build()
+        .unwrap();
+    let response = client(&proxy).responses().create(request).await.unwrap();
+    let usage = response.usage.expect("usage in a Responses answer");
+
+    let stats = proxy.stats_after(1).await;
+    let entry = Proxy::model_of(&stats, &key_id(KEY), "gpt-4.1-mini-2025-04-14");
+    assert_eq!(entry["prompt_tokens"], usage.input_tokens);
+    assert_eq!(
+        entry["cached_tokens"],
+        usage.input_tokens_details.cached_tokens
+    );
+    assert_eq!(entry["completion_tokens"], usage.output_tokens);
+    assert_eq!(
+        entry["reasoning_tokens"],
+        usage.output_tokens_details.reasoning_tokens
+    );
+    assert_eq!(entry["total_tokens"], usage.total_tokens);
+}
+
+#[tokio::test]
+async fn embeddings_usage_matches_stats() {
+    use async_openai::types::embeddings::CreateEmbeddingRequestArgs;
+    let mock = Mock::start(responses_and_embeddings).await;
+    let proxy = Proxy::start(&mock.url()).await;
+    let request = CreateEmbeddingRequestArgs::default()
+        .model("text-embedding-3-small")
+        .input("The food was delicious")
+        .build()
+        .unwrap();
+    let response = client(&proxy).embeddings().create(request).await.unwrap();
+    assert_eq!(response.data[0].embedding, [0.25, -0.5]);
+
+    let stats = proxy.stats_after(1).await;
+    let entry = Proxy::model_of(&stats, &key_id(KEY), "text-embedding-3-small");
+    assert_eq!(entry["prompt_tokens"], response.usage.prompt_tokens);
+    assert_eq!(entry["total_tokens"], response.usage.total_tokens);
+    assert_eq!(entry["completion_tokens"], 0);
+    assert_eq!(entry["estimated_requests"], 0);
 }
