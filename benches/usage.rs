@@ -1,10 +1,12 @@
 //! Micro-benchmarks of the hot pieces of a response and request: SSE framing with usage
-//! extraction, plain body extraction, and the include_usage rewrite of a 100 KB request.
+//! extraction, plain body extraction, and the include_usage rewrite of a 100 KB request; and
+//! of the estimate made (off the response's path) when a response reports no usage.
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use llm_meter::proxy::rewrite::ChatRequest;
-use llm_meter::usage::{openai_chat, sse};
+use llm_meter::usage::estimate::{self, Raw};
+use llm_meter::usage::{Flavor, openai_chat, sse};
 
 fn stream_fixture(chunks: usize) -> Vec<u8> {
     let mut out = String::new();
@@ -85,5 +87,43 @@ fn request_rewrite(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, sse_extraction, plain_extraction, request_rewrite);
+fn estimation(c: &mut Criterion) {
+    // About 2,000 prompt tokens and a 200-token answer streamed in 200 chunks.
+    let prompt = "Summarize the following report in three bullet points. ".repeat(200);
+    let request = format!(
+        r#"{{"model":"llama3.2","stream":true,"messages":[{{"role":"system","content":"You are terse."}},{{"role":"user","content":"{prompt}"}}]}}"#
+    );
+    let raw = Raw::Stream(vec![Bytes::from(stream_fixture(200))]);
+    let counted = estimate::estimate(
+        Flavor::OpenAiChat,
+        "llama3.2",
+        Some(request.as_bytes()),
+        Some(&raw),
+    );
+    assert!(
+        counted.input_tokens > 1_000 && counted.output_tokens >= 200,
+        "{counted:?}"
+    );
+    let mut group = c.benchmark_group("estimate");
+    group.throughput(Throughput::Elements(counted.total_tokens()));
+    group.bench_function("2k-token prompt + 200-chunk stream", |b| {
+        b.iter(|| {
+            estimate::estimate(
+                Flavor::OpenAiChat,
+                "llama3.2",
+                Some(request.as_bytes()),
+                Some(&raw),
+            )
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    sse_extraction,
+    plain_extraction,
+    request_rewrite,
+    estimation
+);
 criterion_main!(benches);

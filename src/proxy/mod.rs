@@ -103,7 +103,8 @@ struct Finished {
     extracted: Extracted,
     is_streaming: bool,
     status: StatusCode,
-    started: Instant,
+    /// From the request's arrival to its end (not to its record, which an estimate delays).
+    duration: Duration,
     upstream_latency: Option<Duration>,
     error: Option<String>,
     is_error: bool,
@@ -130,7 +131,7 @@ impl Finished {
     /// Records the request and writes its one log line.
     fn record(self, is_estimated: bool) {
         let key_id = self.identity.id.as_str();
-        let duration_ms = millis(self.started.elapsed());
+        let duration_ms = millis(self.duration);
         let upstream_ms = millis(self.upstream_latency.unwrap_or_default());
         let model = self.model.as_str();
         if self.extracted.usage.is_none() && !self.is_error && self.is_whole {
@@ -227,7 +228,7 @@ impl Exchange {
             extracted,
             is_streaming: self.is_streaming,
             status: self.status,
-            started: self.started,
+            duration: self.started.elapsed(),
             upstream_latency: self.upstream_latency,
             error: self.error.take(),
             is_error,

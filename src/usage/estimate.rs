@@ -1,6 +1,6 @@
 //! Token estimates for responses that report no usage: a real BPE tokenizer (tiktoken's
-//! `o200k_base`, or `cl100k_base` for the models that use it) over the request's prompt text
-//! and the text the response returned or streamed.
+//! `o200k_base`, or `cl100k_base` for the models that use it, counted by `tokenizer`) over the
+//! request's prompt text and the text the response returned or streamed.
 //!
 //! Runs off the response's path (the proxy hands it to a blocking thread), and only when a
 //! response carried no usage: the JSON here is parsed whole, which the hot path never does.
@@ -9,8 +9,8 @@ use std::sync::LazyLock;
 
 use bytes::Bytes;
 use serde_json::Value;
-use tiktoken_rs::CoreBPE;
 
+use super::tokenizer::{Bpe, Encoding};
 use super::{Flavor, Usage, sse};
 
 /// Tokens OpenAI's chat format adds around every message (role and separators).
@@ -30,40 +30,44 @@ pub enum Raw {
 /// Most response bytes kept for an estimate; a longer response is estimated from its start.
 pub const KEEP_CAP: usize = 4 * 1024 * 1024;
 
-/// The tokenizer for a model: `cl100k_base` for GPT-3.5, GPT-4 (not 4o/4.1) and OpenAI's
+/// The encoding for a model: `cl100k_base` for GPT-3.5, GPT-4 (not 4o/4.1) and OpenAI's
 /// embedding models, `o200k_base` for everything else (current OpenAI models, and the closest
 /// estimate we have for other vendors').
-fn encoding_for(model: &str) -> Option<&'static CoreBPE> {
-    static O200K: LazyLock<Option<CoreBPE>> =
-        LazyLock::new(|| loaded(tiktoken_rs::o200k_base().map_err(|e| e.to_string())));
-    static CL100K: LazyLock<Option<CoreBPE>> =
-        LazyLock::new(|| loaded(tiktoken_rs::cl100k_base().map_err(|e| e.to_string())));
+fn encoding_for(model: &str) -> Encoding {
     let base = model.rsplit('/').next().unwrap_or(model);
     let is_cl100k = base.starts_with("gpt-3.5")
         || base.starts_with("text-embedding")
         || (base.starts_with("gpt-4")
             && !base.starts_with("gpt-4o")
-            && !base.starts_with("gpt-4.")
-            && !base.starts_with("gpt-4-o"));
+            && !base.starts_with("gpt-4."));
     if is_cl100k {
-        CL100K.as_ref()
+        Encoding::Cl100kBase
     } else {
-        O200K.as_ref()
+        Encoding::O200kBase
     }
 }
 
-/// The tokenizer, or `None` (logged once) if its embedded table cannot be read.
-fn loaded(built: Result<CoreBPE, String>) -> Option<CoreBPE> {
-    built
-        .inspect_err(
-            |err| tracing::error!(%err, "cannot load the tokenizer: usage estimates are off"),
-        )
+/// The counter of an encoding, built on first use; `None` (logged once) if it cannot be.
+fn bpe(encoding: Encoding) -> Option<&'static Bpe> {
+    static O200K: LazyLock<Option<Bpe>> = LazyLock::new(|| loaded(Encoding::O200kBase));
+    static CL100K: LazyLock<Option<Bpe>> = LazyLock::new(|| loaded(Encoding::Cl100kBase));
+    match encoding {
+        Encoding::O200kBase => O200K.as_ref(),
+        Encoding::Cl100kBase => CL100K.as_ref(),
+    }
+}
+
+fn loaded(encoding: Encoding) -> Option<Bpe> {
+    Bpe::new(encoding)
+        .inspect_err(|err| {
+            tracing::error!(%err, ?encoding, "cannot load the tokenizer: usage estimates are off");
+        })
         .ok()
 }
 
 /// Tokens of one text in the model's encoding.
 pub fn count(model: &str, text: &str) -> u64 {
-    encoding_for(model).map_or(0, |bpe| bpe.encode_ordinary(text).len() as u64)
+    bpe(encoding_for(model)).map_or(0, |bpe| bpe.count(text))
 }
 
 /// An estimate of the usage of one exchange: prompt from the request, output from the response.
@@ -287,8 +291,7 @@ mod tests {
         assert_eq!(count("gpt-4o", "Hello, world!"), 4);
         assert_eq!(count("llama3.2", ""), 0);
         // The encoding goes by model family; vendor prefixes are ignored.
-        let same =
-            |a: &str, b: &str| std::ptr::eq(encoding_for(a).unwrap(), encoding_for(b).unwrap());
+        let same = |a: &str, b: &str| encoding_for(a) == encoding_for(b);
         assert!(same("openai/gpt-4o-mini", "o3"));
         assert!(same("gpt-3.5-turbo", "text-embedding-3-small"));
         assert!(!same("gpt-4.1", "gpt-4-0613"));

@@ -22,6 +22,7 @@ pub mod gemini;
 pub mod openai_chat;
 pub mod openai_responses;
 pub mod sse;
+pub mod tokenizer;
 
 use std::sync::LazyLock;
 
