@@ -5,9 +5,9 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 
-# Dependencies first, against stub sources: this layer is rebuilt only when Cargo.toml or
-# Cargo.lock change, not on every source edit.
-COPY Cargo.toml Cargo.lock ./
+# Dependencies first, against stub sources: this layer is rebuilt only when Cargo.toml,
+# Cargo.lock or build.rs (which writes the tokenizer's tables) change, not on every source edit.
+COPY Cargo.toml Cargo.lock build.rs ./
 # The benchmark targets named in Cargo.toml must exist for cargo to read it; stubs will do.
 RUN mkdir -p src benches/proxy \
     && echo 'fn main() {}' > src/main.rs \
