@@ -162,6 +162,13 @@ pub fn render(heading: &str, groups: &[Group], mut lines: Vec<UsageLine>) -> Str
             totals.unpriced_requests
         );
     }
+    if totals.estimated_requests > 0 {
+        let _ = writeln!(
+            out,
+            "{} requests reported no usage: their tokens were counted by a tokenizer (estimated)",
+            totals.estimated_requests
+        );
+    }
     out
 }
 
