@@ -107,7 +107,8 @@ async fn the_full_key_and_bodies_never_appear_in_logs_even_at_trace_level() {
                 "--log-format",
                 format,
             ])
-            .env("RUST_LOG", "trace");
+            .env("RUST_LOG", "trace")
+            .env("LLM_METER_ANTHROPIC_UPSTREAM", &upstream);
         let binary = Binary::start(command);
         let client = common::client();
         let mut body = chat_request("gpt-4o", false);
@@ -128,6 +129,15 @@ async fn the_full_key_and_bodies_never_appear_in_logs_even_at_trace_level() {
         client
             .post(binary.url("/v1/chat/completions"))
             .header("x-api-key", SECRET)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        body["stream"] = json!(false);
+        client
+            .post(binary.url("/anthropic/v1/messages"))
+            .header("x-api-key", SECRET)
+            .header("anthropic-version", "2023-06-01")
             .json(&body)
             .send()
             .await
