@@ -6,14 +6,18 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::routing::{any, get, post};
+use axum::routing::{any, get, post, put};
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 use crate::config::Config;
+use crate::guard::alerts::Alerts;
+use crate::guard::period::{self, Clock, Period, SystemClock};
+use crate::guard::{Guard, RestoredSpend};
 use crate::meter::Meter;
 use crate::meter::ledger::LedgerError;
+use crate::meter::ledger::history::Reader;
 use crate::proxy::{self, UpstreamState, upstream};
 use crate::{api, proxy::upstream::HttpClient};
 
@@ -31,6 +35,8 @@ pub struct Shared {
     pub client: HttpClient,
     /// What is learned of each upstream while running, in the order of `config.routes`.
     pub upstreams: Vec<UpstreamState>,
+    /// Named keys, budgets, rate limits and alerts.
+    pub guard: Arc<Guard>,
 }
 
 impl Deref for AppState {
@@ -52,10 +58,28 @@ pub enum StartError {
     Ledger(#[from] LedgerError),
 }
 
+/// Spend per key id in the current hour, day, month and in total, read from the ledger.
+fn spend_from_ledger(dir: &std::path::Path, guard: &Guard) -> Result<RestoredSpend, LedgerError> {
+    let reader = Reader::open(dir)?;
+    let now = guard.now();
+    let mut spend = RestoredSpend::default();
+    for (slot, period) in spend.by_period.iter_mut().zip(Period::ALL) {
+        let window = period::window(period, now, guard.timezone());
+        *slot = reader.spend_by_key((period != Period::Total).then_some(window.start))?;
+    }
+    spend.hour = reader.spend_by_key(Some(period::hour(now).start))?;
+    Ok(spend)
+}
+
 impl AppState {
     /// Builds the state: the upstream client, and a meter with the configured prices whose
     /// totals are restored from the ledger (unless persistence is off).
     pub fn new(config: Config) -> Result<Self, StartError> {
+        Self::with_clock(config, Arc::new(SystemClock))
+    }
+
+    /// Builds the state with budgets and rate limits reading time from `clock` (tests move it).
+    pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
         let client = upstream::client(&config)?;
         let meter = match &config.ledger {
             Some(options) => Meter::persistent(config.prices.clone(), options)?,
@@ -63,11 +87,21 @@ impl AppState {
         };
         let meter = Arc::new(meter);
         let upstreams = config.routes.iter().map(UpstreamState::new).collect();
+        let alerts = match &config.guard.webhook {
+            Some(url) => Alerts::with_webhook(url.clone(), client.clone()),
+            None => Alerts::new(),
+        };
+        let data_dir = config.ledger.as_ref().map(|l| l.dir.as_path());
+        let guard = Guard::new(config.guard.clone(), clock, alerts, data_dir);
+        if let Some(dir) = data_dir {
+            guard.restore(&spend_from_ledger(dir, &guard)?);
+        }
         Ok(Self(Arc::new(Shared {
             config,
             meter,
             client,
             upstreams,
+            guard: Arc::new(guard),
         })))
     }
 }
@@ -79,7 +113,10 @@ pub fn router(state: AppState) -> Router {
         .route("/stats/reset", post(api::reset))
         .route("/usage", get(api::history::usage))
         .route("/export", get(api::history::export))
-        .route("/healthz", get(api::healthz));
+        .route("/healthz", get(api::healthz))
+        .route("/alerts", get(api::admin::alerts))
+        .route("/admin/keys", get(api::admin::keys))
+        .route("/admin/keys/{name}/budget", put(api::admin::set_budget));
     for (i, route) in state.config.routes.iter().enumerate() {
         let handler = any(move |State(state): State<AppState>, request: Request| {
             proxy::forward(state, i, request)

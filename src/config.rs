@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::guard::{self, Budget, KeySettings};
 use crate::meter::ledger;
+use crate::meter::pricing::NanoUsd;
 use crate::meter::pricing::{Price, PriceTable};
 
 /// Default listen address: loopback only, so a key-carrying proxy is not exposed by accident.
@@ -118,6 +120,37 @@ struct FileConfig {
     pricing: BTreeMap<String, PriceEntry>,
     #[serde(default)]
     upstreams: BTreeMap<String, UpstreamEntry>,
+    require_known_keys: Option<bool>,
+    budget_timezone: Option<String>,
+    alert_thresholds: Option<Vec<u32>>,
+    alert_webhook: Option<String>,
+    large_request_tokens: Option<u64>,
+    budget: Option<BudgetEntry>,
+    #[serde(default)]
+    keys: BTreeMap<String, KeyEntry>,
+}
+
+/// `[budget]`: the budget of all keys together, USD.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BudgetEntry {
+    daily_usd: Option<f64>,
+    monthly_usd: Option<f64>,
+    total_usd: Option<f64>,
+}
+
+/// One `[keys.NAME]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyEntry {
+    key_env: Option<String>,
+    key_sha256: Option<String>,
+    upstream_key_env: Option<String>,
+    daily_usd: Option<f64>,
+    monthly_usd: Option<f64>,
+    total_usd: Option<f64>,
+    tokens_per_minute: Option<u64>,
+    requests_per_minute: Option<u64>,
 }
 
 /// One `[upstreams.NAME]` table.
@@ -320,6 +353,8 @@ pub struct Config {
     pub prices: PriceTable,
     /// Where every request is written; `None` keeps totals in memory only.
     pub ledger: Option<ledger::Options>,
+    /// Named keys, budgets, rate limits and alerts.
+    pub guard: guard::Settings,
     /// The config file that was read, if any.
     pub file: Option<PathBuf>,
 }
@@ -369,9 +404,18 @@ impl Config {
             || DEFAULT_CONFIG_FILE.to_owned(),
             |p| p.display().to_string(),
         );
-        let file: FileConfig = match file_text {
+        let mut file: FileConfig = match file_text {
             Some(text) => parse_file(text, &name)?,
             None => FileConfig::default(),
+        };
+        let file_guard = GuardFile {
+            require_known_keys: file.require_known_keys,
+            budget_timezone: file.budget_timezone.take(),
+            alert_thresholds: file.alert_thresholds.take(),
+            alert_webhook: file.alert_webhook.take(),
+            large_request_tokens: file.large_request_tokens,
+            budget: file.budget.take().unwrap_or_default(),
+            keys: std::mem::take(&mut file.keys),
         };
         let layer = Layers {
             env,
@@ -550,7 +594,10 @@ impl Config {
             &name,
         )?;
 
+        let guard = guard_settings(&file_guard, env, &name)?;
+
         Ok(Self {
+            guard,
             listen,
             upstream,
             routes,
@@ -692,6 +739,191 @@ fn check_prefix(prefix: &str, others: &[Route]) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The guard's part of the file, taken out before the rest is consumed.
+struct GuardFile {
+    require_known_keys: Option<bool>,
+    budget_timezone: Option<String>,
+    alert_thresholds: Option<Vec<u32>>,
+    alert_webhook: Option<String>,
+    large_request_tokens: Option<u64>,
+    budget: BudgetEntry,
+    keys: BTreeMap<String, KeyEntry>,
+}
+
+/// Validates named keys, budgets, rate limits and alert settings; every error names its field.
+fn guard_settings(
+    file: &GuardFile,
+    env: &HashMap<String, String>,
+    name: &str,
+) -> Result<guard::Settings, ConfigError> {
+    let mut settings = guard::Settings {
+        require_known_keys: file.require_known_keys.unwrap_or(false),
+        global: budget_of(
+            "budget",
+            [
+                file.budget.daily_usd,
+                file.budget.monthly_usd,
+                file.budget.total_usd,
+            ],
+            name,
+        )?,
+        ..guard::Settings::default()
+    };
+    if let Some(zone) = &file.budget_timezone {
+        settings.timezone = jiff::tz::TimeZone::get(zone).map_err(|_| {
+            invalid(
+                "budget_timezone",
+                name,
+                format!(
+                    "unknown time zone {zone:?} (IANA names such as \"Europe/Paris\", or \"UTC\")"
+                ),
+            )
+        })?;
+    }
+    if let Some(thresholds) = &file.alert_thresholds {
+        if thresholds.is_empty() || thresholds.iter().any(|t| !(1..=100).contains(t)) {
+            return Err(invalid(
+                "alert_thresholds",
+                name,
+                "must be percentages from 1 to 100, such as [50, 80, 100]",
+            ));
+        }
+        let mut sorted = thresholds.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        settings.thresholds = sorted;
+    }
+    if let Some(url) = &file.alert_webhook {
+        let uri: http::Uri = url
+            .parse()
+            .ok()
+            .filter(|u: &http::Uri| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
+            })
+            .ok_or_else(|| invalid("alert_webhook", name, "must be an http(s) URL"))?;
+        settings.webhook = Some(uri);
+    }
+    if let Some(tokens) = file.large_request_tokens {
+        if tokens == 0 {
+            return Err(invalid("large_request_tokens", name, "must be at least 1"));
+        }
+        settings.large_request_tokens = tokens;
+    }
+    for (key_name, entry) in &file.keys {
+        let field = |part: &str| format!("keys.{key_name}.{part}");
+        let is_valid_name = !key_name.is_empty()
+            && key_name != "global"
+            && key_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !is_valid_name {
+            return Err(invalid(
+                &format!("keys.{key_name}"),
+                name,
+                "a name may only have letters, digits, '-' and '_' (and is not \"global\")",
+            ));
+        }
+        let from_env = |part: &str, var: &str| {
+            env.get(var)
+                .map(|v| v.trim())
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    invalid(
+                        &field(part),
+                        name,
+                        format!("environment variable {var} is not set"),
+                    )
+                })
+        };
+        let digest = match (&entry.key_env, &entry.key_sha256) {
+            (Some(var), None) => crate::key::digest(from_env("key_env", var)?.as_bytes()),
+            (None, Some(hex)) => parse_sha256(hex).ok_or_else(|| {
+                invalid(
+                    &field("key_sha256"),
+                    name,
+                    "must be 64 hexadecimal digits (sha256sum of the key)",
+                )
+            })?,
+            _ => {
+                return Err(invalid(
+                    &field("key_env"),
+                    name,
+                    "give exactly one of key_env (the variable holding the key) and key_sha256",
+                ));
+            }
+        };
+        if let Some(other) = settings.keys.iter().find(|k| k.digest == digest) {
+            return Err(invalid(
+                &field("key_env"),
+                name,
+                format!("the same key as keys.{}", other.name),
+            ));
+        }
+        let upstream_key = match &entry.upstream_key_env {
+            Some(var) => Some(Secret(from_env("upstream_key_env", var)?)),
+            None => None,
+        };
+        let per_minute = |part: &str, value: Option<u64>| match value {
+            Some(0) => Err(invalid(&field(part), name, "must be at least 1")),
+            other => Ok(other),
+        };
+        settings.keys.push(KeySettings {
+            name: key_name.clone(),
+            digest,
+            upstream_key,
+            budget: budget_of(
+                &format!("keys.{key_name}"),
+                [entry.daily_usd, entry.monthly_usd, entry.total_usd],
+                name,
+            )?,
+            tokens_per_minute: per_minute("tokens_per_minute", entry.tokens_per_minute)?,
+            requests_per_minute: per_minute("requests_per_minute", entry.requests_per_minute)?,
+        });
+    }
+    Ok(settings)
+}
+
+/// Budgets in USD (daily, monthly, total) to nano-dollars; each must be positive.
+fn budget_of(table: &str, usd: [Option<f64>; 3], name: &str) -> Result<Budget, ConfigError> {
+    let mut out = [None; 3];
+    for ((slot, value), period) in out.iter_mut().zip(usd).zip(["daily", "monthly", "total"]) {
+        let Some(value) = value else { continue };
+        if !(value.is_finite() && value > 0.0 && value < 1e9) {
+            return Err(invalid(
+                &format!("{table}.{period}_usd"),
+                name,
+                format!("must be a positive amount of dollars, got {value}"),
+            ));
+        }
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "checked: 0 < value < 1e9, so value × 1e9 < 1e18 < u64::MAX"
+        )]
+        let nano = (value * 1e9).round() as u64;
+        *slot = Some(NanoUsd(nano));
+    }
+    let [daily, monthly, total] = out;
+    Ok(Budget {
+        daily,
+        monthly,
+        total,
+    })
+}
+
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(hex.as_bytes().chunks(2)) {
+        *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// The environment and the file name, to pick each value from the highest layer that has it.

@@ -21,6 +21,14 @@ pub enum ProxyError {
     /// The admin endpoint was called without the right admin token.
     #[error("this endpoint requires `Authorization: Bearer <admin_token>`")]
     Unauthorized,
+    /// A change that needs the admin token, on a server that has none.
+    #[error(
+        "set an admin token (admin_token, or LLM_METER_ADMIN_TOKEN) to change budgets at run time"
+    )]
+    NoAdminToken,
+    /// No named key has this name.
+    #[error("no key is named {0:?} in the configuration (or \"global\")")]
+    UnknownKeyName(String),
     /// No route matches the path.
     #[error("no route for {0}; LLM traffic goes to /v1/..., stats to /stats")]
     NotFound(String),
@@ -76,6 +84,16 @@ impl ProxyError {
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
                 "invalid_admin_token",
+            ),
+            Self::NoAdminToken => (
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                "admin_token_not_configured",
+            ),
+            Self::UnknownKeyName(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "unknown_key_name",
             ),
             Self::NotFound(_) => (
                 StatusCode::NOT_FOUND,

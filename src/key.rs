@@ -49,9 +49,91 @@ impl Identity {
     /// Identifies the caller by its headers, else by a `?key=` query parameter (Gemini's
     /// convention), which is then treated exactly like a header key.
     pub fn from_request(headers: &HeaderMap, query: Option<&str>) -> Self {
-        raw_key(headers)
-            .or_else(|| query_key(query?))
-            .map_or_else(Self::anonymous, Self::from_key)
+        find(headers, query).map_or_else(Self::anonymous, |(key, _)| Self::from_key(key))
+    }
+
+    /// The identity of a key whose SHA-256 is already known.
+    pub fn from_digest(digest: &[u8; 32], key: &[u8]) -> Self {
+        Self {
+            id: id_of_digest(digest),
+            label: label_of(key),
+        }
+    }
+
+    /// The identity of a named key: its stable id, and its name as the label.
+    pub fn named(digest: &[u8; 32], name: &str) -> Self {
+        Self {
+            id: id_of_digest(digest),
+            label: name.to_owned(),
+        }
+    }
+}
+
+/// Where a request carried its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    /// `Authorization: Bearer`.
+    Bearer,
+    /// A header of its own (`x-api-key`, `api-key`, `x-goog-api-key`).
+    Header(&'static str),
+    /// A `key=` query parameter.
+    Query,
+}
+
+/// The raw key of a request and where it was: headers first, then `?key=`.
+pub fn find<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<(&'a [u8], KeySource)> {
+    let bearer = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| strip_bearer(v.as_bytes()))
+        .map(|k| (k, KeySource::Bearer));
+    bearer
+        .or_else(|| {
+            KEY_HEADERS.iter().find_map(|name| {
+                headers
+                    .get(*name)
+                    .map(|v| (v.as_bytes(), KeySource::Header(name)))
+            })
+        })
+        .map(|(k, source)| (k.trim_ascii(), source))
+        .filter(|(k, _)| !k.is_empty())
+        .or_else(|| Some((query_key(query?)?, KeySource::Query)))
+}
+
+/// Puts `key` where the client's key was (a virtual key's real key, on its way upstream).
+pub fn replace(parts: &mut http::request::Parts, source: KeySource, key: &str) {
+    let value = |v: String| http::HeaderValue::from_str(&v).ok();
+    match source {
+        KeySource::Bearer => {
+            if let Some(v) = value(format!("Bearer {key}")) {
+                parts.headers.insert(http::header::AUTHORIZATION, v);
+            }
+        }
+        KeySource::Header(name) => {
+            if let Some(v) = value(key.to_owned()) {
+                parts.headers.insert(name, v);
+            }
+        }
+        KeySource::Query => {
+            let Some(query) = parts.uri.query() else {
+                return;
+            };
+            let rebuilt: Vec<String> = query
+                .split('&')
+                .map(|pair| {
+                    if pair.starts_with("key=") {
+                        format!("key={key}")
+                    } else {
+                        pair.to_owned()
+                    }
+                })
+                .collect();
+            let path_and_query = format!("{}?{}", parts.uri.path(), rebuilt.join("&"));
+            let mut uri = std::mem::take(&mut parts.uri).into_parts();
+            uri.path_and_query = path_and_query.parse().ok();
+            if let Ok(uri) = http::Uri::from_parts(uri) {
+                parts.uri = uri;
+            }
+        }
     }
 }
 
@@ -63,17 +145,7 @@ impl fmt::Display for Identity {
 
 /// Finds the raw key bytes in a request's headers, if any.
 fn raw_key(headers: &HeaderMap) -> Option<&[u8]> {
-    let bearer = headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| strip_bearer(v.as_bytes()));
-    bearer
-        .or_else(|| {
-            KEY_HEADERS
-                .iter()
-                .find_map(|name| headers.get(*name).map(http::HeaderValue::as_bytes))
-        })
-        .map(<[u8]>::trim_ascii)
-        .filter(|k| !k.is_empty())
+    find(headers, None).map(|(key, _)| key)
 }
 
 /// The value of a `key=` query parameter (percent-encoding is kept: the id only needs to be stable).
@@ -93,8 +165,17 @@ fn strip_bearer(value: &[u8]) -> Option<&[u8]> {
         .then(|| &value[SCHEME.len()..])
 }
 
+/// The SHA-256 of a key: what named keys are matched by, and what its id is cut from.
+pub fn digest(key: &[u8]) -> [u8; 32] {
+    Sha256::digest(key).into()
+}
+
 fn id_of(key: &[u8]) -> String {
-    let digest = Sha256::digest(key);
+    id_of_digest(&digest(key))
+}
+
+/// The stable id of the key with this SHA-256.
+pub fn id_of_digest(digest: &[u8; 32]) -> String {
     let mut id = String::with_capacity(ID_HEX_LEN);
     for byte in &digest[..ID_HEX_LEN / 2] {
         id.push(char::from(HEX[usize::from(byte >> 4)]));

@@ -24,6 +24,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod guard;
 pub mod key;
 pub mod logs;
 pub mod meter;

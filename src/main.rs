@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use llm_meter::cli::{Cli, Command};
-use llm_meter::config::{Config, env};
+use llm_meter::config::Config;
 use llm_meter::{AppState, api};
 
 fn main() -> ExitCode {
@@ -48,12 +48,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// The process environment's `LLM_METER_*` variables and the two that place the default data
-/// directory (others, and non-UTF-8 ones, are not ours).
+/// The process environment (its UTF-8 variables): `LLM_METER_*`, the two that place the default
+/// data directory, and whichever variables named keys read their keys from (`key_env`).
 fn llm_meter_env() -> HashMap<String, String> {
     std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .filter(|(k, _)| k.starts_with("LLM_METER_") || k == env::XDG_DATA_HOME || k == env::HOME)
         .collect()
 }
 

@@ -1,5 +1,6 @@
-//! Our own endpoints: `/stats`, `/stats/reset`, `/healthz`; provider endpoints live in `proxy`.
+//! Our own endpoints: `/stats`, `/stats/reset`, `/healthz`, history, admin; provider endpoints live in `proxy`.
 
+pub mod admin;
 pub mod history;
 pub mod report;
 pub mod stats;
@@ -51,32 +52,53 @@ pub async fn show(State(state): State<AppState>, Query(query): Query<StatsQuery>
             state.meter.ledger().map(|l| l.health()),
         )
     };
+    // Budgets are about now: shown with the live totals, not with a history range.
+    let budgets = until.is_none().then(|| state.guard.view());
     match query.format.as_deref() {
         None | Some("json") => Json(
             stats::StatsView::new(&snapshot)
                 .until(until)
-                .ledger(ledger.as_ref()),
+                .ledger(ledger.as_ref())
+                .budgets(budgets.as_ref()),
         )
         .into_response(),
         Some("text") => (
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            stats::text(&snapshot),
+            stats::text(&snapshot, budgets.as_ref()),
         )
             .into_response(),
         Some(_) => ProxyError::BadQuery("format must be json or text".into()).into_response(),
     }
 }
 
+/// Checks the admin token when one is configured; `required` refuses the call when none is.
+pub fn require_admin(
+    state: &AppState,
+    headers: &HeaderMap,
+    required: bool,
+) -> Result<(), ProxyError> {
+    let Some(token) = &state.config.admin_token else {
+        return if required {
+            Err(ProxyError::NoAdminToken)
+        } else {
+            Ok(())
+        };
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    if given.is_some_and(|g| constant_time_eq(g, token.expose().as_bytes())) {
+        Ok(())
+    } else {
+        tracing::warn!("refused an admin call: missing or wrong admin token");
+        Err(ProxyError::Unauthorized)
+    }
+}
+
 /// `POST /stats/reset`: zeroes the totals and answers with those of the period it closed.
 pub async fn reset(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Some(token) = &state.config.admin_token {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
-        if !given.is_some_and(|g| constant_time_eq(g, token.expose().as_bytes())) {
-            tracing::warn!("refused /stats/reset: missing or wrong admin token");
-            return ProxyError::Unauthorized.into_response();
-        }
+    if let Err(err) = require_admin(&state, &headers, false) {
+        return err.into_response();
     }
     let closed = state.meter.reset();
     tracing::info!(

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 
+use crate::guard::{BudgetLine, GuardView};
 use crate::meter::ledger::Health;
 use crate::meter::{Counts, Snapshot};
 use time::OffsetDateTime;
@@ -54,7 +55,17 @@ struct KeyView<'a> {
     id: &'a str,
     #[serde(flatten)]
     counts: CountsView,
+    /// A named key's budgets, with their spend in the current periods.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    budget: Option<&'a [BudgetLine]>,
     models: BTreeMap<&'a str, CountsView>,
+}
+
+/// The global budget in `/stats`.
+#[derive(Debug, Serialize)]
+struct GlobalBudgetView<'a> {
+    timezone: &'a str,
+    lines: &'a [BudgetLine],
 }
 
 /// The ledger's state in `/stats`.
@@ -79,6 +90,9 @@ pub struct StatsView<'a> {
     until: Option<String>,
     totals: CountsView,
     keys: Vec<KeyView<'a>>,
+    /// The budget of all keys together, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    budget: Option<GlobalBudgetView<'a>>,
     /// Every key summed per upstream: what each provider (or local server) was sent.
     by_upstream: BTreeMap<&'a str, CountsView>,
     /// Absent for history ranges; `null` when persistence is off.
@@ -93,6 +107,7 @@ impl<'a> StatsView<'a> {
             since: rfc3339(snapshot.since),
             until: None,
             ledger: None,
+            budget: None,
             totals: CountsView::from(&snapshot.totals),
             by_upstream: snapshot
                 .upstreams
@@ -106,6 +121,7 @@ impl<'a> StatsView<'a> {
                     key: &k.identity.label,
                     id: &k.identity.id,
                     counts: CountsView::from(&k.totals),
+                    budget: None,
                     models: k
                         .models
                         .iter()
@@ -122,6 +138,26 @@ impl<'a> StatsView<'a> {
     #[must_use]
     pub fn until(mut self, until: Option<OffsetDateTime>) -> Self {
         self.until = until.map(rfc3339);
+        self
+    }
+
+    /// Adds the budgets: the global one, and each named key's beside its totals.
+    #[must_use]
+    pub fn budgets(mut self, guard: Option<&'a GuardView>) -> Self {
+        let Some(guard) = guard else { return self };
+        if !guard.global.is_empty() {
+            self.budget = Some(GlobalBudgetView {
+                timezone: &guard.timezone,
+                lines: &guard.global,
+            });
+        }
+        for key in &mut self.keys {
+            key.budget = guard
+                .keys
+                .iter()
+                .find(|named| named.id == key.id && !named.budget.is_empty())
+                .map(|named| named.budget.as_slice());
+        }
         self
     }
 
@@ -163,25 +199,47 @@ pub fn summary_line(c: &Counts) -> String {
     line
 }
 
-/// The text view: one line per key, then the totals.
-pub fn text(snapshot: &Snapshot) -> String {
+/// The text view: one line per key (with what is left of a named key's budgets), then the totals.
+pub fn text(snapshot: &Snapshot, guard: Option<&GuardView>) -> String {
     let mut out = String::new();
     for key in &snapshot.keys {
+        let budget = guard
+            .and_then(|g| g.keys.iter().find(|k| k.id == key.identity.id))
+            .map(|k| remaining(&k.budget))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "{} [{}]: {}",
+            "{} [{}]: {}{budget}",
             key.identity.label,
             key.identity.id,
             summary_line(&key.totals)
         );
     }
+    let budget = guard.map(|g| remaining(&g.global)).unwrap_or_default();
     let _ = writeln!(
         out,
-        "total since {}: {}",
+        "total since {}: {}{budget}",
         rfc3339(snapshot.since),
         summary_line(&snapshot.totals)
     );
     out
+}
+
+/// ` | budget left: daily $0.7500 of $1.0000, monthly …`, or nothing without budgets.
+fn remaining(lines: &[BudgetLine]) -> String {
+    if lines.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            format!(
+                "{} ${:.4} of ${:.4}",
+                l.period, l.remaining_usd, l.limit_usd
+            )
+        })
+        .collect();
+    format!(" | budget left: {}", parts.join(", "))
 }
 
 #[cfg(test)]
@@ -213,7 +271,7 @@ mod tests {
 
     #[test]
     fn text_view_has_one_line_per_key_and_a_total() {
-        let text = text(&snapshot());
+        let text = text(&snapshot(), None);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2);
         assert!(lines[0].starts_with("sk-proj-…wxyz ["), "{}", lines[0]);

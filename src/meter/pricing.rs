@@ -6,7 +6,19 @@ use std::fmt;
 use crate::usage::Usage;
 
 /// An amount of money in billionths of a US dollar; sums of it never drift.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct NanoUsd(pub u64);
 
 impl NanoUsd {

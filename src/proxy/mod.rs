@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use crate::app::AppState;
 use crate::config::{InjectStreamUsage, Route};
 use crate::error::ProxyError;
+use crate::guard::{Guard, KeyRef};
 use crate::key::{self, Identity};
 use crate::meter::{Meter, Record, UNKNOWN_MODEL};
 use crate::usage::estimate::{self, Raw};
@@ -71,6 +72,9 @@ impl UpstreamState {
 /// One request on its way through: what the record and the log line need once it finishes.
 pub struct Exchange {
     meter: Arc<Meter>,
+    guard: Arc<Guard>,
+    /// The named key it came with, if any.
+    key: Option<KeyRef>,
     identity: Identity,
     upstream: Arc<str>,
     flavor: Option<Flavor>,
@@ -94,6 +98,8 @@ const CLIENT_CLOSED: u16 = 499;
 /// Everything a record and its log line need, owned, so it can be finished on another thread.
 struct Finished {
     meter: Arc<Meter>,
+    guard: Arc<Guard>,
+    key: Option<KeyRef>,
     identity: Identity,
     upstream: Arc<str>,
     flavor: Flavor,
@@ -157,6 +163,13 @@ impl Finished {
             upstream: &self.upstream,
         });
         let usage = self.extracted.usage.unwrap_or_default();
+        self.guard.on_record(
+            self.key,
+            &self.identity.label,
+            priced.cost,
+            usage.prompt_tokens(),
+            usage.total_tokens(),
+        );
         tracing::info!(
             method = %self.method,
             path = self.path,
@@ -219,6 +232,8 @@ impl Exchange {
             && (extracted.usage.is_none() || extracted.is_output_provisional);
         let mut finished = Finished {
             meter: Arc::clone(&self.meter),
+            guard: Arc::clone(&self.guard),
+            key: self.key,
             identity: std::mem::replace(&mut self.identity, Identity::anonymous()),
             upstream: Arc::clone(&self.upstream),
             flavor,
@@ -282,23 +297,59 @@ pub async fn forward(state: AppState, upstream: usize, request: Request) -> Resp
     ) else {
         return ProxyError::Internal.into_response();
     };
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let rest = parts
         .uri
         .path()
         .strip_prefix(route.prefix.as_str())
         .unwrap_or_default();
     let metered = route::classify(route.flavor, &parts.method, rest);
+    let flavor = metered.map(|m| m.flavor);
+    let request_model = metered.and_then(|m| m.path_model).map(str::to_owned);
+    let is_stream_path = metered.is_some_and(|m| m.is_stream_path);
+    let guard = &state.guard;
+    let (identity, key, source) = match key::find(&parts.headers, parts.uri.query()) {
+        None => (Identity::anonymous(), None, None),
+        Some((raw, source)) if guard.has_keys() => {
+            let digest = key::digest(raw);
+            match guard.find(&digest) {
+                Some(named) => (
+                    Identity::named(&digest, guard.name(named)),
+                    Some(named),
+                    Some(source),
+                ),
+                None => (Identity::from_digest(&digest, raw), None, Some(source)),
+            }
+        }
+        Some((raw, source)) => (Identity::from_key(raw), None, Some(source)),
+    };
+    let admitted = if flavor.is_some() {
+        guard.admit(key)
+    } else {
+        guard.authenticate(key)
+    };
+    if let Err(refusal) = admitted {
+        tracing::info!(method = %parts.method, path = key::redact_path(&parts.uri), status = refusal.status().as_u16(), key_id = identity.id, upstream = route.name, refused = %refusal, "request");
+        return refusal.into_response();
+    }
+    // A virtual key: the real key goes upstream, the client's never does.
+    if let (Some(named), Some(source)) = (key, source)
+        && let Some(real) = guard.upstream_key(named)
+    {
+        key::replace(&mut parts, source, real.expose());
+    }
     let mut exchange = Exchange {
         meter: Arc::clone(&state.meter),
-        identity: Identity::from_request(&parts.headers, parts.uri.query()),
+        guard: Arc::clone(guard),
+        key,
+        identity,
         upstream: Arc::clone(&runtime.name),
-        flavor: metered.map(|m| m.flavor),
+        flavor,
         method: parts.method.clone(),
         path: key::redact_path(&parts.uri),
-        request_model: metered.and_then(|m| m.path_model).map(str::to_owned),
+        request_model,
         request_body: None,
-        is_streaming: metered.is_some_and(|m| m.is_stream_path),
+        is_streaming: is_stream_path,
         status: StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
         started: Instant::now(),
         upstream_latency: None,

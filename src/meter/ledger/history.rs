@@ -309,6 +309,27 @@ impl Reader {
         Ok(lines)
     }
 
+    /// Cost per key id of the rows recorded from `since` (µs; all rows when `None`).
+    pub fn spend_by_key(
+        &self,
+        since: Option<i64>,
+    ) -> Result<std::collections::HashMap<String, u64>, LedgerError> {
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT k.key_id, sum(r.cost_nano_usd) FROM requests r JOIN keys k ON k.id = r.key
+                 WHERE r.at >= ?1 GROUP BY r.key",
+            )
+            .map_err(|e| self.fail(&e))?;
+        let rows = statement
+            .query_map([since.unwrap_or(i64::MIN)], |r| {
+                Ok((r.get::<_, String>(0)?, count(r.get::<_, i64>(1)?)))
+            })
+            .map_err(|e| self.fail(&e))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.fail(&e))
+    }
+
     /// Calls `each` with every row in `range`, oldest first, without loading them all; stops
     /// early when `each` returns false.
     pub fn for_each_row(

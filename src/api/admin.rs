@@ -1,0 +1,104 @@
+//! Named keys and alerts: `GET /admin/keys`, `PUT /admin/keys/NAME/budget`, `GET /alerts`.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+
+use super::require_admin;
+use crate::app::AppState;
+use crate::error::ProxyError;
+use crate::guard::{AdminError, Budget};
+use crate::meter::pricing::NanoUsd;
+
+/// `GET /admin/keys`: every named key with its budgets, spend and limits, and the global budget.
+pub async fn keys(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(err) = require_admin(&state, &headers, false) {
+        return err.into_response();
+    }
+    Json(state.guard.view()).into_response()
+}
+
+/// The body of `PUT /admin/keys/NAME/budget`: USD per period; absent or `null` means no limit.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetChange {
+    daily_usd: Option<f64>,
+    monthly_usd: Option<f64>,
+    total_usd: Option<f64>,
+}
+
+fn nano(field: &str, usd: Option<f64>) -> Result<Option<NanoUsd>, AdminError> {
+    match usd {
+        None => Ok(None),
+        Some(v) if v.is_finite() && v > 0.0 && v < 1e9 =>
+        {
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "checked: 0 < v < 1e9"
+            )]
+            Ok(Some(NanoUsd((v * 1e9).round() as u64)))
+        }
+        Some(v) => Err(AdminError::Invalid(format!(
+            "`{field}` must be a positive amount of dollars, got {v}"
+        ))),
+    }
+}
+
+/// `PUT /admin/keys/NAME/budget` (`NAME` may be `global`): replaces the budgets, at once and
+/// for good (kept in `budgets.json` in the data directory). Requires the admin token.
+pub async fn set_budget(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(err) = require_admin(&state, &headers, true) {
+        return err.into_response();
+    }
+    let change: BudgetChange = match serde_json::from_slice(&body) {
+        Ok(change) => change,
+        Err(err) => {
+            return ProxyError::BadQuery(format!(
+                "expected {{\"daily_usd\": …, \"monthly_usd\": …, \"total_usd\": …}}: {err}"
+            ))
+            .into_response();
+        }
+    };
+    let budget = (|| {
+        Ok::<_, AdminError>(Budget {
+            daily: nano("daily_usd", change.daily_usd)?,
+            monthly: nano("monthly_usd", change.monthly_usd)?,
+            total: nano("total_usd", change.total_usd)?,
+        })
+    })();
+    match budget.and_then(|budget| state.guard.set_budget(&name, budget)) {
+        Ok(()) => {
+            tracing::info!(key = name, "budget changed");
+            let view = state.guard.view();
+            let changed = if name == "global" {
+                serde_json::json!({"name": "global", "budget": view.global})
+            } else {
+                serde_json::to_value(view.keys.iter().find(|k| k.name == name)).unwrap_or_default()
+            };
+            Json(changed).into_response()
+        }
+        Err(AdminError::UnknownKey(name)) => ProxyError::UnknownKeyName(name).into_response(),
+        Err(AdminError::Invalid(reason)) => ProxyError::BadQuery(reason).into_response(),
+        Err(err @ AdminError::Save { .. }) => {
+            tracing::error!(%err, "budget changed in memory only");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(serde_json::json!({"error": {"message": format!("llm-meter: the budget is changed until the next restart, but {err}"), "type": "server_error", "code": "budget_not_saved", "param": null}})),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// `GET /alerts`: the recent alerts, newest first.
+pub async fn alerts(State(state): State<AppState>) -> Response {
+    Json(serde_json::json!({"alerts": state.guard.alerts().recent()})).into_response()
+}
