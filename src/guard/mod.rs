@@ -599,12 +599,14 @@ impl Guard {
                 let Some(limit) = budget.get(period) else {
                     continue;
                 };
-                if let Some(threshold) = self.crossed(entry.nano, limit)
-                    && threshold > entry.fired
-                {
-                    entry.fired = threshold;
-                    fired.push((period, threshold, limit, entry.nano));
+                // Every threshold passed since the last alert fires, each once per period.
+                let reached = self.crossed(entry.nano, limit).unwrap_or(0);
+                for &threshold in &self.thresholds {
+                    if threshold > entry.fired && threshold <= reached {
+                        fired.push((period, threshold, limit, entry.nano));
+                    }
                 }
+                entry.fired = entry.fired.max(reached);
             }
             state.hour.nano += cost.0;
             // A key spending its day's budget in well under a day: its hour over a 24th of it.

@@ -22,6 +22,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::BodyExt;
 use llm_meter::config::{Config, Flags};
+use llm_meter::guard::period::ShiftedClock;
 use llm_meter::{AppState, run};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
@@ -345,14 +346,29 @@ impl Proxy {
     }
 
     async fn start_flags(toml: &str, flags: Flags) -> Self {
+        Self::start_guarded(toml, flags, &[], Arc::new(ShiftedClock::default())).await
+    }
+
+    /// Starts with `toml`, these flags, these environment variables (for `key_env`) and a
+    /// clock the test can move (budget periods, rate windows).
+    pub async fn start_guarded(
+        toml: &str,
+        flags: Flags,
+        env: &[(&str, &str)],
+        clock: Arc<ShiftedClock>,
+    ) -> Self {
         let flags = Flags {
             listen: Some("127.0.0.1:0".into()),
             ..flags
         };
-        let config = Config::from_layers(Some(toml), None, &HashMap::new(), &flags).unwrap();
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let config = Config::from_layers(Some(toml), None, &env, &flags).unwrap();
         let listener = TcpListener::bind(config.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let state = AppState::new(config).unwrap();
+        let state = AppState::with_clock(config, clock).unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         #[expect(
             clippy::disallowed_methods,
