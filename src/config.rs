@@ -1427,3 +1427,104 @@ mod upstream_tests {
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
     }
 }
+
+#[cfg(test)]
+mod guard_tests {
+    use super::*;
+
+    fn load(file: &str) -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> = [
+            (env::HOME, "/home/ada"),
+            ("AGENT_KEY", "sk-agent-0000"),
+            ("REAL_KEY", "sk-real-1111"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        Config::from_layers(Some(file), None, &env, &Flags::default())
+    }
+
+    #[test]
+    fn named_keys_budgets_and_alerts_are_read() {
+        let c = load(
+            r#"
+            require_known_keys = true
+            budget_timezone = "America/New_York"
+            alert_thresholds = [90, 25, 90]
+            alert_webhook = "https://hooks.example.com/llm"
+            large_request_tokens = 20000
+            [budget]
+            monthly_usd = 200
+            [keys.agent]
+            key_env = "AGENT_KEY"
+            upstream_key_env = "REAL_KEY"
+            daily_usd = 1.5
+            tokens_per_minute = 30000
+            [keys.other]
+            key_sha256 = "2CF24DBA5FB0A30E26E83B2AC5B9E29E1B161E5C1FA7425E73043362938B9824"
+            "#,
+        )
+        .unwrap();
+        let g = &c.guard;
+        assert!(g.require_known_keys);
+        assert_eq!(g.timezone.iana_name(), Some("America/New_York"));
+        assert_eq!(g.thresholds, [25, 90]);
+        assert_eq!(g.large_request_tokens, 20_000);
+        assert_eq!(g.global.monthly, Some(NanoUsd(200_000_000_000)));
+        let agent = &g.keys[0];
+        assert_eq!(agent.digest, crate::key::digest(b"sk-agent-0000"));
+        assert_eq!(
+            agent.upstream_key.as_ref().map(Secret::expose),
+            Some("sk-real-1111")
+        );
+        assert_eq!(agent.budget.daily, Some(NanoUsd(1_500_000_000)));
+        assert_eq!(agent.tokens_per_minute, Some(30_000));
+        // sha256("hello"), written in capitals.
+        assert_eq!(g.keys[1].digest, crate::key::digest(b"hello"));
+    }
+
+    #[test]
+    fn budgets_that_cannot_be_met_refuse_to_start_with_the_field_named() {
+        for (file, expected) in [
+            ("[budget]\ndaily_usd = -1", "`budget.daily_usd`"),
+            ("[budget]\ndaily_usd = 0", "`budget.daily_usd`"),
+            ("[budget]\nweekly_usd = 5", "weekly_usd"),
+            ("budget_timezone = \"Mars/Olympus\"", "`budget_timezone`"),
+            ("alert_thresholds = [0, 50]", "`alert_thresholds`"),
+            ("alert_thresholds = [150]", "`alert_thresholds`"),
+            ("alert_webhook = \"ftp://x\"", "`alert_webhook`"),
+            ("large_request_tokens = 0", "`large_request_tokens`"),
+            ("[keys.a]\ndaily_usd = 1", "`keys.a.key_env`"),
+            (
+                "[keys.a]\nkey_env = \"AGENT_KEY\"\nkey_sha256 = \"00\"",
+                "`keys.a.key_env`",
+            ),
+            ("[keys.a]\nkey_env = \"NOT_SET\"", "NOT_SET is not set"),
+            ("[keys.a]\nkey_sha256 = \"xyz\"", "`keys.a.key_sha256`"),
+            (
+                "[keys.a]\nkey_env = \"AGENT_KEY\"\nupstream_key_env = \"NOPE\"",
+                "`keys.a.upstream_key_env`",
+            ),
+            (
+                "[keys.a]\nkey_env = \"AGENT_KEY\"\nrequests_per_minute = 0",
+                "`keys.a.requests_per_minute`",
+            ),
+            (
+                "[keys.a]\nkey_env = \"AGENT_KEY\"\nmonthly_usd = nan",
+                "`keys.a.monthly_usd`",
+            ),
+            (
+                "[keys.a]\nkey_env = \"AGENT_KEY\"\n[keys.b]\nkey_env = \"AGENT_KEY\"",
+                "the same key as keys.a",
+            ),
+            ("[keys.global]\nkey_env = \"AGENT_KEY\"", "`keys.global`"),
+            (
+                "[keys.a]\nkey_env = \"AGENT_KEY\"\nhourly_usd = 1",
+                "hourly_usd",
+            ),
+        ] {
+            let message = load(file).unwrap_err().to_string();
+            assert!(message.contains(expected), "{file:?}: {message}");
+        }
+    }
+}
