@@ -93,7 +93,10 @@ impl AppState {
         };
         let data_dir = config.ledger.as_ref().map(|l| l.dir.as_path());
         let guard = Guard::new(config.guard.clone(), clock, alerts, data_dir);
-        if let Some(dir) = data_dir {
+        // Only budgets need the spend so far; without them the ledger is not read.
+        if let Some(dir) = data_dir
+            && guard.has_budgets()
+        {
             guard.restore(&spend_from_ledger(dir, &guard)?);
         }
         Ok(Self(Arc::new(Shared {

@@ -10,9 +10,14 @@ fn shipped() -> String {
         .expect("proxy.toml at the root")
 }
 
-/// The environment of a login: only HOME matters to the config (the default data directory).
+/// The environment of a login: HOME (the default data directory), and the keys the examples
+/// name (key_env, upstream_key_env).
 fn login_env() -> HashMap<String, String> {
-    HashMap::from([("HOME".to_owned(), "/home/ada".to_owned())])
+    HashMap::from([
+        ("HOME".to_owned(), "/home/ada".to_owned()),
+        ("AGENT_A_KEY".to_owned(), "sk-agent-a-example".to_owned()),
+        ("OPENAI_API_KEY".to_owned(), "sk-real-example".to_owned()),
+    ])
 }
 
 #[test]
@@ -55,6 +60,25 @@ fn every_commented_example_is_valid_when_uncommented() {
         "persist",
         "flush_interval",
         "max_pending_rows",
+        "on_client_disconnect",
+        "drain_timeout",
+        "url",
+        "prefix",
+        "flavor",
+        "inject_stream_usage",
+        "require_known_keys",
+        "budget_timezone",
+        "alert_thresholds",
+        "alert_webhook",
+        "large_request_tokens",
+        "daily_usd",
+        "monthly_usd",
+        "total_usd",
+        "key_env",
+        "key_sha256",
+        "upstream_key_env",
+        "tokens_per_minute",
+        "requests_per_minute",
         "input_per_million",
         "output_per_million",
         "cached_input_per_million",
@@ -73,4 +97,9 @@ fn every_commented_example_is_valid_when_uncommented() {
     let ledger = config.ledger.unwrap();
     assert_eq!(ledger.dir, Path::new("/var/lib/llm-meter"));
     assert!(config.prices.resolve("my-fine-tune").is_some());
+    assert!(config.routes.iter().any(|r| r.name == "gemini"));
+    let agent = &config.guard.keys[0];
+    assert_eq!(agent.name, "agent-a");
+    assert!(agent.upstream_key.is_some());
+    assert!(config.guard.global.daily.is_some());
 }

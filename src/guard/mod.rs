@@ -748,9 +748,11 @@ impl Guard {
         std::fs::rename(&partial, path).map_err(|e| fail(e.to_string()))
     }
 
-    /// True when anything is configured: otherwise the proxy skips the guard entirely.
-    pub fn is_active(&self) -> bool {
-        self.require_known_keys || !self.keys.is_empty() || self.global.state.lock().budget.any()
+    /// True when any scope has a budget (from proxy.toml or `budgets.json`).
+    pub fn has_budgets(&self) -> bool {
+        std::iter::once(&self.global)
+            .chain(self.keys.iter().map(|k| &k.scope))
+            .any(|scope| scope.state.lock().budget.any())
     }
 }
 

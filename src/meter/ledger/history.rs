@@ -309,18 +309,22 @@ impl Reader {
         Ok(lines)
     }
 
-    /// Cost per key id of the rows recorded from `since` (µs; all rows when `None`).
+    /// Cost per key id of the rows recorded from `since` (µs), or of all rows (`None`, read
+    /// from the per-period totals rather than the rows).
     pub fn spend_by_key(
         &self,
         since: Option<i64>,
     ) -> Result<std::collections::HashMap<String, u64>, LedgerError> {
-        let mut statement = self
-            .conn
-            .prepare(
+        let sql = match since {
+            Some(_) => {
                 "SELECT k.key_id, sum(r.cost_nano_usd) FROM requests r JOIN keys k ON k.id = r.key
-                 WHERE r.at >= ?1 GROUP BY r.key",
-            )
-            .map_err(|e| self.fail(&e))?;
+                 WHERE r.at >= ?1 GROUP BY r.key"
+            }
+            None => {
+                "SELECT key_id, sum(cost_nano_usd) FROM totals WHERE ?1 IS NOT NULL GROUP BY key_id"
+            }
+        };
+        let mut statement = self.conn.prepare(sql).map_err(|e| self.fail(&e))?;
         let rows = statement
             .query_map([since.unwrap_or(i64::MIN)], |r| {
                 Ok((r.get::<_, String>(0)?, count(r.get::<_, i64>(1)?)))
