@@ -51,6 +51,23 @@ pub struct Alert {
     pub message: String,
 }
 
+impl Alert {
+    /// An alert with only its time, kind, scope and message; the figures are added by the caller.
+    pub fn new(at: jiff::Timestamp, kind: &'static str, scope: &str, message: String) -> Self {
+        Self {
+            at: at.to_string(),
+            kind,
+            scope: scope.to_owned(),
+            period: None,
+            threshold_percent: None,
+            limit_usd: None,
+            spent_usd: None,
+            prompt_tokens: None,
+            message,
+        }
+    }
+}
+
 /// Where alerts go.
 pub struct Alerts {
     recent: Mutex<VecDeque<Alert>>,

@@ -508,30 +508,23 @@ impl Guard {
         self.check_budget(&key.scope, now)?;
         let at = now.as_microsecond();
         let name = &key.settings.name;
-        if let Some(limit) = key.settings.tokens_per_minute {
-            let mut tokens = key.tokens.lock();
-            let bucket = tokens.get_or_insert_with(|| Bucket::new(limit, at));
-            bucket
-                .check(at)
-                .map_err(|retry_after| Refusal::RateLimited {
-                    scope: name.clone(),
-                    unit: "tokens",
-                    limit,
-                    retry_after,
-                })?;
-        }
-        if let Some(limit) = key.settings.requests_per_minute {
-            let mut requests = key.requests.lock();
-            let bucket = requests.get_or_insert_with(|| Bucket::new(limit, at));
-            bucket
-                .take_one(at)
-                .map_err(|retry_after| Refusal::RateLimited {
-                    scope: name.clone(),
-                    unit: "requests",
-                    limit,
-                    retry_after,
-                })?;
-        }
+        // Tokens first: a request refused for its tokens does not use up a request.
+        within(
+            &key.tokens,
+            key.settings.tokens_per_minute,
+            "tokens",
+            name,
+            |b| b.check(at),
+            at,
+        )?;
+        within(
+            &key.requests,
+            key.settings.requests_per_minute,
+            "requests",
+            name,
+            |b| b.take_one(at),
+            at,
+        )?;
         Ok(())
     }
 
@@ -571,19 +564,13 @@ impl Guard {
         }
         if prompt_tokens > self.large_request_tokens {
             let scope = key.map_or(caller, |k| k.settings.name.as_str());
+            let message = format!(
+                "one request of {scope} sent {prompt_tokens} prompt tokens (more than {})",
+                self.large_request_tokens
+            );
             self.alerts.fire(Alert {
-                at: now.to_string(),
-                kind: "large_request",
-                scope: scope.to_owned(),
-                period: None,
-                threshold_percent: None,
-                limit_usd: None,
-                spent_usd: None,
                 prompt_tokens: Some(prompt_tokens),
-                message: format!(
-                    "one request of {scope} sent {prompt_tokens} prompt tokens (more than {})",
-                    self.large_request_tokens
-                ),
+                ..Alert::new(now, "large_request", scope, message)
             });
         }
     }
@@ -618,21 +605,17 @@ impl Guard {
                 state.hour.fired = 1;
                 let spent = state.hour.nano;
                 drop(state);
+                let message = format!(
+                    "key {:?} spent {} this hour, more than a 24th of its daily budget ({})",
+                    scope.name,
+                    NanoUsd(spent),
+                    daily
+                );
                 self.alerts.fire(Alert {
-                    at: now.to_string(),
-                    kind: "hourly_spend",
-                    scope: scope.name.clone(),
                     period: Some("hourly"),
-                    threshold_percent: None,
                     limit_usd: Some(NanoUsd(daily.0 / 24).as_usd()),
                     spent_usd: Some(NanoUsd(spent).as_usd()),
-                    prompt_tokens: None,
-                    message: format!(
-                        "key {:?} spent {} this hour, more than a 24th of its daily budget ({})",
-                        scope.name,
-                        NanoUsd(spent),
-                        daily
-                    ),
+                    ..Alert::new(now, "hourly_spend", &scope.name, message)
                 });
             }
         }
@@ -642,21 +625,18 @@ impl Guard {
             } else {
                 format!("key {:?}", scope.name)
             };
+            let message = format!(
+                "{whose} reached {threshold}% of its {} budget: {} of {}",
+                period.as_str(),
+                NanoUsd(spent),
+                limit
+            );
             self.alerts.fire(Alert {
-                at: now.to_string(),
-                kind: "budget_threshold",
-                scope: scope.name.clone(),
                 period: Some(period.as_str()),
                 threshold_percent: Some(threshold),
                 limit_usd: Some(limit.as_usd()),
                 spent_usd: Some(NanoUsd(spent).as_usd()),
-                prompt_tokens: None,
-                message: format!(
-                    "{whose} reached {threshold}% of its {} budget: {} of {}",
-                    period.as_str(),
-                    NanoUsd(spent),
-                    limit
-                ),
+                ..Alert::new(now, "budget_threshold", &scope.name, message)
             });
         }
     }
@@ -754,6 +734,27 @@ impl Guard {
             .chain(self.keys.iter().map(|k| &k.scope))
             .any(|scope| scope.state.lock().budget.any())
     }
+}
+
+/// Applies one per-minute limit (when set) with `take` on its bucket, created full on first use.
+fn within(
+    bucket: &Mutex<Option<Bucket>>,
+    limit: Option<u64>,
+    unit: &'static str,
+    name: &str,
+    take: impl FnOnce(&mut Bucket) -> Result<(), Duration>,
+    now: i64,
+) -> Result<(), Refusal> {
+    let Some(limit) = limit else { return Ok(()) };
+    let mut bucket = bucket.lock();
+    take(bucket.get_or_insert_with(|| Bucket::new(limit, now))).map_err(|retry_after| {
+        Refusal::RateLimited {
+            scope: name.to_owned(),
+            unit,
+            limit,
+            retry_after,
+        }
+    })
 }
 
 /// Reads `budgets.json`; a missing file is no overrides, an unreadable one is logged and ignored.

@@ -13,7 +13,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{
-    Count, Extracted, Usage, Warning, details, has_usage_object, id_of, model_of, parse_raw, sse,
+    Count, Extracted, Usage, Warning, details, has_usage_object, id_of, model_of, object,
+    parse_raw, sse,
 };
 
 /// The message object's fields we read.
@@ -135,15 +136,7 @@ fn partial_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Partial> 
 /// Reads model, id and usage from a complete (non-streaming) message.
 pub fn parse_body(body: &[u8]) -> Extracted {
     let mut out = Extracted::default();
-    let envelope = match body.trim_ascii_start().first() {
-        Some(b'{') => serde_json::from_slice::<Envelope<'_>>(body).ok(),
-        _ => None,
-    };
-    let Some(envelope) = envelope else {
-        out.warnings.push(Warning {
-            field: "body",
-            problem: "not a JSON object",
-        });
+    let Some(envelope) = object::<Envelope<'_>>(body, &mut out.warnings) else {
         return out;
     };
     out.model = model_of(envelope.model, &mut out.warnings);
@@ -265,15 +258,10 @@ mod tests {
     }
 
     fn run(chunks: &[&[u8]]) -> Extracted {
-        let mut framer = sse::Framer::new(sse::DEFAULT_EVENT_CAP);
         let mut stream = Stream::default();
-        for chunk in chunks {
-            framer
-                .feed(&bytes::Bytes::copy_from_slice(chunk), |event| {
-                    stream.on_event(&event);
-                })
-                .unwrap();
-        }
+        sse::frame_all(chunks, |event| {
+            stream.on_event(event);
+        });
         stream.finish()
     }
 

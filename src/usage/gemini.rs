@@ -13,7 +13,7 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{Count, Extracted, Usage, Warning, has_key, id_of, model_of, parse_raw, sse};
+use super::{Count, Extracted, Usage, Warning, has_key, note, parse_raw, sse};
 
 #[derive(Deserialize)]
 struct Envelope<'a> {
@@ -85,18 +85,11 @@ pub fn usage_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Usage> 
 }
 
 fn read(envelope: &Envelope<'_>, out: &mut Extracted) {
-    if let Some(model) = model_of(envelope.model, &mut out.warnings) {
-        out.model = Some(model);
-    }
-    if out.response_id.is_none() {
-        out.response_id = id_of(envelope.id);
-    }
-    if let Some(usage) = envelope
-        .usage
-        .and_then(|u| usage_from(u, &mut out.warnings))
-    {
-        out.usage = Some(usage);
-    }
+    note(
+        out,
+        (envelope.model, envelope.id, envelope.usage),
+        usage_from,
+    );
 }
 
 /// Reads a complete response: one object, or the JSON array a stream without `alt=sse` is.
@@ -218,15 +211,10 @@ mod tests {
     }
 
     fn run(chunks: &[&[u8]]) -> Extracted {
-        let mut framer = sse::Framer::new(sse::DEFAULT_EVENT_CAP);
         let mut stream = Stream::default();
-        for chunk in chunks {
-            framer
-                .feed(&bytes::Bytes::copy_from_slice(chunk), |event| {
-                    stream.on_event(&event);
-                })
-                .unwrap();
-        }
+        sse::frame_all(chunks, |event| {
+            stream.on_event(event);
+        });
         stream.finish()
     }
 

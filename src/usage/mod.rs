@@ -362,6 +362,39 @@ fn part_of(part: u64, whole: u64, field: &'static str, warnings: &mut Vec<Warnin
     }
 }
 
+/// Notes what one response object (or stream event) says: a model replaces the one known, the
+/// first id is kept, a usage replaces the last one (streams repeat running totals).
+fn note(
+    out: &mut Extracted,
+    (model, id, usage): (Option<&RawValue>, Option<&RawValue>, Option<&RawValue>),
+    usage_from: fn(&RawValue, &mut Vec<Warning>) -> Option<Usage>,
+) {
+    if let Some(model) = model_of(model, &mut out.warnings) {
+        out.model = Some(model);
+    }
+    if out.response_id.is_none() {
+        out.response_id = id_of(id);
+    }
+    if let Some(usage) = usage.and_then(|u| usage_from(u, &mut out.warnings)) {
+        out.usage = Some(usage);
+    }
+}
+
+/// Parses a body that must be a JSON object as `T`; `None`, with a warning, for anything else.
+fn object<'a, T: Deserialize<'a>>(body: &'a [u8], warnings: &mut Vec<Warning>) -> Option<T> {
+    let parsed = match body.trim_ascii_start().first() {
+        Some(b'{') => serde_json::from_slice(body).ok(),
+        _ => None,
+    };
+    if parsed.is_none() {
+        warnings.push(Warning {
+            field: "body",
+            problem: "not a JSON object",
+        });
+    }
+    parsed
+}
+
 /// Reads a response's `id`: a short string, or nothing (an id is informational: no warning).
 fn id_of(raw: Option<&RawValue>) -> Option<String> {
     let id: String = serde_json::from_str(raw?.get()).ok()?;

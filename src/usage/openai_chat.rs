@@ -8,8 +8,8 @@ use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 use super::{
-    Count, Extracted, Usage, Warning, details, has_usage_object, id_of, model_of, parse_raw,
-    part_of, sse,
+    Count, Extracted, Usage, Warning, details, has_usage_object, id_of, model_of, object,
+    parse_raw, part_of, sse,
 };
 
 /// A searcher built once: building one per event would cost more than the search.
@@ -113,15 +113,7 @@ struct CompletionDetails {
 /// Reads model and usage from a complete (non-streaming) response body.
 pub fn parse_body(body: &[u8]) -> Extracted {
     let mut out = Extracted::default();
-    let envelope = match body.trim_ascii_start().first() {
-        Some(b'{') => serde_json::from_slice::<Envelope<'_>>(body).ok(),
-        _ => None,
-    };
-    let Some(envelope) = envelope else {
-        out.warnings.push(Warning {
-            field: "body",
-            problem: "not a JSON object",
-        });
+    let Some(envelope) = object::<Envelope<'_>>(body, &mut out.warnings) else {
         return out;
     };
     out.model = model_of(envelope.model, &mut out.warnings);

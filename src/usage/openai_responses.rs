@@ -15,8 +15,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{
-    Count, Extracted, Usage, Warning, details, has_usage_object, id_of, model_of, parse_raw,
-    part_of, sse,
+    Count, Extracted, Usage, Warning, details, has_usage_object, note, object, parse_raw, part_of,
+    sse,
 };
 
 /// The stream's first event names the model and id, so a cut stream still has them.
@@ -68,33 +68,18 @@ struct OutputDetails {
 /// Reads model, id and usage from a complete (non-streaming) response body.
 pub fn parse_body(body: &[u8]) -> Extracted {
     let mut out = Extracted::default();
-    let envelope = match body.trim_ascii_start().first() {
-        Some(b'{') => serde_json::from_slice::<Envelope<'_>>(body).ok(),
-        _ => None,
-    };
-    match envelope {
-        Some(envelope) => read(&envelope, &mut out),
-        None => out.warnings.push(Warning {
-            field: "body",
-            problem: "not a JSON object",
-        }),
+    if let Some(envelope) = object::<Envelope<'_>>(body, &mut out.warnings) {
+        read(&envelope, &mut out);
     }
     out
 }
 
 fn read(envelope: &Envelope<'_>, out: &mut Extracted) {
-    if let Some(model) = model_of(envelope.model, &mut out.warnings) {
-        out.model = Some(model);
-    }
-    if out.response_id.is_none() {
-        out.response_id = id_of(envelope.id);
-    }
-    if let Some(usage) = envelope
-        .usage
-        .and_then(|u| usage_from(u, &mut out.warnings))
-    {
-        out.usage = Some(usage);
-    }
+    note(
+        out,
+        (envelope.model, envelope.id, envelope.usage),
+        usage_from,
+    );
 }
 
 /// Maps a Responses `usage` object to the record; `None` for `null`.
@@ -238,15 +223,10 @@ data: {{"type":"response.completed","sequence_number":3,"response":{{"id":"resp_
     }
 
     fn run(chunks: &[&[u8]]) -> Extracted {
-        let mut framer = sse::Framer::new(sse::DEFAULT_EVENT_CAP);
         let mut stream = Stream::default();
-        for chunk in chunks {
-            framer
-                .feed(&bytes::Bytes::copy_from_slice(chunk), |event| {
-                    stream.on_event(&event)
-                })
-                .unwrap();
-        }
+        sse::frame_all(chunks, |event| {
+            stream.on_event(event);
+        });
         stream.finish()
     }
 

@@ -100,6 +100,18 @@ fn is_blank(line: &[u8]) -> bool {
     line.is_empty() || line == b"\r"
 }
 
+/// Frames `chunks` (copied into `Bytes`) and hands every whole event to `on_event`: the test
+/// driver of every stream extractor.
+#[cfg(test)]
+pub fn frame_all(chunks: &[&[u8]], mut on_event: impl FnMut(&[u8])) {
+    let mut framer = Framer::new(DEFAULT_EVENT_CAP);
+    for chunk in chunks {
+        framer
+            .feed(&Bytes::copy_from_slice(chunk), |event| on_event(&event))
+            .expect("test events are small");
+    }
+}
+
 /// The event's data: its `data:` lines' values joined by `\n`, or `None` when it has none.
 pub fn data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
     let mut found: Option<Cow<'_, [u8]>> = None;
