@@ -4,16 +4,19 @@
 //!
 //! 1. `config` merges `proxy.toml`, `LLM_METER_*` variables and flags into one `Config`.
 //! 2. `app` builds the shared state and the router, and runs the server.
-//! 3. `proxy` forwards `/v1/*` to the upstream: `key` identifies the caller, `proxy::route`
-//!    picks the usage flavor, `proxy::rewrite` asks for stream usage when the client did not,
-//!    and `proxy::tap` hands every response byte to the client as it arrives and, on the side,
-//!    to the extractor.
-//! 4. `usage` turns each flavor's `usage` object (plain JSON or SSE) into one `Usage` record.
-//! 5. `meter` prices the record in integer nano-dollars and adds it to per-key, per-model totals;
-//!    `meter::ledger` writes every request to SQLite off the request path and restores the
-//!    totals on start.
+//! 3. `proxy` forwards each upstream's prefix (`/v1`, `/anthropic/v1`, declared ones) to it:
+//!    `key` identifies the caller, `guard` admits it (named and virtual keys, budgets, rate
+//!    limits), `proxy::route` picks the usage flavor, `proxy::rewrite` asks for stream usage
+//!    when the client did not, and `proxy::tap` hands every response byte to the client as it
+//!    arrives and, on the side, to the extractor.
+//! 4. `usage` turns each flavor's usage (OpenAI, Anthropic, Gemini; plain JSON or SSE) into one
+//!    `Usage` record, or estimates it with a BPE tokenizer when the response reported none.
+//! 5. `meter` prices the record in integer nano-dollars and adds it to per-key, per-model and
+//!    per-upstream totals; `meter::ledger` writes every request to SQLite off the request path
+//!    and restores the totals on start; `guard` adds its cost to the budgets and fires alerts.
 //! 6. `api` shows the totals (`/stats`), resets them, reads history from the ledger (`/usage`,
-//!    `/export`, the `report` and `export` commands), and answers `/healthz`.
+//!    `/export`, the `report` and `export` commands), lists alerts and named keys, changes
+//!    budgets (`/admin/keys`), and answers `/healthz`.
 //!
 //! `logs` writes one line per request through a batching writer.
 //!

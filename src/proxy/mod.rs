@@ -308,21 +308,7 @@ pub async fn forward(state: AppState, upstream: usize, request: Request) -> Resp
     let request_model = metered.and_then(|m| m.path_model).map(str::to_owned);
     let is_stream_path = metered.is_some_and(|m| m.is_stream_path);
     let guard = &state.guard;
-    let (identity, key, source) = match key::find(&parts.headers, parts.uri.query()) {
-        None => (Identity::anonymous(), None, None),
-        Some((raw, source)) if guard.has_keys() => {
-            let digest = key::digest(raw);
-            match guard.find(&digest) {
-                Some(named) => (
-                    Identity::named(&digest, guard.name(named)),
-                    Some(named),
-                    Some(source),
-                ),
-                None => (Identity::from_digest(&digest, raw), None, Some(source)),
-            }
-        }
-        Some((raw, source)) => (Identity::from_key(raw), None, Some(source)),
-    };
+    let (identity, key, source) = identify(guard, &parts);
     let admitted = if flavor.is_some() {
         guard.admit(key)
     } else {
@@ -373,6 +359,29 @@ pub async fn forward(state: AppState, upstream: usize, request: Request) -> Resp
             exchange.complete(Extracted::default(), None, Outcome::Complete);
             err.into_response()
         }
+    }
+}
+
+/// Who is calling: the caller's identity, its named key if it has one, and where its key was.
+fn identify(
+    guard: &Guard,
+    parts: &http::request::Parts,
+) -> (Identity, Option<KeyRef>, Option<key::KeySource>) {
+    match key::find(&parts.headers, parts.uri.query()) {
+        None => (Identity::anonymous(), None, None),
+        // Only with named keys is the full hash worth comparing; it then also gives the id.
+        Some((raw, source)) if guard.has_keys() => {
+            let digest = key::digest(raw);
+            match guard.find(&digest) {
+                Some(named) => (
+                    Identity::named(&digest, guard.name(named)),
+                    Some(named),
+                    Some(source),
+                ),
+                None => (Identity::from_digest(&digest, raw), None, Some(source)),
+            }
+        }
+        Some((raw, source)) => (Identity::from_key(raw), None, Some(source)),
     }
 }
 
