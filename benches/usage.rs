@@ -84,6 +84,12 @@ fn request_rewrite(c: &mut Criterion) {
             chat.rewrite(body.clone())
         });
     });
+    let plain = Bytes::from(format!(
+        r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{content}"}}],"stream":false}}"#
+    ));
+    group.bench_function("inspect a 100 KB non-streaming request", |b| {
+        b.iter(|| ChatRequest::inspect(&plain, true).expect("valid request"));
+    });
     group.finish();
 }
 
