@@ -41,17 +41,6 @@ impl Identity {
         }
     }
 
-    /// Identifies the caller of a request: `Authorization: Bearer`, then `x-api-key`, then `api-key`.
-    pub fn from_headers(headers: &HeaderMap) -> Self {
-        raw_key(headers).map_or_else(Self::anonymous, Self::from_key)
-    }
-
-    /// Identifies the caller by its headers, else by a `?key=` query parameter (Gemini's
-    /// convention), which is then treated exactly like a header key.
-    pub fn from_request(headers: &HeaderMap, query: Option<&str>) -> Self {
-        find(headers, query).map_or_else(Self::anonymous, |(key, _)| Self::from_key(key))
-    }
-
     /// The identity of a key whose SHA-256 is already known.
     pub fn from_digest(digest: &[u8; 32], key: &[u8]) -> Self {
         Self {
@@ -141,11 +130,6 @@ impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ({})", self.label, self.id)
     }
-}
-
-/// Finds the raw key bytes in a request's headers, if any.
-fn raw_key(headers: &HeaderMap) -> Option<&[u8]> {
-    find(headers, None).map(|(key, _)| key)
 }
 
 /// The value of a `key=` query parameter (percent-encoding is kept: the id only needs to be stable).
@@ -265,6 +249,11 @@ pub fn redact_path(uri: &http::Uri) -> String {
 mod tests {
     use super::*;
 
+    /// The caller of a request with these headers and no query, as the proxy identifies it.
+    fn from_headers(headers: &HeaderMap) -> Identity {
+        find(headers, None).map_or_else(Identity::anonymous, |(key, _)| Identity::from_key(key))
+    }
+
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (name, value) in pairs {
@@ -280,7 +269,7 @@ mod tests {
             ("x-api-key", "sk-two-bbbbbbbbbbbbbbbbbbbb"),
         ]);
         assert_eq!(
-            Identity::from_headers(&h),
+            from_headers(&h),
             Identity::from_key(b"sk-one-aaaaaaaaaaaaaaaaaaaa")
         );
     }
@@ -288,19 +277,13 @@ mod tests {
     #[test]
     fn x_api_key_then_api_key_then_anonymous() {
         let h = headers(&[("x-api-key", "k1-xxxxxxxxxxxxxxxx"), ("api-key", "k2-yyyy")]);
-        assert_eq!(
-            Identity::from_headers(&h),
-            Identity::from_key(b"k1-xxxxxxxxxxxxxxxx")
-        );
+        assert_eq!(from_headers(&h), Identity::from_key(b"k1-xxxxxxxxxxxxxxxx"));
         let h = headers(&[("api-key", "k2-yyyyyyyyyyyyyyyyyyyyyy")]);
         assert_eq!(
-            Identity::from_headers(&h),
+            from_headers(&h),
             Identity::from_key(b"k2-yyyyyyyyyyyyyyyyyyyyyy")
         );
-        assert_eq!(
-            Identity::from_headers(&HeaderMap::new()),
-            Identity::anonymous()
-        );
+        assert_eq!(from_headers(&HeaderMap::new()), Identity::anonymous());
     }
 
     #[test]
@@ -310,11 +293,11 @@ mod tests {
             ("api-key", "azure-key-1234567890"),
         ]);
         assert_eq!(
-            Identity::from_headers(&h),
+            from_headers(&h),
             Identity::from_key(b"azure-key-1234567890")
         );
         let h = headers(&[("authorization", "bearer    ")]);
-        assert_eq!(Identity::from_headers(&h), Identity::anonymous());
+        assert_eq!(from_headers(&h), Identity::anonymous());
     }
 
     #[test]
