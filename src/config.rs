@@ -629,11 +629,7 @@ fn routes(
     let mut routes = vec![openai, anthropic];
     for (name, entry) in declared {
         let field = |part: &str| format!("upstreams.{name}.{part}");
-        let is_valid_name = !name.is_empty()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !is_valid_name {
+        if !is_plain_name(&name) {
             return Err(invalid(
                 &format!("upstreams.{name}"),
                 file,
@@ -703,6 +699,14 @@ fn routes(
         routes.insert(at, route);
     }
     Ok(routes)
+}
+
+/// Names of upstreams and keys: letters, digits, `-` and `_` (they appear in paths, JSON and logs).
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// A prefix is a plain absolute path, apart from our own endpoints and every other prefix.
@@ -813,12 +817,7 @@ fn guard_settings(
     }
     for (key_name, entry) in &file.keys {
         let field = |part: &str| format!("keys.{key_name}.{part}");
-        let is_valid_name = !key_name.is_empty()
-            && key_name != "global"
-            && key_name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !is_valid_name {
+        if !is_plain_name(key_name) || key_name == "global" {
             return Err(invalid(
                 &format!("keys.{key_name}"),
                 name,
@@ -891,20 +890,13 @@ fn budget_of(table: &str, usd: [Option<f64>; 3], name: &str) -> Result<Budget, C
     let mut out = [None; 3];
     for ((slot, value), period) in out.iter_mut().zip(usd).zip(["daily", "monthly", "total"]) {
         let Some(value) = value else { continue };
-        if !(value.is_finite() && value > 0.0 && value < 1e9) {
-            return Err(invalid(
+        *slot = Some(NanoUsd::from_usd(value).ok_or_else(|| {
+            invalid(
                 &format!("{table}.{period}_usd"),
                 name,
                 format!("must be a positive amount of dollars, got {value}"),
-            ));
-        }
-        #[expect(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "checked: 0 < value < 1e9, so value × 1e9 < 1e18 < u64::MAX"
-        )]
-        let nano = (value * 1e9).round() as u64;
-        *slot = Some(NanoUsd(nano));
+            )
+        })?);
     }
     let [daily, monthly, total] = out;
     Ok(Budget {

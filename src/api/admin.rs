@@ -30,21 +30,14 @@ pub struct BudgetChange {
 }
 
 fn nano(field: &str, usd: Option<f64>) -> Result<Option<NanoUsd>, AdminError> {
-    match usd {
-        None => Ok(None),
-        Some(v) if v.is_finite() && v > 0.0 && v < 1e9 =>
-        {
-            #[expect(
-                clippy::cast_possible_truncation,
-                clippy::cast_sign_loss,
-                reason = "checked: 0 < v < 1e9"
-            )]
-            Ok(Some(NanoUsd((v * 1e9).round() as u64)))
-        }
-        Some(v) => Err(AdminError::Invalid(format!(
-            "`{field}` must be a positive amount of dollars, got {v}"
-        ))),
-    }
+    usd.map(|v| {
+        NanoUsd::from_usd(v).ok_or_else(|| {
+            AdminError::Invalid(format!(
+                "`{field}` must be a positive amount of dollars, got {v}"
+            ))
+        })
+    })
+    .transpose()
 }
 
 /// `PUT /admin/keys/NAME/budget` (`NAME` may be `global`): replaces the budgets, at once and

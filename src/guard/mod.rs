@@ -118,6 +118,22 @@ struct Spent {
     fired: u32,
 }
 
+impl Spent {
+    /// When the window ends, as shown; `None` for the total, which never resets.
+    fn resets_at(&self, period: Period) -> Option<String> {
+        (period != Period::Total).then(|| period::rfc3339(self.window.end))
+    }
+}
+
+/// How messages name a scope: `key "agent-a"`, or `all keys`.
+fn whose(scope: &str) -> String {
+    if scope == GLOBAL {
+        "all keys".to_owned()
+    } else {
+        format!("key {scope:?}")
+    }
+}
+
 /// Budget state of one scope (a named key, or global).
 #[derive(Debug)]
 struct ScopeState {
@@ -197,7 +213,7 @@ pub enum Refusal {
     #[error(
         "the {} budget of {} is spent: {} of {}; it resets at {}",
         period.as_str(),
-        if scope == GLOBAL { "all keys".to_owned() } else { format!("key {scope:?}") },
+        whose(scope),
         spent,
         limit,
         resets_at.as_deref().unwrap_or("never (a total budget)")
@@ -538,7 +554,7 @@ impl Guard {
                 period,
                 limit,
                 spent: NanoUsd(spent.nano),
-                resets_at: (period != Period::Total).then(|| period::rfc3339(spent.window.end)),
+                resets_at: spent.resets_at(period),
             }),
         }
     }
@@ -620,11 +636,7 @@ impl Guard {
             }
         }
         for (period, threshold, limit, spent) in fired {
-            let whose = if scope.name == GLOBAL {
-                "all keys".to_owned()
-            } else {
-                format!("key {:?}", scope.name)
-            };
+            let whose = whose(&scope.name);
             let message = format!(
                 "{whose} reached {threshold}% of its {} budget: {} of {}",
                 period.as_str(),
@@ -675,7 +687,7 @@ impl Guard {
                     limit_usd: limit.as_usd(),
                     spent_usd: NanoUsd(spent.nano).as_usd(),
                     remaining_usd: NanoUsd(limit.0.saturating_sub(spent.nano)).as_usd(),
-                    resets_at: (period != Period::Total).then(|| period::rfc3339(spent.window.end)),
+                    resets_at: spent.resets_at(period),
                 })
             })
             .collect()

@@ -22,6 +22,20 @@ use crate::usage::Usage;
 pub struct NanoUsd(pub u64);
 
 impl NanoUsd {
+    /// A positive amount of dollars under a billion, rounded to the nano-dollar; `None` otherwise.
+    pub fn from_usd(usd: f64) -> Option<Self> {
+        if !(usd.is_finite() && usd > 0.0 && usd < 1e9) {
+            return None;
+        }
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "checked: 0 < usd < 1e9, so usd × 1e9 < 1e18 < u64::MAX"
+        )]
+        let nano = (usd * 1e9).round() as u64;
+        Some(Self(nano))
+    }
+
     /// The amount in dollars, for display only.
     #[expect(
         clippy::cast_precision_loss,

@@ -196,7 +196,7 @@ impl Exchange {
     /// Records the request (metered routes) and writes its one log line. A 2xx response that
     /// reported no usage (or a stream cut before its final count) is estimated first, on a
     /// blocking thread, so neither this response nor any other waits for the tokenizer.
-    pub fn complete(&mut self, extracted: Extracted, raw: Option<Raw>, outcome: Outcome) {
+    pub fn complete(&mut self, mut extracted: Extracted, raw: Option<Raw>, outcome: Outcome) {
         if std::mem::replace(&mut self.is_done, true) {
             return;
         }
@@ -225,7 +225,7 @@ impl Exchange {
         };
         let model = extracted
             .model
-            .clone()
+            .take()
             .or_else(|| self.request_model.take())
             .unwrap_or_else(|| UNKNOWN_MODEL.to_owned());
         let needs_estimate = self.status.is_success()
