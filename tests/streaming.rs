@@ -137,6 +137,51 @@ async fn first_event_reaches_client_before_upstream_sends_the_second() {
     assert_eq!(proxy.stats_after(1).await["totals"]["completion_tokens"], 2);
 }
 
+#[tokio::test]
+async fn every_event_reaches_client_before_upstream_sends_the_next() {
+    // Later chunks go through the batching that merges bursts; a lone one must not wait there.
+    let events = chat_stream("gpt-4o", &["one", "two", "three", "four"], Some((5, 4)));
+    let gates: Vec<Arc<Notify>> = events.iter().map(|_| Arc::new(Notify::new())).collect();
+    let (script_events, script_gates) = (events.clone(), gates.clone());
+    let mock = Mock::start(move |_| Reply::Stream {
+        chunks: script_events
+            .iter()
+            .zip(&script_gates)
+            .enumerate()
+            .map(|(i, (event, gate))| Chunk {
+                bytes: Bytes::from(event.clone()),
+                delay: Duration::ZERO,
+                gate: (i > 0).then(|| Arc::clone(gate)),
+            })
+            .collect(),
+        then_cut: false,
+        then_hang: false,
+    })
+    .await;
+    let proxy = Proxy::start(&mock.url()).await;
+    let mut body = chat_request("gpt-4o", true);
+    body["stream_options"] = json!({"include_usage": true});
+
+    let mut response = proxy.chat("sk-live", &body).await;
+    for (i, event) in events.iter().enumerate() {
+        if i > 0 {
+            gates[i].notify_one();
+        }
+        let mut got = Vec::new();
+        while got.len() < event.len() {
+            let chunk = tokio::time::timeout(Duration::from_secs(5), response.chunk())
+                .await
+                .unwrap_or_else(|_| panic!("event {i} arrives while upstream holds the next"))
+                .unwrap()
+                .expect("the stream is not over");
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(got, event.as_bytes(), "event {i}");
+    }
+    assert!(response.chunk().await.unwrap().is_none());
+    assert_eq!(proxy.stats_after(1).await["totals"]["completion_tokens"], 4);
+}
+
 /// Sends `events` split into pieces of `size` bytes, each its own write.
 fn split_stream(events: &[String], size: usize) -> Reply {
     let all = events.concat().into_bytes();
