@@ -265,28 +265,29 @@ struct Scenario {
     measure: Measure,
 }
 
-fn chat_body(prompt_bytes: usize, stream: bool) -> Bytes {
+/// A chat request of about `body_bytes` whose prompt starts with `lead`.
+fn chat_body(lead: &str, body_bytes: usize, stream: bool) -> Bytes {
     let skeleton = format!(
-        r#"{{"model":"gpt-4o-mini","stream":{stream},"messages":[{{"role":"user","content":""}}]}}"#
+        r#"{{"model":"gpt-4o-mini","stream":{stream},"messages":[{{"role":"user","content":"{lead}"}}]}}"#
     );
-    let filler = "lorem ipsum dolor sit amet ".repeat(prompt_bytes / 27 + 1);
-    let content = &filler[..prompt_bytes.saturating_sub(skeleton.len())];
+    let filler = "lorem ipsum dolor sit amet ".repeat(body_bytes / 27 + 1);
+    let content = &filler[..body_bytes.saturating_sub(skeleton.len())];
     Bytes::from(format!(
-        r#"{{"model":"gpt-4o-mini","stream":{stream},"messages":[{{"role":"user","content":"{content}"}}]}}"#
+        r#"{{"model":"gpt-4o-mini","stream":{stream},"messages":[{{"role":"user","content":"{lead}{content}"}}]}}"#
     ))
 }
 
 fn scenarios() -> Vec<Scenario> {
     let small = Shape {
-        body: chat_body(300, false),
+        body: chat_body("", 300, false),
         is_stream: false,
     };
     let large = Shape {
-        body: chat_body(100 * 1024, false),
+        body: chat_body("", 100 * 1024, false),
         is_stream: false,
     };
     let stream = Shape {
-        body: chat_body(300, true),
+        body: chat_body("", 300, true),
         is_stream: true,
     };
     let closed = Mode::Closed { concurrency: 16 };
@@ -332,6 +333,16 @@ fn scenarios() -> Vec<Scenario> {
             shape: stream,
             mode: Mode::Rate { per_second: 20 },
             measure: Measure::FirstByte,
+        },
+        Scenario {
+            name: "S7",
+            what: "stream, events 1 ms apart, at 20 req/s, last byte",
+            shape: Shape {
+                body: chat_body(&format!("{} ", mock::TRICKLE_MARK), 300, true),
+                is_stream: true,
+            },
+            mode: Mode::Rate { per_second: 20 },
+            measure: Measure::Total,
         },
     ]
 }
@@ -588,7 +599,7 @@ async fn check_stats(proxy: SocketAddr, expected: u64, scenario: &str) {
 
 async fn soak(proxy: &Process, seconds: u64) {
     let shape = Shape {
-        body: chat_body(300, false),
+        body: chat_body("", 300, false),
         is_stream: false,
     };
     let started = Instant::now();

@@ -15,6 +15,12 @@ pub const COMPLETION_TOKENS: u64 = 21;
 /// Content chunks in a streamed answer.
 pub const STREAM_CHUNKS: usize = 20;
 
+/// A prompt containing this is answered with its events spaced out, as a model makes tokens.
+pub const TRICKLE_MARK: &str = "trickle";
+
+/// The gap between trickled events.
+const TRICKLE_GAP: std::time::Duration = std::time::Duration::from_millis(1);
+
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 /// Serves forever on `listener` (run in its own process by the benchmark).
@@ -62,10 +68,17 @@ async fn answer(
     }
     let wants_usage = memchr::memmem::find(&body, b"\"include_usage\":true").is_some();
     let events = if wants_usage { with } else { without };
-    let frames = futures_util::stream::iter(
-        events
-            .into_iter()
-            .map(|e| Ok::<_, Infallible>(Frame::data(e))),
+    let is_trickle = memchr::memmem::find(&body, TRICKLE_MARK.as_bytes()).is_some();
+    // The role, content and finish events are spaced out; usage and `[DONE]` follow at once, so
+    // the usage chunk a proxy asks for adds no gap.
+    let frames = futures_util::StreamExt::then(
+        futures_util::stream::iter(events.into_iter().enumerate()),
+        move |(i, event)| async move {
+            if is_trickle && i < STREAM_CHUNKS + 2 {
+                tokio::time::sleep(TRICKLE_GAP).await;
+            }
+            Ok::<_, Infallible>(Frame::data(event))
+        },
     );
     Response::builder()
         .header("content-type", "text/event-stream")
