@@ -101,7 +101,7 @@ fn partial_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Partial> 
         return None;
     }
     let w = warnings;
-    let usage: WireUsage<'_> = parse_raw(raw, "usage", "not an object", w)?;
+    let usage: WireUsage<'_> = parse_raw(raw.get(), "usage", "not an object", w)?;
     let split: CacheCreation = details(usage.cache_creation, "usage.cache_creation", w);
     let cache_write = present(
         usage.cache_creation_input_tokens,
@@ -139,8 +139,8 @@ pub fn parse_body(body: &[u8]) -> Extracted {
     let Some(envelope) = object::<Envelope<'_>>(body, &mut out.warnings) else {
         return out;
     };
-    out.model = model_of(envelope.model, &mut out.warnings);
-    out.response_id = id_of(envelope.id);
+    out.model = model_of(envelope.model.map(RawValue::get), &mut out.warnings);
+    out.response_id = id_of(envelope.id.map(RawValue::get));
     out.usage = envelope
         .usage
         .and_then(|u| partial_from(u, &mut out.warnings))
@@ -178,10 +178,15 @@ impl Stream {
         let (usage, is_delta) = match parsed.message {
             Some(message) => match serde_json::from_str::<Envelope<'_>>(message.get()) {
                 Ok(message) => {
-                    if let Some(model) = model_of(message.model, &mut out.warnings) {
+                    if let Some(model) =
+                        model_of(message.model.map(RawValue::get), &mut out.warnings)
+                    {
                         out.model = Some(model);
                     }
-                    out.response_id = out.response_id.take().or_else(|| id_of(message.id));
+                    out.response_id = out
+                        .response_id
+                        .take()
+                        .or_else(|| id_of(message.id.map(RawValue::get)));
                     (message.usage, false)
                 }
                 Err(_) => (None, false),

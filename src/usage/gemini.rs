@@ -48,7 +48,7 @@ pub fn usage_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Usage> 
         return None;
     }
     let w = warnings;
-    let usage: WireUsage = parse_raw(raw, "usageMetadata", "not an object", w)?;
+    let usage: WireUsage = parse_raw(raw.get(), "usageMetadata", "not an object", w)?;
     let prompt = usage
         .prompt_token_count
         .take("usageMetadata.promptTokenCount", w);

@@ -325,12 +325,12 @@ fn float_count(f: f64) -> u64 {
 
 /// Parses a borrowed JSON fragment as `T`; `None` with a warning when it has another shape.
 fn parse_raw<'a, T: Deserialize<'a>>(
-    raw: &'a RawValue,
+    json: &'a str,
     field: &'static str,
     problem: &'static str,
     warnings: &mut Vec<Warning>,
 ) -> Option<T> {
-    match serde_json::from_str(raw.get()) {
+    match serde_json::from_str(json) {
         Ok(value) => Some(value),
         Err(_) => {
             warnings.push(Warning { field, problem });
@@ -345,7 +345,7 @@ fn details<'a, T: Deserialize<'a> + Default>(
     field: &'static str,
     warnings: &mut Vec<Warning>,
 ) -> T {
-    raw.and_then(|d| parse_raw(d, field, "not an object", warnings))
+    raw.and_then(|d| parse_raw(d.get(), field, "not an object", warnings))
         .unwrap_or_default()
 }
 
@@ -369,14 +369,136 @@ fn note(
     (model, id, usage): (Option<&RawValue>, Option<&RawValue>, Option<&RawValue>),
     usage_from: fn(&RawValue, &mut Vec<Warning>) -> Option<Usage>,
 ) {
-    if let Some(model) = model_of(model, &mut out.warnings) {
+    if let Some(model) = model_of(model.map(RawValue::get), &mut out.warnings) {
         out.model = Some(model);
     }
     if out.response_id.is_none() {
-        out.response_id = id_of(id);
+        out.response_id = id_of(id.map(RawValue::get));
     }
     if let Some(usage) = usage.and_then(|u| usage_from(u, &mut out.warnings)) {
         out.usage = Some(usage);
+    }
+}
+
+/// The JSON text of `keys` in the top level of a JSON object, cut out by a scan that follows
+/// strings and nesting to find where each value ends, without parsing what it skips (most of
+/// an answer is its `choices`). `None` when the scan cannot vouch for its result (not an object,
+/// unbalanced, a key written with an escape, a wanted key twice, trailing bytes): the caller
+/// then parses the whole body, which decides. `null` counts as absent. What it skips is not validated: numbers and
+/// literals are taken as the bytes up to the next delimiter.
+fn top_level<'a, const N: usize>(body: &'a [u8], keys: [&[u8]; N]) -> Option<[Option<&'a str>; N]> {
+    let (mut found, mut seen) = ([None; N], [false; N]);
+    let mut at = skip_space(body, 0);
+    if body.get(at) != Some(&b'{') {
+        return None;
+    }
+    at = skip_space(body, at + 1);
+    if body.get(at) == Some(&b'}') {
+        at += 1;
+    } else {
+        loop {
+            let key_end = string_end(body, at)?;
+            let key = body.get(at + 1..key_end - 1)?;
+            if key.contains(&b'\\') {
+                return None;
+            }
+            at = skip_space(body, key_end);
+            if body.get(at) != Some(&b':') {
+                return None;
+            }
+            let start = skip_space(body, at + 1);
+            let end = value_end(body, start)?;
+            if let Some(slot) = keys.iter().position(|k| *k == key) {
+                if std::mem::replace(&mut seen[slot], true) {
+                    return None;
+                }
+                // `null` is no value, as for serde's `Option`.
+                let value = body.get(start..end)?;
+                found[slot] = match value {
+                    b"null" => None,
+                    text => Some(std::str::from_utf8(text).ok()?),
+                };
+            }
+            at = skip_space(body, end);
+            match body.get(at) {
+                Some(b',') => at = skip_space(body, at + 1),
+                Some(b'}') => {
+                    at += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    (skip_space(body, at) == body.len()).then_some(found)
+}
+
+fn skip_space(bytes: &[u8], mut at: usize) -> usize {
+    while matches!(bytes.get(at), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        at += 1;
+    }
+    at
+}
+
+/// Just past the string that starts at `at`.
+fn string_end(bytes: &[u8], at: usize) -> Option<usize> {
+    if bytes.get(at) != Some(&b'"') {
+        return None;
+    }
+    let mut i = at + 1;
+    loop {
+        i += memchr::memchr2(b'"', b'\\', bytes.get(i..)?)?;
+        if bytes.get(i) == Some(&b'"') {
+            return Some(i + 1);
+        }
+        // A backslash: the next byte is escaped.
+        i += 2;
+    }
+}
+
+/// Just past the value that starts at `at`.
+fn value_end(bytes: &[u8], at: usize) -> Option<usize> {
+    match bytes.get(at)? {
+        b'"' => string_end(bytes, at),
+        b'{' | b'[' => {
+            // One bit per open level, 1 for an object: closers must match their openers.
+            let (mut open, mut depth, mut i) = (0u64, 0u32, at);
+            loop {
+                match *bytes.get(i)? {
+                    b'"' => {
+                        i = string_end(bytes, i)?;
+                        continue;
+                    }
+                    c @ (b'{' | b'[') => {
+                        if depth == u64::BITS {
+                            return None;
+                        }
+                        open = open << 1 | u64::from(c == b'{');
+                        depth += 1;
+                    }
+                    c @ (b'}' | b']') => {
+                        if depth == 0 || (open & 1 == 1) != (c == b'}') {
+                            return None;
+                        }
+                        open >>= 1;
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(i + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+        }
+        _ => {
+            let rest = bytes.get(at..)?;
+            let len = rest
+                .iter()
+                .position(|c| matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))
+                .unwrap_or(rest.len());
+            Some(at + len)
+        }
     }
 }
 
@@ -396,8 +518,8 @@ fn object<'a, T: Deserialize<'a>>(body: &'a [u8], warnings: &mut Vec<Warning>) -
 }
 
 /// Reads a response's `id`: a short string, or nothing (an id is informational: no warning).
-fn id_of(raw: Option<&RawValue>) -> Option<String> {
-    let id: String = serde_json::from_str(raw?.get()).ok()?;
+fn id_of(json: Option<&str>) -> Option<String> {
+    let id: String = serde_json::from_str(json?).ok()?;
     (!id.is_empty() && id.len() <= MAX_ID_LEN).then_some(id)
 }
 
@@ -405,14 +527,69 @@ fn id_of(raw: Option<&RawValue>) -> Option<String> {
 const MAX_ID_LEN: usize = 256;
 
 /// Reads the `model` field: a non-empty string, or nothing (with a warning for another type).
-fn model_of(raw: Option<&RawValue>, warnings: &mut Vec<Warning>) -> Option<String> {
-    let model: String = parse_raw(raw?, "model", "not a string", warnings)?;
+fn model_of(json: Option<&str>, warnings: &mut Vec<Warning>) -> Option<String> {
+    let model: String = parse_raw(json?, "model", "not a string", warnings)?;
     (!model.is_empty()).then_some(model)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(serde::Deserialize)]
+    struct Wanted<'a> {
+        #[serde(borrow)]
+        id: Option<&'a RawValue>,
+        #[serde(borrow)]
+        usage: Option<&'a RawValue>,
+    }
+
+    #[test]
+    fn the_top_level_scan_cuts_out_what_a_full_parse_finds() {
+        let bodies = [
+            r#"{"id":"a","usage":{"n":1}}"#,
+            r#" { "choices" : [ {"m":{"c":"say \"usage\": {}, ]} \\"}} , [1,2.5e3,-0] ], "usage" : null , "id" : "x\"y" } "#,
+            r#"{"choices":[{"content":"{\"usage\":{\"n\":9}}"}],"usage":{"n":{"deep":[{"a":[]}]}},"x":true,"y":false,"z":null}"#,
+            r#"{"usage":{"n":1}}"#,
+            "{}",
+            "{\n\t\"id\":\"é\",\r\n\"usage\":[]}",
+        ];
+        for body in bodies {
+            let scanned = top_level(body.as_bytes(), [b"id", b"usage"]).expect(body);
+            let parsed: Wanted<'_> = serde_json::from_str(body).unwrap();
+            assert_eq!(
+                scanned,
+                [parsed.id, parsed.usage].map(|v| v.map(RawValue::get)),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_top_level_scan_leaves_what_it_cannot_vouch_for_to_the_parser() {
+        let bodies = [
+            "",
+            "[]",
+            "<html>",
+            r#"{"id":"a","usage":{"n":1}"#,
+            r#"{"id":"a","usage":{"n":1}}}"#,
+            r#"{"id":"a"} x"#,
+            r#"{"id":"a","id":"b"}"#,
+            r#"{"us\u0061ge":{"n":1}}"#,
+            r#"{"choices":[{"a":1]},"usage":{}}"#,
+            r#"{"id":"unterminated}"#,
+            r#"{"id" "a"}"#,
+            r#"{"id":"a",}"#,
+            r#"{"id":"a\"}"#,
+        ];
+        for body in bodies {
+            assert_eq!(
+                top_level(body.as_bytes(), [b"id", b"usage"]),
+                None,
+                "{body}"
+            );
+        }
+    }
 
     #[test]
     fn counts_accept_sane_numbers_and_reject_the_rest() {

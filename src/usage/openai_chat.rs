@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 
 use super::{
     Count, Extracted, Usage, Warning, details, has_usage_object, id_of, model_of, object,
-    parse_raw, part_of, sse,
+    parse_raw, part_of, sse, top_level,
 };
 
 /// A searcher built once: building one per event would cost more than the search.
@@ -113,24 +113,33 @@ struct CompletionDetails {
 /// Reads model and usage from a complete (non-streaming) response body.
 pub fn parse_body(body: &[u8]) -> Extracted {
     let mut out = Extracted::default();
-    let Some(envelope) = object::<Envelope<'_>>(body, &mut out.warnings) else {
-        return out;
+    let [id, model, usage] = match top_level(body, [b"id", b"model", b"usage"]) {
+        Some(found) => found,
+        None => {
+            let Some(envelope) = object::<Envelope<'_>>(body, &mut out.warnings) else {
+                return out;
+            };
+            [envelope.id, envelope.model, envelope.usage].map(|v| v.map(RawValue::get))
+        }
     };
-    out.model = model_of(envelope.model, &mut out.warnings);
-    out.response_id = id_of(envelope.id);
-    out.usage = envelope
-        .usage
-        .and_then(|u| usage_from(u, &mut out.warnings));
+    out.model = model_of(model, &mut out.warnings);
+    out.response_id = id_of(id);
+    out.usage = usage.and_then(|u| usage_of(u, &mut out.warnings));
     out
 }
 
 /// Maps an OpenAI `usage` object to the record; `None` for `null` (and for a non-object, with a warning).
 pub fn usage_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Usage> {
-    if raw.get() == "null" {
+    usage_of(raw.get(), warnings)
+}
+
+/// `usage_from`, on the JSON text of the value.
+fn usage_of(json: &str, warnings: &mut Vec<Warning>) -> Option<Usage> {
+    if json == "null" {
         return None;
     }
     let w = warnings;
-    let usage: WireUsage<'_> = parse_raw(raw, "usage", "not an object", w)?;
+    let usage: WireUsage<'_> = parse_raw(json, "usage", "not an object", w)?;
     let prompt = usage.prompt_tokens.take("usage.prompt_tokens", w);
     let completion = usage.completion_tokens.take("usage.completion_tokens", w);
     let prompt_details: PromptDetails = details(
@@ -214,11 +223,11 @@ impl Stream {
             return Event::Other;
         };
         let out = &mut self.extracted;
-        if let Some(model) = model_of(chunk.model, &mut out.warnings) {
+        if let Some(model) = model_of(chunk.model.map(RawValue::get), &mut out.warnings) {
             out.model = Some(model);
         }
         if out.response_id.is_none() {
-            out.response_id = id_of(chunk.id);
+            out.response_id = id_of(chunk.id.map(RawValue::get));
         }
         let Some(usage) = chunk.usage.and_then(|u| usage_from(u, &mut out.warnings)) else {
             return Event::Other;
@@ -240,8 +249,9 @@ impl Stream {
             model: Option<&'a RawValue>,
         }
         if let Ok(chunk) = serde_json::from_slice::<ModelOnly<'_>>(data) {
-            self.extracted.model = model_of(chunk.model, &mut self.extracted.warnings);
-            self.extracted.response_id = id_of(chunk.id);
+            self.extracted.model =
+                model_of(chunk.model.map(RawValue::get), &mut self.extracted.warnings);
+            self.extracted.response_id = id_of(chunk.id.map(RawValue::get));
         }
     }
 

@@ -88,7 +88,7 @@ pub fn usage_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Usage> 
         return None;
     }
     let w = warnings;
-    let usage: WireUsage<'_> = parse_raw(raw, "usage", "not an object", w)?;
+    let usage: WireUsage<'_> = parse_raw(raw.get(), "usage", "not an object", w)?;
     let input = usage.input_tokens.take("usage.input_tokens", w);
     let output = usage.output_tokens.take("usage.output_tokens", w);
     let input_details: InputDetails =
