@@ -18,7 +18,8 @@
 //!    `/export`, the `report` and `export` commands), lists alerts and named keys, changes
 //!    budgets (`/admin/keys`), and answers `/healthz`.
 //!
-//! `logs` writes one line per request through a batching writer.
+//! `logs` writes one line per request through a batching writer; `json` finds a body's
+//! top-level fields without parsing the rest.
 //!
 //! The client never waits for metering, and the full key is never stored, logged or shown.
 
@@ -28,6 +29,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod guard;
+pub mod json;
 pub mod key;
 pub mod logs;
 pub mod meter;

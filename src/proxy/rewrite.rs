@@ -7,6 +7,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
+use crate::json;
+
 /// What we need to know of a chat request, read from its top-level fields only.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatRequest {
@@ -60,11 +62,13 @@ impl ChatRequest {
         // The common case needs no edit: a fast scan finds the top-level fields, skipping the
         // (long) messages with a vectorized search instead of serde's byte-by-byte walk. An
         // edit, or a body the scan does not take, goes through serde, which also validates.
-        if let Some(fields) = scan_top_level(body) {
-            let is_streaming = fields.stream == Some(b"true".as_slice());
+        // `stream_options` is looked for only so that a body with two is left to serde.
+        let fields = json::top_level(body, [b"model", b"stream", b"stream_options"]);
+        if let Some([model, stream, _]) = fields {
+            let is_streaming = stream == Some(b"true".as_slice());
             if !(is_streaming && asks_stream_usage) {
                 return Some(Self {
-                    model: fields.model.and_then(|m| serde_json::from_slice(m).ok()),
+                    model: model.and_then(|m| serde_json::from_slice(m).ok()),
                     is_streaming,
                     edit: None,
                 });
@@ -162,119 +166,6 @@ impl http_body::Body for Spliced {
 
     fn size_hint(&self) -> http_body::SizeHint {
         http_body::SizeHint::with_exact(self.remaining)
-    }
-}
-
-/// The raw JSON of the top-level fields `inspect` reads.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Fields<'a> {
-    model: Option<&'a [u8]>,
-    stream: Option<&'a [u8]>,
-    stream_options: Option<&'a [u8]>,
-}
-
-/// Finds the top-level `model`, `stream` and `stream_options` of a JSON object without
-/// parsing the rest: strings are skipped with `memchr`, nesting is only counted. `None` for
-/// anything it does not take as-is (not an object, a repeated field, a key with escapes):
-/// `inspect` then asks serde.
-fn scan_top_level(b: &[u8]) -> Option<Fields<'_>> {
-    let mut fields = Fields::default();
-    let mut i = skip_ws(b, 0);
-    if b.get(i) != Some(&b'{') {
-        return None;
-    }
-    i = skip_ws(b, i + 1);
-    if b.get(i) == Some(&b'}') {
-        return (skip_ws(b, i + 1) == b.len()).then_some(fields);
-    }
-    loop {
-        if b.get(i) != Some(&b'"') {
-            return None;
-        }
-        let key_end = skip_string(b, i)?;
-        let key = &b[i + 1..key_end - 1];
-        if key.contains(&b'\\') {
-            return None;
-        }
-        i = skip_ws(b, key_end);
-        if b.get(i) != Some(&b':') {
-            return None;
-        }
-        i = skip_ws(b, i + 1);
-        let value_end = skip_value(b, i)?;
-        let slot = match key {
-            b"model" => Some(&mut fields.model),
-            b"stream" => Some(&mut fields.stream),
-            b"stream_options" => Some(&mut fields.stream_options),
-            _ => None,
-        };
-        if let Some(slot) = slot {
-            if slot.is_some() {
-                return None;
-            }
-            *slot = Some(&b[i..value_end]);
-        }
-        i = skip_ws(b, value_end);
-        match b.get(i) {
-            Some(b',') => i = skip_ws(b, i + 1),
-            Some(b'}') => return (skip_ws(b, i + 1) == b.len()).then_some(fields),
-            _ => return None,
-        }
-    }
-}
-
-fn skip_ws(b: &[u8], mut i: usize) -> usize {
-    while b.get(i).is_some_and(u8::is_ascii_whitespace) {
-        i += 1;
-    }
-    i
-}
-
-/// The index after the string that starts (with its quote) at `i`.
-fn skip_string(b: &[u8], i: usize) -> Option<usize> {
-    let mut j = i + 1;
-    loop {
-        let at = j + memchr::memchr2(b'"', b'\\', b.get(j..)?)?;
-        if b[at] == b'"' {
-            return Some(at + 1);
-        }
-        // An escape: the next byte is part of it, whatever it is.
-        j = at + 2;
-    }
-}
-
-/// The index after the value that starts at `i`.
-fn skip_value(b: &[u8], i: usize) -> Option<usize> {
-    match *b.get(i)? {
-        b'"' => skip_string(b, i),
-        b'{' | b'[' => {
-            let mut depth = 0usize;
-            let mut j = i;
-            loop {
-                match *b.get(j)? {
-                    b'"' => {
-                        j = skip_string(b, j)?;
-                        continue;
-                    }
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            return Some(j + 1);
-                        }
-                    }
-                    _ => {}
-                }
-                j += 1;
-            }
-        }
-        _ => {
-            let len = b[i..]
-                .iter()
-                .position(|c| matches!(c, b',' | b'}' | b']') || c.is_ascii_whitespace())
-                .unwrap_or(b.len() - i);
-            (len > 0).then_some(i + len)
-        }
     }
 }
 
@@ -450,37 +341,6 @@ mod tests {
             assert!(req.is_streaming);
             assert!(!req.needs_usage_injected());
             assert_eq!(req.rewrite(Bytes::from(body)).concat(), body.as_bytes());
-        }
-    }
-
-    #[test]
-    fn the_fast_scan_finds_what_serde_finds() {
-        let long = "x\\\"y\\\\".repeat(1000);
-        for body in [
-            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"stream":false}"#.to_owned(),
-            r#" { "messages" : [ {"content": "a \"stream\": true }"} , [1, {"b": [ ]}] ] , "model" : "m\u00e9" , "stream" : true } "#.to_owned(),
-            format!(r#"{{"messages":[{{"content":"{long}"}}],"model":"big","stream_options":{{"include_usage":true}},"stream":true}}"#),
-            r#"{"model":null,"stream":1,"n":-2.5e3,"t":true}"#.to_owned(),
-            r#"{}"#.to_owned(),
-        ] {
-            let fast = scan_top_level(body.as_bytes()).expect("the scan takes it");
-            let top: TopLevel<'_> = serde_json::from_str(&body).unwrap();
-            fn raw(v: Option<&RawValue>) -> Option<&[u8]> {
-                v.map(|v| v.get().as_bytes())
-            }
-            assert_eq!(fast.model, raw(top.model), "{body}");
-            assert_eq!(fast.stream, raw(top.stream), "{body}");
-            assert_eq!(fast.stream_options, raw(top.stream_options), "{body}");
-        }
-        for refused in [
-            r#"{"stream":true,"stream":true}"#,
-            r#"{"stream":true"#,
-            r#"{"mod\u0065l":"m"}"#,
-            r#"{"model":"m"} x"#,
-            r#"["model"]"#,
-            "",
-        ] {
-            assert_eq!(scan_top_level(refused.as_bytes()), None, "{refused}");
         }
     }
 

@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 
 use super::{
     Count, Extracted, Usage, Warning, details, has_usage_object, id_of, model_of, object,
-    parse_raw, part_of, sse, top_level,
+    parse_raw, part_of, sse,
 };
 
 /// A searcher built once: building one per event would cost more than the search.
@@ -113,19 +113,33 @@ struct CompletionDetails {
 /// Reads model and usage from a complete (non-streaming) response body.
 pub fn parse_body(body: &[u8]) -> Extracted {
     let mut out = Extracted::default();
-    let [id, model, usage] = match top_level(body, [b"id", b"model", b"usage"]) {
-        Some(found) => found,
-        None => {
-            let Some(envelope) = object::<Envelope<'_>>(body, &mut out.warnings) else {
-                return out;
-            };
-            [envelope.id, envelope.model, envelope.usage].map(|v| v.map(RawValue::get))
-        }
-    };
+    let [id, model, usage] =
+        match crate::json::top_level(body, [b"id", b"model", b"usage"]).and_then(as_text) {
+            Some(found) => found,
+            None => {
+                let Some(envelope) = object::<Envelope<'_>>(body, &mut out.warnings) else {
+                    return out;
+                };
+                [envelope.id, envelope.model, envelope.usage].map(|v| v.map(RawValue::get))
+            }
+        };
     out.model = model_of(model, &mut out.warnings);
     out.response_id = id_of(id);
     out.usage = usage.and_then(|u| usage_of(u, &mut out.warnings));
     out
+}
+
+/// Scanned values as text, `null` as absent (as serde's `Option` reads it); `None` when one is
+/// not UTF-8, for serde to decide.
+fn as_text(found: [Option<&[u8]>; 3]) -> Option<[Option<&str>; 3]> {
+    let mut text = [None; 3];
+    for (slot, value) in text.iter_mut().zip(found) {
+        *slot = match value {
+            None | Some(b"null") => None,
+            Some(json) => Some(std::str::from_utf8(json).ok()?),
+        };
+    }
+    Some(text)
 }
 
 /// Maps an OpenAI `usage` object to the record; `None` for `null` (and for a non-object, with a warning).
