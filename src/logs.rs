@@ -19,6 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use parking_lot::{Condvar, Mutex};
+use time::format_description::well_known::Rfc3339;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::field::RecordFields;
@@ -297,26 +298,16 @@ impl FormatTime for UtcMicros {
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SS` of a Unix second.
+/// `YYYY-MM-DDTHH:MM:SS` of a Unix second (the epoch's for a time `time` cannot show).
 fn date_time(second: u64) -> [u8; 19] {
-    let at = i64::try_from(second)
+    let mut text = *b"1970-01-01T00:00:00";
+    let formatted = i64::try_from(second)
         .ok()
         .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let mut text = *b"0000-00-00T00:00:00";
-    let parts = [
-        (0..4, u32::try_from(at.year()).unwrap_or(0)),
-        (5..7, u32::from(u8::from(at.month()))),
-        (8..10, u32::from(at.day())),
-        (11..13, u32::from(at.hour())),
-        (14..16, u32::from(at.minute())),
-        (17..19, u32::from(at.second())),
-    ];
-    for (range, mut value) in parts {
-        for digit in text[range].iter_mut().rev() {
-            *digit = b'0' + (value % 10) as u8;
-            value /= 10;
-        }
+        .and_then(|at| at.format(&Rfc3339).ok());
+    // A whole second is written without a fraction: `2026-12-01T16:50:23Z`.
+    if let Some(prefix) = formatted.as_ref().and_then(|f| f.as_bytes().get(..19)) {
+        text.copy_from_slice(prefix);
     }
     text
 }
