@@ -1,15 +1,11 @@
 //! `AppState`, the router, and `run`: serve until the shutdown signal, then drain within the grace period.
 
-use std::future::Future;
 use std::ops::Deref;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::routing::{any, get, post, put};
-use axum::serve::ListenerExt;
-use tokio::net::TcpListener;
-use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::guard::alerts::Alerts;
@@ -31,12 +27,25 @@ pub struct Shared {
     pub config: Config,
     /// Totals per key and model.
     pub meter: Arc<Meter>,
-    /// The pooled upstream client.
-    pub client: HttpClient,
+    /// Worker 0's pooled upstream client (see `client`).
+    client: HttpClient,
+    /// The other workers' clients, in worker order.
+    more_clients: Vec<HttpClient>,
     /// What is learned of each upstream while running, in the order of `config.routes`.
     pub upstreams: Vec<UpstreamState>,
     /// Named keys, budgets, rate limits and alerts.
     pub guard: Arc<Guard>,
+}
+
+impl Shared {
+    /// The upstream client of the worker running the caller: each worker keeps its own pool, so a
+    /// request and its upstream connection are served by the same thread.
+    pub fn client(&self) -> &HttpClient {
+        match crate::server::worker() {
+            0 => &self.client,
+            i => self.more_clients.get(i - 1).unwrap_or(&self.client),
+        }
+    }
 }
 
 impl Deref for AppState {
@@ -80,7 +89,8 @@ impl AppState {
 
     /// Builds the state with budgets and rate limits reading time from `clock` (tests move it).
     pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
-        let client = upstream::client(&config)?;
+        let mut clients = upstream::clients(&config, config.threads)?;
+        let client = clients.remove(0);
         let meter = match &config.ledger {
             Some(options) => Meter::persistent(config.prices.clone(), options)?,
             None => Meter::in_memory(config.prices.clone()),
@@ -103,6 +113,7 @@ impl AppState {
             config,
             meter,
             client,
+            more_clients: clients,
             upstreams,
             guard: Arc::new(guard),
         })))
@@ -129,50 +140,4 @@ pub fn router(state: AppState) -> Router {
             .route(&format!("{}/{{*rest}}", route.prefix), handler);
     }
     router.fallback(proxy::not_found).with_state(state)
-}
-
-/// Serves on `listener` until `shutdown` completes, then gives in-flight requests and streams
-/// the configured grace period to finish.
-pub async fn run(
-    listener: TcpListener,
-    state: AppState,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let grace = state.config.shutdown_grace;
-    let listener = listener.tap_io(|tcp| {
-        // Small SSE events must leave at once, not wait for Nagle's algorithm.
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(%err, "could not set TCP_NODELAY");
-        }
-    });
-    let stop = Arc::new(Notify::new());
-    let stopped = Arc::clone(&stop);
-    let server = axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { stopped.notified().await })
-        .into_future();
-    let deadline = async move {
-        shutdown.await;
-        tracing::info!(grace = %humantime::format_duration(grace), "shutting down: finishing in-flight requests");
-        stop.notify_one();
-        tokio::time::sleep(grace).await;
-    };
-    tokio::select! {
-        result = server => result,
-        () = deadline => {
-            tracing::warn!("grace period over: closing the connections still open");
-            Ok(())
-        }
-        () = keep_timers_cheap() => Ok(()),
-    }
-}
-
-/// Keeps a timer due within the second. Tokio wakes its timer driver whenever a new timer is due
-/// before every other one; with this one always nearer, the per-request timeouts (minutes away)
-/// are set without that wake-up, which otherwise costs a syscall and a thread hand-off per request.
-async fn keep_timers_cheap() {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tick.tick().await;
-    }
 }

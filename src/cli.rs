@@ -32,8 +32,8 @@ pub struct Cli {
     #[arg(long, value_name = "FORMAT", global = true)]
     pub log_format: Option<String>,
 
-    /// Threads serving requests [env: LLM_METER_THREADS] [default: 1]. One thread serves tens of
-    /// thousands of requests per second with the least latency; add threads for more.
+    /// Worker threads serving requests [env: LLM_METER_THREADS] [default: one per CPU core, at
+    /// most 4]. Each serves its connections start to end with its own upstream connections.
     #[arg(long, value_name = "N", global = true)]
     pub threads: Option<String>,
 

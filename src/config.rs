@@ -29,6 +29,9 @@ const RESERVED_PATHS: [&str; 6] = [
 ];
 /// Most threads one instance may run.
 pub const MAX_THREADS: usize = 256;
+/// Most worker threads started by default: one already serves tens of thousands of requests per
+/// second, and every worker keeps its own upstream connections.
+pub const DEFAULT_MAX_THREADS: usize = 4;
 /// The file read when it exists in the working directory and no other is named.
 pub const DEFAULT_CONFIG_FILE: &str = "proxy.toml";
 /// Default request body limit: 32 MiB holds any realistic prompt, images included.
@@ -337,7 +340,7 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     /// Log line format.
     pub log_format: LogFormat,
-    /// Threads serving requests: 1 runs everything on one thread (no cross-thread hand-offs).
+    /// Worker threads serving requests; a connection and its requests stay on one of them.
     pub threads: usize,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
@@ -457,11 +460,12 @@ impl Config {
         };
 
         let file_threads = file.threads.map(|n| n.to_string());
+        let default_threads = default_threads().to_string();
         let (threads, from) = layer.pick(
             flags.threads.as_deref(),
             env::THREADS,
             file_threads.as_deref(),
-            "1",
+            &default_threads,
         );
         let threads = threads
             .parse::<usize>()
@@ -945,6 +949,12 @@ impl<'a> Layers<'a> {
     }
 }
 
+/// Worker threads when none are configured: one per CPU core this process may use (the cgroup
+/// quota counts, as in a container), at most `DEFAULT_MAX_THREADS`.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(DEFAULT_MAX_THREADS))
+}
+
 /// `$XDG_DATA_HOME/llm-meter`, else `$HOME/.local/share/llm-meter` (the XDG default).
 fn default_data_dir(env: &HashMap<String, String>) -> Option<PathBuf> {
     let absolute = |name: &str| env.get(name).map(PathBuf::from).filter(|p| p.is_absolute());
@@ -1212,7 +1222,11 @@ mod tests {
 
     #[test]
     fn threads_come_from_any_layer_and_must_be_positive() {
-        assert_eq!(load(None, &[], &Flags::default()).unwrap().threads, 1);
+        assert_eq!(
+            load(None, &[], &Flags::default()).unwrap().threads,
+            default_threads()
+        );
+        assert!((1..=DEFAULT_MAX_THREADS).contains(&default_threads()));
         assert_eq!(
             load(Some("threads = 4"), &[], &Flags::default())
                 .unwrap()

@@ -3,7 +3,8 @@
 //! The data flow, one module per step:
 //!
 //! 1. `config` merges `proxy.toml`, `LLM_METER_*` variables and flags into one `Config`.
-//! 2. `app` builds the shared state and the router, and runs the server.
+//! 2. `app` builds the shared state and the router; `server` accepts connections and serves them
+//!    on its worker threads.
 //! 3. `proxy` forwards each upstream's prefix (`/v1`, `/anthropic/v1`, declared ones) to it:
 //!    `key` identifies the caller, `guard` admits it (named and virtual keys, budgets, rate
 //!    limits), `proxy::route` picks the usage flavor, `proxy::rewrite` asks for stream usage
@@ -34,7 +35,9 @@ pub mod key;
 pub mod logs;
 pub mod meter;
 pub mod proxy;
+pub mod server;
 pub mod usage;
 
-pub use app::{AppState, run};
+pub use app::AppState;
 pub use config::Config;
+pub use server::run;

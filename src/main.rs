@@ -64,7 +64,11 @@ fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match runtime(config.threads) {
+    // Worker 0: `llm_meter::run` starts the other workers on threads of their own.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("llm-meter: cannot start the async runtime: {err}");
@@ -144,21 +148,6 @@ fn healthcheck(config: &Config) -> ExitCode {
             eprintln!("llm-meter: unhealthy: {err}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// One thread: a current-thread runtime, where a request never changes threads. More: a
-/// work-stealing runtime with that many workers.
-fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
     }
 }
 

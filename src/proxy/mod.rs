@@ -548,7 +548,7 @@ async fn exchange_once(
 ) -> Result<http::Response<Incoming>, ProxyError> {
     let config = &state.config;
     let sent = Instant::now();
-    let response = tokio::time::timeout(config.response_timeout, state.client.request(request))
+    let response = tokio::time::timeout(config.response_timeout, state.client().request(request))
         .await
         .map_err(|_| ProxyError::UpstreamTimeout {
             upstream: route.upstream.to_string(),

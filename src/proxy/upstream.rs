@@ -18,8 +18,9 @@ pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
 /// How long an idle upstream connection stays pooled: under the 120 s most providers' load balancers allow.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Builds the pooled, keep-alive upstream client (rustls with Mozilla's roots, no OpenSSL).
-pub fn client(config: &Config) -> Result<HttpClient, rustls::Error> {
+/// Builds `n` pooled, keep-alive upstream clients (rustls with Mozilla's roots, no OpenSSL), one
+/// per worker: they share the TLS setup but not their connections.
+pub fn clients(config: &Config, n: usize) -> Result<Vec<HttpClient>, rustls::Error> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     // Without it, small SSE writes wait for Nagle's algorithm and delayed ACKs.
@@ -32,9 +33,13 @@ pub fn client(config: &Config) -> Result<HttpClient, rustls::Error> {
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .build(https))
+    Ok((0..n.max(1))
+        .map(|_| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .build(https.clone())
+        })
+        .collect())
 }
 
 /// Joins the upstream base with the path after its prefix and the client's query string.
