@@ -230,6 +230,9 @@ pub struct Upstream {
     pub authority: http::uri::Authority,
     /// Base path without a trailing slash (`/v1`, or empty).
     pub base_path: String,
+    /// The `Host` header forwarded requests carry: the host, and the port unless it is the
+    /// scheme's default (as HTTP clients write it).
+    pub host: http::HeaderValue,
 }
 
 impl Upstream {
@@ -248,10 +251,21 @@ impl Upstream {
             return Err("must not have a query string".into());
         }
         let base_path = uri.path().trim_end_matches('/').to_owned();
+        let default_port = if scheme == http::uri::Scheme::HTTPS {
+            443
+        } else {
+            80
+        };
+        let host = match authority.port_u16() {
+            Some(port) if port != default_port => format!("{}:{port}", authority.host()),
+            _ => authority.host().to_owned(),
+        };
+        let host = http::HeaderValue::try_from(host).map_err(|_| "has an invalid host")?;
         Ok(Self {
             scheme,
             authority,
             base_path,
+            host,
         })
     }
 }

@@ -191,7 +191,12 @@ fn label_of(key: &[u8]) -> String {
     } else {
         prefix
     };
-    format!("{prefix}…{}", &key[key.len() - tail_len..])
+    let tail = &key[key.len() - tail_len..];
+    let mut label = String::with_capacity(prefix.len() + '…'.len_utf8() + tail.len());
+    label.push_str(prefix);
+    label.push('…');
+    label.push_str(tail);
+    label
 }
 
 /// The leading `word-` groups of a key (lowercase letters and digits), up to 8 characters.

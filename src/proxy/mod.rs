@@ -433,6 +433,9 @@ async fn send(
         .unwrap_or_default();
     let uri = upstream::target_uri(&route.upstream, rest, parts.uri.query())?;
     upstream::strip_hop_by_hop(&mut parts.headers);
+    parts
+        .headers
+        .insert(header::HOST, route.upstream.host.clone());
     // We send the whole body at once; the upstream must not wait for a 100 Continue.
     parts.headers.remove(header::EXPECT);
 

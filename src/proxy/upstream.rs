@@ -67,8 +67,7 @@ pub fn target_uri(upstream: &Upstream, rest: &str, query: Option<&str>) -> Resul
         .map_err(|_| ProxyError::Internal)
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus `Host`,
-/// which the client sets from the upstream URL.
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -81,19 +80,37 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
-/// Removes hop-by-hop headers, those the `Connection` header names, and `Host`.
+/// Removes hop-by-hop headers and those the `Connection` header names. (`Host` is left to the
+/// caller: a forwarded request gets its upstream's, `Upstream::host`.)
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-        .collect();
-    for name in named.iter().chain(&HOP_BY_HOP) {
-        headers.remove(name);
+    // One pass over the names present, instead of a hashed lookup per hop-by-hop name: most
+    // messages carry none, or only `Connection`.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present |= 1 << i;
+        }
     }
-    headers.remove(header::HOST);
+    if present == 0 {
+        return;
+    }
+    if present & 1 != 0 {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+            .collect();
+        for name in &named {
+            headers.remove(name);
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
 }
 
 /// Maps a failed upstream exchange to our error: 413 for our body limit, 504 for timeouts, else 502.
@@ -161,12 +178,39 @@ mod tests {
         );
         h.insert("x-secret-hop", "1".parse().unwrap());
         h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert("proxy-connection", "keep-alive".parse().unwrap());
         h.insert(header::HOST, "localhost:8080".parse().unwrap());
         h.insert(header::AUTHORIZATION, "Bearer k".parse().unwrap());
         h.insert("openai-organization", "org".parse().unwrap());
         strip_hop_by_hop(&mut h);
         let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
-        assert_eq!(left, ["authorization", "openai-organization"]);
+        assert_eq!(left, ["authorization", "host", "openai-organization"]);
+    }
+
+    #[test]
+    fn headers_without_hop_by_hop_ones_are_left_alone() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        h.append("x-custom", "a".parse().unwrap());
+        h.append("x-custom", "b".parse().unwrap());
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+    }
+
+    #[test]
+    fn the_host_header_names_the_upstream_and_its_port_unless_default() {
+        for (url, host) in [
+            ("https://api.openai.com/v1", "api.openai.com"),
+            ("https://api.openai.com:443/v1", "api.openai.com"),
+            ("http://127.0.0.1:80", "127.0.0.1"),
+            ("http://127.0.0.1:8081/v1", "127.0.0.1:8081"),
+            ("https://gw.example:8443", "gw.example:8443"),
+            ("http://[::1]:9000/v1", "[::1]:9000"),
+        ] {
+            assert_eq!(Upstream::parse(url).unwrap().host, host, "{url}");
+        }
     }
 }
