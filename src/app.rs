@@ -1,13 +1,12 @@
-//! `AppState`, the router, and `run`: serve until the shutdown signal, then drain within the grace period.
+//! `AppState`, the router of our own endpoints, and which upstream prefix a path is under.
 
 use std::ops::Deref;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Request, State};
-use axum::routing::{any, get, post, put};
+use axum::routing::{get, post, put};
 
-use crate::config::Config;
+use crate::config::{Config, Route};
 use crate::guard::alerts::Alerts;
 use crate::guard::period::{self, Clock, Period, SystemClock};
 use crate::guard::{Guard, RestoredSpend};
@@ -120,9 +119,9 @@ impl AppState {
     }
 }
 
-/// All routes: each upstream's prefix is forwarded, our own endpoints answer locally.
+/// Our own endpoints; anything else that is under no upstream's prefix gets a 404.
 pub fn router(state: AppState) -> Router {
-    let mut router = Router::new()
+    Router::new()
         .route("/stats", get(api::show))
         .route("/stats/reset", post(api::reset))
         .route("/usage", get(api::history::usage))
@@ -130,14 +129,53 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(api::healthz))
         .route("/alerts", get(api::admin::alerts))
         .route("/admin/keys", get(api::admin::keys))
-        .route("/admin/keys/{name}/budget", put(api::admin::set_budget));
-    for (i, route) in state.config.routes.iter().enumerate() {
-        let handler = any(move |State(state): State<AppState>, request: Request| {
-            proxy::forward(state, i, request)
-        });
-        router = router
-            .route(&route.prefix, handler.clone())
-            .route(&format!("{}/{{*rest}}", route.prefix), handler);
+        .route("/admin/keys/{name}/budget", put(api::admin::set_budget))
+        .fallback(proxy::not_found)
+        .with_state(state)
+}
+
+/// The upstream whose prefix `path` is under: the prefix itself or anything below it. Prefixes
+/// never nest one another or our own endpoints (the config refuses it), so at most one matches.
+pub fn upstream_of(routes: &[Route], path: &str) -> Option<usize> {
+    routes.iter().position(|route| {
+        path.strip_prefix(route.prefix.as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Flags;
+
+    #[test]
+    fn a_path_belongs_to_the_upstream_whose_prefix_it_is_or_is_under() {
+        let toml =
+            "[upstreams.gemini]\nprefix = \"/gemini/v1beta\"\nurl = \"https://g.example/v1beta\"\n";
+        let flags = Flags {
+            no_persist: true,
+            ..Flags::default()
+        };
+        let config = Config::from_layers(Some(toml), None, &Default::default(), &flags).unwrap();
+        let index = |name: &str| config.routes.iter().position(|r| r.name == name);
+        let (openai, gemini) = (index("openai"), index("gemini"));
+        assert!(openai.is_some() && gemini.is_some() && openai != gemini);
+        for (path, expected) in [
+            ("/v1", openai),
+            ("/v1/", openai),
+            ("/v1/chat/completions", openai),
+            ("/v1//models", openai),
+            ("/gemini/v1beta/models/m:generateContent", gemini),
+            ("/gemini/v1beta", gemini),
+            ("/v1beta/models", None),
+            ("/v10/models", None),
+            ("/gemini/v1", None),
+            ("/gemini", None),
+            ("/stats", None),
+            ("/", None),
+            ("", None),
+        ] {
+            assert_eq!(upstream_of(&config.routes, path), expected, "{path}");
+        }
     }
-    router.fallback(proxy::not_found).with_state(state)
 }

@@ -3,6 +3,7 @@
 //! threads; on the shutdown signal, stop accepting and drain within the grace period.
 
 use std::cell::Cell;
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
@@ -10,14 +11,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use axum::Router;
+use axum::body::Body;
+use axum::response::Response;
 use axum::serve::Listener;
+use hyper::body::Incoming;
+use hyper::service::{Service, service_fn};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
-use crate::app::{AppState, router};
+use crate::app::{AppState, router, upstream_of};
+use crate::proxy;
 
 thread_local! {
     static WORKER: Cell<usize> = const { Cell::new(0) };
@@ -41,7 +47,10 @@ pub async fn run(
 ) -> io::Result<()> {
     let grace = state.config.shutdown_grace;
     let workers = Workers::start(state.config.threads)?;
-    let app = router(state);
+    let app = App {
+        router: router(state.clone()),
+        state,
+    };
     let graceful = GracefulShutdown::new();
     let accept = async {
         loop {
@@ -125,7 +134,7 @@ impl Workers {
 
     /// Serves `tcp` on the worker with the fewest open connections (the first of equals, so a
     /// single connection stays on the thread that accepted it).
-    fn serve(&self, tcp: TcpStream, app: &Router, watcher: Watcher) {
+    fn serve(&self, tcp: TcpStream, app: &App, watcher: Watcher) {
         let Some((index, worker)) = self
             .all
             .iter()
@@ -135,13 +144,13 @@ impl Workers {
             return;
         };
         let open = Open::count(&worker.open);
-        let service = TowerToHyperService::new(app.clone());
+        let app = app.clone();
         if index == 0 {
             #[expect(
                 clippy::disallowed_methods,
                 reason = "tracked: the shutdown waits for every watched connection"
             )]
-            tokio::spawn(connection(tcp, service, watcher, open));
+            tokio::spawn(connection(tcp, app, watcher, open));
             return;
         }
         // A socket belongs to the runtime that registered it: move it over as a plain one.
@@ -149,7 +158,7 @@ impl Workers {
             Ok(tcp) => {
                 worker.runtime.spawn(async move {
                     match TcpStream::from_std(tcp) {
-                        Ok(tcp) => connection(tcp, service, watcher, open).await,
+                        Ok(tcp) => connection(tcp, app, watcher, open).await,
                         Err(err) => tracing::debug!(%err, "could not hand a connection over"),
                     }
                 });
@@ -194,13 +203,32 @@ impl Drop for Open {
     }
 }
 
+/// What a connection serves: requests under an upstream's prefix go straight to
+/// `proxy::forward`, the rest to the router of our own endpoints.
+#[derive(Clone)]
+struct App {
+    state: AppState,
+    router: Router,
+}
+
+impl App {
+    async fn call(self, request: http::Request<Incoming>) -> Response {
+        match upstream_of(&self.state.config.routes, request.uri().path()) {
+            Some(upstream) => proxy::forward(self.state, upstream, request.map(Body::new)).await,
+            None => match TowerToHyperService::new(self.router).call(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            },
+        }
+    }
+}
+
 /// Serves HTTP/1.1 on one connection until the client closes it or the shutdown asks it to.
-async fn connection(
-    tcp: TcpStream,
-    service: TowerToHyperService<Router>,
-    watcher: Watcher,
-    _open: Open,
-) {
+async fn connection(tcp: TcpStream, app: App, watcher: Watcher, _open: Open) {
+    let service = service_fn(move |request| {
+        let app = app.clone();
+        async move { Ok::<_, Infallible>(app.call(request).await) }
+    });
     let conn =
         hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service);
     if let Err(err) = watcher.watch(conn).await {
