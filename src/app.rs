@@ -6,6 +6,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::routing::{get, post, put};
 
+use crate::api;
 use crate::config::{Config, Route};
 use crate::guard::alerts::Alerts;
 use crate::guard::period::{self, Clock, Period, SystemClock};
@@ -14,7 +15,6 @@ use crate::meter::Meter;
 use crate::meter::ledger::LedgerError;
 use crate::meter::ledger::history::Reader;
 use crate::proxy::{self, UpstreamState, upstream};
-use crate::{api, proxy::upstream::HttpClient};
 
 /// What every handler shares; cheap to clone.
 #[derive(Clone)]
@@ -26,25 +26,10 @@ pub struct Shared {
     pub config: Config,
     /// Totals per key and model.
     pub meter: Arc<Meter>,
-    /// Worker 0's pooled upstream client (see `client`).
-    client: HttpClient,
-    /// The other workers' clients, in worker order.
-    more_clients: Vec<HttpClient>,
     /// What is learned of each upstream while running, in the order of `config.routes`.
     pub upstreams: Vec<UpstreamState>,
     /// Named keys, budgets, rate limits and alerts.
     pub guard: Arc<Guard>,
-}
-
-impl Shared {
-    /// The upstream client of the worker running the caller: each worker keeps its own pool, so a
-    /// request and its upstream connection are served by the same thread.
-    pub fn client(&self) -> &HttpClient {
-        match crate::server::worker() {
-            0 => &self.client,
-            i => self.more_clients.get(i - 1).unwrap_or(&self.client),
-        }
-    }
 }
 
 impl Deref for AppState {
@@ -88,16 +73,19 @@ impl AppState {
 
     /// Builds the state with budgets and rate limits reading time from `clock` (tests move it).
     pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
-        let mut clients = upstream::clients(&config, config.threads)?;
-        let client = clients.remove(0);
+        let connector = upstream::connector(&config)?;
         let meter = match &config.ledger {
             Some(options) => Meter::persistent(config.prices.clone(), options)?,
             None => Meter::in_memory(config.prices.clone()),
         };
         let meter = Arc::new(meter);
-        let upstreams = config.routes.iter().map(UpstreamState::new).collect();
+        let upstreams = config
+            .routes
+            .iter()
+            .map(|route| UpstreamState::new(route, connector.clone(), config.threads))
+            .collect();
         let alerts = match &config.guard.webhook {
-            Some(url) => Alerts::with_webhook(url.clone(), client.clone()),
+            Some(url) => Alerts::with_webhook(url.clone(), upstream::webhook_client(connector)),
             None => Alerts::new(),
         };
         let data_dir = config.ledger.as_ref().map(|l| l.dir.as_path());
@@ -111,8 +99,6 @@ impl AppState {
         Ok(Self(Arc::new(Shared {
             config,
             meter,
-            client,
-            more_clients: clients,
             upstreams,
             guard: Arc::new(guard),
         })))

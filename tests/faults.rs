@@ -313,3 +313,52 @@ async fn an_https_upstream_that_fails_the_tls_handshake_gives_502() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn connections_the_upstream_closes_after_answering_are_not_reused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Answers one request per connection, then closes it without saying so (no
+    // `Connection: close`), as an upstream whose idle timeout has passed does.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&accepted);
+    #[expect(clippy::disallowed_methods, reason = "ends with the test's runtime")]
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            // The request's head and its (small) JSON body.
+            while !request.ends_with(b"}") {
+                let n = tcp.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                request.extend_from_slice(&buf[..n]);
+            }
+            let body = common::chat_completion("gpt-4o", "hi", 7, 2).to_string();
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            tcp.write_all(answer.as_bytes()).await.unwrap();
+            drop(tcp);
+        }
+    });
+    let proxy = Proxy::start(&format!("http://{addr}/v1")).await;
+    for _ in 0..5 {
+        let response = proxy
+            .chat("sk-closing", &chat_request("gpt-4o", false))
+            .await;
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+        // Time for the close to arrive, as it would while a connection sits idle.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 5);
+    let stats = proxy.stats_after(5).await;
+    assert_eq!(stats["totals"]["errors"], 0);
+    assert_eq!(stats["totals"]["completion_tokens"], 10);
+}

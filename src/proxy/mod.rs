@@ -1,6 +1,7 @@
 //! Forwarding: each upstream's prefix to its base URL, with the request rewritten and the
 //! response tapped only where metering needs it.
 
+pub mod pool;
 pub mod rewrite;
 pub mod route;
 pub mod tap;
@@ -26,8 +27,10 @@ use crate::key::{self, Identity};
 use crate::meter::{Meter, Record, UNKNOWN_MODEL};
 use crate::usage::estimate::{self, Raw};
 use crate::usage::{Extracted, Flavor, StreamUsage, Usage, sse};
+use pool::Pools;
 use rewrite::{ChatRequest, Spliced};
 use tap::{Extraction, Outcome, Tap};
+use upstream::Connector;
 
 /// What llm-meter has learned of one upstream while running.
 #[derive(Debug)]
@@ -36,6 +39,8 @@ pub struct UpstreamState {
     pub name: Arc<str>,
     /// Whether it takes `stream_options` (`STREAM_OPTIONS_*`), learned in `auto` mode.
     stream_options: AtomicU8,
+    /// Its connections, a pool per worker.
+    pools: Pools,
 }
 
 const STREAM_OPTIONS_UNKNOWN: u8 = 0;
@@ -43,11 +48,12 @@ const STREAM_OPTIONS_ACCEPTED: u8 = 1;
 const STREAM_OPTIONS_REJECTED: u8 = 2;
 
 impl UpstreamState {
-    /// The state of an upstream not yet heard from.
-    pub fn new(route: &Route) -> Self {
+    /// The state of an upstream not yet heard from, with empty pools for `workers` workers.
+    pub fn new(route: &Route, connector: Connector, workers: usize) -> Self {
         Self {
             name: Arc::from(route.name.as_str()),
             stream_options: AtomicU8::new(STREAM_OPTIONS_UNKNOWN),
+            pools: Pools::new(&route.upstream, connector, workers),
         }
     }
 
@@ -481,8 +487,14 @@ async fn send(
 
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
-    let mut response =
-        exchange_once(state, route, Request::from_parts(parts, body), exchange).await?;
+    let mut response = exchange_once(
+        state,
+        route,
+        runtime,
+        Request::from_parts(parts, body),
+        exchange,
+    )
+    .await?;
     if let Some(retry) = retry {
         if response.status() == StatusCode::BAD_REQUEST {
             let (mut parts, incoming) = response.into_parts();
@@ -508,7 +520,7 @@ async fn send(
             *again.method_mut() = retry.method;
             *again.uri_mut() = retry.uri;
             *again.headers_mut() = retry.headers;
-            response = exchange_once(state, route, again, exchange).await?;
+            response = exchange_once(state, route, runtime, again, exchange).await?;
         } else if response.status().is_success() {
             runtime
                 .stream_options
@@ -546,12 +558,13 @@ async fn send(
 async fn exchange_once(
     state: &AppState,
     route: &Route,
+    runtime: &UpstreamState,
     request: Request,
     exchange: &mut Exchange,
 ) -> Result<http::Response<Incoming>, ProxyError> {
     let config = &state.config;
     let sent = Instant::now();
-    let response = tokio::time::timeout(config.response_timeout, state.client().request(request))
+    let response = tokio::time::timeout(config.response_timeout, runtime.pools.send(request))
         .await
         .map_err(|_| ProxyError::UpstreamTimeout {
             upstream: route.upstream.to_string(),

@@ -11,16 +11,19 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::config::{Config, Upstream};
 use crate::error::{ProxyError, chain};
+use crate::proxy::pool::SendError;
 
-/// The pooled client every request to the upstream goes through.
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+/// Opens upstream connections: TCP, then TLS for `https` (rustls with Mozilla's roots, no OpenSSL).
+pub type Connector = HttpsConnector<HttpConnector>;
 
-/// How long an idle upstream connection stays pooled: under the 120 s most providers' load balancers allow.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// The pooled client alert webhooks are posted with (requests go through `proxy::pool`).
+pub type HttpClient = Client<Connector, Body>;
 
-/// Builds `n` pooled, keep-alive upstream clients (rustls with Mozilla's roots, no OpenSSL), one
-/// per worker: they share the TLS setup but not their connections.
-pub fn clients(config: &Config, n: usize) -> Result<Vec<HttpClient>, rustls::Error> {
+/// How long an idle webhook connection stays pooled.
+const WEBHOOK_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The connector, with the configured connect timeout.
+pub fn connector(config: &Config) -> Result<Connector, rustls::Error> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     // Without it, small SSE writes wait for Nagle's algorithm and delayed ACKs.
@@ -28,21 +31,22 @@ pub fn clients(config: &Config, n: usize) -> Result<Vec<HttpClient>, rustls::Err
     http.set_connect_timeout(Some(config.connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
         .with_provider_and_webpki_roots(provider)?
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http);
-    Ok((0..n.max(1))
-        .map(|_| {
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-                .build(https.clone())
-        })
-        .collect())
+        .wrap_connector(http))
 }
 
-/// Joins the upstream base with the path after its prefix and the client's query string.
+/// A pooled keep-alive client for alert webhooks.
+pub fn webhook_client(connector: Connector) -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(WEBHOOK_IDLE_TIMEOUT)
+        .build(connector)
+}
+
+/// The request target sent upstream (origin form): the upstream's base path, the path after
+/// its prefix, and the client's query string.
 pub fn target_uri(upstream: &Upstream, rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
     let mut path = String::with_capacity(
         upstream.base_path.len() + rest.len() + 1 + query.map_or(0, str::len),
@@ -59,12 +63,7 @@ pub fn target_uri(upstream: &Upstream, rest: &str, query: Option<&str>) -> Resul
     let path_and_query: http::uri::PathAndQuery = path
         .parse()
         .map_err(|_| ProxyError::ClientBody("invalid request path".into()))?;
-    Uri::builder()
-        .scheme(upstream.scheme.clone())
-        .authority(upstream.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|_| ProxyError::Internal)
+    Ok(Uri::from(path_and_query))
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
@@ -114,11 +113,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Maps a failed upstream exchange to our error: 413 for our body limit, 504 for timeouts, else 502.
-pub fn classify_error(
-    err: &hyper_util::client::legacy::Error,
-    config: &Config,
-    upstream: &Upstream,
-) -> ProxyError {
+pub fn classify_error(err: &SendError, config: &Config, upstream: &Upstream) -> ProxyError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(cause) = source {
         if cause.is::<http_body_util::LengthLimitError>() {
@@ -156,16 +151,13 @@ mod tests {
             target_uri(&up, "/chat/completions", Some("a=1&b=2"))
                 .unwrap()
                 .to_string(),
-            "https://api.example.com/v1/chat/completions?a=1&b=2"
+            "/v1/chat/completions?a=1&b=2"
         );
         let root = Upstream::parse("http://127.0.0.1:9/").unwrap();
-        assert_eq!(
-            target_uri(&root, "", None).unwrap().to_string(),
-            "http://127.0.0.1:9/"
-        );
+        assert_eq!(target_uri(&root, "", None).unwrap().to_string(), "/");
         assert_eq!(
             target_uri(&root, "/models", None).unwrap().to_string(),
-            "http://127.0.0.1:9/models"
+            "/models"
         );
     }
 
