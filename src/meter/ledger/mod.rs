@@ -271,6 +271,11 @@ impl Shared {
         if len == 1 || len == EARLY_WAKE {
             self.wake.notify_all();
         }
+        // A long queue also calls in the normal-priority thread, which otherwise only looks
+        // once per flush interval: the background one may be getting no CPU at all.
+        if len == EARLY_WAKE {
+            self.rescue.notify_one();
+        }
     }
 }
 
@@ -290,7 +295,7 @@ struct Queue {
 }
 
 /// Entries that wake the writer before its flush interval is over, to keep batches bounded.
-const EARLY_WAKE: usize = 4096;
+const EARLY_WAKE: usize = 2048;
 
 /// A handle on the open ledger: appends rows, reports health, flushes on close.
 pub struct Ledger {

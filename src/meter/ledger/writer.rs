@@ -180,8 +180,11 @@ fn wait_for_batch(shared: &Shared, flush_interval: Duration, is_retrying: bool) 
     }
 }
 
-/// Backlog past which the normal-priority thread takes over from the background one.
-const HIGH_WATER: u64 = 20_000;
+/// Backlog at which the normal-priority thread takes over from the background one (the queue
+/// wakes it then): on a CPU kept busy, the background thread gets no time, and rows waiting
+/// in memory are the ledger's share of the process's RSS (about 150 bytes each, twice over:
+/// the queue's buffer and the writer's keep their capacity).
+pub(super) const HIGH_WATER: u64 = super::EARLY_WAKE as u64;
 /// Backlog under which it hands back.
 const LOW_WATER: u64 = 1_000;
 
@@ -233,7 +236,7 @@ fn rescue(writer: &Mutex<Writer>, shared: &Shared, flush_interval: Duration) {
             return;
         }
         let pending = shared.pending.load(Relaxed);
-        if is_late || pending > HIGH_WATER {
+        if is_late || pending >= HIGH_WATER {
             let mut writer = writer.lock();
             tracing::debug!(
                 pending_rows = pending,
@@ -714,6 +717,34 @@ mod tests {
         });
         assert_eq!(shared.pending.load(Relaxed), 0);
         assert_eq!(shared.written.load(Relaxed), rows);
+    }
+
+    #[test]
+    fn a_queue_that_reaches_the_high_water_mark_calls_the_normal_priority_thread_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, shared) = idle_writer(dir.path());
+        std::thread::scope(|s| {
+            // Its own look comes only once a minute here: only the queue's call can bring it.
+            let rescuer = s.spawn(|| rescue(&writer, &shared, Duration::from_secs(60)));
+            // Let it start waiting, so the call is not missed.
+            std::thread::sleep(Duration::from_millis(50));
+            queue_rows(&shared, HIGH_WATER - 1);
+            std::thread::sleep(Duration::from_millis(200));
+            assert_eq!(
+                shared.written.load(Relaxed),
+                0,
+                "short of the mark: left waiting"
+            );
+            queue_rows(&shared, 1);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while shared.written.load(Relaxed) < HIGH_WATER {
+                assert!(Instant::now() < deadline, "the rows were never written");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            shared.queue.lock().is_closing = true;
+            shared.rescue.notify_all();
+            rescuer.join().unwrap();
+        });
     }
 
     #[test]
