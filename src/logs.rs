@@ -173,18 +173,19 @@ impl<'w> FormatFields<'w> for TextFields {
     fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
         // The fields are gathered in a plain `String` and handed to the writer in one piece:
         // every write through `Writer` is a dynamic call, and a line has about fifty.
-        FIELDS.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut text) => {
-                text.clear();
-                format_into(&mut text, &fields)?;
-                writer.write_str(&text)
-            }
-            // A `Debug` impl that logs while its value is written: the line gets its own buffer.
-            Err(_) => {
-                let mut text = String::new();
-                format_into(&mut text, &fields)?;
-                writer.write_str(&text)
-            }
+        FIELDS.with(|cell| {
+            let mut reused = cell.try_borrow_mut();
+            // A `Debug` impl that logs while its value is written: that line gets its own buffer.
+            let mut own = String::new();
+            let text = match &mut reused {
+                Ok(reused) => {
+                    reused.clear();
+                    &mut **reused
+                }
+                Err(_) => &mut own,
+            };
+            format_into(text, &fields)?;
+            writer.write_str(text)
         })
     }
 }

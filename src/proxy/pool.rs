@@ -19,7 +19,7 @@ use crate::proxy::upstream::Connector;
 use crate::server::worker;
 
 /// How long an idle upstream connection stays pooled: under the 120 s most providers' load balancers allow.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Why a request got no response from the upstream.
 #[derive(Debug, thiserror::Error)]

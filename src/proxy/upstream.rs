@@ -19,9 +19,6 @@ pub type Connector = HttpsConnector<HttpConnector>;
 /// The pooled client alert webhooks are posted with (requests go through `proxy::pool`).
 pub type HttpClient = Client<Connector, Body>;
 
-/// How long an idle webhook connection stays pooled.
-const WEBHOOK_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
 /// The connector, with the configured connect timeout.
 pub fn connector(config: &Config) -> Result<Connector, rustls::Error> {
     let mut http = HttpConnector::new();
@@ -41,7 +38,7 @@ pub fn connector(config: &Config) -> Result<Connector, rustls::Error> {
 /// A pooled keep-alive client for alert webhooks.
 pub fn webhook_client(connector: Connector) -> HttpClient {
     Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(WEBHOOK_IDLE_TIMEOUT)
+        .pool_idle_timeout(crate::proxy::pool::IDLE_TIMEOUT)
         .build(connector)
 }
 
