@@ -153,6 +153,25 @@ mod tests {
     }
 
     #[test]
+    fn strings_of_every_length_with_escapes_anywhere_end_where_serde_ends_them() {
+        for len in 0..40_usize {
+            for escape_at in [None, Some(0), Some(len / 2), Some(len.saturating_sub(1))] {
+                let mut text = "a".repeat(len);
+                if let Some(at) = escape_at.filter(|at| *at < len) {
+                    text.replace_range(at..=at, "\\\"");
+                }
+                let body = format!(r#"{{"id":"{text}","usage":[{{"k":"{text}"}}]}}"#);
+                let scanned = top_level(body.as_bytes(), [b"id", b"usage"]).expect(&body);
+                let all = parsed(&body);
+                let expected = ["id", "usage"].map(|k| all.get(k).map(|v| v.get().as_bytes()));
+                assert_eq!(scanned, expected, "{body}");
+                let cut = &body[..body.find(r#"","usage"#).unwrap()];
+                assert_eq!(top_level(cut.as_bytes(), [b"id"]), None, "{cut}");
+            }
+        }
+    }
+
+    #[test]
     fn what_the_scan_cannot_vouch_for_is_left_to_serde() {
         let bodies = [
             "",
