@@ -59,18 +59,24 @@ impl ChatRequest {
     /// `asks_stream_usage` (routes whose streams report usage only when asked), a streaming
     /// request that does not ask gets the edit planned.
     pub fn inspect(body: &[u8], asks_stream_usage: bool) -> Option<Self> {
-        // The common case needs no edit: a fast scan finds the top-level fields, skipping the
-        // (long) messages with a vectorized search instead of serde's byte-by-byte walk. An
-        // edit, or a body the scan does not take, goes through serde, which also validates.
-        // `stream_options` is looked for only so that a body with two is left to serde.
+        // A fast scan finds the top-level fields, skipping the (long) messages with a
+        // vectorized search instead of serde's byte-by-byte walk. That covers the common cases:
+        // no edit, or a stream without `stream_options`, whose edit is an insertion after the
+        // opening brace. An edit inside `stream_options`, or a body the scan does not take,
+        // goes through serde, which also validates.
         let fields = json::top_level(body, [b"model", b"stream", b"stream_options"]);
-        if let Some([model, stream, _]) = fields {
+        if let Some([model, stream, options]) = fields {
             let is_streaming = stream == Some(b"true".as_slice());
-            if !(is_streaming && asks_stream_usage) {
+            let needs_edit = is_streaming && asks_stream_usage;
+            if !needs_edit || options.is_none() {
                 return Some(Self {
                     model: model.and_then(|m| serde_json::from_slice(m).ok()),
                     is_streaming,
-                    edit: None,
+                    edit: if needs_edit {
+                        usage_edit(body, None)?
+                    } else {
+                        None
+                    },
                 });
             }
         }
@@ -313,6 +319,22 @@ mod tests {
             let (req, out) = rewritten(body);
             assert!(!req.is_streaming && !req.needs_usage_injected());
             assert_eq!(out, body);
+        }
+    }
+
+    #[test]
+    fn the_scan_plans_the_same_edit_as_serde() {
+        for body in [
+            r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"{\"stream_options\":{}}"}]}"#,
+            " \n{ \"stream\" : true , \"model\" : \"m\" }",
+            r#"{"stream":true}"#,
+            r#"{"model":"gpt-4o","stream":false,"messages":[]}"#,
+            r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":false}}"#,
+            r#"{"model":"gpt-4o","stream":true,"stream_options":null}"#,
+        ] {
+            let scanned = ChatRequest::inspect(body.as_bytes(), true);
+            assert!(scanned.is_some(), "{body}");
+            assert_eq!(scanned, ChatRequest::parse(body.as_bytes(), true), "{body}");
         }
     }
 
