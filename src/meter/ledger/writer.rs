@@ -116,9 +116,9 @@ impl Writer {
                     return false;
                 }
                 // Wait before the next attempt, still taking new rows (and a close).
-                let mut queue = self.shared.queue.lock();
+                let queue = self.shared.queue.lock();
                 if !queue.is_closing {
-                    self.shared.wake.wait_for(&mut queue, RETRY_AFTER);
+                    drop(self.shared.wake.wait_for(queue, RETRY_AFTER));
                 }
             }
         }
@@ -173,11 +173,13 @@ impl Writer {
 fn wait_for_batch(shared: &Shared, flush_interval: Duration, is_retrying: bool) {
     let mut queue = shared.queue.lock();
     while queue.len == 0 && !is_retrying && !queue.is_closing {
-        shared.wake.wait(&mut queue);
+        queue = shared.wake.wait(queue);
     }
     let deadline = Instant::now() + flush_interval;
     while !queue.is_closing && !queue.is_flush_asked && queue.len < super::EARLY_WAKE {
-        if shared.wake.wait_until(&mut queue, deadline).timed_out() {
+        let timed_out;
+        (queue, timed_out) = shared.wake.wait_until(queue, deadline);
+        if timed_out {
             break;
         }
     }
@@ -227,7 +229,7 @@ fn rescue(writer: &Mutex<Writer>, shared: &Shared, flush_interval: Duration) {
     loop {
         let mut queue = shared.queue.lock();
         if !queue.is_closing {
-            shared.rescue.wait_for(&mut queue, flush_interval);
+            (queue, _) = shared.rescue.wait_for(queue, flush_interval);
         }
         let is_closing = queue.is_closing;
         let is_late = queue.oldest.is_some_and(|t| t.elapsed() > late);
