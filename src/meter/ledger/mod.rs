@@ -293,8 +293,8 @@ type QueueGuard<'a> = std::sync::MutexGuard<'a, Queue>;
 
 impl QueueLock {
     fn lock(&self) -> QueueGuard<'_> {
-        // Only appending an entry runs under it, which cannot panic short of running out of
-        // memory (an abort, not a poisoned lock).
+        // What runs under it (appending an entry, trading or copying buffers) cannot panic
+        // short of running out of memory, which aborts instead of poisoning the lock.
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
