@@ -231,7 +231,8 @@ async fn connection(tcp: TcpStream, app: App, watcher: Watcher, _open: Open) {
     });
     let conn =
         hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service);
-    if let Err(err) = watcher.watch(conn).await {
+    let served = std::pin::pin!(watcher.watch(conn));
+    if let Err(err) = proxy::WritingLinesAfter(served).await {
         tracing::trace!(%err, "connection ended with an error");
     }
 }

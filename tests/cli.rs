@@ -253,3 +253,37 @@ async fn json_log_format_writes_one_json_object_per_line() {
     assert_eq!(request["fields"]["tokens_in"], 11);
     assert_eq!(request["fields"]["model"], "gpt-4o");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_on_a_kept_alive_connection_gets_its_one_log_line() {
+    let mock = Mock::openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = binary_command(dir.path());
+    command.args(["--listen", "127.0.0.1:0", "--upstream", &mock.url()]);
+    let binary = Binary::start(command);
+    // One client: its requests share a connection, whose lines wait for each poll to end.
+    let client = common::client();
+    for stream in [false, true, false, true, false] {
+        let answer = client
+            .post(binary.url("/v1/chat/completions"))
+            .json(&chat_request("gpt-4o", stream))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        answer.bytes().await.unwrap();
+    }
+    let (_, _, stderr) = binary.terminate();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("llm_meter::proxy: request "))
+        .collect();
+    assert_eq!(lines.len(), 5, "{stderr}");
+    for (line, stream) in lines.iter().zip([false, true, false, true, false]) {
+        assert!(line.contains(&format!("stream={stream} ")), "{line}");
+        assert!(
+            line.contains("status=200 ") && line.contains("tokens_in=11 "),
+            "{line}"
+        );
+    }
+}
