@@ -216,9 +216,9 @@ thread_local! {
 
 /// Polls a connection, then writes the log lines of the requests it finished in that poll.
 ///
-/// hyper records a request when its response body ends, which is in the same poll that
-/// writes the body's last bytes to the socket: formatting the line (and waking the log writer)
-/// there made the client wait for it. At 20 requests a second, where every request runs cold,
+/// A request is recorded when its response body ends (the tap sees the end, or hyper drops
+/// it after the last bytes), which is in the same poll that writes those bytes to the socket:
+/// formatting the line (and waking the log writer) there made the client wait for it. At 20 requests a second, where every request runs cold,
 /// that was about 30 µs of each response. The record itself stays before the last bytes, so
 /// `/stats` and budgets count a request by the time its client has the answer; only the line
 /// moves after them. Lines recorded anywhere else (an estimate, a drain) are written at once.
@@ -228,12 +228,12 @@ impl<F: Future + Unpin> Future for WritingLinesAfter<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let was_holding = HOLDING.replace(true);
+        // Connections are not polled inside one another. A poll that panics leaves the flag
+        // set; the next one on this thread clears it and writes what was held meanwhile.
+        HOLDING.set(true);
         let polled = Pin::new(&mut self.0).poll(cx);
-        HOLDING.set(was_holding);
-        if !was_holding {
-            HELD.with_borrow_mut(|held| held.drain(..).for_each(RequestLine::write));
-        }
+        HOLDING.set(false);
+        HELD.with_borrow_mut(|held| held.drain(..).for_each(RequestLine::write));
         polled
     }
 }
