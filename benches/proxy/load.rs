@@ -141,7 +141,10 @@ pub async fn round(
 ) -> Round {
     match mode {
         Mode::Closed { concurrency } => closed(addr, shape, concurrency, measure, duration).await,
-        Mode::Rate { per_second } => rate(addr, shape, per_second, measure, duration).await,
+        Mode::Rate { per_second } => interleaved(&[addr], shape, per_second, measure, duration)
+            .await
+            .pop()
+            .unwrap_or_default(),
     }
 }
 
@@ -187,50 +190,68 @@ async fn closed(
     total
 }
 
-async fn rate(
-    addr: SocketAddr,
+/// One fixed-rate round against every target in `addrs` at once: each gets `per_second`
+/// requests a second, the targets' schedules offset evenly within the interval so that their
+/// requests take turns instead of coinciding. Each target's latencies come from the same
+/// seconds as the others', so a shared machine's drift between rounds cannot favour one.
+pub async fn interleaved(
+    addrs: &[SocketAddr],
     shape: &Shape,
     per_second: u32,
     measure: Measure,
     duration: Duration,
-) -> Round {
-    let idle: Arc<Mutex<Vec<Sender>>> = Arc::new(Mutex::new(Vec::new()));
-    for _ in 0..4 {
-        let sender = connect(addr).await;
-        idle.lock().push(sender);
+) -> Vec<Round> {
+    let mut targets = Vec::with_capacity(addrs.len());
+    for &addr in addrs {
+        let idle: Arc<Mutex<Vec<Sender>>> = Arc::new(Mutex::new(Vec::new()));
+        for _ in 0..4 {
+            let sender = connect(addr).await;
+            idle.lock().push(sender);
+        }
+        targets.push((addr, idle, Arc::new(Mutex::new(Round::default()))));
     }
-    let results = Arc::new(Mutex::new(Round::default()));
     let interval = Duration::from_secs_f64(1.0 / f64::from(per_second));
     let count = (duration.as_secs_f64() * f64::from(per_second)) as u32;
+    let turns = targets.len() as u32;
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..count {
-        tokio::time::sleep_until((started + interval * i).into()).await;
-        let (idle, results, shape) = (Arc::clone(&idle), Arc::clone(&results), shape.clone());
-        tasks.spawn(async move {
-            let pooled = idle.lock().pop();
-            let mut sender = match pooled {
-                Some(sender) => sender,
-                None => connect(addr).await,
-            };
-            // Each request is its own task, so a slow answer never delays the next start; the
-            // clock starts when the request starts (the timer wakes up to 1 ms after it was due).
-            let (latency, ok) = exchange(&mut sender, &shape, Instant::now(), measure).await;
-            idle.lock().push(sender);
-            let mut results = results.lock();
-            if ok {
-                results.ok += 1;
-                results.latencies_us.push(micros(latency));
-            } else {
-                results.failed += 1;
-            }
-        });
+        for (turn, (addr, idle, results)) in (0..turns).zip(&targets) {
+            let due = started + interval * i + interval * turn / turns;
+            tokio::time::sleep_until(due.into()).await;
+            let (addr, idle, results, shape) =
+                (*addr, Arc::clone(idle), Arc::clone(results), shape.clone());
+            tasks.spawn(async move {
+                let pooled = idle.lock().pop();
+                let mut sender = match pooled {
+                    Some(sender) => sender,
+                    None => connect(addr).await,
+                };
+                // Each request is its own task, so a slow answer never delays the next start; the
+                // clock starts when the request starts (the timer wakes up to 1 ms after it was due).
+                let (latency, ok) = exchange(&mut sender, &shape, Instant::now(), measure).await;
+                idle.lock().push(sender);
+                let mut results = results.lock();
+                if ok {
+                    results.ok += 1;
+                    results.latencies_us.push(micros(latency));
+                } else {
+                    results.failed += 1;
+                }
+            });
+        }
     }
     while tasks.join_next().await.is_some() {}
-    let mut total = std::mem::take(&mut *results.lock());
-    total.elapsed = started.elapsed();
-    total.latencies_us.sort_unstable();
-    total
+    let elapsed = started.elapsed();
+    targets
+        .into_iter()
+        .map(|(_, _, results)| {
+            let mut round = std::mem::take(&mut *results.lock());
+            round.elapsed = elapsed;
+            round.latencies_us.sort_unstable();
+            round
+        })
+        .collect()
 }
 
 fn micros(d: Duration) -> u32 {

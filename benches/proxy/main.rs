@@ -377,6 +377,7 @@ struct Measured {
     cpu_per_request_ms: f64,
 }
 
+/// One round against one target.
 async fn measure(
     target: &Process,
     scenario: &Scenario,
@@ -393,6 +394,49 @@ async fn measure(
         duration,
     )
     .await;
+    account(target, scenario, round, before, rounds, cpu);
+}
+
+/// One fixed-rate round against every target at once, their requests taking turns.
+async fn measure_together(
+    targets: &[&Process; 4],
+    scenario: &Scenario,
+    per_second: u32,
+    duration: Duration,
+    rounds: &mut [Vec<Round>; 4],
+    cpu: &mut [(Duration, u64); 4],
+) {
+    let before = targets.map(|target| cpu_time(target.pid()));
+    let addrs = targets.map(|target| target.addr);
+    let measured = load::interleaved(
+        &addrs,
+        &scenario.shape,
+        per_second,
+        scenario.measure,
+        duration,
+    )
+    .await;
+    for (t, round) in measured.into_iter().enumerate() {
+        account(
+            targets[t],
+            scenario,
+            round,
+            before[t],
+            &mut rounds[t],
+            &mut cpu[t],
+        );
+    }
+}
+
+/// Checks a round's answers and adds it, and the CPU its target spent since `before`.
+fn account(
+    target: &Process,
+    scenario: &Scenario,
+    round: Round,
+    before: Duration,
+    rounds: &mut Vec<Round>,
+    cpu: &mut (Duration, u64),
+) {
     cpu.0 += cpu_time(target.pid()) - before;
     cpu.1 += round.ok;
     assert_eq!(
@@ -468,10 +512,29 @@ async fn orchestrate(options: &Options) {
         let mut cpu = [(Duration::ZERO, 0u64); 4];
         reset_peak(proxy.pid());
         for i in 0..options.rounds {
-            // Rotate the order, so drift on a shared machine hits every target alike.
-            for k in 0..targets.len() {
-                let t = (i + k) % targets.len();
-                measure(targets[t], &scenario, duration, &mut rounds[t], &mut cpu[t]).await;
+            match scenario.mode {
+                // A fixed rate leaves the machine mostly idle: every target is measured in the
+                // same seconds, so the VM's drift between rounds (larger here than the
+                // differences measured) hits all alike.
+                Mode::Rate { per_second } => {
+                    measure_together(
+                        &targets,
+                        &scenario,
+                        per_second,
+                        duration,
+                        &mut rounds,
+                        &mut cpu,
+                    )
+                    .await;
+                }
+                // Saturating loads one target at a time, in a rotating order, so drift on a
+                // shared machine hits every target alike.
+                Mode::Closed { .. } => {
+                    for k in 0..targets.len() {
+                        let t = (i + k) % targets.len();
+                        measure(targets[t], &scenario, duration, &mut rounds[t], &mut cpu[t]).await;
+                    }
+                }
             }
         }
         for (i, target) in [&proxy, &in_memory].into_iter().enumerate() {
