@@ -263,7 +263,8 @@ async fn every_request_on_a_kept_alive_connection_gets_its_one_log_line() {
     let binary = Binary::start(command);
     // One client: its requests share a connection, whose lines wait for each poll to end.
     let client = common::client();
-    for stream in [false, true, false, true, false] {
+    let streams = [false, true, false, true, false];
+    for stream in streams {
         let answer = client
             .post(binary.url("/v1/chat/completions"))
             .json(&chat_request("gpt-4o", stream))
@@ -279,7 +280,7 @@ async fn every_request_on_a_kept_alive_connection_gets_its_one_log_line() {
         .filter(|l| l.contains("llm_meter::proxy: request "))
         .collect();
     assert_eq!(lines.len(), 5, "{stderr}");
-    for (line, stream) in lines.iter().zip([false, true, false, true, false]) {
+    for (line, stream) in lines.iter().zip(streams) {
         assert!(line.contains(&format!("stream={stream} ")), "{line}");
         assert!(
             line.contains("status=200 ") && line.contains("tokens_in=11 "),

@@ -218,8 +218,8 @@ thread_local! {
 ///
 /// A request is recorded when its response body ends (the tap sees the end, or hyper drops
 /// it after the last bytes), which is in the same poll that writes those bytes to the socket:
-/// formatting the line (and waking the log writer) there made the client wait for it. At 20 requests a second, where every request runs cold,
-/// that was about 30 µs of each response. The record itself stays before the last bytes, so
+/// formatting the line (and waking the log writer) there made the client wait for it. At 20
+/// requests a second, where every request runs cold, that was about 30 µs of each response. The record itself stays before the last bytes, so
 /// `/stats` and budgets count a request by the time its client has the answer; only the line
 /// moves after them. Lines recorded anywhere else (an estimate, a drain) are written at once.
 pub struct WritingLinesAfter<F>(pub F);
