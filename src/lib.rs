@@ -19,7 +19,8 @@
 //!    `/export`, the `report` and `export` commands), lists alerts and named keys, changes
 //!    budgets (`/admin/keys`), and answers `/healthz`.
 //!
-//! `logs` writes one line per request through a batching writer; `json` finds a body's
+//! `logs` writes one line per request through a batching writer; `deferred` holds that line,
+//! and the ledger writer's wake-up, until the response has gone out; `json` finds a body's
 //! top-level fields without parsing the rest.
 //!
 //! The client never waits for metering, and the full key is never stored, logged or shown.
@@ -28,6 +29,7 @@ pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod deferred;
 pub mod error;
 pub mod guard;
 pub mod json;

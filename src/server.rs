@@ -23,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 use crate::app::{AppState, router, upstream_of};
+use crate::deferred::AfterResponse;
 use crate::proxy;
 
 thread_local! {
@@ -232,7 +233,7 @@ async fn connection(tcp: TcpStream, app: App, watcher: Watcher, _open: Open) {
     let conn =
         hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service);
     let served = std::pin::pin!(watcher.watch(conn));
-    if let Err(err) = proxy::WritingLinesAfter(served).await {
+    if let Err(err) = AfterResponse(served).await {
         tracing::trace!(%err, "connection ended with an error");
     }
 }

@@ -7,11 +7,8 @@ pub mod route;
 pub mod tap;
 pub mod upstream;
 
-use std::cell::{Cell, RefCell};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -144,7 +141,7 @@ impl Finished {
     }
 
     /// Records the request and writes its one log line (after the response when recorded while
-    /// hyper serves it: see `WritingLinesAfter`).
+    /// hyper serves it: see `deferred`).
     fn record(self, is_estimated: bool) {
         let key_id = self.identity.id.as_str();
         let model = self.model.as_str();
@@ -199,42 +196,7 @@ impl Finished {
             outcome: self.outcome,
             error: self.error,
         };
-        if HOLDING.get() {
-            HELD.with_borrow_mut(|held| held.push(line));
-        } else {
-            line.write();
-        }
-    }
-}
-
-thread_local! {
-    /// Whether a connection is being polled on this thread by `WritingLinesAfter`.
-    static HOLDING: Cell<bool> = const { Cell::new(false) };
-    /// Lines of the requests that connection finished during the poll, written when it returns.
-    static HELD: RefCell<Vec<RequestLine>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Polls a connection, then writes the log lines of the requests it finished in that poll.
-///
-/// A request is recorded when its response body ends (the tap sees the end, or hyper drops
-/// it after the last bytes), which is in the same poll that writes those bytes to the socket:
-/// formatting the line (and waking the log writer) there made the client wait for it. At 20
-/// requests a second, where every request runs cold, that was about 30 µs of each response. The record itself stays before the last bytes, so
-/// `/stats` and budgets count a request by the time its client has the answer; only the line
-/// moves after them. Lines recorded anywhere else (an estimate, a drain) are written at once.
-pub struct WritingLinesAfter<F>(pub F);
-
-impl<F: Future + Unpin> Future for WritingLinesAfter<F> {
-    type Output = F::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        // Connections are not polled inside one another. A poll that panics leaves the flag
-        // set; the next one on this thread clears it and writes what was held meanwhile.
-        HOLDING.set(true);
-        let polled = Pin::new(&mut self.0).poll(cx);
-        HOLDING.set(false);
-        HELD.with_borrow_mut(|held| held.drain(..).for_each(RequestLine::write));
-        polled
+        crate::deferred::after_response(move || line.write());
     }
 }
 

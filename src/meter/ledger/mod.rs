@@ -248,7 +248,7 @@ impl Shared {
         }
     }
 
-    fn push(&self, encode: impl FnOnce(&mut Vec<u8>)) {
+    fn push(self: &Arc<Self>, encode: impl FnOnce(&mut Vec<u8>)) {
         let mut queue = self.queue.lock();
         if queue.is_closing {
             drop(queue);
@@ -266,9 +266,13 @@ impl Shared {
         queue.enqueued += 1;
         let len = queue.len;
         drop(queue);
-        // The first entry starts a batch (the writer sleeps until then); a long queue ends one
-        // early. Both writer threads may be waiting: wake both, the writer's lock picks one.
-        if len == 1 || len == EARLY_WAKE {
+        // The first entry starts a batch (the writer sleeps until then), once the response in
+        // hand has gone out; a long queue ends one early, at once. Both writer threads may be
+        // waiting: wake both, the writer's lock picks one.
+        if len == 1 {
+            let shared = Arc::clone(self);
+            crate::deferred::after_response(move || shared.wake.notify_all());
+        } else if len == EARLY_WAKE {
             self.wake.notify_all();
         }
         // A long queue also calls in the normal-priority thread, which otherwise only looks

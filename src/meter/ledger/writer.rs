@@ -678,7 +678,7 @@ mod tests {
         (writer, shared)
     }
 
-    fn queue_rows(shared: &Shared, n: u64) {
+    fn queue_rows(shared: &Arc<Shared>, n: u64) {
         for _ in 0..n {
             shared.push(|bytes| {
                 queue::push_row(
