@@ -1,7 +1,8 @@
 //! Load benchmark: llm-meter against a fast mock upstream, each in its own process on loopback,
 //! direct and proxied rounds alternated, medians reported.
 //!
-//! `cargo bench --bench proxy` runs every scenario; `-- --rounds 5 --seconds 3 --soak 60` tunes it.
+//! `cargo bench --bench proxy` runs every scenario; `-- --rounds 5 --seconds 3 --soak 60` tunes it,
+//! `-- --help` lists the options.
 
 // The benchmark's own servers and load driver run until the process ends: detached
 // connection tasks are what they are made of.
@@ -29,22 +30,72 @@ struct Options {
     only: Option<Vec<String>>,
 }
 
+const USAGE: &str = "\
+usage: cargo bench --bench proxy [-- OPTIONS]
+
+  --rounds N      rounds per target and scenario, medians reported (default 3)
+  --seconds S     length of a round in seconds (default 2)
+  --soak S        then S seconds of S1 against llm-meter alone, RSS sampled (default 0: none)
+  --only LIST     only these scenarios (S1-S7), e.g. S4,S5,S6
+";
+
+/// Reads the options; a flag it does not know or a value it cannot read ends the run with the
+/// usage, so that a typo never runs the whole benchmark with defaults.
 fn options() -> Options {
-    let args: Vec<String> = std::env::args().collect();
-    let value = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
+    let mut options = Options {
+        rounds: 3,
+        seconds: 2.0,
+        soak_seconds: 0,
+        only: None,
     };
-    Options {
-        rounds: value("--rounds").and_then(|v| v.parse().ok()).unwrap_or(3),
-        seconds: value("--seconds")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2.0),
-        soak_seconds: value("--soak").and_then(|v| v.parse().ok()).unwrap_or(0),
-        only: value("--only").map(|v| v.split(',').map(str::to_owned).collect()),
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| usage_error(&format!("{flag} needs a value")))
+        };
+        match flag.as_str() {
+            // cargo passes it to every bench target.
+            "--bench" => {}
+            "--rounds" => options.rounds = parse(&flag, &value()),
+            "--seconds" => options.seconds = parse(&flag, &value()),
+            "--soak" => options.soak_seconds = parse(&flag, &value()),
+            "--only" => {
+                let known: Vec<&str> = scenarios().iter().map(|s| s.name).collect();
+                let only: Vec<String> = value()
+                    .split(',')
+                    .map(|n| n.trim().to_ascii_uppercase())
+                    .collect();
+                if let Some(unknown) = only.iter().find(|n| !known.contains(&n.as_str())) {
+                    usage_error(&format!(
+                        "no scenario {unknown} (there are {})",
+                        known.join(", ")
+                    ));
+                }
+                options.only = Some(only);
+            }
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                std::process::exit(0);
+            }
+            _ => usage_error(&format!("unknown option {flag}")),
+        }
     }
+    if options.rounds == 0 || !options.seconds.is_finite() || options.seconds <= 0.0 {
+        usage_error("--rounds and --seconds must be above 0");
+    }
+    options
+}
+
+fn parse<T: std::str::FromStr>(flag: &str, value: &str) -> T {
+    value
+        .parse()
+        .unwrap_or_else(|_| usage_error(&format!("{flag}: cannot read {value:?}")))
+}
+
+fn usage_error(problem: &str) -> ! {
+    eprint!("proxy bench: {problem}\n\n{USAGE}");
+    std::process::exit(2);
 }
 
 fn main() {
