@@ -4,12 +4,12 @@
 //! A request is recorded when its response body ends, in the same poll of the connection that
 //! writes the body's last bytes. The record stays there, so `/stats` and budgets count a request
 //! by the time its client has the answer. What the record sets off (its log line, the wake-up of
-//! the ledger writer) waits here until that poll returns. At low rates the client is woken on the
-//! worker's own CPU and runs only when the worker lets it, so the worker first yields: the
-//! client reads its answer, then the worker formats the line and wakes the writers. At 20
-//! requests a second that took 35-40 µs off every response (four alternating runs, see
-//! docs/performance.md). A busy worker does not yield: its CPU has other requests to serve, and
-//! a yield per response cost 15% of the throughput at 16 connections.
+//! the ledger writer) waits here until that poll returns. A client on the same machine is
+//! usually woken on the worker's own CPU and runs only when the worker lets it, so a worker that
+//! is not busy first yields: the client reads its answer, then the worker formats the line and
+//! wakes the writers. At 20 requests a second that took 35-44 µs off every response (three
+//! alternating runs, see docs/performance.md). A busy worker does not yield: its CPU has other
+//! requests to serve, and a yield per response cost 15% of the throughput at 16 connections.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
