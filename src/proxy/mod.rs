@@ -178,69 +178,42 @@ impl Finished {
         if !tracing::enabled!(tracing::Level::INFO) {
             return;
         }
-        let line = RequestLine {
-            method: self.method,
-            path: self.path,
-            status: self.status.as_u16(),
-            key_id: self.identity.id,
-            upstream: self.upstream,
-            model: self.model,
-            is_streaming: self.is_streaming,
-            tokens_in: usage.prompt_tokens(),
-            tokens_out: usage.output_tokens,
-            is_estimated,
-            cost_usd: priced.cost.as_usd(),
-            is_priced: priced.is_priced,
-            upstream_ms: millis(self.upstream_latency.unwrap_or_default()),
-            duration_ms: millis(self.duration),
-            outcome: self.outcome,
-            error: self.error,
-        };
-        crate::deferred::after_response(move || line.write());
-    }
-}
-
-/// A metered request's log line, owned so that it can wait for the response to go out.
-struct RequestLine {
-    method: Method,
-    path: String,
-    status: u16,
-    key_id: String,
-    upstream: Arc<str>,
-    model: String,
-    is_streaming: bool,
-    tokens_in: u64,
-    tokens_out: u64,
-    is_estimated: bool,
-    cost_usd: f64,
-    is_priced: bool,
-    upstream_ms: f64,
-    duration_ms: f64,
-    outcome: &'static str,
-    error: Option<String>,
-}
-
-impl RequestLine {
-    fn write(self) {
-        tracing::info!(
-            method = %self.method,
-            path = self.path,
-            status = self.status,
-            key_id = self.key_id,
-            upstream = &*self.upstream,
-            model = self.model,
-            stream = self.is_streaming,
-            tokens_in = self.tokens_in,
-            tokens_out = self.tokens_out,
-            estimated = self.is_estimated,
-            cost_usd = self.cost_usd,
-            priced = self.is_priced,
-            upstream_ms = self.upstream_ms,
-            duration_ms = self.duration_ms,
-            outcome = self.outcome,
-            error = self.error,
-            "request"
-        );
+        let Self {
+            method,
+            path,
+            identity,
+            upstream,
+            model,
+            is_streaming,
+            status,
+            upstream_latency,
+            duration,
+            outcome,
+            error,
+            ..
+        } = self;
+        // The closure owns what the line needs, so the line can wait for the response.
+        crate::deferred::after_response(move || {
+            tracing::info!(
+                method = %method,
+                path,
+                status = status.as_u16(),
+                key_id = identity.id,
+                upstream = &*upstream,
+                model,
+                stream = is_streaming,
+                tokens_in = usage.prompt_tokens(),
+                tokens_out = usage.output_tokens,
+                estimated = is_estimated,
+                cost_usd = priced.cost.as_usd(),
+                priced = priced.is_priced,
+                upstream_ms = millis(upstream_latency.unwrap_or_default()),
+                duration_ms = millis(duration),
+                outcome,
+                error,
+                "request"
+            );
+        });
     }
 }
 
