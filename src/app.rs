@@ -15,6 +15,7 @@ use crate::meter::Meter;
 use crate::meter::ledger::LedgerError;
 use crate::meter::ledger::history::Reader;
 use crate::proxy::{self, UpstreamState, upstream};
+use crate::tasks::Tasks;
 
 /// What every handler shares; cheap to clone.
 #[derive(Clone)]
@@ -30,6 +31,8 @@ pub struct Shared {
     pub upstreams: Vec<UpstreamState>,
     /// Named keys, budgets, rate limits and alerts.
     pub guard: Arc<Guard>,
+    /// The background tasks (alert deliveries, drains), finished at shutdown.
+    pub tasks: Tasks,
 }
 
 impl Deref for AppState {
@@ -84,8 +87,11 @@ impl AppState {
             .iter()
             .map(|route| UpstreamState::new(route, connector.clone(), config.threads))
             .collect();
+        let tasks = Tasks::new();
         let alerts = match &config.guard.webhook {
-            Some(url) => Alerts::with_webhook(url.clone(), upstream::webhook_client(connector)),
+            Some(url) => {
+                Alerts::with_webhook(url.clone(), upstream::webhook_client(connector), &tasks)
+            }
             None => Alerts::new(),
         };
         let data_dir = config.ledger.as_ref().map(|l| l.dir.as_path());
@@ -101,6 +107,7 @@ impl AppState {
             meter,
             upstreams,
             guard: Arc::new(guard),
+            tasks,
         })))
     }
 }

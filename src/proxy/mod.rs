@@ -7,6 +7,9 @@ pub mod route;
 pub mod tap;
 pub mod upstream;
 
+/// Canonical paths, decided on before a request reaches a route.
+pub use crate::path;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -370,7 +373,7 @@ pub async fn forward(state: AppState, upstream: usize, request: Request) -> Resp
     match send(&state, route, runtime, parts, body, &mut exchange).await {
         Ok(Answer::Tapped(parts, incoming, extraction)) => {
             exchange.status = parts.status;
-            let tap = Tap::new(incoming, extraction, exchange, &state.config);
+            let tap = Tap::new(incoming, extraction, exchange, &state.config, &state.tasks);
             Response::from_parts(parts, Body::new(tap))
         }
         Ok(Answer::Whole(response)) => {
@@ -473,7 +476,7 @@ async fn send(
                 header::ACCEPT_ENCODING,
                 HeaderValue::from_static("identity"),
             );
-            let bytes = read_body(body, limit).await?;
+            let bytes = read_body(body, limit, config.header_timeout).await?;
             exchange.request_body = Some(bytes.clone());
             let asks_usage =
                 flavor.needs_stream_usage_asked() && runtime.injects(route.inject_stream_usage);
@@ -606,13 +609,39 @@ async fn read_rejection(body: Incoming, timeout: Duration) -> Bytes {
     }
 }
 
-/// Reads a body that must be inspected whole, refusing it past the limit.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ProxyError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
-        Err(err) => Err(ProxyError::ClientBody(err.to_string())),
+/// Reads a body that must be inspected whole, refusing it past the limit, or when the client
+/// goes silent for longer than `stall` in the middle of it.
+async fn read_body(body: Body, limit: usize, stall: Duration) -> Result<Bytes, ProxyError> {
+    let mut body = Limited::new(body, limit);
+    let mut chunks = Vec::new();
+    let mut len = 0;
+    loop {
+        let frame = tokio::time::timeout(stall, body.frame())
+            .await
+            .map_err(|_| ProxyError::BodyStalled(humantime::format_duration(stall).to_string()))?;
+        match frame {
+            None => break,
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    len += data.len();
+                    chunks.push(data);
+                }
+            }
+            Some(Err(err)) if err.is::<LengthLimitError>() => {
+                return Err(ProxyError::BodyTooLarge { limit });
+            }
+            Some(Err(err)) => return Err(ProxyError::ClientBody(err.to_string())),
+        }
     }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => {
+            let mut whole = Vec::with_capacity(len);
+            chunks.iter().for_each(|c| whole.extend_from_slice(c));
+            Bytes::from(whole)
+        }
+    })
 }
 
 fn is_event_stream(headers: &http::HeaderMap) -> bool {
