@@ -633,6 +633,11 @@ impl Binary {
         format!("http://{}{path}", self.addr)
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGTERM, waits for the exit, and returns (exit success, rest of stdout, all of stderr).
     pub fn terminate(mut self) -> (bool, String, String) {
         use std::io::Read;
