@@ -14,6 +14,7 @@ use crate::guard::{Guard, RestoredSpend};
 use crate::meter::Meter;
 use crate::meter::ledger::LedgerError;
 use crate::meter::ledger::history::Reader;
+use crate::meter::memory::Bounds;
 use crate::proxy::{self, UpstreamState, upstream};
 use crate::tasks::Tasks;
 
@@ -77,9 +78,13 @@ impl AppState {
     /// Builds the state with budgets and rate limits reading time from `clock` (tests move it).
     pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
         let connector = upstream::connector(&config)?;
+        let bounds = Bounds {
+            max_keys: config.max_tracked_keys,
+            max_models_per_key: config.max_models_per_key,
+        };
         let meter = match &config.ledger {
-            Some(options) => Meter::persistent(config.prices.clone(), options)?,
-            None => Meter::in_memory(config.prices.clone()),
+            Some(options) => Meter::persistent_within(config.prices.clone(), options, bounds)?,
+            None => Meter::in_memory_within(config.prices.clone(), bounds),
         };
         let meter = Arc::new(meter);
         let upstreams = config

@@ -130,7 +130,9 @@ fn serve(config: Config) -> ExitCode {
             peer_as: None,
         };
         let served = llm_meter::server::run_with(listeners, state, shutdown_signal()).await;
-        // Whatever happened, write out what was recorded.
+        // Estimates still running count what is left by its bytes; then whatever happened,
+        // write out what was recorded.
+        llm_meter::usage::estimate::hurry();
         meter.close();
         if let Err(err) = served {
             eprintln!("llm-meter: server error: {err}");

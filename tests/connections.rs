@@ -195,7 +195,7 @@ async fn connections_past_the_limit_are_refused_at_once_and_served_again_below_i
 #[test]
 fn the_binary_raises_its_descriptor_limit_to_the_hard_one() {
     let dir = tempfile::tempdir().unwrap();
-    let mut command = common::binary_command(dir.path());
+    let command = common::binary_command(dir.path());
     // Start it under a soft limit lower than the hard one, as `ulimit -n 256` would.
     let binary = command.get_program().to_owned();
     let mut shell = std::process::Command::new("sh");

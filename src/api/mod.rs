@@ -18,10 +18,14 @@ use serde::Deserialize;
 use crate::app::AppState;
 use crate::error::ProxyError;
 
-/// `?format=&since=&until=` of `/stats`.
+/// `?format=&since=&until=&limit=&key=` of `/stats`.
 #[derive(Debug, Deserialize)]
 pub struct StatsQuery {
     format: Option<String>,
+    /// Shows only the N most expensive keys (the totals still count every key).
+    limit: Option<String>,
+    /// Shows only the key with this id or label.
+    key: Option<String>,
     #[serde(flatten)]
     range: history::RangeQuery,
 }
@@ -32,7 +36,14 @@ pub async fn show(State(state): State<AppState>, Query(query): Query<StatsQuery>
     if !matches!(query.format.as_deref(), None | Some("json" | "text")) {
         return ProxyError::BadQuery("format must be json or text".into()).into_response();
     }
-    let (snapshot, until, ledger) = if query.range.is_given() {
+    let limit = match query.limit.as_deref().map(str::parse::<usize>) {
+        None => None,
+        Some(Ok(limit)) => Some(limit),
+        Some(Err(_)) => {
+            return ProxyError::BadQuery("limit must be a whole number".into()).into_response();
+        }
+    };
+    let (mut snapshot, until, ledger) = if query.range.is_given() {
         let range = match query.range.parse() {
             Ok(range) => range,
             Err(err) => return err.into_response(),
@@ -52,11 +63,21 @@ pub async fn show(State(state): State<AppState>, Query(query): Query<StatsQuery>
             state.meter.ledger().map(|l| l.health()),
         )
     };
+    let keys_total = snapshot.keys.len();
+    if let Some(key) = &query.key {
+        snapshot
+            .keys
+            .retain(|k| k.identity.id == *key || k.identity.label == *key);
+    }
+    if let Some(limit) = limit {
+        snapshot.keys.truncate(limit);
+    }
     // Budgets are about now: shown with the live totals, not with a history range.
     let budgets = until.is_none().then(|| state.guard.view());
     match query.format.as_deref() {
         None | Some("json") => Json(
             stats::StatsView::new(&snapshot)
+                .keys_total(keys_total)
                 .until(until)
                 .ledger(ledger.as_ref())
                 .budgets(budgets.as_ref()),
