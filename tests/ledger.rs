@@ -124,6 +124,66 @@ async fn a_failing_disk_never_stops_forwarding_and_its_backlog_is_bounded_and_re
     assert_eq!(rows_in(dir.path()), 5);
 }
 
+/// Holds the write lock of the ledger in `data`, so that every commit fails as on a full disk,
+/// until dropped.
+fn failing_disk(data: &Path) -> rusqlite::Connection {
+    let blocker = rusqlite::Connection::open(data.join("ledger.sqlite3")).expect("the ledger");
+    blocker
+        .execute_batch("BEGIN EXCLUSIVE")
+        .expect("the write lock");
+    blocker
+}
+
+#[tokio::test]
+async fn a_graceful_stop_on_a_failing_disk_counts_the_rows_it_loses_once() {
+    let mock = Mock::openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = "flush_interval = \"10ms\"\n";
+    let proxy = Proxy::start_persistent(&mock.url(), dir.path(), toml).await;
+    let blocker = failing_disk(dir.path());
+    for _ in 0..3 {
+        proxy
+            .chat_through("sk-disk-full-02", &chat_request("gpt-4o", false))
+            .await;
+    }
+    poll(&proxy, |s| s["ledger"]["failing"] == true).await;
+    let state = proxy.state.clone();
+    proxy.stop().await;
+    let health = state.meter.ledger().unwrap().health();
+    assert_eq!((health.lost_rows, health.pending_rows), (3, 0));
+    drop(blocker);
+    assert_eq!(rows_in(dir.path()), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_on_a_failing_disk_logs_the_rows_it_loses_on_one_line() {
+    let mock = Mock::openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("proxy.toml"), "flush_interval = \"10ms\"\n").unwrap();
+    let mut command = binary_command(dir.path());
+    command.args(["--listen", "127.0.0.1:0", "--upstream", &mock.url()]);
+    let binary = Binary::start(command);
+    let blocker = failing_disk(&dir.path().join("data"));
+    for _ in 0..3 {
+        binary
+            .chat_through("sk-disk-full-03", &chat_request("gpt-4o", false))
+            .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while binary.get_json("/stats").await["ledger"]["failing"] != true {
+        assert!(Instant::now() < deadline, "the ledger never failed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, _, stderr) = binary.terminate();
+    let lost: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("the rows not yet written are lost"))
+        .collect();
+    assert_eq!(lost.len(), 1, "{stderr}");
+    assert!(lost[0].contains("lost_rows=3"), "{stderr}");
+    drop(blocker);
+}
+
 async fn poll(proxy: &Proxy, done: impl Fn(&Value) -> bool) -> Value {
     for _ in 0..300 {
         let stats = proxy.stats().await;

@@ -206,7 +206,7 @@ pub struct Health {
     pub pending_rows: u64,
     /// Rows committed since start.
     pub written_rows: u64,
-    /// Rows given up because the disk kept failing and the backlog was full.
+    /// Rows given up because the disk kept failing: the backlog was full, or the ledger closed.
     pub lost_rows: u64,
     /// The last write failed (the disk is full, read-only, …); rows wait in memory.
     pub is_failing: bool,
