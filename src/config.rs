@@ -995,18 +995,16 @@ fn guard_settings(
     Ok(settings)
 }
 
-/// Budgets in USD (daily, monthly, total) to nano-dollars; each must be positive.
+/// Budgets in USD (daily, monthly, total) to nano-dollars; each must be at least a nano-dollar
+/// and at most `NanoUsd::MAX`.
 fn budget_of(table: &str, usd: [Option<f64>; 3], name: &str) -> Result<Budget, ConfigError> {
     let mut out = [None; 3];
     for ((slot, value), period) in out.iter_mut().zip(usd).zip(["daily", "monthly", "total"]) {
         let Some(value) = value else { continue };
-        *slot = Some(NanoUsd::from_usd(value).ok_or_else(|| {
-            invalid(
-                &format!("{table}.{period}_usd"),
-                name,
-                format!("must be a positive amount of dollars, got {value}"),
-            )
-        })?);
+        *slot = Some(
+            NanoUsd::from_usd(value)
+                .map_err(|e| invalid(&format!("{table}.{period}_usd"), name, e.to_string()))?,
+        );
     }
     let [daily, monthly, total] = out;
     Ok(Budget {
@@ -1596,10 +1594,21 @@ mod guard_tests {
     }
 
     #[test]
+    fn a_budget_of_billions_of_dollars_is_a_budget() {
+        let c = load("[budget]\ntotal_usd = 1e10").unwrap();
+        assert_eq!(
+            c.guard.global.total,
+            Some(NanoUsd(10_000_000_000_000_000_000))
+        );
+    }
+
+    #[test]
     fn budgets_that_cannot_be_met_refuse_to_start_with_the_field_named() {
         for (file, expected) in [
             ("[budget]\ndaily_usd = -1", "`budget.daily_usd`"),
             ("[budget]\ndaily_usd = 0", "`budget.daily_usd`"),
+            ("[budget]\ndaily_usd = 1e-12", "would round to $0"),
+            ("[budget]\ndaily_usd = 1e308", "got 1e308"),
             ("[budget]\nweekly_usd = 5", "weekly_usd"),
             ("budget_timezone = \"Mars/Olympus\"", "`budget_timezone`"),
             ("alert_thresholds = [0, 50]", "`alert_thresholds`"),

@@ -121,6 +121,7 @@ fn serve(config: Config) -> ExitCode {
             || "not persisted (--no-persist)".to_owned(),
             |l| format!("ledger {}", l.path().display()),
         );
+        let shutdown = shutdown_signal();
         println!("llm-meter listening on http://{addr}{own}, forwarding {routes}; {ledger}");
         tracing::info!(max_connections, "accepting connections");
         let meter = std::sync::Arc::clone(&state.meter);
@@ -129,7 +130,7 @@ fn serve(config: Config) -> ExitCode {
             admin,
             peer_as: None,
         };
-        let served = llm_meter::server::run_with(listeners, state, shutdown_signal()).await;
+        let served = llm_meter::server::run_with(listeners, state, shutdown).await;
         // Estimates still running count what is left by its bytes; then whatever happened,
         // write out what was recorded.
         llm_meter::usage::estimate::hurry();
@@ -191,26 +192,29 @@ fn healthcheck(config: &Config) -> ExitCode {
     }
 }
 
-/// Completes on SIGINT (Ctrl-C) or SIGTERM (docker stop).
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Completes on SIGINT (Ctrl-C) or SIGTERM (docker stop). The handlers are installed when this
+/// is called, not when the future is first polled, so a signal sent as soon as the startup line
+/// is out is not taken by the default action (which would end the process at once).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let interrupt = signal(SignalKind::interrupt());
+        let terminate = signal(SignalKind::terminate());
+        async move {
+            let (Ok(mut interrupt), Ok(mut terminate)) = (interrupt, terminate) else {
+                return std::future::pending().await;
+            };
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
     }
 }

@@ -171,3 +171,97 @@ async fn changes_need_the_admin_token_and_valid_values() {
     );
     open.stop().await;
 }
+
+/// The error message of a refused change.
+async fn refusal(response: reqwest::Response) -> String {
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    body["error"]["message"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn budgets_from_a_nano_dollar_to_the_largest_amount_are_accepted() {
+    let mock = Mock::start(openai_like).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start(&mock, &toml(true), dir.path()).await;
+    for usd in [1e-9, 1e10, 18_446_744_073.709_55] {
+        let changed = put(&proxy, "worker", Some(TOKEN), &json!({"total_usd": usd})).await;
+        assert_eq!(changed.status(), 200, "{usd}");
+        let changed: Value = changed.json().await.unwrap();
+        assert_eq!(
+            changed["budget"][0]["limit_usd"].as_f64(),
+            Some(usd),
+            "{usd}"
+        );
+    }
+    // A request under the largest budget is served, and its budget line renders.
+    let response = proxy.chat(KEY, &chat_request("gpt-4o", false)).await;
+    assert_eq!(response.status(), 200);
+    proxy.stats_after(1).await;
+    let text = proxy.get_text("/stats?format=text").await;
+    assert!(text.contains("of $18446744073.7095"), "{text}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn budgets_that_round_to_zero_or_overflow_are_refused_with_a_short_message() {
+    let mock = Mock::start(openai_like).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start(&mock, &toml(true), dir.path()).await;
+    let message =
+        refusal(put(&proxy, "worker", Some(TOKEN), &json!({"daily_usd": 1e-12})).await).await;
+    assert!(message.contains("`daily_usd`"), "{message}");
+    assert!(message.contains("would round to $0"), "{message}");
+    let message =
+        refusal(put(&proxy, "worker", Some(TOKEN), &json!({"total_usd": 1.9e10})).await).await;
+    assert!(
+        message.contains("at most $18446744073.709551615"),
+        "{message}"
+    );
+    let message =
+        refusal(put(&proxy, "worker", Some(TOKEN), &json!({"total_usd": 1e308})).await).await;
+    assert!(message.ends_with("got 1e308"), "{message}");
+    assert!(message.len() < 120, "{message}");
+    // A value of the wrong type is not quoted back whole either.
+    let long = "9".repeat(10_000);
+    let message =
+        refusal(put(&proxy, "worker", Some(TOKEN), &json!({"daily_usd": long})).await).await;
+    assert!(message.len() < 400, "{} bytes", message.len());
+    // Nothing was changed.
+    let keys: Value = proxy
+        .client
+        .get(proxy.url("/admin/keys"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(keys["keys"][0]["budget"][0]["limit_usd"], 5.0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversized_budget_body_gets_the_json_413() {
+    let mock = Mock::start(openai_like).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start(&mock, &toml(true), dir.path()).await;
+    let padding = " ".repeat(llm_meter::api::admin::MAX_BUDGET_BODY_BYTES);
+    let response = proxy
+        .client
+        .put(proxy.url("/admin/keys/worker/budget"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(format!("{{\"daily_usd\": 1{padding}}}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "request_too_large", "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    proxy.stop().await;
+}

@@ -231,10 +231,11 @@ async fn bogus_usage_and_non_json_bodies_pass_through_and_are_counted() {
     let stats = proxy.stats_after(bodies.len() as u64).await;
     assert_eq!(stats["totals"]["requests"], bodies.len());
     // Only the one sane field of the two usage objects counts: the second body's
-    // completion_tokens. The two bodies that are not JSON are estimated: their prompts are
-    // counted by the tokenizer, and they returned no text.
+    // completion_tokens. The usage that is a list is no usage, and the two bodies that are not
+    // JSON have none: those three are estimated (their prompts are counted by the tokenizer,
+    // and they returned no text).
     assert_eq!(stats["totals"]["completion_tokens"], 2);
-    assert_eq!(stats["totals"]["estimated_requests"], 2);
+    assert_eq!(stats["totals"]["estimated_requests"], 3);
     assert!(stats["totals"]["prompt_tokens"].as_u64().unwrap() > 0);
 }
 

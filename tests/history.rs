@@ -255,6 +255,55 @@ async fn export_has_every_row_as_csv_or_json_lines_and_no_key() {
     }
 }
 
+/// The cells of one CSV line (RFC 4180: quoted cells, doubled quotes).
+fn csv_cells(line: &str) -> Vec<String> {
+    let (mut cells, mut cell) = (Vec::new(), String::new());
+    let mut is_quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, is_quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                chars.next();
+                cell.push('"');
+            }
+            ('"', _) => is_quoted = !is_quoted,
+            (',', false) => cells.push(std::mem::take(&mut cell)),
+            (c, _) => cell.push(c),
+        }
+    }
+    cells.push(cell);
+    cells
+}
+
+#[tokio::test]
+async fn a_csv_export_never_hands_a_spreadsheet_a_formula() {
+    let mock = Mock::openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start_persistent(&mock.url(), dir.path(), "").await;
+    // The mock answers with the model it was asked for, so the row's model is the client's text.
+    let formula = r#"=HYPERLINK("http://x","x")"#;
+    proxy
+        .chat_through(ALICE, &chat_request(formula, false))
+        .await;
+    proxy.stats_after(1).await;
+
+    let csv = proxy.get_text("/export?format=csv").await;
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 2, "{csv}");
+    let header = csv_cells(lines[0]);
+    let row = csv_cells(lines[1]);
+    assert_eq!(row.len(), header.len(), "{csv}");
+    let model = header.iter().position(|c| c == "model").unwrap();
+    assert_eq!(row[model], format!("'{formula}"));
+    // Numbers are left as numbers.
+    let status = header.iter().position(|c| c == "status").unwrap();
+    assert_eq!(row[status], "200");
+    // JSON lines are not read by spreadsheets: the model is as recorded.
+    let rows = common::json_lines(&proxy.get_text("/export?format=jsonl").await);
+    assert_eq!(rows[0]["model"], formula);
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_of_100k_rows_streams_in_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();

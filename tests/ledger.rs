@@ -7,7 +7,9 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{Binary, Mock, Proxy, binary_command, chat_request, totals_of};
+use common::{
+    Binary, Mock, Proxy, binary_command, chat_request, ledger_row, totals_of, write_ledger,
+};
 use llm_meter::meter::ledger::history::{Filter, Reader};
 use serde_json::Value;
 
@@ -122,6 +124,66 @@ async fn a_failing_disk_never_stops_forwarding_and_its_backlog_is_bounded_and_re
     proxy.stop().await;
     // The rows given up are the only ones missing after a restart.
     assert_eq!(rows_in(dir.path()), 5);
+}
+
+/// Holds the write lock of the ledger in `data`, so that every commit fails as on a full disk,
+/// until dropped.
+fn failing_disk(data: &Path) -> rusqlite::Connection {
+    let blocker = rusqlite::Connection::open(data.join("ledger.sqlite3")).expect("the ledger");
+    blocker
+        .execute_batch("BEGIN EXCLUSIVE")
+        .expect("the write lock");
+    blocker
+}
+
+#[tokio::test]
+async fn a_graceful_stop_on_a_failing_disk_counts_the_rows_it_loses_once() {
+    let mock = Mock::openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = "flush_interval = \"10ms\"\n";
+    let proxy = Proxy::start_persistent(&mock.url(), dir.path(), toml).await;
+    let blocker = failing_disk(dir.path());
+    for _ in 0..3 {
+        proxy
+            .chat_through("sk-disk-full-02", &chat_request("gpt-4o", false))
+            .await;
+    }
+    poll(&proxy, |s| s["ledger"]["failing"] == true).await;
+    let state = proxy.state.clone();
+    proxy.stop().await;
+    let health = state.meter.ledger().unwrap().health();
+    assert_eq!((health.lost_rows, health.pending_rows), (3, 0));
+    drop(blocker);
+    assert_eq!(rows_in(dir.path()), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_on_a_failing_disk_logs_the_rows_it_loses_on_one_line() {
+    let mock = Mock::openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("proxy.toml"), "flush_interval = \"10ms\"\n").unwrap();
+    let mut command = binary_command(dir.path());
+    command.args(["--listen", "127.0.0.1:0", "--upstream", &mock.url()]);
+    let binary = Binary::start(command);
+    let blocker = failing_disk(&dir.path().join("data"));
+    for _ in 0..3 {
+        binary
+            .chat_through("sk-disk-full-03", &chat_request("gpt-4o", false))
+            .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while binary.get_json("/stats").await["ledger"]["failing"] != true {
+        assert!(Instant::now() < deadline, "the ledger never failed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, _, stderr) = binary.terminate();
+    let lost: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("the rows not yet written are lost"))
+        .collect();
+    assert_eq!(lost.len(), 1, "{stderr}");
+    assert!(lost[0].contains("lost_rows=3"), "{stderr}");
+    drop(blocker);
 }
 
 async fn poll(proxy: &Proxy, done: impl Fn(&Value) -> bool) -> Value {
@@ -387,5 +449,76 @@ async fn rows_say_when_a_stream_was_cut_short_by_the_client_or_the_upstream() {
     // Leaving is not an error (the provider may still bill it); a cut stream is.
     let by_error: Vec<bool> = rows.iter().map(|r| r["error"] == true).collect();
     assert_eq!(by_error.iter().filter(|e| **e).count(), 1, "{rows:?}");
+    proxy.stop().await;
+}
+
+/// Polls /stats until the ledger's corruption check has a result, and returns it.
+async fn integrity(proxy: &Proxy) -> String {
+    let stats = poll(proxy, |s| s["ledger"]["integrity"] != "checking").await;
+    stats["ledger"]["integrity"]
+        .as_str()
+        .expect("an integrity string")
+        .to_owned()
+}
+
+/// A closed ledger in `data` with enough rows for its `requests` table to span many pages.
+fn ledger_of_many_pages(data: &Path) {
+    let row = ledger_row(
+        "2026-11-24T09:00:00Z",
+        "sk-pages-000111",
+        "gpt-4o",
+        (1000, 200),
+        4_500_000,
+    );
+    write_ledger(data, std::iter::repeat_n(row, 5_000));
+    assert!(
+        !data.join("ledger.sqlite3-wal").exists(),
+        "the ledger was not checkpointed on close"
+    );
+}
+
+#[tokio::test]
+async fn a_healthy_ledger_passes_the_integrity_check_at_start() {
+    let mock = Mock::openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    ledger_of_many_pages(dir.path());
+    let proxy = Proxy::start_persistent(&mock.url(), dir.path(), "").await;
+    assert_eq!(integrity(&proxy).await, "ok");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_ledger_damaged_in_the_middle_starts_and_reports_a_failed_integrity_check() {
+    let mock = Mock::openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    ledger_of_many_pages(dir.path());
+    let file = dir.path().join("ledger.sqlite3");
+    let mut bytes = std::fs::read(&file).unwrap();
+    // The page size is at offset 16 of the header (big-endian; 1 means 65536).
+    let page = match u16::from_be_bytes([bytes[16], bytes[17]]) {
+        1 => 65_536,
+        size => usize::from(size),
+    };
+    let pages = bytes.len() / page;
+    assert!(pages > 40, "only {pages} pages");
+    // Pages in the middle hold old request rows: the start (which reads the header, the current
+    // period's totals and the newest row) does not touch them; a full check does.
+    let damaged = pages * 2 / 5 * page..pages * 3 / 5 * page;
+    for (i, byte) in bytes[damaged].iter_mut().enumerate() {
+        *byte = (i * 7 % 251) as u8;
+    }
+    std::fs::write(&file, &bytes).unwrap();
+
+    let proxy = Proxy::start_persistent(&mock.url(), dir.path(), "").await;
+    // Started and serving, with the totals it restored.
+    assert_eq!(proxy.stats().await["totals"]["requests"], 5_000);
+    let response = proxy
+        .chat("sk-pages-000111", &chat_request("gpt-4o", false))
+        .await;
+    assert_eq!(response.status(), 200);
+    let integrity = integrity(&proxy).await;
+    // SQLite's first findings, on one line.
+    assert!(integrity.starts_with("failed: Tree "), "{integrity}");
+    assert!(!integrity.contains('\n'), "{integrity}");
     proxy.stop().await;
 }

@@ -1,9 +1,11 @@
 //! Named keys and alerts: `GET /admin/keys`, `PUT /admin/keys/NAME/budget`, `GET /alerts`.
 
 use axum::Json;
+use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
 
 use crate::app::AppState;
@@ -26,14 +28,33 @@ pub struct BudgetChange {
 }
 
 fn nano(field: &str, usd: Option<f64>) -> Result<Option<NanoUsd>, AdminError> {
-    usd.map(|v| {
-        NanoUsd::from_usd(v).ok_or_else(|| {
-            AdminError::Invalid(format!(
-                "`{field}` must be a positive amount of dollars, got {v}"
-            ))
-        })
-    })
-    .transpose()
+    usd.map(|v| NanoUsd::from_usd(v).map_err(|e| AdminError::Invalid(format!("`{field}` {e}"))))
+        .transpose()
+}
+
+/// Largest budget body read: three numbers need a few dozen bytes, and this leaves room for any
+/// formatting while refusing a runaway upload.
+pub const MAX_BUDGET_BODY_BYTES: usize = 64 * 1024;
+
+/// Reads a whole request body up to `limit` bytes; past it, the OpenAI-style 413 of `ProxyError`
+/// (axum's `Bytes` extractor would answer in plain text).
+async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ProxyError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
+        Err(err) => Err(ProxyError::ClientBody(err.to_string())),
+    }
+}
+
+/// Characters of a parser message answered: serde quotes a string of the wrong type whole.
+const MAX_REASON_CHARS: usize = 160;
+
+/// `reason`, cut to `MAX_REASON_CHARS` characters.
+fn shortened(reason: &str) -> String {
+    match reason.char_indices().nth(MAX_REASON_CHARS) {
+        Some((end, _)) => format!("{}…", &reason[..end]),
+        None => reason.to_owned(),
+    }
 }
 
 /// `PUT /admin/keys/NAME/budget` (`NAME` may be `global`): replaces the budgets, at once and
@@ -41,17 +62,22 @@ fn nano(field: &str, usd: Option<f64>) -> Result<Option<NanoUsd>, AdminError> {
 pub async fn set_budget(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    body: axum::body::Bytes,
+    body: Body,
 ) -> Response {
     // Budgets change for good: only with a token, checked by `api::access` before this.
     if state.config.admin_token.is_none() {
         return ProxyError::NoAdminToken.into_response();
     }
+    let body = match read_body(body, MAX_BUDGET_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(err) => return err.into_response(),
+    };
     let change: BudgetChange = match serde_json::from_slice(&body) {
         Ok(change) => change,
         Err(err) => {
             return ProxyError::BadQuery(format!(
-                "expected {{\"daily_usd\": …, \"monthly_usd\": …, \"total_usd\": …}}: {err}"
+                "expected {{\"daily_usd\": …, \"monthly_usd\": …, \"total_usd\": …}}: {}",
+                shortened(&err.to_string())
             ))
             .into_response();
         }

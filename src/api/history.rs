@@ -1,6 +1,7 @@
 //! History from the ledger: `/stats?since=&until=`, `/usage` (grouped sums), `/export` (raw
 //! rows, streamed) and the `export` command. Rows carry key ids and labels, never keys.
 
+use std::borrow::Cow;
 use std::io::{self, Write};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -380,13 +381,37 @@ fn csv_line(row: &Row, line: &mut String) {
     );
 }
 
-/// Quotes a field when it holds a separator, a quote or a line break (RFC 4180).
-fn csv_field(value: &str) -> std::borrow::Cow<'_, str> {
+/// A text cell as written: defused if a spreadsheet would run it as a formula, then quoted
+/// when it holds a separator, a quote or a line break (RFC 4180).
+fn csv_field(value: &str) -> Cow<'_, str> {
+    let value = defuse_formula(value);
     if value.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", value.replace('"', "\"\"")).into()
     } else {
+        value
+    }
+}
+
+/// Spreadsheets run a cell that starts with `=`, `+`, `-`, `@`, a tab or a carriage return as a
+/// formula, and a model name or response id comes from the client or the upstream: such a cell
+/// gets a leading `'`, which makes it text, unless it is a plain number such as `-1.5`.
+/// See <https://owasp.org/www-community/attacks/CSV_Injection>.
+fn defuse_formula(value: &str) -> Cow<'_, str> {
+    let is_trigger = value.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    if is_trigger && !is_plain_number(value) {
+        format!("'{value}").into()
+    } else {
         value.into()
     }
+}
+
+/// True for a decimal number (`-1.5`, `+2e3`); `inf` and `NaN`, which Rust also parses, are
+/// words to a spreadsheet.
+fn is_plain_number(value: &str) -> bool {
+    value
+        .bytes()
+        .all(|b| b.is_ascii_digit() || matches!(b, b'+' | b'-' | b'.' | b'e' | b'E'))
+        && value.parse::<f64>().is_ok()
 }
 
 /// One export row as JSON.
@@ -517,6 +542,31 @@ mod tests {
         assert_eq!(csv_field("a,b"), "\"a,b\"");
         assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
         assert_eq!(csv_field("two\nlines"), "\"two\nlines\"");
+    }
+
+    #[test]
+    fn csv_cells_that_a_spreadsheet_would_run_as_formulas_become_text() {
+        for (value, written) in [
+            ("=1+2", "'=1+2"),
+            ("+1+2", "'+1+2"),
+            ("-1+2", "'-1+2"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("\tx", "'\tx"),
+            ("\rx", "\"'\rx\""),
+            (
+                "=HYPERLINK(\"http://x\",\"x\")",
+                "\"'=HYPERLINK(\"\"http://x\"\",\"\"x\"\")\"",
+            ),
+            ("-inf", "'-inf"),
+            ("-", "'-"),
+            // Numbers stay numbers, and a sign inside a cell is harmless.
+            ("-1.5", "-1.5"),
+            ("+2e3", "+2e3"),
+            ("gpt-4o", "gpt-4o"),
+            ("a=b", "a=b"),
+        ] {
+            assert_eq!(csv_field(value), written, "{value:?}");
+        }
     }
 
     #[test]

@@ -80,6 +80,8 @@ struct LedgerView<'a> {
     failing: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_error: Option<&'a str>,
+    /// The corruption check run at start: `checking`, `ok` or `failed: …`.
+    integrity: String,
 }
 
 /// The whole `/stats` JSON document.
@@ -181,6 +183,7 @@ impl<'a> StatsView<'a> {
                 lost_rows: h.lost_rows,
                 failing: h.is_failing,
                 last_error: h.last_error.as_deref(),
+                integrity: h.integrity.to_string(),
             }));
         }
         self

@@ -21,19 +21,46 @@ use crate::usage::Usage;
 #[serde(transparent)]
 pub struct NanoUsd(pub u64);
 
+/// Why an amount of dollars cannot be a budget. Each carries the amount as given, rendered short.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AmountError {
+    /// Zero, negative, or not a number.
+    #[error("must be a positive amount of dollars, got {0}")]
+    NotPositive(String),
+    /// Positive, but under half a nano-dollar: it would be a limit of $0.
+    #[error("must be at least $0.000000001 (it would round to $0), got {0}")]
+    RoundsToZero(String),
+    /// More nano-dollars than a `u64` holds.
+    #[error("must be at most $18446744073.709551615, got {0}")]
+    TooLarge(String),
+}
+
+/// 2^64 as a float: the first nano-dollar count a `u64` cannot hold.
+const NANO_LIMIT: f64 = 18_446_744_073_709_551_616.0;
+
 impl NanoUsd {
-    /// A positive amount of dollars under a billion, rounded to the nano-dollar; `None` otherwise.
-    pub fn from_usd(usd: f64) -> Option<Self> {
-        if !(usd.is_finite() && usd > 0.0 && usd < 1e9) {
-            return None;
+    /// The largest amount: $18,446,744,073.709551615.
+    pub const MAX: Self = Self(u64::MAX);
+
+    /// A positive amount of dollars, rounded to the nano-dollar: at least one nano-dollar once
+    /// rounded, at most `MAX`.
+    pub fn from_usd(usd: f64) -> Result<Self, AmountError> {
+        if !(usd.is_finite() && usd > 0.0) {
+            return Err(AmountError::NotPositive(short(usd)));
+        }
+        let nano = (usd * 1e9).round();
+        if nano < 1.0 {
+            return Err(AmountError::RoundsToZero(short(usd)));
+        }
+        if nano >= NANO_LIMIT {
+            return Err(AmountError::TooLarge(short(usd)));
         }
         #[expect(
             clippy::cast_possible_truncation,
             clippy::cast_sign_loss,
-            reason = "checked: 0 < usd < 1e9, so usd × 1e9 < 1e18 < u64::MAX"
+            reason = "checked: 1 <= nano < 2^64, and it is a whole number"
         )]
-        let nano = (usd * 1e9).round() as u64;
-        Some(Self(nano))
+        Ok(Self(nano as u64))
     }
 
     /// The amount in dollars, for display only.
@@ -54,13 +81,25 @@ impl fmt::Display for NanoUsd {
             let digits = format!("{:09}", self.0);
             return write!(f, "$0.{}", digits.trim_end_matches('0'));
         }
-        let tenths_of_cents = (self.0 + 50_000) / 100_000;
+        // Rounded half up without adding first: `MAX` + 50,000 would overflow.
+        let tenths_of_cents = self.0 / 100_000 + u64::from(self.0 % 100_000 >= 50_000);
         write!(
             f,
             "${}.{:04}",
             tenths_of_cents / 10_000,
             tenths_of_cents % 10_000
         )
+    }
+}
+
+/// An amount as given, for a message: as written when that is short, else in scientific
+/// notation (`1e308` would otherwise be rendered as 309 digits).
+fn short(usd: f64) -> String {
+    let plain = usd.to_string();
+    if plain.len() <= 24 {
+        plain
+    } else {
+        format!("{usd:e}")
     }
 }
 
@@ -229,6 +268,70 @@ const BUILTIN: &[(&str, f64, f64, f64, f64)] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn budgets_are_any_amount_from_a_nano_dollar_to_the_largest_u64() {
+        assert_eq!(NanoUsd::from_usd(1.5), Ok(NanoUsd(1_500_000_000)));
+        assert_eq!(NanoUsd::from_usd(1e-9), Ok(NanoUsd(1)));
+        // Half a nano-dollar rounds up to one.
+        assert_eq!(NanoUsd::from_usd(5e-10), Ok(NanoUsd(1)));
+        // A billion dollars and more, up to what a u64 of nano-dollars holds.
+        assert_eq!(
+            NanoUsd::from_usd(1e9),
+            Ok(NanoUsd(1_000_000_000_000_000_000))
+        );
+        assert_eq!(
+            NanoUsd::from_usd(1e10),
+            Ok(NanoUsd(10_000_000_000_000_000_000))
+        );
+        let near_max = NanoUsd::from_usd(18_446_744_073.709_55).unwrap();
+        assert!(near_max.0 > 18_446_744_073_709_000_000, "{near_max:?}");
+    }
+
+    #[test]
+    fn budgets_out_of_range_are_refused_with_a_short_reason() {
+        for (usd, expected) in [
+            (0.0, "must be a positive amount of dollars, got 0"),
+            (-1.0, "must be a positive amount of dollars, got -1"),
+            (f64::NAN, "must be a positive amount of dollars, got NaN"),
+            (
+                f64::INFINITY,
+                "must be a positive amount of dollars, got inf",
+            ),
+            (
+                1e-12,
+                "must be at least $0.000000001 (it would round to $0), got 0.000000000001",
+            ),
+            (
+                4e-10,
+                "must be at least $0.000000001 (it would round to $0), got 0.0000000004",
+            ),
+            (
+                1e-300,
+                "must be at least $0.000000001 (it would round to $0), got 1e-300",
+            ),
+            (
+                1.9e10,
+                "must be at most $18446744073.709551615, got 19000000000",
+            ),
+            (1e308, "must be at most $18446744073.709551615, got 1e308"),
+        ] {
+            let err = NanoUsd::from_usd(usd).unwrap_err();
+            assert_eq!(err.to_string(), expected, "{usd}");
+        }
+        // The first amount past the largest.
+        assert!(matches!(
+            NanoUsd::from_usd(18_446_744_073.709_552),
+            Err(AmountError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn the_largest_amount_is_displayed_without_overflow() {
+        assert_eq!(NanoUsd::MAX.to_string(), "$18446744073.7096");
+        assert_eq!(NanoUsd(99_950_000).to_string(), "$0.1000");
+        assert_eq!(NanoUsd(99_949_999).to_string(), "$0.0999");
+    }
 
     fn usage(input: u64, cached: u64, output: u64) -> Usage {
         Usage {

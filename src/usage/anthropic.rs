@@ -13,8 +13,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{
-    Count, Extracted, Usage, Warning, details, has_usage_object, id_of, model_of, object,
-    parse_raw, sse,
+    Count, Counted, Extracted, Usage, Warning, details, has_usage_value, id_of, model_of, object,
+    sse, usage_object,
 };
 
 /// The message object's fields we read.
@@ -50,6 +50,19 @@ struct WireUsage<'a> {
     cache_read_input_tokens: Count,
     #[serde(borrow, default)]
     cache_creation: Option<&'a RawValue>,
+}
+
+impl Counted for WireUsage<'_> {
+    fn names_a_count(&self) -> bool {
+        [
+            self.input_tokens,
+            self.output_tokens,
+            self.cache_creation_input_tokens,
+            self.cache_read_input_tokens,
+        ]
+        .into_iter()
+        .any(Count::is_present)
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -95,13 +108,11 @@ fn present(count: Count, field: &'static str, warnings: &mut Vec<Warning>) -> Op
     }
 }
 
-/// Reads one `usage` object; `None` for `null` or a non-object (with a warning).
+/// Reads one `usage` object; `None` for `null`, and with a warning for a non-object or an object
+/// with none of Anthropic's counts (an OpenAI-shaped usage, `{}`).
 fn partial_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Partial> {
-    if raw.get() == "null" {
-        return None;
-    }
     let w = warnings;
-    let usage: WireUsage<'_> = parse_raw(raw.get(), "usage", "not an object", w)?;
+    let usage: WireUsage<'_> = usage_object(raw.get(), "usage", w)?;
     let split: CacheCreation = details(usage.cache_creation, "usage.cache_creation", w);
     let cache_write = present(
         usage.cache_creation_input_tokens,
@@ -164,7 +175,7 @@ impl Stream {
         let Some(data) = sse::data(event) else {
             return;
         };
-        if !has_usage_object(&data) {
+        if !has_usage_value(&data) {
             return;
         }
         let Ok(parsed) = serde_json::from_slice::<StreamEvent<'_>>(&data) else {
@@ -321,5 +332,64 @@ mod tests {
         let got = run(&[events[..4].concat().as_bytes()]);
         assert_eq!(got.usage.unwrap().input_tokens, 25);
         assert!(got.is_output_provisional);
+    }
+
+    /// `NOT_A_USAGE` and OpenAI's shape, which the Messages API never sends.
+    fn not_an_anthropic_usage() -> Vec<&'static str> {
+        let mut shapes = super::super::NOT_A_USAGE.to_vec();
+        shapes.push(r#"{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}"#);
+        shapes
+    }
+
+    #[test]
+    fn a_plain_usage_that_is_no_anthropic_usage_is_none_with_a_warning() {
+        for usage in not_an_anthropic_usage() {
+            let body = format!(r#"{{"id":"msg_1","model":"m","content":[],"usage":{usage}}}"#);
+            let got = parse_body(body.as_bytes());
+            assert_eq!(got.usage, None, "{usage}");
+            assert_eq!(
+                got.warnings,
+                [super::super::no_usage_warning(usage, "usage")],
+                "{usage}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_streamed_usage_that_is_no_anthropic_usage_is_none_with_a_warning() {
+        for usage in not_an_anthropic_usage() {
+            let mut events = stream_events(15);
+            events[0] = format!(
+                "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"id\":\"msg_1\",\"model\":\"m\",\"content\":[],\"usage\":{usage}}}}}\n\n"
+            );
+            events[6] = format!(
+                "event: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{}},\"usage\":{usage}}}\n\n"
+            );
+            let got = run(&[events.concat().as_bytes()]);
+            assert_eq!(got.usage, None, "{usage}");
+            assert!(!got.is_output_provisional, "{usage}");
+            assert_eq!(
+                got.warnings,
+                [super::super::no_usage_warning(usage, "usage")],
+                "{usage}"
+            );
+            assert_eq!(got.model.as_deref(), Some("m"));
+        }
+    }
+
+    #[test]
+    fn a_bad_final_delta_leaves_the_output_provisional() {
+        let mut events = stream_events(15);
+        events[6] = "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{},\"usage\":{}}\n\n".to_owned();
+        let got = run(&[events.concat().as_bytes()]);
+        assert_eq!(got.usage.map(|u| u.input_tokens), Some(25));
+        assert!(got.is_output_provisional);
+    }
+
+    #[test]
+    fn a_usage_of_zero_counts_is_a_usage_not_a_missing_one() {
+        let got = parse_body(br#"{"usage":{"input_tokens":0,"output_tokens":0}}"#);
+        assert_eq!(got.usage, Some(Usage::default()));
+        assert!(got.warnings.is_empty(), "{:?}", got.warnings);
     }
 }

@@ -13,7 +13,7 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{Count, Extracted, Usage, Warning, has_key, note, parse_raw, sse};
+use super::{Count, Counted, Extracted, Usage, Warning, has_key, note, sse, usage_object};
 
 #[derive(Deserialize)]
 struct Envelope<'a> {
@@ -42,13 +42,26 @@ struct WireUsage {
     total_token_count: Count,
 }
 
-/// Maps a `usageMetadata` object to the record; `None` for `null`.
-pub fn usage_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Usage> {
-    if raw.get() == "null" {
-        return None;
+impl Counted for WireUsage {
+    /// Any count but `totalTokenCount`: a total alone cannot be split or priced.
+    fn names_a_count(&self) -> bool {
+        [
+            self.prompt_token_count,
+            self.candidates_token_count,
+            self.cached_content_token_count,
+            self.thoughts_token_count,
+            self.tool_use_prompt_token_count,
+        ]
+        .into_iter()
+        .any(Count::is_present)
     }
+}
+
+/// Maps a `usageMetadata` object to the record; `None` for `null`, and with a warning for a
+/// non-object or an object with none of Gemini's counts.
+pub fn usage_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Usage> {
     let w = warnings;
-    let usage: WireUsage = parse_raw(raw.get(), "usageMetadata", "not an object", w)?;
+    let usage: WireUsage = usage_object(raw.get(), "usageMetadata", w)?;
     let prompt = usage
         .prompt_token_count
         .take("usageMetadata.promptTokenCount", w);
@@ -232,5 +245,54 @@ mod tests {
             let (a, b) = bytes.split_at(i);
             assert_eq!(run(&[a, b]), expected, "split at {i}");
         }
+    }
+
+    /// `NOT_A_USAGE`, OpenAI's shape and a total alone, which cannot be split or priced.
+    fn not_a_gemini_usage() -> Vec<&'static str> {
+        let mut shapes = super::super::NOT_A_USAGE.to_vec();
+        shapes.push(r#"{"prompt_tokens":5,"completion_tokens":3}"#);
+        shapes.push(r#"{"totalTokenCount":8}"#);
+        shapes
+    }
+
+    #[test]
+    fn a_plain_usage_that_is_no_gemini_usage_is_none_with_a_warning() {
+        for usage in not_a_gemini_usage() {
+            let one = format!(r#"{{"candidates":[],"usageMetadata":{usage},"modelVersion":"m"}}"#);
+            // A whole response, and the JSON array a stream without `alt=sse` is.
+            for body in [one.clone(), format!("[{one},{one}]")] {
+                let got = parse_body(body.as_bytes());
+                assert_eq!(got.usage, None, "{body}");
+                assert_eq!(
+                    got.warnings,
+                    [super::super::no_usage_warning(usage, "usageMetadata")],
+                    "{body}"
+                );
+                assert_eq!(got.model.as_deref(), Some("m"));
+            }
+        }
+    }
+
+    #[test]
+    fn a_streamed_usage_that_is_no_gemini_usage_is_none_with_a_warning() {
+        for usage in not_a_gemini_usage() {
+            let chunk = format!(
+                "data: {{\"candidates\":[],\"usageMetadata\":{usage},\"modelVersion\":\"m\"}}\r\n\r\n"
+            );
+            let got = run(&[chunk.repeat(3).as_bytes()]);
+            assert_eq!(got.usage, None, "{usage}");
+            assert_eq!(
+                got.warnings,
+                [super::super::no_usage_warning(usage, "usageMetadata")],
+                "{usage}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_usage_of_zero_counts_is_a_usage_not_a_missing_one() {
+        let got = parse_body(br#"{"usageMetadata":{"promptTokenCount":0,"totalTokenCount":0}}"#);
+        assert_eq!(got.usage, Some(Usage::default()));
+        assert!(got.warnings.is_empty(), "{:?}", got.warnings);
     }
 }

@@ -15,6 +15,9 @@
 //! An absent or `null` field counts as 0. A field of the wrong type, negative, fractional or
 //! absurdly large (over `MAX_TOKENS`) is ignored (counted as 0) and reported as a `Warning`.
 //! A response with no `usage` object at all yields no `Usage`: the request is still counted.
+//! So does a `usage` that is not an object (a list, a string) or that has none of the counts
+//! its flavor defines (`{}`, another provider's shape), with a `Warning`: the request is then
+//! estimated and flagged, never recorded as a silent 0. One count present, even 0, is a usage.
 
 pub mod anthropic;
 pub mod estimate;
@@ -169,23 +172,25 @@ impl StreamUsage {
 static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
 
-/// True when the data has a `"usage"` key whose value is an object (not `null`), found without parsing.
-fn has_usage_object(data: &[u8]) -> bool {
+/// True when the data has a `"usage"` key whose value is not `null`, found without parsing. A
+/// value of the wrong shape (a list, a string) is parsed too, so that it is reported.
+fn has_usage_value(data: &[u8]) -> bool {
     USAGE_KEY
         .find_iter(data)
-        .any(|at| is_object_value(&data[at + 7..]))
+        .any(|at| is_present_value(&data[at + 7..]))
 }
 
-/// True when the data has the quoted `key` followed by an object value (a scan, not a parse).
+/// True when the data has the quoted `key` followed by a value other than `null` (a scan, not a parse).
 fn has_key(data: &[u8], key: &[u8]) -> bool {
-    memmem::find_iter(data, key).any(|at| is_object_value(&data[at + key.len()..]))
+    memmem::find_iter(data, key).any(|at| is_present_value(&data[at + key.len()..]))
 }
 
-/// True when `rest` (what follows a quoted key) is `: {`.
-fn is_object_value(rest: &[u8]) -> bool {
-    rest.trim_ascii_start()
-        .strip_prefix(b":")
-        .is_some_and(|v| v.trim_ascii_start().first() == Some(&b'{'))
+/// True when `rest` (what follows a quoted key) is `:` and a value that is not `null`.
+fn is_present_value(rest: &[u8]) -> bool {
+    rest.trim_ascii_start().strip_prefix(b":").is_some_and(|v| {
+        let v = v.trim_ascii_start();
+        !v.is_empty() && !v.starts_with(b"null")
+    })
 }
 
 /// A usage field that was present but unusable, for one warning log line.
@@ -226,6 +231,11 @@ pub enum Count {
 }
 
 impl Count {
+    /// True when the field was there and not `null` (a bogus value is there too).
+    pub fn is_present(self) -> bool {
+        self != Self::Absent
+    }
+
     /// The count, or 0 with a warning naming `field` when it was bogus.
     pub fn take(self, field: &'static str, warnings: &mut Vec<Warning>) -> u64 {
         match self {
@@ -339,13 +349,70 @@ fn parse_raw<'a, T: Deserialize<'a>>(
     }
 }
 
+/// Adds a warning unless the same one is there already: a stream can repeat a bad value in
+/// every chunk, and one warning says it.
+fn warn_once(warnings: &mut Vec<Warning>, field: &'static str, problem: &'static str) {
+    let warning = Warning { field, problem };
+    if !warnings.contains(&warning) {
+        warnings.push(warning);
+    }
+}
+
+/// Parses a JSON value that must be an object as `T`; `None`, with a warning, for anything
+/// else. The shape is checked first because serde's derived `Deserialize` also takes a JSON
+/// array, as the struct's fields in order: `[5,3]` would read as a usage of 5 and 3.
+fn object_of<'a, T: Deserialize<'a>>(
+    json: &'a str,
+    field: &'static str,
+    warnings: &mut Vec<Warning>,
+) -> Option<T> {
+    let parsed = if json.trim_ascii_start().starts_with('{') {
+        serde_json::from_str(json).ok()
+    } else {
+        None
+    };
+    if parsed.is_none() {
+        warn_once(warnings, field, "not an object");
+    }
+    parsed
+}
+
+/// A flavor's wire `usage` struct, as parsed.
+trait Counted {
+    /// True when at least one of the counts the flavor defines is there (even 0, even bogus):
+    /// missing and `null` ones are not.
+    fn names_a_count(&self) -> bool;
+}
+
+/// Reads a `usage` value (named `field` in warnings) as the flavor's wire struct `T`. `null` is
+/// no usage. So, with a warning, is a value that is not an object, or an object with none of
+/// the flavor's counts (`{}`, another provider's shape): recording it as 0 tokens would be a
+/// silent $0, while no usage gets the request estimated and flagged.
+fn usage_object<'a, T: Deserialize<'a> + Counted>(
+    json: &'a str,
+    field: &'static str,
+    warnings: &mut Vec<Warning>,
+) -> Option<T> {
+    if json == "null" {
+        return None;
+    }
+    let usage: T = object_of(json, field, warnings)?;
+    if usage.names_a_count() {
+        Some(usage)
+    } else {
+        warn_once(warnings, field, "has none of the counts of its flavor");
+        None
+    }
+}
+
 /// Reads an optional `*_details` object; absent, `null` or unusable (with a warning) gives its defaults.
 fn details<'a, T: Deserialize<'a> + Default>(
     raw: Option<&'a RawValue>,
     field: &'static str,
     warnings: &mut Vec<Warning>,
 ) -> T {
-    raw.and_then(|d| parse_raw(d.get(), field, "not an object", warnings))
+    raw.filter(|d| d.get() != "null")
+        .and_then(|d| object_of(d.get(), field, warnings))
         .unwrap_or_default()
 }
 
@@ -410,6 +477,21 @@ fn model_of(json: Option<&str>, warnings: &mut Vec<Warning>) -> Option<String> {
     (!model.is_empty()).then_some(model)
 }
 
+/// `usage` values that are no usage in any flavor; each flavor's tests add another's shape.
+#[cfg(test)]
+const NOT_A_USAGE: [&str; 6] = ["{}", "[]", "[5,3]", "\"12\"", "7", "true"];
+
+/// The one warning a value of `NOT_A_USAGE` (or a foreign shape) gives, under `field`.
+#[cfg(test)]
+fn no_usage_warning(usage: &str, field: &'static str) -> Warning {
+    let problem = if usage.starts_with('{') {
+        "has none of the counts of its flavor"
+    } else {
+        "not an object"
+    };
+    Warning { field, problem }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,5 +528,48 @@ mod tests {
                 problem: "negative"
             }]
         );
+    }
+
+    #[test]
+    fn only_objects_are_read_as_objects() {
+        // What serde alone would do with an array.
+        assert_eq!(
+            serde_json::from_str::<PairOf>("[5,3]").unwrap(),
+            PairOf { a: 5, b: 3 }
+        );
+        let mut warnings = Vec::new();
+        assert_eq!(object_of::<PairOf>("[5,3]", "usage", &mut warnings), None);
+        assert_eq!(
+            object_of::<PairOf>(" {\"a\":5}", "usage", &mut warnings).map(|p| p.a),
+            Some(5)
+        );
+        // The same problem twice (a stream repeating it) is one warning.
+        assert_eq!(object_of::<PairOf>("\"x\"", "usage", &mut warnings), None);
+        assert_eq!(
+            warnings,
+            [Warning {
+                field: "usage",
+                problem: "not an object"
+            }]
+        );
+    }
+
+    /// A struct serde would also read from a two-element array.
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    struct PairOf {
+        a: u64,
+        #[serde(default)]
+        b: u64,
+    }
+
+    #[test]
+    fn values_are_found_by_the_scan_unless_null() {
+        assert!(has_usage_value(br#"{"usage": [5,3]}"#));
+        assert!(has_usage_value(br#"{"usage":"12"}"#));
+        assert!(has_usage_value(br#"{"usage" : {}}"#));
+        assert!(!has_usage_value(br#"{"usage": null}"#));
+        assert!(!has_usage_value(br#"{"text": "usage"}"#));
+        assert!(!has_usage_value(br#"{"text": "the \"usage\": [1]"}"#));
+        assert!(has_key(br#"{"usageMetadata":[]}"#, b"\"usageMetadata\""));
     }
 }

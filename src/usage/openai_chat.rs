@@ -8,8 +8,8 @@ use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 use super::{
-    Count, Extracted, Usage, Warning, details, has_usage_object, id_of, model_of, object,
-    parse_raw, part_of, sse,
+    Count, Counted, Extracted, Usage, Warning, details, has_usage_value, id_of, model_of, object,
+    part_of, sse, usage_object,
 };
 
 /// A searcher built once: building one per event would cost more than the search.
@@ -96,6 +96,13 @@ struct WireUsage<'a> {
     completion_tokens_details: Option<&'a RawValue>,
 }
 
+impl Counted for WireUsage<'_> {
+    /// `prompt_tokens` or `completion_tokens`; a `total_tokens` alone cannot be split or priced.
+    fn names_a_count(&self) -> bool {
+        self.prompt_tokens.is_present() || self.completion_tokens.is_present()
+    }
+}
+
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct PromptDetails {
@@ -142,18 +149,16 @@ fn as_text(found: [Option<&[u8]>; 3]) -> Option<[Option<&str>; 3]> {
     Some(text)
 }
 
-/// Maps an OpenAI `usage` object to the record; `None` for `null` (and for a non-object, with a warning).
+/// Maps an OpenAI `usage` object to the record; `None` for `null`, and with a warning for a
+/// non-object or an object with neither `prompt_tokens` nor `completion_tokens`.
 pub fn usage_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Usage> {
     usage_of(raw.get(), warnings)
 }
 
 /// `usage_from`, on the JSON text of the value.
 fn usage_of(json: &str, warnings: &mut Vec<Warning>) -> Option<Usage> {
-    if json == "null" {
-        return None;
-    }
     let w = warnings;
-    let usage: WireUsage<'_> = parse_raw(json, "usage", "not an object", w)?;
+    let usage: WireUsage<'_> = usage_object(json, "usage", w)?;
     let prompt = usage.prompt_tokens.take("usage.prompt_tokens", w);
     let completion = usage.completion_tokens.take("usage.completion_tokens", w);
     let prompt_details: PromptDetails = details(
@@ -223,7 +228,7 @@ impl Stream {
         let Some(data) = sse::data(event) else {
             return Event::Other;
         };
-        if !has_usage_object(&data) {
+        if !has_usage_value(&data) {
             if self.extracted.model.is_none() && MODEL_KEY.find(&data).is_some() {
                 self.read_model(&data);
             }
@@ -243,11 +248,14 @@ impl Stream {
         if out.response_id.is_none() {
             out.response_id = id_of(chunk.id.map(RawValue::get));
         }
-        let Some(usage) = chunk.usage.and_then(|u| usage_from(u, &mut out.warnings)) else {
+        let Some(raw) = chunk.usage else {
             return Event::Other;
         };
         // Some servers repeat a running total in every chunk: the last one is the whole.
-        out.usage = Some(usage);
+        if let Some(usage) = usage_from(raw, &mut out.warnings) {
+            out.usage = Some(usage);
+        }
+        // A chunk with no choices is there for its usage, whatever that turned out to be.
         match chunk.choices {
             Choices::Absent | Choices::Count(0) => Event::UsageOnly,
             Choices::Count(_) | Choices::Other => Event::Other,
@@ -413,5 +421,74 @@ mod tests {
         let (got, _) = run_stream(&[&bytes[..bytes.len() / 2]]);
         assert_eq!(got.model.as_deref(), Some("gpt-4o-mini"));
         assert_eq!(got.usage, None);
+    }
+
+    /// `NOT_A_USAGE` and the Responses API's shape, which chat completions never send.
+    fn not_a_chat_usage() -> Vec<&'static str> {
+        let mut shapes = super::super::NOT_A_USAGE.to_vec();
+        shapes.push(r#"{"input_tokens":5,"output_tokens":3}"#);
+        shapes.push(r#"{"total_tokens":8}"#);
+        shapes
+    }
+
+    #[test]
+    fn a_plain_usage_that_is_no_chat_usage_is_none_with_a_warning() {
+        for usage in not_a_chat_usage() {
+            let got = parse_body(format!(r#"{{"model":"m","usage":{usage}}}"#).as_bytes());
+            assert_eq!(got.usage, None, "{usage}");
+            assert_eq!(
+                got.warnings,
+                [super::super::no_usage_warning(usage, "usage")],
+                "{usage}"
+            );
+            assert_eq!(got.model.as_deref(), Some("m"));
+        }
+    }
+
+    #[test]
+    fn a_streamed_usage_that_is_no_chat_usage_is_none_with_one_warning() {
+        for usage in not_a_chat_usage() {
+            let chunk = format!(r#"data: {{"model":"m","choices":[],"usage":{usage}}}"#);
+            // Repeated, as servers that send a running usage in every chunk do.
+            let stream = format!("{chunk}\n\n{chunk}\n\ndata: [DONE]\n\n");
+            let (got, kinds) = run_stream(&[stream.as_bytes()]);
+            assert_eq!(got.usage, None, "{usage}");
+            assert_eq!(
+                got.warnings,
+                [super::super::no_usage_warning(usage, "usage")],
+                "{usage}"
+            );
+            // Still a chunk that is there for its usage: stripped when llm-meter asked for it.
+            assert_eq!(
+                kinds,
+                [Event::UsageOnly, Event::UsageOnly, Event::Other],
+                "{usage}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_usage_of_zero_counts_is_a_usage_not_a_missing_one() {
+        let zero = r#"{"prompt_tokens":0,"completion_tokens":0}"#;
+        let got = parse_body(format!(r#"{{"usage":{zero}}}"#).as_bytes());
+        assert_eq!(got.usage, Some(Usage::default()));
+        assert!(got.warnings.is_empty(), "{:?}", got.warnings);
+        let stream = format!("data: {{\"choices\":[],\"usage\":{zero}}}\n\n");
+        let (got, _) = run_stream(&[stream.as_bytes()]);
+        assert_eq!(got.usage, Some(Usage::default()));
+        assert!(got.warnings.is_empty(), "{:?}", got.warnings);
+        // One count is enough: embeddings report only `prompt_tokens`.
+        let got = parse_body(br#"{"usage":{"prompt_tokens":8,"total_tokens":8}}"#);
+        assert_eq!(got.usage.map(|u| u.input_tokens), Some(8));
+    }
+
+    #[test]
+    fn a_bad_usage_after_a_good_one_keeps_the_good_one() {
+        let stream = concat!(
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":2}}\n\n",
+            "data: {\"choices\":[],\"usage\":{}}\n\n",
+        );
+        let (got, _) = run_stream(&[stream.as_bytes()]);
+        assert_eq!(got.usage.map(|u| u.total_tokens()), Some(6));
     }
 }

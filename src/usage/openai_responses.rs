@@ -15,8 +15,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{
-    Count, Extracted, Usage, Warning, details, has_usage_object, note, object, parse_raw, part_of,
-    sse,
+    Count, Counted, Extracted, Usage, Warning, details, has_usage_value, note, object, part_of,
+    sse, usage_object,
 };
 
 /// The stream's first event names the model and id, so a cut stream still has them.
@@ -53,6 +53,12 @@ struct WireUsage<'a> {
     output_tokens_details: Option<&'a RawValue>,
 }
 
+impl Counted for WireUsage<'_> {
+    fn names_a_count(&self) -> bool {
+        self.input_tokens.is_present() || self.output_tokens.is_present()
+    }
+}
+
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct InputDetails {
@@ -82,13 +88,11 @@ fn read(envelope: &Envelope<'_>, out: &mut Extracted) {
     );
 }
 
-/// Maps a Responses `usage` object to the record; `None` for `null`.
+/// Maps a Responses `usage` object to the record; `None` for `null`, and with a warning for a
+/// non-object or an object with neither `input_tokens` nor `output_tokens`.
 pub fn usage_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Usage> {
-    if raw.get() == "null" {
-        return None;
-    }
     let w = warnings;
-    let usage: WireUsage<'_> = parse_raw(raw.get(), "usage", "not an object", w)?;
+    let usage: WireUsage<'_> = usage_object(raw.get(), "usage", w)?;
     let input = usage.input_tokens.take("usage.input_tokens", w);
     let output = usage.output_tokens.take("usage.output_tokens", w);
     let input_details: InputDetails =
@@ -133,7 +137,7 @@ impl Stream {
         let Some(data) = sse::data(event) else {
             return;
         };
-        let has_usage = has_usage_object(&data);
+        let has_usage = has_usage_value(&data);
         if !has_usage && CREATED.find(&data).is_none() {
             return;
         }
@@ -251,5 +255,51 @@ data: {{"type":"response.completed","sequence_number":3,"response":{{"id":"resp_
         assert_eq!(got.model.as_deref(), Some("gpt-4.1-mini"));
         assert_eq!(got.response_id.as_deref(), Some("resp_1"));
         assert_eq!(got.usage, None);
+    }
+
+    /// `NOT_A_USAGE` and chat completions' shape, which the Responses API never sends.
+    fn not_a_responses_usage() -> Vec<&'static str> {
+        let mut shapes = super::super::NOT_A_USAGE.to_vec();
+        shapes.push(r#"{"prompt_tokens":5,"completion_tokens":3}"#);
+        shapes
+    }
+
+    #[test]
+    fn a_plain_usage_that_is_no_responses_usage_is_none_with_a_warning() {
+        for usage in not_a_responses_usage() {
+            let body = format!(r#"{{"id":"resp_1","model":"m","output":[],"usage":{usage}}}"#);
+            let got = parse_body(body.as_bytes());
+            assert_eq!(got.usage, None, "{usage}");
+            assert_eq!(
+                got.warnings,
+                [super::super::no_usage_warning(usage, "usage")],
+                "{usage}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_streamed_usage_that_is_no_responses_usage_is_none_with_a_warning() {
+        for usage in not_a_responses_usage() {
+            let mut events = stream_events(false);
+            events[3] = format!(
+                "event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"id\":\"resp_1\",\"model\":\"m\",\"output\":[],\"usage\":{usage}}}}}\n\n"
+            );
+            let got = run(&[events.concat().as_bytes()]);
+            assert_eq!(got.usage, None, "{usage}");
+            assert_eq!(
+                got.warnings,
+                [super::super::no_usage_warning(usage, "usage")],
+                "{usage}"
+            );
+            assert_eq!(got.model.as_deref(), Some("m"));
+        }
+    }
+
+    #[test]
+    fn a_usage_of_zero_counts_is_a_usage_not_a_missing_one() {
+        let got = parse_body(br#"{"usage":{"input_tokens":0,"output_tokens":0}}"#);
+        assert_eq!(got.usage, Some(Usage::default()));
+        assert!(got.warnings.is_empty(), "{:?}", got.warnings);
     }
 }

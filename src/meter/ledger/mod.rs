@@ -5,9 +5,11 @@
 //! thread wakes when a batch starts, waits up to `flush_interval` for more rows, and commits them
 //! in one transaction together with the per-period sums that restore `/stats` on start. A killed
 //! process loses at most the rows queued in its last `flush_interval` (plus the commit in
-//! progress); a graceful stop writes everything.
+//! progress); a graceful stop writes everything. A check for corruption reads the whole file
+//! once at start, in the background.
 
 pub mod history;
+pub mod integrity;
 mod queue;
 pub mod schema;
 mod writer;
@@ -27,6 +29,7 @@ use crate::key::Identity;
 use crate::meter::pricing::NanoUsd;
 use crate::meter::{Counts, Flags};
 use crate::usage::Usage;
+use integrity::{Check, Integrity};
 
 /// The database file inside the data directory.
 pub const FILE_NAME: &str = "ledger.sqlite3";
@@ -206,12 +209,14 @@ pub struct Health {
     pub pending_rows: u64,
     /// Rows committed since start.
     pub written_rows: u64,
-    /// Rows given up because the disk kept failing and the backlog was full.
+    /// Rows given up because the disk kept failing: the backlog was full, or the ledger closed.
     pub lost_rows: u64,
     /// The last write failed (the disk is full, read-only, …); rows wait in memory.
     pub is_failing: bool,
     /// The last write error, while failing.
     pub last_error: Option<String>,
+    /// What the corruption check run at start has found.
+    pub integrity: Integrity,
 }
 
 /// The writer's side of the queue, shared with the recording threads.
@@ -364,11 +369,13 @@ pub struct Ledger {
     path: PathBuf,
     /// Held (and locked) until the ledger is closed.
     lock: Mutex<Option<File>>,
+    /// The corruption check started with the ledger.
+    check: Check,
 }
 
 impl Ledger {
     /// Opens (creating or migrating) the ledger in `options.dir`, takes its lock, reads back the
-    /// current period's totals and starts the writer thread.
+    /// current period's totals and starts the writer thread and the corruption check.
     pub fn open(options: &Options) -> Result<(Self, Restored), LedgerError> {
         let dir = &options.dir;
         std::fs::create_dir_all(dir).map_err(|e| LedgerError::Dir {
@@ -396,12 +403,14 @@ impl Ledger {
             path: dir.clone(),
             reason: format!("cannot start the writer thread: {e}"),
         })?;
+        let check = Check::start(&path);
         Ok((
             Self {
                 shared,
                 threads: Mutex::new(threads),
                 path,
                 lock: Mutex::new(Some(lock)),
+                check,
             },
             restored,
         ))
@@ -454,12 +463,14 @@ impl Ledger {
             } else {
                 None
             },
+            integrity: self.check.result(),
         }
     }
 
-    /// Commits everything queued, stops the writer and releases the lock; later appends are
-    /// not written (and are counted as lost).
+    /// Stops the corruption check if it still runs, commits everything queued, stops the writer
+    /// and releases the lock; later appends are not written (and are counted as lost).
     pub fn close(&self) {
+        self.check.stop();
         self.shared.queue.lock().is_closing = true;
         self.shared.wake.notify_all();
         self.shared.rescue.notify_all();

@@ -108,11 +108,7 @@ impl Writer {
                 *self.shared.last_error.lock() = Some(reason);
                 self.give_up_oldest(batch);
                 if is_closing {
-                    let lost = batch.len as u64;
-                    tracing::error!(path = %self.path.display(), lost_rows = lost, "stopping with the ledger still failing: the rows not yet written are lost");
-                    self.shared.lost.fetch_add(lost, Relaxed);
-                    self.shared.pending.fetch_sub(lost, Relaxed);
-                    self.settle(lost);
+                    self.give_up(batch);
                     return false;
                 }
                 // Wait before the next attempt, still taking new rows (and a close).
@@ -147,6 +143,22 @@ impl Writer {
         self.shared.settled.fetch_add(n, Relaxed);
         let _queue = self.shared.queue.lock();
         self.shared.settled_cv.notify_all();
+    }
+
+    /// Gives up the whole batch on a close while the disk fails: counts and logs its rows as
+    /// lost, and empties it. Both writer threads run a round on close; the one that comes second
+    /// must find nothing left to count and log again.
+    fn give_up(&self, batch: &mut Batch) {
+        let rows = queue::entries(&batch.bytes)
+            .filter(|e| matches!(e, Entry::Row(_)))
+            .count() as u64;
+        tracing::error!(path = %self.path.display(), lost_rows = rows, "stopping with the ledger still failing: the rows not yet written are lost");
+        let entries = batch.len as u64;
+        self.shared.lost.fetch_add(rows, Relaxed);
+        self.shared.pending.fetch_sub(entries, Relaxed);
+        self.settle(entries);
+        batch.len = 0;
+        batch.bytes.clear();
     }
 
     /// Keeps the backlog within its bound by giving up the oldest rows (periods are kept).
