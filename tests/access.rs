@@ -204,3 +204,31 @@ async fn admin_listen_keeps_own_endpoints_off_the_main_port() {
     let chat_on_admin = call(&proxy, admin, "POST", "/v1/chat/completions", None).await;
     assert_eq!(chat_on_admin.status(), 404);
 }
+
+#[test]
+fn the_start_warns_when_the_meter_is_reachable_off_loopback_without_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = common::binary_command(dir.path());
+    command.args(["--listen", "0.0.0.0:0", "--no-persist"]);
+    let (ok, _, stderr) = common::Binary::start(command).terminate();
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("reachable off this machine"), "{stderr}");
+
+    let mut private = common::binary_command(dir.path());
+    private.args([
+        "--listen",
+        "0.0.0.0:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--no-persist",
+    ]);
+    let binary = common::Binary::start(private);
+    assert!(
+        binary.banner.contains("own endpoints on http://127.0.0.1:"),
+        "{}",
+        binary.banner
+    );
+    let (ok, _, stderr) = binary.terminate();
+    assert!(ok, "{stderr}");
+    assert!(!stderr.contains("reachable off this machine"), "{stderr}");
+}

@@ -210,3 +210,34 @@ async fn a_failing_webhook_is_retried_with_backoff() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(hook.received().len(), 3, "delivered: no more attempts");
 }
+
+#[tokio::test]
+async fn alerts_queued_for_the_webhook_at_shutdown_are_delivered_before_it_ends() {
+    // The webhook fails its first call: that alert waits a second for its retry, and the
+    // alerts fired after it wait in the queue.
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = Arc::clone(&calls);
+    let hook = Mock::start(move |_: &Received| {
+        if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            Reply::json(500, &json!({"error": "busy"}))
+        } else {
+            Reply::json(200, &json!({"ok": true}))
+        }
+    })
+    .await;
+    let mock = Mock::start(priced).await;
+    let toml = format!(
+        "alert_webhook = \"{}/hook\"\nalert_thresholds = [10, 20, 30]\nlarge_request_tokens = 10000000\n[keys.alerted]\nkey_env = \"ALERTED_KEY\"\ndaily_usd = 10.0\n",
+        hook.url()
+    );
+    let proxy = start(&mock, &toml, Arc::new(ShiftedClock::default())).await;
+    assert_eq!(spend(&proxy, 3.0).await, 200);
+    // Three thresholds, and the hour's spend over a 24th of the day's budget.
+    let fired = alerts(&proxy).await.len();
+    assert_eq!(fired, 4);
+    let started = Instant::now();
+    proxy.stop().await;
+    // Nothing more is waited for: the stop itself delivered what was queued, the retry too.
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(hook.received().len(), fired + 1);
+}

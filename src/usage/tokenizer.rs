@@ -57,7 +57,7 @@ const NONE: u32 = u32::MAX;
 /// Bytes of one text counted exactly; the rest is counted at the rate of these.
 pub const EXACT_CAP: usize = 128 * 1024;
 /// Longest slice of a piece merged at once: the merge is quadratic in it.
-pub const PIECE_CAP: usize = 256;
+pub const PIECE_CAP: usize = 64;
 /// Bytes per token assumed when nothing was counted exactly to take a rate from.
 const BYTES_PER_TOKEN: u64 = 4;
 
