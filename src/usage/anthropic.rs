@@ -346,12 +346,7 @@ mod tests {
         for usage in not_an_anthropic_usage() {
             let body = format!(r#"{{"id":"msg_1","model":"m","content":[],"usage":{usage}}}"#);
             let got = parse_body(body.as_bytes());
-            assert_eq!(got.usage, None, "{usage}");
-            assert_eq!(
-                got.warnings,
-                [super::super::no_usage_warning(usage, "usage")],
-                "{usage}"
-            );
+            super::super::assert_no_usage(&got, usage, "usage");
         }
     }
 

@@ -280,12 +280,7 @@ mod tests {
                 "data: {{\"candidates\":[],\"usageMetadata\":{usage},\"modelVersion\":\"m\"}}\r\n\r\n"
             );
             let got = run(&[chunk.repeat(3).as_bytes()]);
-            assert_eq!(got.usage, None, "{usage}");
-            assert_eq!(
-                got.warnings,
-                [super::super::no_usage_warning(usage, "usageMetadata")],
-                "{usage}"
-            );
+            super::super::assert_no_usage(&got, usage, "usageMetadata");
         }
     }
 

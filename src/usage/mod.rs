@@ -492,6 +492,13 @@ fn no_usage_warning(usage: &str, field: &'static str) -> Warning {
     Warning { field, problem }
 }
 
+/// Asserts that `got` has no usage and the one warning `usage` (under `field`) gives.
+#[cfg(test)]
+fn assert_no_usage(got: &Extracted, usage: &str, field: &'static str) {
+    assert_eq!(got.usage, None, "{usage}");
+    assert_eq!(got.warnings, [no_usage_warning(usage, field)], "{usage}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

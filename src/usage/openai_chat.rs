@@ -435,12 +435,7 @@ mod tests {
     fn a_plain_usage_that_is_no_chat_usage_is_none_with_a_warning() {
         for usage in not_a_chat_usage() {
             let got = parse_body(format!(r#"{{"model":"m","usage":{usage}}}"#).as_bytes());
-            assert_eq!(got.usage, None, "{usage}");
-            assert_eq!(
-                got.warnings,
-                [super::super::no_usage_warning(usage, "usage")],
-                "{usage}"
-            );
+            super::super::assert_no_usage(&got, usage, "usage");
             assert_eq!(got.model.as_deref(), Some("m"));
         }
     }
@@ -452,12 +447,7 @@ mod tests {
             // Repeated, as servers that send a running usage in every chunk do.
             let stream = format!("{chunk}\n\n{chunk}\n\ndata: [DONE]\n\n");
             let (got, kinds) = run_stream(&[stream.as_bytes()]);
-            assert_eq!(got.usage, None, "{usage}");
-            assert_eq!(
-                got.warnings,
-                [super::super::no_usage_warning(usage, "usage")],
-                "{usage}"
-            );
+            super::super::assert_no_usage(&got, usage, "usage");
             // Still a chunk that is there for its usage: stripped when llm-meter asked for it.
             assert_eq!(
                 kinds,

@@ -269,12 +269,7 @@ data: {{"type":"response.completed","sequence_number":3,"response":{{"id":"resp_
         for usage in not_a_responses_usage() {
             let body = format!(r#"{{"id":"resp_1","model":"m","output":[],"usage":{usage}}}"#);
             let got = parse_body(body.as_bytes());
-            assert_eq!(got.usage, None, "{usage}");
-            assert_eq!(
-                got.warnings,
-                [super::super::no_usage_warning(usage, "usage")],
-                "{usage}"
-            );
+            super::super::assert_no_usage(&got, usage, "usage");
         }
     }
 
@@ -286,12 +281,7 @@ data: {{"type":"response.completed","sequence_number":3,"response":{{"id":"resp_
                 "event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"id\":\"resp_1\",\"model\":\"m\",\"output\":[],\"usage\":{usage}}}}}\n\n"
             );
             let got = run(&[events.concat().as_bytes()]);
-            assert_eq!(got.usage, None, "{usage}");
-            assert_eq!(
-                got.warnings,
-                [super::super::no_usage_warning(usage, "usage")],
-                "{usage}"
-            );
+            super::super::assert_no_usage(&got, usage, "usage");
             assert_eq!(got.model.as_deref(), Some("m"));
         }
     }
