@@ -1,12 +1,10 @@
-//! `AppState`, the router of our own endpoints, and which upstream prefix a path is under.
+//! `AppState`: the configuration, the meter, the guard and the upstreams, built once and cheap to
+//! clone; and which upstream prefix a path is under.
 
 use std::ops::Deref;
 use std::sync::Arc;
 
-use axum::Router;
-use axum::routing::{get, post, put};
-
-use crate::api;
+use crate::client;
 use crate::config::{Config, Route};
 use crate::guard::alerts::Alerts;
 use crate::guard::period::{self, Clock, Period, SystemClock};
@@ -15,7 +13,8 @@ use crate::meter::Meter;
 use crate::meter::ledger::LedgerError;
 use crate::meter::ledger::history::Reader;
 use crate::meter::memory::Bounds;
-use crate::proxy::{self, UpstreamState, upstream};
+use crate::meter::pricing::PriceTable;
+use crate::proxy::{self, UpstreamState};
 use crate::tasks::Tasks;
 
 /// What every handler shares; cheap to clone.
@@ -69,6 +68,17 @@ fn spend_from_ledger(dir: &std::path::Path, guard: &Guard) -> Result<RestoredSpe
 }
 
 impl AppState {
+    /// What forwarding needs of the state, for one request.
+    pub fn proxy(&self) -> proxy::Context<'_> {
+        proxy::Context {
+            config: &self.config,
+            upstreams: &self.upstreams,
+            meter: &self.meter,
+            guard: &self.guard,
+            tasks: &self.tasks,
+        }
+    }
+
     /// Builds the state: the upstream client, and a meter with the configured prices whose
     /// totals are restored from the ledger (unless persistence is off).
     pub fn new(config: Config) -> Result<Self, StartError> {
@@ -77,14 +87,15 @@ impl AppState {
 
     /// Builds the state with budgets and rate limits reading time from `clock` (tests move it).
     pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
-        let connector = upstream::connector(&config)?;
+        let connector = client::connector(config.connect_timeout)?;
         let bounds = Bounds {
             max_keys: config.max_tracked_keys,
             max_models_per_key: config.max_models_per_key,
         };
+        let prices = PriceTable::with_configured(&config.pricing);
         let meter = match &config.ledger {
-            Some(options) => Meter::persistent_within(config.prices.clone(), options, bounds)?,
-            None => Meter::in_memory_within(config.prices.clone(), bounds),
+            Some(options) => Meter::persistent_within(prices, options, bounds)?,
+            None => Meter::in_memory_within(prices, bounds),
         };
         let meter = Arc::new(meter);
         let upstreams = config
@@ -95,7 +106,7 @@ impl AppState {
         let tasks = Tasks::new();
         let alerts = match &config.guard.webhook {
             Some(url) => {
-                Alerts::with_webhook(url.clone(), upstream::webhook_client(connector), &tasks)
+                Alerts::with_webhook(url.clone(), client::webhook_client(connector), &tasks)
             }
             None => Alerts::new(),
         };
@@ -115,21 +126,6 @@ impl AppState {
             tasks,
         })))
     }
-}
-
-/// Our own endpoints; anything else that is under no upstream's prefix gets a 404.
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/stats", get(api::show))
-        .route("/stats/reset", post(api::reset))
-        .route("/usage", get(api::history::usage))
-        .route("/export", get(api::history::export))
-        .route("/healthz", get(api::healthz))
-        .route("/alerts", get(api::admin::alerts))
-        .route("/admin/keys", get(api::admin::keys))
-        .route("/admin/keys/{name}/budget", put(api::admin::set_budget))
-        .fallback(proxy::not_found)
-        .with_state(state)
 }
 
 /// The upstream whose prefix `path` is under: the prefix itself or anything below it. Prefixes

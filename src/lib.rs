@@ -21,13 +21,34 @@
 //!
 //! `logs` writes one line per request through a batching writer; `deferred` holds that line,
 //! and the ledger writer's wake-up, until the response has gone out; `json` finds a body's
-//! top-level fields without parsing the rest.
+//! top-level fields without parsing the rest; `path` gives a request its canonical path;
+//! `tasks` owns the background tasks; `client` opens upstream connections; `worker` says which
+//! worker thread runs.
+//!
+//! # Layers
+//!
+//! A module imports only modules of its own layer or below (`tests/layers.rs` checks it):
+//!
+//! | layer | modules | one job |
+//! |---|---|---|
+//! | 1 | `key`, `json`, `error`, `path`, `deferred`, `worker`, `tasks`, `client` | the pieces every layer uses |
+//! | 2 | `usage` | one normalized usage from every flavor |
+//! | 3 | `money` | amounts in nano-dollars, and what a usage costs at a price |
+//! | 4 | `config`, `logs` | validated settings; the log writer they configure |
+//! | 5 | `meter` | totals in memory, the ledger, prices per model |
+//! | 6 | `guard` | admission: named keys, budgets, rate limits, alerts |
+//! | 7 | `proxy` | forwarding: route, rewrite, upstream, tap, the exchange's record |
+//! | 8 | `app` | `AppState`: config, meter, guard and upstreams, built once |
+//! | 9 | `api` | our own endpoints and their router |
+//! | 10 | `server` | accept, workers, timeouts, dispatch on the canonical path |
+//! | 11 | `cli` | the command line |
 //!
 //! The client never waits for metering, and the full key is never stored, logged or shown.
 
 pub mod api;
 pub mod app;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod deferred;
 pub mod error;
@@ -36,11 +57,13 @@ pub mod json;
 pub mod key;
 pub mod logs;
 pub mod meter;
+pub mod money;
 pub mod path;
 pub mod proxy;
 pub mod server;
 pub mod tasks;
 pub mod usage;
+pub mod worker;
 
 pub use app::AppState;
 pub use config::Config;

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use crate::app::AppState;
 use crate::error::ProxyError;
 use crate::guard::{AdminError, Budget};
-use crate::meter::pricing::NanoUsd;
+use crate::money::NanoUsd;
 
 /// `GET /admin/keys`: every named key with its budgets, spend and limits, and the global budget.
 pub async fn keys(State(state): State<AppState>) -> Response {

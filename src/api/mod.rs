@@ -9,9 +9,10 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use axum::Json;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
 use http::{HeaderMap, Method, header};
 use serde::Deserialize;
 
@@ -90,6 +91,21 @@ pub async fn show(State(state): State<AppState>, Query(query): Query<StatsQuery>
             .into_response(),
         Some(_) => ProxyError::BadQuery("format must be json or text".into()).into_response(),
     }
+}
+
+/// Our own endpoints; anything else that is under no upstream's prefix gets a 404.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/stats", get(show))
+        .route("/stats/reset", post(reset))
+        .route("/usage", get(history::usage))
+        .route("/export", get(history::export))
+        .route("/healthz", get(healthz))
+        .route("/alerts", get(admin::alerts))
+        .route("/admin/keys", get(admin::keys))
+        .route("/admin/keys/{name}/budget", put(admin::set_budget))
+        .fallback(crate::proxy::not_found)
+        .with_state(state)
 }
 
 /// The path of the health check, open to every peer on every listener.

@@ -258,7 +258,8 @@ fn remaining(lines: &[BudgetLine]) -> String {
 mod tests {
     use super::*;
     use crate::key::Identity;
-    use crate::meter::{KeySnapshot, pricing::NanoUsd};
+    use crate::meter::KeySnapshot;
+    use crate::money::NanoUsd;
 
     fn snapshot() -> Snapshot {
         let counts = Counts {

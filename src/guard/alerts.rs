@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::proxy::upstream::HttpClient;
+use crate::client::HttpClient;
 use crate::tasks::Tasks;
 
 /// Alerts kept for `/alerts`, newest first.

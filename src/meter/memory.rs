@@ -17,7 +17,7 @@ use time::OffsetDateTime;
 
 use super::{Counts, KeySnapshot, Snapshot, Store, ledger::Restored};
 use crate::key::Identity;
-use crate::meter::pricing::NanoUsd;
+use crate::money::NanoUsd;
 
 type Map<V> = HashMap<String, V, foldhash::fast::RandomState>;
 

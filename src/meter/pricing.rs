@@ -1,151 +1,9 @@
-//! Prices per model and the integer arithmetic that turns a `Usage` into nano-dollars.
+//! Prices per model: the built-in table, the configured ones over it, and dated snapshots
+//! resolving to their base model.
 
 use std::collections::HashMap;
-use std::fmt;
 
-use crate::usage::Usage;
-
-/// An amount of money in billionths of a US dollar; sums of it never drift.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    serde::Serialize,
-    serde::Deserialize,
-)]
-#[serde(transparent)]
-pub struct NanoUsd(pub u64);
-
-/// Why an amount of dollars cannot be a budget. Each carries the amount as given, rendered short.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AmountError {
-    /// Zero, negative, or not a number.
-    #[error("must be a positive amount of dollars, got {0}")]
-    NotPositive(String),
-    /// Positive, but under half a nano-dollar: it would be a limit of $0.
-    #[error("must be at least $0.000000001 (it would round to $0), got {0}")]
-    RoundsToZero(String),
-    /// More nano-dollars than a `u64` holds.
-    #[error("must be at most $18446744073.709551615, got {0}")]
-    TooLarge(String),
-}
-
-/// 2^64 as a float: the first nano-dollar count a `u64` cannot hold.
-const NANO_LIMIT: f64 = 18_446_744_073_709_551_616.0;
-
-impl NanoUsd {
-    /// The largest amount: $18,446,744,073.709551615.
-    pub const MAX: Self = Self(u64::MAX);
-
-    /// A positive amount of dollars, rounded to the nano-dollar: at least one nano-dollar once
-    /// rounded, at most `MAX`.
-    pub fn from_usd(usd: f64) -> Result<Self, AmountError> {
-        if !(usd.is_finite() && usd > 0.0) {
-            return Err(AmountError::NotPositive(short(usd)));
-        }
-        let nano = (usd * 1e9).round();
-        if nano < 1.0 {
-            return Err(AmountError::RoundsToZero(short(usd)));
-        }
-        if nano >= NANO_LIMIT {
-            return Err(AmountError::TooLarge(short(usd)));
-        }
-        #[expect(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "checked: 1 <= nano < 2^64, and it is a whole number"
-        )]
-        Ok(Self(nano as u64))
-    }
-
-    /// The amount in dollars, for display only.
-    #[expect(
-        clippy::cast_precision_loss,
-        reason = "display only; exact value is kept as integer"
-    )]
-    pub fn as_usd(self) -> f64 {
-        self.0 as f64 / 1e9
-    }
-}
-
-impl fmt::Display for NanoUsd {
-    /// `$1.2345`: dollars with four decimals, rounded half up; amounts under $0.0001 are shown
-    /// exactly (`$0.00002115`), so a small cost never reads as free.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if (1..100_000).contains(&self.0) {
-            let digits = format!("{:09}", self.0);
-            return write!(f, "$0.{}", digits.trim_end_matches('0'));
-        }
-        // Rounded half up without adding first: `MAX` + 50,000 would overflow.
-        let tenths_of_cents = self.0 / 100_000 + u64::from(self.0 % 100_000 >= 50_000);
-        write!(
-            f,
-            "${}.{:04}",
-            tenths_of_cents / 10_000,
-            tenths_of_cents % 10_000
-        )
-    }
-}
-
-/// An amount as given, for a message: as written when that is short, else in scientific
-/// notation (`1e308` would otherwise be rendered as 309 digits).
-fn short(usd: f64) -> String {
-    let plain = usd.to_string();
-    if plain.len() <= 24 {
-        plain
-    } else {
-        format!("{usd:e}")
-    }
-}
-
-/// Price of one token in pico-dollars (10^-12 USD): exact for any price given to six decimals per million.
-type PicoPerToken = u64;
-
-/// What one model costs, per token class.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Price {
-    input: PicoPerToken,
-    output: PicoPerToken,
-    cached_input: PicoPerToken,
-    cache_write: PicoPerToken,
-}
-
-impl Price {
-    /// A price from USD per million tokens (the unit providers publish).
-    pub fn per_million(input: f64, output: f64, cached_input: f64, cache_write: f64) -> Self {
-        Self {
-            input: pico_per_token(input),
-            output: pico_per_token(output),
-            cached_input: pico_per_token(cached_input),
-            cache_write: pico_per_token(cache_write),
-        }
-    }
-
-    /// Cost of one request: each token class at its price, rounded once to the nearest nano-dollar.
-    pub fn cost(&self, usage: &Usage) -> NanoUsd {
-        let pico = u128::from(usage.input_tokens) * u128::from(self.input)
-            + u128::from(usage.cached_input_tokens) * u128::from(self.cached_input)
-            + u128::from(usage.cache_write_tokens) * u128::from(self.cache_write)
-            + u128::from(usage.output_tokens) * u128::from(self.output);
-        let nano = (pico + 500) / 1000;
-        NanoUsd(u64::try_from(nano).unwrap_or(u64::MAX))
-    }
-}
-
-/// $/million tokens is 10^-6 $/token, and 10^-6 $ is 10^6 pico-dollars: the number itself, times 10^6.
-#[expect(
-    clippy::cast_possible_truncation,
-    clippy::cast_sign_loss,
-    reason = "config validation keeps prices within 0..=1e6, so the product fits u64"
-)]
-fn pico_per_token(usd_per_million: f64) -> PicoPerToken {
-    (usd_per_million * 1e6).round() as u64
-}
+pub use crate::money::{AmountError, NanoUsd, Price};
 
 /// Prices by model name, with dated snapshots resolving to their base model.
 #[derive(Debug, Clone, Default)]
@@ -171,6 +29,17 @@ impl PriceTable {
     /// Adds or replaces one model's price.
     pub fn set(&mut self, model: String, price: Price) {
         self.models.insert(model, price);
+    }
+
+    /// The built-in table with `configured` prices over it.
+    pub fn with_configured<'a>(
+        configured: impl IntoIterator<Item = (&'a String, &'a Price)>,
+    ) -> Self {
+        let mut table = Self::builtin();
+        for (model, price) in configured {
+            table.set(model.clone(), *price);
+        }
+        table
     }
 
     /// The price for a model: exact name first, then with its date/version suffix and
@@ -268,6 +137,7 @@ const BUILTIN: &[(&str, f64, f64, f64, f64)] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::usage::Usage;
 
     #[test]
     fn budgets_are_any_amount_from_a_nano_dollar_to_the_largest_u64() {

@@ -22,18 +22,18 @@ use http::{HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
-use crate::app::AppState;
-use crate::config::{InjectStreamUsage, Route};
+use crate::client::Connector;
+use crate::config::{Config, InjectStreamUsage, Route};
 use crate::error::ProxyError;
 use crate::guard::{Guard, KeyRef};
 use crate::key::{self, Identity};
 use crate::meter::{Meter, Record, UNKNOWN_MODEL};
+use crate::tasks::Tasks;
 use crate::usage::estimate::{self, Raw};
 use crate::usage::{Extracted, Flavor, StreamUsage, Usage, sse};
 use pool::Pools;
 use rewrite::{ChatRequest, Spliced};
 use tap::{Extraction, Outcome, Tap};
-use upstream::Connector;
 
 /// What llm-meter has learned of one upstream while running.
 #[derive(Debug)]
@@ -98,6 +98,21 @@ impl UpstreamState {
         mode == InjectStreamUsage::Auto
             && self.stream_options.load(Ordering::Relaxed) == STREAM_OPTIONS_UNKNOWN
     }
+}
+
+/// What forwarding reads of the service's state, borrowed for one request.
+#[derive(Clone, Copy)]
+pub struct Context<'a> {
+    /// The validated configuration.
+    pub config: &'a Config,
+    /// What is learned of each upstream, in the order of `config.routes`.
+    pub upstreams: &'a [UpstreamState],
+    /// Where requests are recorded.
+    pub meter: &'a Arc<Meter>,
+    /// Who is admitted.
+    pub guard: &'a Arc<Guard>,
+    /// The owner of drains.
+    pub tasks: &'a Tasks,
 }
 
 /// One request on its way through: what the record and the log line need once it finishes.
@@ -351,7 +366,7 @@ fn millis(d: Duration) -> f64 {
 }
 
 /// The handler of one upstream's prefix: forwards any method, meters the routes that report usage.
-pub async fn forward(state: AppState, upstream: usize, request: Request) -> Response {
+pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> Response {
     let (Some(route), Some(runtime)) = (
         state.config.routes.get(upstream),
         state.upstreams.get(upstream),
@@ -368,7 +383,7 @@ pub async fn forward(state: AppState, upstream: usize, request: Request) -> Resp
     let flavor = metered.map(|m| m.flavor);
     let request_model = metered.and_then(|m| m.path_model).map(str::to_owned);
     let is_stream_path = metered.is_some_and(|m| m.is_stream_path);
-    let guard = &state.guard;
+    let guard = state.guard;
     let (identity, key, source) = identify(guard, &parts);
     let admitted = if flavor.is_some() {
         guard.admit(key)
@@ -386,7 +401,7 @@ pub async fn forward(state: AppState, upstream: usize, request: Request) -> Resp
         key::replace(&mut parts, source, real.expose());
     }
     let mut exchange = Exchange {
-        meter: Arc::clone(&state.meter),
+        meter: Arc::clone(state.meter),
         guard: Arc::clone(guard),
         key,
         identity,
@@ -407,7 +422,7 @@ pub async fn forward(state: AppState, upstream: usize, request: Request) -> Resp
     match send(&state, route, runtime, parts, body, &mut exchange).await {
         Ok(Answer::Tapped(parts, incoming, extraction)) => {
             exchange.status = parts.status;
-            let tap = Tap::new(incoming, extraction, exchange, &state.config, &state.tasks);
+            let tap = Tap::new(incoming, extraction, exchange, state.config, state.tasks);
             Response::from_parts(parts, Body::new(tap))
         }
         Ok(Answer::Whole(response)) => {
@@ -472,7 +487,7 @@ const REJECTION_CAP: usize = 64 * 1024;
 
 /// Sends the request upstream and prepares the response's tap.
 async fn send(
-    state: &AppState,
+    state: &Context<'_>,
     route: &Route,
     runtime: &UpstreamState,
     mut parts: http::request::Parts,
@@ -612,7 +627,7 @@ async fn send(
 
 /// One round trip to the upstream, bounded by the response timeout.
 async fn exchange_once(
-    state: &AppState,
+    state: &Context<'_>,
     route: &Route,
     runtime: &UpstreamState,
     request: Request,

@@ -5,7 +5,7 @@
 //! carries it run on the same thread; the pool's lock is never contended.
 
 use std::future::poll_fn;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Body;
 use http::{Request, Response, Uri};
@@ -14,12 +14,8 @@ use hyper::client::conn::http1::SendRequest;
 use parking_lot::Mutex;
 use tower_service::Service;
 
+use crate::client::{Connector, IDLE_TIMEOUT};
 use crate::config::Upstream;
-use crate::proxy::upstream::Connector;
-use crate::server::worker;
-
-/// How long an idle upstream connection stays pooled: under the 120 s most providers' load balancers allow.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Why a request got no response from the upstream.
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +76,10 @@ impl Pools {
     /// Sends `request` (its URI in origin form, its `Host` set) on an idle connection of the
     /// calling worker, or on a new one, and returns the response head.
     pub async fn send(&self, mut request: Request<Body>) -> Result<Response<Incoming>, SendError> {
-        let pool = self.by_worker.get(worker()).unwrap_or(&self.by_worker[0]);
+        let pool = self
+            .by_worker
+            .get(crate::worker::index())
+            .unwrap_or(&self.by_worker[0]);
         loop {
             let (mut sender, reused) = match pool.take_idle() {
                 Some(sender) => (sender, true),
@@ -151,6 +150,7 @@ impl Pool {
 mod tests {
     use super::*;
     use hyper_util::rt::TokioIo;
+    use std::time::Duration;
 
     /// An idle, ready connection over an in-memory pipe, and the pipe's other end (dropping it
     /// closes the connection).

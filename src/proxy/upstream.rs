@@ -1,46 +1,10 @@
-//! The upstream side: pooled keep-alive client, URL join, hop-by-hop header filtering, error mapping.
+//! The upstream side of a forwarded request: URL join, hop-by-hop header filtering, error mapping.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use axum::body::Body;
 use http::{HeaderMap, HeaderName, Uri, header};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::TokioExecutor;
 
 use crate::config::{Config, Upstream};
 use crate::error::{ProxyError, chain};
 use crate::proxy::pool::SendError;
-
-/// Opens upstream connections: TCP, then TLS for `https` (rustls with Mozilla's roots, no OpenSSL).
-pub type Connector = HttpsConnector<HttpConnector>;
-
-/// The pooled client alert webhooks are posted with (requests go through `proxy::pool`).
-pub type HttpClient = Client<Connector, Body>;
-
-/// The connector, with the configured connect timeout.
-pub fn connector(config: &Config) -> Result<Connector, rustls::Error> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    // Without it, small SSE writes wait for Nagle's algorithm and delayed ACKs.
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(config.connect_timeout));
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    Ok(hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(provider)?
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http))
-}
-
-/// A pooled keep-alive client for alert webhooks.
-pub fn webhook_client(connector: Connector) -> HttpClient {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(crate::proxy::pool::IDLE_TIMEOUT)
-        .build(connector)
-}
 
 /// The request target sent upstream (origin form): the upstream's base path, the path after
 /// its prefix, and the client's query string.

@@ -27,14 +27,14 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::api;
-use crate::app::{AppState, router, upstream_of};
+use crate::api::router;
+use crate::app::{AppState, upstream_of};
 use crate::deferred::AfterResponse;
 use crate::error::ProxyError;
 use crate::path;
 use crate::proxy;
 use limits::Refusals;
 use watch::{Activity, Timeouts, Tracked, Watched};
-pub use workers::worker;
 use workers::{Open, Workers};
 
 /// Where connections come from.
@@ -218,7 +218,7 @@ impl App {
         let path = request.uri().path();
         match (upstream_of(routes, path), self.surface) {
             (Some(upstream), Surface::All | Surface::Provider) => {
-                proxy::forward(self.state, upstream, request.map(Body::new)).await
+                proxy::forward(self.state.proxy(), upstream, request.map(Body::new)).await
             }
             (None, Surface::Provider) if path != api::HEALTHZ => {
                 proxy::not_found(request.map(Body::new)).await

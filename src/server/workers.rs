@@ -1,7 +1,6 @@
 //! The worker threads: the caller's runtime is worker 0, each extra worker a current-thread
 //! runtime on a thread of its own; a connection goes to the worker with the fewest open.
 
-use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
@@ -10,15 +9,6 @@ use std::thread::JoinHandle;
 
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
-
-thread_local! {
-    static WORKER: Cell<usize> = const { Cell::new(0) };
-}
-
-/// The index of the worker whose thread calls this: 0 outside the extra worker threads.
-pub fn worker() -> usize {
-    WORKER.with(Cell::get)
-}
 
 /// The runtimes connections are served on: the caller's (index 0) and one per extra thread.
 pub struct Workers {
@@ -48,7 +38,7 @@ impl Workers {
             let thread = std::thread::Builder::new()
                 .name(format!("worker-{index}"))
                 .spawn(move || {
-                    WORKER.with(|w| w.set(index));
+                    crate::worker::set_index(index);
                     runtime.block_on(async {
                         tokio::select! {
                             _ = stopped => {}

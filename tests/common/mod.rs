@@ -689,7 +689,7 @@ pub fn ledger_row(
             output_tokens: tokens.1,
             ..llm_meter::usage::Usage::default()
         },
-        cost: llm_meter::meter::pricing::NanoUsd(cost_nano_usd),
+        cost: llm_meter::money::NanoUsd(cost_nano_usd),
         latency: Some(Duration::from_micros(1500)),
         response_id: Some("chatcmpl-test".to_owned()),
         is_error: false,

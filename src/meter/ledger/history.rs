@@ -11,8 +11,8 @@ use time::{Date, OffsetDateTime, Time};
 use super::writer::{count, counts_from};
 use super::{FILE_NAME, LedgerError, Row, from_micros, micros, schema};
 use crate::key::Identity;
-use crate::meter::pricing::NanoUsd;
 use crate::meter::{Counts, Snapshot};
+use crate::money::NanoUsd;
 use crate::usage::Usage;
 
 /// A half-open time range `[since, until)`; an open end is unbounded.

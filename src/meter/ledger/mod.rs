@@ -26,8 +26,8 @@ use parking_lot::Mutex;
 use time::OffsetDateTime;
 
 use crate::key::Identity;
-use crate::meter::pricing::NanoUsd;
 use crate::meter::{Counts, Flags};
+use crate::money::NanoUsd;
 use crate::usage::Usage;
 use integrity::{Check, Integrity};
 
@@ -101,16 +101,7 @@ impl LedgerError {
     }
 }
 
-/// How the ledger writes.
-#[derive(Debug, Clone)]
-pub struct Options {
-    /// The directory holding the database and its lock file.
-    pub dir: PathBuf,
-    /// Longest time a recorded row waits before it is committed.
-    pub flush_interval: Duration,
-    /// Rows kept in memory while the disk refuses them; past it the oldest are given up (and counted).
-    pub max_pending_rows: usize,
-}
+pub use crate::config::ledger::Options;
 
 /// One metered request as the ledger stores it. Carries no key material. Its text is owned
 /// when read back (`Row<String>`) and borrowed when recorded (`Row<&str>`).

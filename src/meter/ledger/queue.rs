@@ -7,7 +7,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use super::{Row, from_micros, micros};
-use crate::meter::pricing::NanoUsd;
+use crate::money::NanoUsd;
 use crate::usage::Usage;
 
 const ROW: u8 = 0;

@@ -15,7 +15,7 @@ use super::queue::{self, Entry};
 use super::{Restored, Row, Shared, from_micros, micros};
 use crate::key::Identity;
 use crate::meter::Counts;
-use crate::meter::pricing::NanoUsd;
+use crate::money::NanoUsd;
 
 /// How long the writer waits before retrying after a failed commit.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -667,7 +667,7 @@ pub fn counts_from(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Counts>
 mod tests {
     use super::super::{FILE_NAME, schema};
     use super::*;
-    use crate::meter::pricing::NanoUsd;
+    use crate::money::NanoUsd;
     use crate::usage::Usage;
 
     /// A writer over a new ledger in `dir`, with no thread running it, and its shared state.

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::guard::{self, Budget, KeySettings};
-use crate::meter::ledger;
-use crate::meter::pricing::NanoUsd;
-use crate::meter::pricing::{Price, PriceTable};
+pub mod guard;
+pub mod ledger;
+
+use crate::money::{NanoUsd, Price};
+use guard::{Budget, KeySettings};
 
 /// Default listen address: loopback only, so a key-carrying proxy is not exposed by accident.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -400,8 +401,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Time in-flight requests get to finish after SIGINT/SIGTERM.
     pub shutdown_grace: Duration,
-    /// Built-in prices with the file's overrides applied.
-    pub prices: PriceTable,
+    /// Prices set in the file (`[pricing."MODEL"]`), over the built-in table.
+    pub pricing: BTreeMap<String, Price>,
     /// Where every request is written; `None` keeps totals in memory only.
     pub ledger: Option<ledger::Options>,
     /// Named keys, budgets, rate limits and alerts.
@@ -607,11 +608,11 @@ impl Config {
             DEFAULT_MAX_MODELS_PER_KEY,
         )?;
 
-        let mut prices = PriceTable::builtin();
+        let mut pricing = BTreeMap::new();
         for (model, entry) in file.pricing {
             let field = format!("pricing.\"{model}\"");
             let price = price_from(&entry).map_err(|r| invalid(&field, &name, r))?;
-            prices.set(model, price);
+            pricing.insert(model, price);
         }
 
         let persist = if flags.no_persist {
@@ -721,7 +722,7 @@ impl Config {
             response_timeout,
             idle_timeout,
             shutdown_grace,
-            prices,
+            pricing,
             ledger,
             file: None,
         })
@@ -1384,7 +1385,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            c.prices.resolve("my-model"),
+            c.pricing.get("my-model"),
             Some(&Price::per_million(2.0, 8.0, 0.5, 2.0))
         );
     }
