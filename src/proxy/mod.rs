@@ -1,6 +1,7 @@
 //! Forwarding: each upstream's prefix to its base URL, with the request rewritten and the
 //! response tapped only where metering needs it.
 
+pub mod exchange;
 pub mod pool;
 pub mod rewrite;
 pub mod route;
@@ -27,10 +28,10 @@ use crate::config::{Config, InjectStreamUsage, Route};
 use crate::error::ProxyError;
 use crate::guard::{Guard, KeyRef};
 use crate::key::{self, Identity};
-use crate::meter::{Meter, Record, UNKNOWN_MODEL};
+use crate::meter::Meter;
 use crate::tasks::Tasks;
-use crate::usage::estimate::{self, Raw};
-use crate::usage::{Extracted, Flavor, StreamUsage, Usage, sse};
+use crate::usage::{Extracted, Flavor, StreamUsage, sse};
+use exchange::{CLIENT_CLOSED, Exchange, Warned};
 use pool::Pools;
 use rewrite::{ChatRequest, Spliced};
 use tap::{Extraction, Outcome, Tap};
@@ -46,25 +47,6 @@ pub struct UpstreamState {
     pools: Pools,
     /// The shapes of unusable usage it has sent, each warned about once.
     warned: Arc<Warned>,
-}
-
-/// (field, problem) pairs already warned about for one upstream: a bounded set, since both are
-/// static strings of the extractors.
-pub type Warned = parking_lot::Mutex<std::collections::HashSet<(&'static str, &'static str)>>;
-
-/// Longest model name kept in records and logs: a client may name any model it likes.
-pub const MAX_MODEL_LEN: usize = 256;
-
-/// `model`, cut to `MAX_MODEL_LEN` bytes at a character boundary.
-fn capped_model(mut model: String) -> String {
-    if model.len() > MAX_MODEL_LEN {
-        let mut end = MAX_MODEL_LEN;
-        while !model.is_char_boundary(end) {
-            end -= 1;
-        }
-        model.truncate(end);
-    }
-    model
 }
 
 const STREAM_OPTIONS_UNKNOWN: u8 = 0;
@@ -113,256 +95,6 @@ pub struct Context<'a> {
     pub guard: &'a Arc<Guard>,
     /// The owner of drains.
     pub tasks: &'a Tasks,
-}
-
-/// One request on its way through: what the record and the log line need once it finishes.
-pub struct Exchange {
-    meter: Arc<Meter>,
-    guard: Arc<Guard>,
-    /// The named key it came with, if any.
-    key: Option<KeyRef>,
-    identity: Identity,
-    upstream: Arc<str>,
-    /// What the upstream's unusable usage shapes have been warned about.
-    warned: Arc<Warned>,
-    flavor: Option<Flavor>,
-    method: Method,
-    path: String,
-    request_model: Option<String>,
-    /// The request body of a metered route (shared, not copied), for an estimate if needed.
-    request_body: Option<Bytes>,
-    is_streaming: bool,
-    status: StatusCode,
-    started: Instant,
-    /// Until the upstream's response headers; `None` when there was no response.
-    upstream_latency: Option<Duration>,
-    error: Option<String>,
-    is_done: bool,
-}
-
-/// Status logged for a request whose client left before any response (nginx's convention).
-const CLIENT_CLOSED: u16 = 499;
-
-/// Everything a record and its log line need, owned, so it can be finished on another thread.
-struct Finished {
-    meter: Arc<Meter>,
-    guard: Arc<Guard>,
-    key: Option<KeyRef>,
-    identity: Identity,
-    upstream: Arc<str>,
-    flavor: Flavor,
-    method: Method,
-    path: String,
-    model: String,
-    extracted: Extracted,
-    is_streaming: bool,
-    status: StatusCode,
-    /// From the request's arrival to its end (not to its record, which an estimate delays).
-    duration: Duration,
-    upstream_latency: Option<Duration>,
-    error: Option<String>,
-    is_error: bool,
-    is_whole: bool,
-    outcome: &'static str,
-}
-
-impl Finished {
-    /// Counts the missing tokens with the tokenizer: the prompt from the request (unless the
-    /// provider already reported it), the output from the text the client received.
-    fn estimate(&mut self, request: Option<&[u8]>, raw: Option<&Raw>) {
-        let counted = estimate::estimate(self.flavor, &self.model, request, raw);
-        let usage = match self.extracted.usage {
-            // A cut Anthropic stream: the input counts are the provider's, the output is not final.
-            Some(reported) => Usage {
-                output_tokens: reported.output_tokens.max(counted.output_tokens),
-                ..reported
-            },
-            None => counted,
-        };
-        self.extracted.usage = Some(usage);
-    }
-
-    /// Records the request and writes its one log line (after the response when recorded while
-    /// hyper serves it: see `deferred`).
-    fn record(self, is_estimated: bool) {
-        let key_id = self.identity.id.as_str();
-        let model = self.model.as_str();
-        if self.extracted.usage.is_none() && !self.is_error && self.is_whole {
-            tracing::warn!(
-                key_id,
-                model,
-                flavor = self.flavor.as_str(),
-                "response carried no usage: request counted with 0 tokens"
-            );
-        }
-        let priced = self.meter.record(&Record {
-            identity: &self.identity,
-            model,
-            usage: self.extracted.usage,
-            is_error: self.is_error,
-            flavor: self.flavor,
-            status: self.status.as_u16(),
-            is_streaming: self.is_streaming,
-            upstream_latency: self.upstream_latency,
-            response_id: self.extracted.response_id.as_deref(),
-            is_partial: !self.is_whole,
-            is_estimated,
-            upstream: &self.upstream,
-        });
-        let usage = self.extracted.usage.unwrap_or_default();
-        self.guard.on_record(
-            self.key,
-            &self.identity.label,
-            priced.cost,
-            usage.prompt_tokens(),
-            usage.total_tokens(),
-        );
-        if !tracing::enabled!(tracing::Level::INFO) {
-            return;
-        }
-        let Self {
-            method,
-            path,
-            identity,
-            upstream,
-            model,
-            is_streaming,
-            status,
-            upstream_latency,
-            duration,
-            outcome,
-            error,
-            ..
-        } = self;
-        // The closure owns what the line needs, so the line can wait for the response.
-        crate::deferred::after_response(move || {
-            tracing::info!(
-                method = %method,
-                path,
-                status = status.as_u16(),
-                key_id = identity.id,
-                upstream = &*upstream,
-                model,
-                stream = is_streaming,
-                tokens_in = usage.prompt_tokens(),
-                tokens_out = usage.output_tokens,
-                estimated = is_estimated,
-                cost_usd = priced.cost.as_usd(),
-                priced = priced.is_priced,
-                upstream_ms = millis(upstream_latency.unwrap_or_default()),
-                duration_ms = millis(duration),
-                outcome,
-                error,
-                "request"
-            );
-        });
-    }
-}
-
-impl Exchange {
-    /// Records the request (metered routes) and writes its one log line. A 2xx response that
-    /// reported no usage (or a stream cut before its final count) is estimated first, on a
-    /// blocking thread, so neither this response nor any other waits for the tokenizer.
-    pub fn complete(&mut self, mut extracted: Extracted, raw: Option<Raw>, outcome: Outcome) {
-        if std::mem::replace(&mut self.is_done, true) {
-            return;
-        }
-        for warning in &extracted.warnings {
-            if self.warned.lock().insert((warning.field, warning.problem)) {
-                tracing::warn!(
-                    key_id = self.identity.id,
-                    upstream = &*self.upstream,
-                    field = warning.field,
-                    problem = warning.problem,
-                    "ignored a usage field (warned once per upstream and shape)"
-                );
-            }
-        }
-        // The provider did not know the key: not worth an entry of its own (bounded memory).
-        if matches!(self.status.as_u16(), 401 | 403) && self.key.is_none() {
-            self.identity = Identity::unauthenticated();
-        }
-        let key_id = self.identity.id.as_str();
-        let is_error = outcome == Outcome::UpstreamFailed
-            || !(self.status.is_success() || self.status.as_u16() == CLIENT_CLOSED);
-        let is_whole = outcome == Outcome::Complete;
-        let outcome = match outcome {
-            Outcome::Complete => "complete",
-            Outcome::UpstreamFailed => "upstream_failed",
-            Outcome::ClientGone => "client_gone",
-        };
-        let Some(flavor) = self.flavor else {
-            let duration_ms = millis(self.started.elapsed());
-            let upstream_ms = millis(self.upstream_latency.unwrap_or_default());
-            tracing::info!(method = %self.method, path = self.path, status = self.status.as_u16(), key_id, upstream = &*self.upstream, upstream_ms, duration_ms, outcome, error = self.error, "request");
-            return;
-        };
-        let model = capped_model(
-            extracted
-                .model
-                .take()
-                .or_else(|| self.request_model.take())
-                .unwrap_or_else(|| UNKNOWN_MODEL.to_owned()),
-        );
-        let needs_estimate = self.status.is_success()
-            && (extracted.usage.is_none() || extracted.is_output_provisional);
-        let mut finished = Finished {
-            meter: Arc::clone(&self.meter),
-            guard: Arc::clone(&self.guard),
-            key: self.key,
-            identity: std::mem::replace(&mut self.identity, Identity::anonymous()),
-            upstream: Arc::clone(&self.upstream),
-            flavor,
-            method: self.method.clone(),
-            path: std::mem::take(&mut self.path),
-            model,
-            extracted,
-            is_streaming: self.is_streaming,
-            status: self.status,
-            duration: self.started.elapsed(),
-            upstream_latency: self.upstream_latency,
-            error: self.error.take(),
-            is_error,
-            is_whole,
-            outcome,
-        };
-        if !needs_estimate {
-            finished.record(false);
-            return;
-        }
-        let request = self.request_body.take();
-        let job = move || {
-            finished.estimate(request.as_deref(), raw.as_ref());
-            finished.record(true);
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                let guard = self.meter.begin_estimate();
-                runtime.spawn_blocking(move || {
-                    job();
-                    drop(guard);
-                });
-            }
-            Err(_) => job(),
-        }
-    }
-}
-
-/// A request whose handler is dropped before any response (the client left while the upstream
-/// was still answering) is still recorded: the provider may bill it.
-impl Drop for Exchange {
-    fn drop(&mut self) {
-        self.complete(Extracted::default(), None, Outcome::ClientGone);
-    }
-}
-
-/// Milliseconds to the microsecond, so logs show `0.085`, not `0.08509000000000001`.
-#[expect(
-    clippy::cast_precision_loss,
-    reason = "durations under 2^52 µs are exact"
-)]
-fn millis(d: Duration) -> f64 {
-    d.as_micros() as f64 / 1000.0
 }
 
 /// The handler of one upstream's prefix: forwards any method, meters the routes that report usage.
@@ -567,46 +299,34 @@ async fn send(
     )
     .await?;
     if let Some(retry) = retry {
-        if response.status() == StatusCode::BAD_REQUEST {
-            let (mut parts, incoming) = response.into_parts();
-            let rejection = read_rejection(incoming, config.idle_timeout).await;
-            if memchr::memmem::find(&rejection, b"stream_options").is_none() {
-                upstream::strip_hop_by_hop(&mut parts.headers);
-                // The body is handed on whole now: its length is what was read.
-                parts.headers.remove(header::CONTENT_LENGTH);
-                return Ok(Answer::Whole(Response::from_parts(
-                    parts,
-                    Body::from(rejection),
-                )));
+        match learn_stream_options(state, route, runtime, response, retry, exchange).await? {
+            Learned::Kept(kept) => response = kept,
+            Learned::Resent(resent) => {
+                strip_usage_chunk = false;
+                response = resent;
             }
-            runtime
-                .stream_options
-                .store(STREAM_OPTIONS_REJECTED, Ordering::Relaxed);
-            tracing::warn!(
-                upstream = route.name,
-                "upstream rejects stream_options: sending streams without it from now on and estimating their usage"
-            );
-            strip_usage_chunk = false;
-            let mut again = Request::new(Body::from(retry.body));
-            *again.method_mut() = retry.method;
-            *again.uri_mut() = retry.uri;
-            *again.headers_mut() = retry.headers;
-            response = exchange_once(state, route, runtime, again, exchange).await?;
-        } else if response.status().is_success() {
-            runtime
-                .stream_options
-                .store(STREAM_OPTIONS_ACCEPTED, Ordering::Relaxed);
+            Learned::Refused(whole) => return Ok(Answer::Whole(whole)),
         }
     }
 
     let (mut parts, incoming) = response.into_parts();
     upstream::strip_hop_by_hop(&mut parts.headers);
-    let extraction = match exchange.flavor {
+    let extraction = extraction_for(exchange.flavor, &mut parts.headers, strip_usage_chunk);
+    Ok(Answer::Tapped(parts, incoming, extraction))
+}
+
+/// How a response's usage is read: from SSE events, a whole body, or not at all.
+fn extraction_for(
+    flavor: Option<Flavor>,
+    headers: &mut http::HeaderMap,
+    strip_usage_chunk: bool,
+) -> Extraction {
+    match flavor {
         None => Extraction::None,
-        Some(flavor) if is_event_stream(&parts.headers) => {
+        Some(flavor) if is_event_stream(headers) => {
             if strip_usage_chunk {
                 // One chunk will be removed, so the upstream's length no longer holds.
-                parts.headers.remove(header::CONTENT_LENGTH);
+                headers.remove(header::CONTENT_LENGTH);
             }
             Extraction::Stream {
                 framer: sse::Framer::new(sse::DEFAULT_EVENT_CAP),
@@ -621,8 +341,61 @@ async fn send(
             chunks: Vec::new(),
             len: 0,
         },
-    };
-    Ok(Answer::Tapped(parts, incoming, extraction))
+    }
+}
+
+/// What the first answer to a request with an injected `stream_options` taught.
+enum Learned {
+    /// The upstream took it (or failed otherwise): the answer stands.
+    Kept(http::Response<Incoming>),
+    /// The upstream rejects `stream_options`: the request went again without it.
+    Resent(http::Response<Incoming>),
+    /// A 400 about something else, read whole to tell: handed on as it was.
+    Refused(Response),
+}
+
+/// Learns from the first answer whether the upstream takes `stream_options` (`auto` mode), and
+/// sends the request again without it when it does not.
+async fn learn_stream_options(
+    state: &Context<'_>,
+    route: &Route,
+    runtime: &UpstreamState,
+    response: http::Response<Incoming>,
+    retry: Retry,
+    exchange: &mut Exchange,
+) -> Result<Learned, ProxyError> {
+    if response.status().is_success() {
+        runtime
+            .stream_options
+            .store(STREAM_OPTIONS_ACCEPTED, Ordering::Relaxed);
+    }
+    if response.status() != StatusCode::BAD_REQUEST {
+        return Ok(Learned::Kept(response));
+    }
+    let (mut parts, incoming) = response.into_parts();
+    let rejection = read_rejection(incoming, state.config.idle_timeout).await;
+    if memchr::memmem::find(&rejection, b"stream_options").is_none() {
+        upstream::strip_hop_by_hop(&mut parts.headers);
+        // The body is handed on whole now: its length is what was read.
+        parts.headers.remove(header::CONTENT_LENGTH);
+        return Ok(Learned::Refused(Response::from_parts(
+            parts,
+            Body::from(rejection),
+        )));
+    }
+    runtime
+        .stream_options
+        .store(STREAM_OPTIONS_REJECTED, Ordering::Relaxed);
+    tracing::warn!(
+        upstream = route.name,
+        "upstream rejects stream_options: sending streams without it from now on and estimating their usage"
+    );
+    let mut again = Request::new(Body::from(retry.body));
+    *again.method_mut() = retry.method;
+    *again.uri_mut() = retry.uri;
+    *again.headers_mut() = retry.headers;
+    let resent = exchange_once(state, route, runtime, again, exchange).await?;
+    Ok(Learned::Resent(resent))
 }
 
 /// One round trip to the upstream, bounded by the response timeout.

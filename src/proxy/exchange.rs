@@ -1,0 +1,285 @@
+//! One request's exchange: what its record and its log line need, gathered while it is
+//! forwarded, and the record itself (estimated first, off the response's path, when the
+//! provider reported no usage), made once when the response ends or is dropped.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+
+use super::tap::Outcome;
+use crate::guard::{Guard, KeyRef};
+use crate::key::Identity;
+use crate::meter::{Meter, Record, UNKNOWN_MODEL};
+use crate::usage::estimate::{self, Raw};
+use crate::usage::{Extracted, Flavor, Usage};
+
+/// (field, problem) pairs already warned about for one upstream: a bounded set, since both are
+/// static strings of the extractors.
+pub type Warned = parking_lot::Mutex<std::collections::HashSet<(&'static str, &'static str)>>;
+
+/// Longest model name kept in records and logs: a client may name any model it likes.
+pub const MAX_MODEL_LEN: usize = 256;
+
+/// `model`, cut to `MAX_MODEL_LEN` bytes at a character boundary.
+fn capped_model(mut model: String) -> String {
+    if model.len() > MAX_MODEL_LEN {
+        let mut end = MAX_MODEL_LEN;
+        while !model.is_char_boundary(end) {
+            end -= 1;
+        }
+        model.truncate(end);
+    }
+    model
+}
+
+/// One request on its way through: what the record and the log line need once it finishes.
+pub struct Exchange {
+    pub(super) meter: Arc<Meter>,
+    pub(super) guard: Arc<Guard>,
+    /// The named key it came with, if any.
+    pub(super) key: Option<KeyRef>,
+    pub(super) identity: Identity,
+    pub(super) upstream: Arc<str>,
+    /// What the upstream's unusable usage shapes have been warned about.
+    pub(super) warned: Arc<Warned>,
+    pub(super) flavor: Option<Flavor>,
+    pub(super) method: Method,
+    pub(super) path: String,
+    pub(super) request_model: Option<String>,
+    /// The request body of a metered route (shared, not copied), for an estimate if needed.
+    pub(super) request_body: Option<Bytes>,
+    pub(super) is_streaming: bool,
+    pub(super) status: StatusCode,
+    pub(super) started: Instant,
+    /// Until the upstream's response headers; `None` when there was no response.
+    pub(super) upstream_latency: Option<Duration>,
+    pub(super) error: Option<String>,
+    pub(super) is_done: bool,
+}
+
+/// Status logged for a request whose client left before any response (nginx's convention).
+pub(super) const CLIENT_CLOSED: u16 = 499;
+
+/// Everything a record and its log line need, owned, so it can be finished on another thread.
+struct Finished {
+    meter: Arc<Meter>,
+    guard: Arc<Guard>,
+    key: Option<KeyRef>,
+    identity: Identity,
+    upstream: Arc<str>,
+    flavor: Flavor,
+    method: Method,
+    path: String,
+    model: String,
+    extracted: Extracted,
+    is_streaming: bool,
+    status: StatusCode,
+    /// From the request's arrival to its end (not to its record, which an estimate delays).
+    duration: Duration,
+    upstream_latency: Option<Duration>,
+    error: Option<String>,
+    is_error: bool,
+    is_whole: bool,
+    outcome: &'static str,
+}
+
+impl Finished {
+    /// Counts the missing tokens with the tokenizer: the prompt from the request (unless the
+    /// provider already reported it), the output from the text the client received.
+    fn estimate(&mut self, request: Option<&[u8]>, raw: Option<&Raw>) {
+        let counted = estimate::estimate(self.flavor, &self.model, request, raw);
+        let usage = match self.extracted.usage {
+            // A cut Anthropic stream: the input counts are the provider's, the output is not final.
+            Some(reported) => Usage {
+                output_tokens: reported.output_tokens.max(counted.output_tokens),
+                ..reported
+            },
+            None => counted,
+        };
+        self.extracted.usage = Some(usage);
+    }
+
+    /// Records the request and writes its one log line (after the response when recorded while
+    /// hyper serves it: see `deferred`).
+    fn record(self, is_estimated: bool) {
+        let key_id = self.identity.id.as_str();
+        let model = self.model.as_str();
+        if self.extracted.usage.is_none() && !self.is_error && self.is_whole {
+            tracing::warn!(
+                key_id,
+                model,
+                flavor = self.flavor.as_str(),
+                "response carried no usage: request counted with 0 tokens"
+            );
+        }
+        let priced = self.meter.record(&Record {
+            identity: &self.identity,
+            model,
+            usage: self.extracted.usage,
+            is_error: self.is_error,
+            flavor: self.flavor,
+            status: self.status.as_u16(),
+            is_streaming: self.is_streaming,
+            upstream_latency: self.upstream_latency,
+            response_id: self.extracted.response_id.as_deref(),
+            is_partial: !self.is_whole,
+            is_estimated,
+            upstream: &self.upstream,
+        });
+        let usage = self.extracted.usage.unwrap_or_default();
+        self.guard.on_record(
+            self.key,
+            &self.identity.label,
+            priced.cost,
+            usage.prompt_tokens(),
+            usage.total_tokens(),
+        );
+        if !tracing::enabled!(tracing::Level::INFO) {
+            return;
+        }
+        let Self {
+            method,
+            path,
+            identity,
+            upstream,
+            model,
+            is_streaming,
+            status,
+            upstream_latency,
+            duration,
+            outcome,
+            error,
+            ..
+        } = self;
+        // The closure owns what the line needs, so the line can wait for the response.
+        crate::deferred::after_response(move || {
+            tracing::info!(
+                method = %method,
+                path,
+                status = status.as_u16(),
+                key_id = identity.id,
+                upstream = &*upstream,
+                model,
+                stream = is_streaming,
+                tokens_in = usage.prompt_tokens(),
+                tokens_out = usage.output_tokens,
+                estimated = is_estimated,
+                cost_usd = priced.cost.as_usd(),
+                priced = priced.is_priced,
+                upstream_ms = millis(upstream_latency.unwrap_or_default()),
+                duration_ms = millis(duration),
+                outcome,
+                error,
+                "request"
+            );
+        });
+    }
+}
+
+impl Exchange {
+    /// Records the request (metered routes) and writes its one log line. A 2xx response that
+    /// reported no usage (or a stream cut before its final count) is estimated first, on a
+    /// blocking thread, so neither this response nor any other waits for the tokenizer.
+    pub fn complete(&mut self, mut extracted: Extracted, raw: Option<Raw>, outcome: Outcome) {
+        if std::mem::replace(&mut self.is_done, true) {
+            return;
+        }
+        for warning in &extracted.warnings {
+            if self.warned.lock().insert((warning.field, warning.problem)) {
+                tracing::warn!(
+                    key_id = self.identity.id,
+                    upstream = &*self.upstream,
+                    field = warning.field,
+                    problem = warning.problem,
+                    "ignored a usage field (warned once per upstream and shape)"
+                );
+            }
+        }
+        // The provider did not know the key: not worth an entry of its own (bounded memory).
+        if matches!(self.status.as_u16(), 401 | 403) && self.key.is_none() {
+            self.identity = Identity::unauthenticated();
+        }
+        let key_id = self.identity.id.as_str();
+        let is_error = outcome == Outcome::UpstreamFailed
+            || !(self.status.is_success() || self.status.as_u16() == CLIENT_CLOSED);
+        let is_whole = outcome == Outcome::Complete;
+        let outcome = match outcome {
+            Outcome::Complete => "complete",
+            Outcome::UpstreamFailed => "upstream_failed",
+            Outcome::ClientGone => "client_gone",
+        };
+        let Some(flavor) = self.flavor else {
+            let duration_ms = millis(self.started.elapsed());
+            let upstream_ms = millis(self.upstream_latency.unwrap_or_default());
+            tracing::info!(method = %self.method, path = self.path, status = self.status.as_u16(), key_id, upstream = &*self.upstream, upstream_ms, duration_ms, outcome, error = self.error, "request");
+            return;
+        };
+        let model = capped_model(
+            extracted
+                .model
+                .take()
+                .or_else(|| self.request_model.take())
+                .unwrap_or_else(|| UNKNOWN_MODEL.to_owned()),
+        );
+        let needs_estimate = self.status.is_success()
+            && (extracted.usage.is_none() || extracted.is_output_provisional);
+        let mut finished = Finished {
+            meter: Arc::clone(&self.meter),
+            guard: Arc::clone(&self.guard),
+            key: self.key,
+            identity: std::mem::replace(&mut self.identity, Identity::anonymous()),
+            upstream: Arc::clone(&self.upstream),
+            flavor,
+            method: self.method.clone(),
+            path: std::mem::take(&mut self.path),
+            model,
+            extracted,
+            is_streaming: self.is_streaming,
+            status: self.status,
+            duration: self.started.elapsed(),
+            upstream_latency: self.upstream_latency,
+            error: self.error.take(),
+            is_error,
+            is_whole,
+            outcome,
+        };
+        if !needs_estimate {
+            finished.record(false);
+            return;
+        }
+        let request = self.request_body.take();
+        let job = move || {
+            finished.estimate(request.as_deref(), raw.as_ref());
+            finished.record(true);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let guard = self.meter.begin_estimate();
+                runtime.spawn_blocking(move || {
+                    job();
+                    drop(guard);
+                });
+            }
+            Err(_) => job(),
+        }
+    }
+}
+
+/// A request whose handler is dropped before any response (the client left while the upstream
+/// was still answering) is still recorded: the provider may bill it.
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.complete(Extracted::default(), None, Outcome::ClientGone);
+    }
+}
+
+/// Milliseconds to the microsecond, so logs show `0.085`, not `0.08509000000000001`.
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "durations under 2^52 µs are exact"
+)]
+fn millis(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
+}
