@@ -6,19 +6,20 @@
 //! calendar periods of the budget time zone and restored from the ledger on start.
 
 pub mod alerts;
+mod budget;
+pub mod overrides;
 pub mod period;
 pub mod rate;
+mod refusal;
+mod view;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::response::{IntoResponse, Response};
-use http::{HeaderValue, StatusCode, header};
 use jiff::tz::TimeZone;
 use parking_lot::Mutex;
-use serde::Serialize;
 
 use crate::config::Secret;
 pub use crate::config::guard::{
@@ -26,233 +27,13 @@ pub use crate::config::guard::{
 };
 use crate::money::NanoUsd;
 use alerts::{Alert, Alerts};
-use period::{Clock, Period, Window};
+use budget::{GLOBAL, Scope, whose};
+use overrides::load_overrides;
+pub use overrides::{AdminError, OVERRIDES_FILE};
+use period::{Clock, Period};
 use rate::Bucket;
-
-/// The file, in the data directory, that keeps budgets changed at run time.
-pub const OVERRIDES_FILE: &str = "budgets.json";
-
-impl Budget {
-    /// The limit of one period.
-    pub fn get(&self, period: Period) -> Option<NanoUsd> {
-        match period {
-            Period::Daily => self.daily,
-            Period::Monthly => self.monthly,
-            Period::Total => self.total,
-        }
-    }
-
-    fn any(&self) -> bool {
-        self.daily.is_some() || self.monthly.is_some() || self.total.is_some()
-    }
-}
-
-/// Spend of one period, in its current window.
-#[derive(Debug, Clone, Copy)]
-struct Spent {
-    window: Window,
-    nano: u64,
-    /// The highest alert threshold already fired in this window (percent).
-    fired: u32,
-}
-
-impl Spent {
-    /// When the window ends, as shown; `None` for the total, which never resets.
-    fn resets_at(&self, period: Period) -> Option<String> {
-        (period != Period::Total).then(|| period::rfc3339(self.window.end))
-    }
-}
-
-/// How messages name a scope: `key "agent-a"`, or `all keys`.
-fn whose(scope: &str) -> String {
-    if scope == GLOBAL {
-        "all keys".to_owned()
-    } else {
-        format!("key {scope:?}")
-    }
-}
-
-/// Budget state of one scope (a named key, or global).
-#[derive(Debug)]
-struct ScopeState {
-    budget: Budget,
-    spent: [Spent; 3],
-    hour: Spent,
-}
-
-/// One scope: a name and its state.
-#[derive(Debug)]
-struct Scope {
-    name: String,
-    state: Mutex<ScopeState>,
-}
-
-const GLOBAL: &str = "global";
-
-impl Scope {
-    fn new(name: &str, budget: Budget) -> Self {
-        let empty = Spent {
-            window: Window { start: 0, end: 0 },
-            nano: 0,
-            fired: 0,
-        };
-        Self {
-            name: name.to_owned(),
-            state: Mutex::new(ScopeState {
-                budget,
-                spent: [empty; 3],
-                hour: empty,
-            }),
-        }
-    }
-}
-
-impl ScopeState {
-    /// Moves every period to the window that holds `now`, zeroing those that ended.
-    fn roll(&mut self, now: jiff::Timestamp, tz: &TimeZone) {
-        let at = now.as_microsecond();
-        for (spent, period) in self.spent.iter_mut().zip(Period::ALL) {
-            if !spent.window.contains(at) {
-                *spent = Spent {
-                    window: period::window(period, now, tz),
-                    nano: 0,
-                    fired: 0,
-                };
-            }
-        }
-        if !self.hour.window.contains(at) {
-            self.hour = Spent {
-                window: period::hour(now),
-                nano: 0,
-                fired: 0,
-            };
-        }
-    }
-
-    /// The first period whose budget is spent.
-    fn exhausted(&self) -> Option<(Period, NanoUsd, Spent)> {
-        Period::ALL
-            .into_iter()
-            .zip(self.spent)
-            .find_map(|(period, spent)| {
-                let limit = self.budget.get(period)?;
-                (spent.nano >= limit.0).then_some((period, limit, spent))
-            })
-    }
-}
-
-/// Why a request is not forwarded.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum Refusal {
-    /// The key is not one of the named keys and `require_known_keys` is on.
-    #[error("this API key is not one of the keys llm-meter is configured to accept")]
-    UnknownKey,
-    /// A budget of the key (or the global one) is spent.
-    #[error(
-        "the {} budget of {} is spent: {} of {}; it resets at {}",
-        period.as_str(),
-        whose(scope),
-        spent,
-        limit,
-        resets_at.as_deref().unwrap_or("never (a total budget)")
-    )]
-    BudgetExceeded {
-        /// The key name, or `global`.
-        scope: String,
-        /// Which budget.
-        period: Period,
-        /// The budget.
-        limit: NanoUsd,
-        /// What was spent in the period.
-        spent: NanoUsd,
-        /// When the period ends (RFC 3339); `None` for the total budget.
-        resets_at: Option<String>,
-    },
-    /// A per-minute rate limit of the key is reached.
-    #[error(
-        "key {scope:?} is over its limit of {limit} {unit} per minute; retry after {} s",
-        retry_after.as_secs_f64().ceil()
-    )]
-    RateLimited {
-        /// The key name.
-        scope: String,
-        /// `requests` or `tokens`.
-        unit: &'static str,
-        /// The limit per minute.
-        limit: u64,
-        /// How long until a request would be admitted.
-        retry_after: Duration,
-    },
-}
-
-impl Refusal {
-    /// The status it is answered with.
-    pub fn status(&self) -> StatusCode {
-        match self {
-            Self::UnknownKey => StatusCode::UNAUTHORIZED,
-            Self::BudgetExceeded { .. } | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-        }
-    }
-}
-
-impl IntoResponse for Refusal {
-    fn into_response(self) -> Response {
-        let message = format!("llm-meter: {self}");
-        let (status, body, retry_after) = match &self {
-            Self::UnknownKey => (
-                StatusCode::UNAUTHORIZED,
-                serde_json::json!({"error": {"message": message, "type": "invalid_request_error",
-                    "code": "invalid_api_key", "param": null}}),
-                None,
-            ),
-            Self::BudgetExceeded {
-                scope,
-                period,
-                limit,
-                spent,
-                resets_at,
-            } => (
-                StatusCode::TOO_MANY_REQUESTS,
-                serde_json::json!({"error": {"message": message, "type": "budget_exceeded",
-                    "code": "budget_exceeded", "param": null,
-                    "budget": {"scope": scope, "period": period.as_str(),
-                        "limit_usd": limit.as_usd(), "spent_usd": spent.as_usd(),
-                        "resets_at": resets_at}}}),
-                None,
-            ),
-            Self::RateLimited {
-                unit,
-                limit,
-                retry_after,
-                ..
-            } => (
-                StatusCode::TOO_MANY_REQUESTS,
-                serde_json::json!({"error": {"message": message, "type": "rate_limit_exceeded",
-                    "code": "rate_limit_exceeded", "param": null,
-                    "limit": {"unit": unit, "per_minute": limit}}}),
-                Some(retry_after.as_secs_f64().ceil().max(1.0)),
-            ),
-        };
-        let mut response = (
-            status,
-            [(header::CONTENT_TYPE, "application/json")],
-            body.to_string(),
-        )
-            .into_response();
-        let headers = response.headers_mut();
-        match retry_after {
-            Some(seconds) => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds as u64));
-            }
-            // OpenAI's and Anthropic's SDKs retry a 429 unless told not to: a spent budget
-            // or a refused key does not get better in a few seconds.
-            None => {
-                headers.insert("x-should-retry", HeaderValue::from_static("false"));
-            }
-        }
-        response
-    }
-}
+pub use refusal::Refusal;
+pub use view::{BudgetLine, GuardView, KeyView};
 
 /// A named key at run time.
 struct KeyState {
@@ -290,25 +71,6 @@ pub struct RestoredSpend {
     pub by_period: [HashMap<String, u64>; 3],
     /// The current clock hour, per key id.
     pub hour: HashMap<String, u64>,
-}
-
-/// Why an admin change was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum AdminError {
-    /// No named key has this name.
-    #[error("no key is named {0:?}")]
-    UnknownKey(String),
-    /// A budget value is not usable.
-    #[error("{0}")]
-    Invalid(String),
-    /// The change could not be saved.
-    #[error("cannot save {path}: {reason}")]
-    Save {
-        /// The file.
-        path: String,
-        /// Why.
-        reason: String,
-    },
 }
 
 impl Guard {
@@ -591,93 +353,6 @@ impl Guard {
         }
     }
 
-    /// The budget view of the global scope and of every named key, for `/stats` and `/admin/keys`.
-    pub fn view(&self) -> GuardView {
-        let now = self.clock.now();
-        GuardView {
-            timezone: self.timezone.iana_name().unwrap_or("UTC").to_owned(),
-            global: self.scope_view(&self.global, now),
-            keys: self
-                .keys
-                .iter()
-                .map(|k| KeyView {
-                    name: k.settings.name.clone(),
-                    id: k.id.clone(),
-                    is_virtual: k.settings.upstream_key.is_some(),
-                    tokens_per_minute: k.settings.tokens_per_minute,
-                    requests_per_minute: k.settings.requests_per_minute,
-                    budget: self.scope_view(&k.scope, now),
-                })
-                .collect(),
-        }
-    }
-
-    fn scope_view(&self, scope: &Scope, now: jiff::Timestamp) -> Vec<BudgetLine> {
-        let mut state = scope.state.lock();
-        state.roll(now, &self.timezone);
-        Period::ALL
-            .into_iter()
-            .zip(state.spent)
-            .filter_map(|(period, spent)| {
-                let limit = state.budget.get(period)?;
-                Some(BudgetLine {
-                    period: period.as_str(),
-                    limit_usd: limit.as_usd(),
-                    spent_usd: NanoUsd(spent.nano).as_usd(),
-                    remaining_usd: NanoUsd(limit.0.saturating_sub(spent.nano)).as_usd(),
-                    resets_at: spent.resets_at(period),
-                })
-            })
-            .collect()
-    }
-
-    /// Replaces the budgets of a named key (or `global`), and saves them in `budgets.json`.
-    pub fn set_budget(&self, name: &str, budget: Budget) -> Result<(), AdminError> {
-        let scope = if name == GLOBAL {
-            &self.global
-        } else {
-            &self
-                .keys
-                .iter()
-                .find(|k| k.settings.name == name)
-                .ok_or_else(|| AdminError::UnknownKey(name.to_owned()))?
-                .scope
-        };
-        {
-            let mut state = scope.state.lock();
-            state.budget = budget;
-            // Thresholds are measured against the new budget: alert again when it is crossed.
-            for (entry, period) in state.spent.iter_mut().zip(Period::ALL) {
-                entry.fired = budget
-                    .get(period)
-                    .and_then(|limit| self.crossed(entry.nano, limit))
-                    .unwrap_or(0);
-            }
-        }
-        self.save_overrides()
-    }
-
-    fn save_overrides(&self) -> Result<(), AdminError> {
-        let Some(path) = &self.overrides else {
-            return Ok(());
-        };
-        let mut all: std::collections::BTreeMap<&str, Budget> = self
-            .keys
-            .iter()
-            .map(|k| (k.settings.name.as_str(), k.scope.state.lock().budget))
-            .collect();
-        all.insert(GLOBAL, self.global.state.lock().budget);
-        let fail = |reason: String| AdminError::Save {
-            path: path.display().to_string(),
-            reason,
-        };
-        let json = serde_json::to_vec_pretty(&all).map_err(|e| fail(e.to_string()))?;
-        // Written aside and renamed over, so a crash never leaves half a file.
-        let partial = path.with_extension("json.partial");
-        std::fs::write(&partial, json).map_err(|e| fail(e.to_string()))?;
-        std::fs::rename(&partial, path).map_err(|e| fail(e.to_string()))
-    }
-
     /// True when any scope has a budget (from proxy.toml or `budgets.json`).
     pub fn has_budgets(&self) -> bool {
         std::iter::once(&self.global)
@@ -705,66 +380,4 @@ fn within(
             retry_after,
         }
     })
-}
-
-/// Reads `budgets.json`; a missing file is no overrides, an unreadable one is logged and ignored.
-fn load_overrides(path: &std::path::Path) -> HashMap<String, Budget> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|err| {
-            tracing::error!(path = %path.display(), %err, "cannot read the saved budgets: using proxy.toml's");
-            HashMap::new()
-        }),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
-        Err(err) => {
-            tracing::error!(path = %path.display(), %err, "cannot read the saved budgets: using proxy.toml's");
-            HashMap::new()
-        }
-    }
-}
-
-/// One budget of a scope, as shown.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct BudgetLine {
-    /// `daily`, `monthly` or `total`.
-    pub period: &'static str,
-    /// The budget.
-    pub limit_usd: f64,
-    /// Spent in the current period.
-    pub spent_usd: f64,
-    /// What is left (never negative).
-    pub remaining_usd: f64,
-    /// When the period ends; absent for `total`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub resets_at: Option<String>,
-}
-
-/// A named key, as shown.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct KeyView {
-    /// Its name.
-    pub name: String,
-    /// Its id in `/stats` and the ledger.
-    pub id: String,
-    /// Its client key is replaced by another upstream.
-    #[serde(rename = "virtual")]
-    pub is_virtual: bool,
-    /// Tokens per minute, if limited.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tokens_per_minute: Option<u64>,
-    /// Requests per minute, if limited.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub requests_per_minute: Option<u64>,
-    /// Its budgets and their spend.
-    pub budget: Vec<BudgetLine>,
-}
-
-/// The guard as shown.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct GuardView {
-    /// The budget time zone.
-    pub timezone: String,
-    /// The budget of all keys together.
-    pub global: Vec<BudgetLine>,
-    /// Every named key.
-    pub keys: Vec<KeyView>,
 }
