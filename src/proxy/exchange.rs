@@ -62,6 +62,10 @@ pub struct Exchange {
 /// Status logged for a request whose client left before any response (nginx's convention).
 pub(super) const CLIENT_CLOSED: u16 = 499;
 
+/// The target of request log lines: the same as the refusals' in `proxy`, so one filter
+/// (`RUST_LOG=llm_meter::proxy=info`) shows every request however it ended.
+const LOG_TARGET: &str = "llm_meter::proxy";
+
 /// Everything a record and its log line need, owned, so it can be finished on another thread.
 struct Finished {
     meter: Arc<Meter>,
@@ -108,6 +112,7 @@ impl Finished {
         let model = self.model.as_str();
         if self.extracted.usage.is_none() && !self.is_error && self.is_whole {
             tracing::warn!(
+                target: LOG_TARGET,
                 key_id,
                 model,
                 flavor = self.flavor.as_str(),
@@ -156,6 +161,7 @@ impl Finished {
         // The closure owns what the line needs, so the line can wait for the response.
         crate::deferred::after_response(move || {
             tracing::info!(
+                target: LOG_TARGET,
                 method = %method,
                 path,
                 status = status.as_u16(),
@@ -189,6 +195,7 @@ impl Exchange {
         for warning in &extracted.warnings {
             if self.warned.lock().insert((warning.field, warning.problem)) {
                 tracing::warn!(
+                    target: LOG_TARGET,
                     key_id = self.identity.id,
                     upstream = &*self.upstream,
                     field = warning.field,
@@ -213,7 +220,7 @@ impl Exchange {
         let Some(flavor) = self.flavor else {
             let duration_ms = millis(self.started.elapsed());
             let upstream_ms = millis(self.upstream_latency.unwrap_or_default());
-            tracing::info!(method = %self.method, path = self.path, status = self.status.as_u16(), key_id, upstream = &*self.upstream, upstream_ms, duration_ms, outcome, error = self.error, "request");
+            tracing::info!(target: LOG_TARGET, method = %self.method, path = self.path, status = self.status.as_u16(), key_id, upstream = &*self.upstream, upstream_ms, duration_ms, outcome, error = self.error, "request");
             return;
         };
         let model = capped_model(

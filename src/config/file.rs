@@ -1,0 +1,129 @@
+//! The raw shape of `proxy.toml`, as serde reads it: every field optional, unknown fields
+//! rejected; validation is the sections' job.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::ConfigError;
+
+/// The raw shape of `proxy.toml`: every field optional, unknown fields rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileConfig {
+    pub(super) listen: Option<String>,
+    pub(super) admin_listen: Option<String>,
+    pub(super) header_timeout: Option<String>,
+    pub(super) keepalive_timeout: Option<String>,
+    pub(super) max_connections: Option<usize>,
+    pub(super) max_tracked_keys: Option<usize>,
+    pub(super) max_models_per_key: Option<usize>,
+    pub(super) upstream: Option<String>,
+    pub(super) admin_token: Option<String>,
+    pub(super) log_format: Option<String>,
+    pub(super) threads: Option<usize>,
+    pub(super) max_body_bytes: Option<u64>,
+    pub(super) connect_timeout: Option<String>,
+    pub(super) response_timeout: Option<String>,
+    pub(super) idle_timeout: Option<String>,
+    pub(super) shutdown_grace: Option<String>,
+    pub(super) data_dir: Option<PathBuf>,
+    pub(super) persist: Option<bool>,
+    pub(super) flush_interval: Option<String>,
+    pub(super) max_pending_rows: Option<usize>,
+    pub(super) on_client_disconnect: Option<String>,
+    pub(super) drain_timeout: Option<String>,
+    #[serde(default)]
+    pub(super) pricing: BTreeMap<String, PriceEntry>,
+    #[serde(default)]
+    pub(super) upstreams: BTreeMap<String, UpstreamEntry>,
+    pub(super) require_known_keys: Option<bool>,
+    pub(super) budget_timezone: Option<String>,
+    pub(super) alert_thresholds: Option<Vec<u32>>,
+    pub(super) alert_webhook: Option<String>,
+    pub(super) large_request_tokens: Option<u64>,
+    pub(super) budget: Option<BudgetEntry>,
+    #[serde(default)]
+    pub(super) keys: BTreeMap<String, KeyEntry>,
+}
+
+/// `[budget]`: the budget of all keys together, USD.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BudgetEntry {
+    pub(super) daily_usd: Option<f64>,
+    pub(super) monthly_usd: Option<f64>,
+    pub(super) total_usd: Option<f64>,
+}
+
+/// One `[keys.NAME]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct KeyEntry {
+    pub(super) key_env: Option<String>,
+    pub(super) key_sha256: Option<String>,
+    pub(super) upstream_key_env: Option<String>,
+    pub(super) daily_usd: Option<f64>,
+    pub(super) monthly_usd: Option<f64>,
+    pub(super) total_usd: Option<f64>,
+    pub(super) tokens_per_minute: Option<u64>,
+    pub(super) requests_per_minute: Option<u64>,
+}
+
+/// One `[upstreams.NAME]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct UpstreamEntry {
+    pub(super) prefix: Option<String>,
+    pub(super) url: Option<String>,
+    pub(super) flavor: Option<String>,
+    pub(super) inject_stream_usage: Option<String>,
+}
+
+/// One `[pricing."MODEL"]` table, in USD per million tokens.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PriceEntry {
+    pub(super) input_per_million: f64,
+    pub(super) output_per_million: f64,
+    pub(super) cached_input_per_million: Option<f64>,
+    pub(super) cache_write_per_million: Option<f64>,
+}
+
+/// Parses TOML, turning the parser's multi-line report into `file line N: `field`: message`.
+pub(super) fn parse_file(text: &str, name: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let start = e.span().map(|span| span.start.min(text.len()));
+        let mut message = e.message().trim().replace('\n', " ");
+        if let Some(field) = start.and_then(|at| field_at(text, at))
+            && !message.contains(&field)
+        {
+            message = format!("`{field}`: {message}");
+        }
+        ConfigError::Parse {
+            path: match start {
+                Some(at) => format!("{name} line {}", text[..at].matches('\n').count() + 1),
+                None => name.to_owned(),
+            },
+            message,
+        }
+    })
+}
+
+/// The dotted name of the `key = value` line containing `offset`, under its `[table]` header.
+fn field_at(text: &str, offset: usize) -> Option<String> {
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next()?;
+    let key = line.split_once('=')?.0.trim();
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    Some(match table {
+        Some(table) => format!("{table}.{key}"),
+        None => key.to_owned(),
+    })
+}
