@@ -70,6 +70,9 @@ pub enum ProxyError {
     /// The ledger could not be read.
     #[error("the ledger cannot be read: {0}")]
     LedgerUnavailable(String),
+    /// A budget was changed in memory but could not be written to `budgets.json`.
+    #[error("the budget is changed until the next restart, but {0}")]
+    BudgetNotSaved(String),
     /// A bug or resource problem of our own; details go to the log, not the client.
     #[error("internal error")]
     Internal,
@@ -154,6 +157,11 @@ impl ProxyError {
                 "server_error",
                 "ledger_unavailable",
             ),
+            Self::BudgetNotSaved(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "budget_not_saved",
+            ),
             Self::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
@@ -171,20 +179,65 @@ impl ProxyError {
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         let (status, kind, code) = self.classify();
-        let body = serde_json::json!({
-            "error": {
-                "message": format!("llm-meter: {self}"),
-                "type": kind,
-                "code": code,
-                "param": null,
-            }
-        });
-        (
+        Envelope::new(status, kind, code, &self).into_response()
+    }
+}
+
+/// The one shape every error answer of llm-meter has, OpenAI's:
+/// `{"error": {"message", "type", "code", "param", ...}}`, with `llm-meter: ` before the message
+/// so a client can tell our errors from the provider's. `ProxyError` and the guard's refusals
+/// each classify themselves in one exhaustive `match`, and answer through this.
+#[derive(Debug)]
+pub struct Envelope {
+    status: StatusCode,
+    body: serde_json::Map<String, serde_json::Value>,
+    headers: Vec<(header::HeaderName, header::HeaderValue)>,
+}
+
+impl Envelope {
+    /// An error answer with this status, OpenAI `type` and `code`, and `message`.
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: &dyn std::fmt::Display,
+    ) -> Self {
+        let mut body = serde_json::Map::new();
+        body.insert("message".into(), format!("llm-meter: {message}").into());
+        body.insert("type".into(), kind.into());
+        body.insert("code".into(), code.into());
+        body.insert("param".into(), serde_json::Value::Null);
+        Self {
             status,
+            body,
+            headers: Vec::new(),
+        }
+    }
+
+    /// Adds a field beside `message` (the budget a refusal is about, the limit it hit).
+    pub fn with_detail(mut self, name: &'static str, value: serde_json::Value) -> Self {
+        self.body.insert(name.into(), value);
+        self
+    }
+
+    /// Adds a response header (`Retry-After`, `x-should-retry`).
+    pub fn with_header(mut self, name: header::HeaderName, value: header::HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+}
+
+impl IntoResponse for Envelope {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": self.body });
+        let mut response = (
+            self.status,
             [(header::CONTENT_TYPE, "application/json")],
             body.to_string(),
         )
-            .into_response()
+            .into_response();
+        response.headers_mut().extend(self.headers);
+        response
     }
 }
 

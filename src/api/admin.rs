@@ -4,7 +4,6 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
-use http::StatusCode;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
 
@@ -104,11 +103,7 @@ pub async fn set_budget(
         Err(AdminError::Invalid(reason)) => ProxyError::BadQuery(reason).into_response(),
         Err(err @ AdminError::Save { .. }) => {
             tracing::error!(%err, "budget changed in memory only");
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                Json(serde_json::json!({"error": {"message": format!("llm-meter: the budget is changed until the next restart, but {err}"), "type": "server_error", "code": "budget_not_saved", "param": null}})),
-            )
-                .into_response()
+            ProxyError::BudgetNotSaved(err.to_string()).into_response()
         }
     }
 }

@@ -3,10 +3,11 @@
 use std::time::Duration;
 
 use axum::response::{IntoResponse, Response};
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderName, HeaderValue, StatusCode, header};
 
 use super::budget::whose;
 use super::period::Period;
+use crate::error::Envelope;
 use crate::money::NanoUsd;
 
 /// Why a request is not forwarded.
@@ -65,59 +66,62 @@ impl Refusal {
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        let message = format!("llm-meter: {self}");
-        let (status, body, retry_after) = match &self {
-            Self::UnknownKey => (
+        // OpenAI's and Anthropic's SDKs retry a 429 unless told not to: a spent budget or a
+        // refused key does not get better in a few seconds.
+        let no_retry = (
+            HeaderName::from_static("x-should-retry"),
+            HeaderValue::from_static("false"),
+        );
+        match &self {
+            Self::UnknownKey => Envelope::new(
                 StatusCode::UNAUTHORIZED,
-                serde_json::json!({"error": {"message": message, "type": "invalid_request_error",
-                    "code": "invalid_api_key", "param": null}}),
-                None,
-            ),
+                "invalid_request_error",
+                "invalid_api_key",
+                &self,
+            )
+            .with_header(no_retry.0, no_retry.1),
             Self::BudgetExceeded {
                 scope,
                 period,
                 limit,
                 spent,
                 resets_at,
-            } => (
+            } => Envelope::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                serde_json::json!({"error": {"message": message, "type": "budget_exceeded",
-                    "code": "budget_exceeded", "param": null,
-                    "budget": {"scope": scope, "period": period.as_str(),
-                        "limit_usd": limit.as_usd(), "spent_usd": spent.as_usd(),
-                        "resets_at": resets_at}}}),
-                None,
-            ),
+                "budget_exceeded",
+                "budget_exceeded",
+                &self,
+            )
+            .with_detail(
+                "budget",
+                serde_json::json!({"scope": scope, "period": period.as_str(),
+                    "limit_usd": limit.as_usd(), "spent_usd": spent.as_usd(),
+                    "resets_at": resets_at}),
+            )
+            .with_header(no_retry.0, no_retry.1),
             Self::RateLimited {
                 unit,
                 limit,
                 retry_after,
                 ..
-            } => (
+            } => Envelope::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                serde_json::json!({"error": {"message": message, "type": "rate_limit_exceeded",
-                    "code": "rate_limit_exceeded", "param": null,
-                    "limit": {"unit": unit, "per_minute": limit}}}),
-                Some(retry_after.as_secs_f64().ceil().max(1.0)),
+                "rate_limit_exceeded",
+                "rate_limit_exceeded",
+                &self,
+            )
+            .with_detail(
+                "limit",
+                serde_json::json!({"unit": unit, "per_minute": limit}),
+            )
+            .with_header(
+                header::RETRY_AFTER,
+                // Whole seconds, rounded up, at least one.
+                HeaderValue::from(
+                    (retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1),
+                ),
             ),
-        };
-        let mut response = (
-            status,
-            [(header::CONTENT_TYPE, "application/json")],
-            body.to_string(),
-        )
-            .into_response();
-        let headers = response.headers_mut();
-        match retry_after {
-            Some(seconds) => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds as u64));
-            }
-            // OpenAI's and Anthropic's SDKs retry a 429 unless told not to: a spent budget
-            // or a refused key does not get better in a few seconds.
-            None => {
-                headers.insert("x-should-retry", HeaderValue::from_static("false"));
-            }
         }
-        response
+        .into_response()
     }
 }
