@@ -36,7 +36,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Healthcheck) => healthcheck(&config),
+        Some(Command::Healthcheck(_)) => healthcheck(&config),
         Some(Command::Report(args)) => print(api::report::run(&config, &args)),
         Some(Command::Export(args)) => {
             let stdout = std::io::stdout();
@@ -44,7 +44,7 @@ fn main() -> ExitCode {
                 api::history::export_to(&config, &args, &mut stdout.lock()).map(|()| String::new()),
             )
         }
-        Some(Command::Serve) | None => serve(config),
+        Some(Command::Serve(_)) | None => serve(config),
     }
 }
 

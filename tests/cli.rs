@@ -4,7 +4,7 @@ mod common;
 
 use std::process::Output;
 
-use common::{Binary, Mock, binary_command, chat_request};
+use common::{Binary, Mock, binary_command, chat_request, ledger_row};
 
 fn run(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = binary_command(dir);
@@ -287,4 +287,125 @@ async fn every_request_on_a_kept_alive_connection_gets_its_one_log_line() {
             "{line}"
         );
     }
+}
+
+/// The options a `--help` lists, in order.
+fn options_in_help(args: &[&str]) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let output = run(dir.path(), args, &[]);
+    assert!(output.status.success(), "{args:?}");
+    let help = String::from_utf8_lossy(&output.stdout);
+    help.lines()
+        .map(str::trim_start)
+        .filter(|l| l.starts_with('-'))
+        .filter_map(|l| l.split(' ').find(|word| word.starts_with("--")))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn each_command_lists_only_its_own_options() {
+    let serving = [
+        "--config",
+        "--listen",
+        "--admin-listen",
+        "--upstream",
+        "--log-format",
+        "--threads",
+        "--data-dir",
+        "--no-persist",
+        "--help",
+    ];
+    assert_eq!(
+        options_in_help(&["--help"]),
+        [&serving[..], &["--version"]].concat()
+    );
+    assert_eq!(options_in_help(&["serve", "--help"]), serving);
+    assert_eq!(
+        options_in_help(&["report", "--help"]),
+        [
+            "--config",
+            "--data-dir",
+            "--period",
+            "--by",
+            "--since",
+            "--until",
+            "--help"
+        ]
+    );
+    assert_eq!(
+        options_in_help(&["export", "--help"]),
+        [
+            "--config",
+            "--data-dir",
+            "--format",
+            "--since",
+            "--until",
+            "--help"
+        ]
+    );
+    assert_eq!(
+        options_in_help(&["healthcheck", "--help"]),
+        ["--config", "--listen", "--help"]
+    );
+}
+
+#[test]
+fn serving_flags_work_with_and_without_serve_but_not_with_other_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["--listen", "127.0.0.1:0", "--no-persist"][..],
+        &["serve", "--listen", "127.0.0.1:0", "--no-persist"],
+    ] {
+        let mut command = binary_command(dir.path());
+        command.args(args);
+        let binary = Binary::start(command);
+        assert!(binary.banner.contains("not persisted"), "{}", binary.banner);
+    }
+    assert_one_line_error(
+        &run(
+            dir.path(),
+            &["report", "--upstream", "http://x.test/v1"],
+            &[],
+        ),
+        &["--upstream"],
+    );
+    assert_one_line_error(
+        &run(dir.path(), &["export", "--threads", "2"], &[]),
+        &["--threads"],
+    );
+}
+
+#[test]
+fn report_and_export_read_the_ledger_their_data_dir_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = dir.path().join("elsewhere");
+    common::write_ledger(
+        &elsewhere,
+        [ledger_row(
+            "2026-11-02T08:00:00Z",
+            "sk-a",
+            "gpt-4o",
+            (10, 2),
+            7950,
+        )],
+    );
+    let data_dir = elsewhere.to_str().unwrap();
+    let report = run(
+        dir.path(),
+        &["report", "--period", "all", "--data-dir", data_dir],
+        &[],
+    );
+    assert!(report.status.success(), "{report:?}");
+    assert!(String::from_utf8_lossy(&report.stdout).contains("gpt-4o"));
+    let export = run(
+        dir.path(),
+        &["export", "--format", "jsonl", "--data-dir", data_dir],
+        &[],
+    );
+    assert!(export.status.success(), "{export:?}");
+    assert_eq!(
+        common::json_lines(&String::from_utf8_lossy(&export.stdout)).len(),
+        1
+    );
 }
