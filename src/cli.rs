@@ -117,7 +117,7 @@ pub struct ReportArgs {
     /// today, week (since Monday), month, or all; days start at 00:00 UTC.
     #[arg(long, default_value = "today")]
     pub period: String,
-    /// Rows per model, key, day or hour; combine with commas (day,model).
+    /// Rows per model, key, upstream, day or hour; combine with commas (day,model).
     #[arg(long, default_value = "model")]
     pub by: String,
     /// Start instead of the period's: RFC 3339 time, date (2026-11-25) or span back (24h, 7d).

@@ -409,3 +409,20 @@ fn report_and_export_read_the_ledger_their_data_dir_names() {
         1
     );
 }
+
+#[test]
+fn by_help_names_every_dimension_report_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let help = String::from_utf8(run(dir.path(), &["report", "--help"], &[]).stdout).unwrap();
+    let by = help
+        .lines()
+        .find(|l| l.trim_start().starts_with("--by"))
+        .unwrap();
+    for dimension in ["day", "hour", "model", "key", "upstream"] {
+        assert!(
+            llm_meter::meter::ledger::history::Group::parse(dimension).is_ok(),
+            "{dimension}"
+        );
+        assert!(by.contains(dimension), "{dimension} missing from {by:?}");
+    }
+}
