@@ -6,9 +6,12 @@
 
 use std::path::PathBuf;
 
+use clap::builder::{PossibleValue, PossibleValuesParser};
 use clap::{Args, Parser, Subcommand};
+use time::OffsetDateTime;
 
 use crate::config::Flags;
+use crate::meter::ledger::history::{Group, parse_time};
 
 /// A local reverse proxy that meters LLM API traffic: tokens and cost per API key and model.
 ///
@@ -114,17 +117,17 @@ pub struct ReportArgs {
     /// Where the ledger is.
     #[command(flatten)]
     pub ledger: LedgerArgs,
-    /// today, week (since Monday), month, or all; days start at 00:00 UTC.
-    #[arg(long, default_value = "today")]
+    /// The calendar period: week starts on Monday, days at 00:00 UTC.
+    #[arg(long, default_value = "today", value_parser = periods())]
     pub period: String,
     /// Rows per model, key, upstream, day or hour; combine with commas (day,model).
-    #[arg(long, default_value = "model")]
+    #[arg(long, default_value = "model", value_parser = groups)]
     pub by: String,
     /// Start instead of the period's: RFC 3339 time, date (2026-11-25) or span back (24h, 7d).
-    #[arg(long)]
+    #[arg(long, value_parser = time)]
     pub since: Option<String>,
     /// End (exclusive), same forms as --since [default: now].
-    #[arg(long)]
+    #[arg(long, value_parser = time)]
     pub until: Option<String>,
 }
 
@@ -134,15 +137,44 @@ pub struct ExportArgs {
     /// Where the ledger is.
     #[command(flatten)]
     pub ledger: LedgerArgs,
-    /// csv or jsonl.
-    #[arg(long, default_value = "csv")]
+    /// The file format.
+    #[arg(long, default_value = "csv", value_parser = export_formats())]
     pub format: String,
     /// First time included: RFC 3339 time, date (2026-11-25) or span back (24h, 7d) [default: the first row].
-    #[arg(long)]
+    #[arg(long, value_parser = time)]
     pub since: Option<String>,
     /// End (exclusive), same forms as --since [default: now].
-    #[arg(long)]
+    #[arg(long, value_parser = time)]
     pub until: Option<String>,
+}
+
+// The values are checked here, so that a bad one is a usage error (exit 2, like a bad flag);
+// the commands read them again.
+
+fn periods() -> PossibleValuesParser {
+    PossibleValuesParser::new([
+        PossibleValue::new("today"),
+        PossibleValue::new("day").hide(true),
+        PossibleValue::new("week"),
+        PossibleValue::new("month"),
+        PossibleValue::new("all"),
+    ])
+}
+
+fn export_formats() -> PossibleValuesParser {
+    PossibleValuesParser::new([
+        PossibleValue::new("csv"),
+        PossibleValue::new("jsonl"),
+        PossibleValue::new("ndjson").hide(true),
+    ])
+}
+
+fn groups(value: &str) -> Result<String, String> {
+    Group::parse_list(value).map(|_| value.to_owned())
+}
+
+fn time(value: &str) -> Result<String, String> {
+    parse_time(value, OffsetDateTime::now_utc()).map(|_| value.to_owned())
 }
 
 impl Cli {

@@ -426,3 +426,36 @@ fn by_help_names_every_dimension_report_accepts() {
         assert!(by.contains(dimension), "{dimension} missing from {by:?}");
     }
 }
+
+#[test]
+fn bad_report_and_export_options_are_usage_errors_exiting_2() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_ledger(&dir.path().join("data"), []);
+    for (args, needles) in [
+        (
+            &["report", "--period", "year"][..],
+            &["--period", "year", "today, week, month, all"][..],
+        ),
+        (&["report", "--by", "week"], &["--by", "week"]),
+        (&["report", "--by", "day,day"], &["--by", "twice"]),
+        (
+            &["report", "--since", "yesterday"],
+            &["--since", "yesterday"],
+        ),
+        (&["report", "--until", "soon"], &["--until", "soon"]),
+        (
+            &["export", "--format", "xml"],
+            &["--format", "xml", "csv, jsonl"],
+        ),
+        (&["export", "--since", "last week"], &["--since"]),
+        (&["export", "--until", "tomorrow"], &["--until"]),
+    ] {
+        assert_one_line_error(&run(dir.path(), args, &[]), needles);
+    }
+    // A ledger that cannot be read is not a usage error.
+    let empty = tempfile::tempdir().unwrap();
+    for command in ["report", "export"] {
+        let output = run(empty.path(), &[command], &[]);
+        assert_eq!(output.status.code(), Some(1), "{command}: {output:?}");
+    }
+}
