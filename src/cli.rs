@@ -129,6 +129,9 @@ pub struct ReportArgs {
     /// End (exclusive), same forms as --since [default: now].
     #[arg(long, value_parser = time)]
     pub until: Option<String>,
+    /// text: a table; json: one document with the fields of /usage.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub format: String,
 }
 
 /// `llm-meter export`.

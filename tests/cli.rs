@@ -330,6 +330,7 @@ fn each_command_lists_only_its_own_options() {
             "--by",
             "--since",
             "--until",
+            "--format",
             "--help"
         ]
     );
@@ -458,4 +459,92 @@ fn bad_report_and_export_options_are_usage_errors_exiting_2() {
         let output = run(empty.path(), &[command], &[]);
         assert_eq!(output.status.code(), Some(1), "{command}: {output:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_json_is_usage_json_for_the_same_range_and_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_ledger(
+        &dir.path().join("data"),
+        [
+            ledger_row(
+                "2026-11-01T10:00:00Z",
+                "sk-a",
+                "gpt-4o",
+                (1000, 200),
+                4_500_000,
+            ),
+            ledger_row(
+                "2026-11-02T08:00:00Z",
+                "sk-b",
+                "gpt-4o-mini",
+                (500, 50),
+                417_500,
+            ),
+            ledger_row(
+                "2026-11-02T09:00:00Z",
+                "sk-a",
+                "gpt-4o",
+                (1000, 200),
+                4_500_000,
+            ),
+            ledger_row("2026-11-03T09:00:00Z", "sk-a", "gpt-4o", (1, 1), 1),
+        ],
+    );
+    let range = ["--since", "2026-11-01", "--until", "2026-11-03"];
+    let output = run(
+        dir.path(),
+        &[
+            &["report", "--format", "json", "--by", "model,key"][..],
+            &range,
+        ]
+        .concat(),
+        &[],
+    );
+    assert!(output.status.success(), "{output:?}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["group_by"], serde_json::json!(["model", "key"]));
+    assert_eq!(report["since"], "2026-11-01T00:00:00Z");
+    assert_eq!(report["until"], "2026-11-03T00:00:00Z");
+    assert_eq!(report["totals"]["requests"], 3);
+    assert_eq!(report["totals"]["cost_nano_usd"], 9_417_500);
+    // The most expensive first, as in the table.
+    assert_eq!(report["rows"][0]["model"], "gpt-4o");
+    assert_eq!(report["rows"][0]["requests"], 2);
+    assert_eq!(report["rows"][1]["key_id"], common::key_id("sk-b"));
+
+    let mut command = binary_command(dir.path());
+    command.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "http://127.0.0.1:9/v1",
+    ]);
+    let binary = Binary::start(command);
+    let mut usage = binary
+        .get_json("/usage?group_by=model,key&since=2026-11-01&until=2026-11-03")
+        .await;
+    let by_cost = |rows: &mut serde_json::Value| {
+        let rows = rows.as_array_mut().unwrap();
+        rows.sort_by_key(|r| std::cmp::Reverse(r["cost_nano_usd"].as_u64()));
+    };
+    by_cost(&mut usage["rows"]);
+    assert_eq!(report, usage);
+
+    let empty = run(
+        dir.path(),
+        &[
+            "report",
+            "--format",
+            "json",
+            "--since",
+            "2020-01-01",
+            "--until",
+            "2020-01-02",
+        ],
+        &[],
+    );
+    let empty: serde_json::Value = serde_json::from_slice(&empty.stdout).unwrap();
+    assert_eq!(empty["rows"], serde_json::json!([]));
+    assert_eq!(empty["totals"]["requests"], 0);
 }

@@ -111,14 +111,31 @@ struct UsageRowView {
     counts: CountsView,
 }
 
-/// `/usage` as a whole.
+/// `/usage` as a whole (and `llm-meter report --format json`).
 #[derive(Debug, Serialize)]
-struct UsageView {
+pub struct UsageView {
     since: Option<String>,
     until: Option<String>,
     group_by: Vec<&'static str>,
     rows: Vec<UsageRowView>,
     totals: CountsView,
+}
+
+impl UsageView {
+    /// The view of `lines`, summed over `range` per `groups`, in their order, with their totals.
+    pub fn new(range: Range, groups: &[Group], lines: &[UsageLine]) -> Self {
+        let mut totals = Counts::default();
+        for line in lines {
+            totals += &line.counts;
+        }
+        Self {
+            since: range.since.map(rfc3339),
+            until: range.until.map(rfc3339),
+            group_by: groups.iter().map(|g| g.as_str()).collect(),
+            rows: lines.iter().map(|l| row_view(groups, l)).collect(),
+            totals: CountsView::from(&totals),
+        }
+    }
 }
 
 /// `GET /usage`: the ledger's counters summed per day, hour, model and/or key over a range.
@@ -134,17 +151,7 @@ pub async fn usage(State(state): State<AppState>, Query(query): Query<UsageQuery
         let range = filter.range;
         let by = groups.clone();
         let lines = read(&state, move |reader| reader.usage(&by, &filter)).await?;
-        let mut totals = Counts::default();
-        for line in &lines {
-            totals += &line.counts;
-        }
-        Ok::<_, ProxyError>(UsageView {
-            since: range.since.map(rfc3339),
-            until: range.until.map(rfc3339),
-            group_by: groups.iter().map(|g| g.as_str()).collect(),
-            rows: lines.iter().map(|l| row_view(&groups, l)).collect(),
-            totals: CountsView::from(&totals),
-        })
+        Ok::<_, ProxyError>(UsageView::new(range, &groups, &lines))
     };
     match answer.await {
         Ok(view) => Json(view).into_response(),

@@ -1,10 +1,11 @@
-//! `llm-meter report`: the ledger's spend over a period as an aligned table with totals.
+//! `llm-meter report`: the ledger's spend over a period as an aligned table with totals, or as
+//! the JSON of `/usage`.
 
 use std::fmt::Write as _;
 
 use time::{Duration, OffsetDateTime, Time};
 
-use super::history::day;
+use super::history::{UsageView, day};
 use super::stats::rfc3339;
 use crate::cli::ReportArgs;
 use crate::config::Config;
@@ -27,7 +28,7 @@ pub fn run(config: &Config, args: &ReportArgs) -> Result<String, String> {
     }
     let groups = Group::parse_list(&args.by).map_err(|e| format!("--by: {e}"))?;
     let reader = Reader::open(&options.dir).map_err(|e| e.to_string())?;
-    let lines = reader
+    let mut lines = reader
         .usage(
             &groups,
             &Filter {
@@ -36,6 +37,12 @@ pub fn run(config: &Config, args: &ReportArgs) -> Result<String, String> {
             },
         )
         .map_err(|e| e.to_string())?;
+    if args.format == "json" {
+        order(&groups, &mut lines);
+        let view = UsageView::new(range, &groups, &lines);
+        let json = serde_json::to_string_pretty(&view).map_err(|e| e.to_string())?;
+        return Ok(json + "\n");
+    }
     let heading = match (&args.since, &args.until) {
         (None, None) => format!("{} ({})", args.period, describe(range)),
         _ => describe(range),
@@ -81,10 +88,7 @@ pub fn render(heading: &str, groups: &[Group], mut lines: Vec<UsageLine>) -> Str
         out.push_str("no requests recorded in this range\n");
         return out;
     }
-    // Without a time column, the biggest spenders come first.
-    if !groups.iter().any(|g| matches!(g, Group::Day | Group::Hour)) {
-        lines.sort_by_key(|line| std::cmp::Reverse(line.counts.cost));
-    }
+    order(groups, &mut lines);
     let mut header: Vec<String> = groups.iter().map(|g| g.as_str().to_uppercase()).collect();
     header.extend(
         [
@@ -170,6 +174,13 @@ pub fn render(heading: &str, groups: &[Group], mut lines: Vec<UsageLine>) -> Str
         );
     }
     out
+}
+
+/// Without a time column, the biggest spenders come first; with one, the ledger's time order stays.
+fn order(groups: &[Group], lines: &mut [UsageLine]) {
+    if !groups.iter().any(|g| matches!(g, Group::Day | Group::Hour)) {
+        lines.sort_by_key(|line| std::cmp::Reverse(line.counts.cost));
+    }
 }
 
 fn numbers(c: &Counts) -> Vec<String> {
