@@ -199,7 +199,7 @@ async fn startup_line_then_sigterm_prints_the_totals() {
     assert!(ok);
     assert_eq!(
         stdout.trim_end(),
-        "llm-meter stopped. 1 requests, 0 errors | tokens: 11 in + 3 out | cost: $0.0000575"
+        "llm-meter stopped. 1 request, 0 errors | tokens: 11 in + 3 out | cost: $0.0000575"
     );
 }
 
@@ -547,4 +547,72 @@ async fn report_json_is_usage_json_for_the_same_range_and_groups() {
     let empty: serde_json::Value = serde_json::from_slice(&empty.stdout).unwrap();
     assert_eq!(empty["rows"], serde_json::json!([]));
     assert_eq!(empty["totals"]["requests"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_of_one_are_written_in_the_singular() {
+    let mock = Mock::start(|_| common::Reply::json(500, &serde_json::json!({"error": {}}))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = binary_command(dir.path());
+    command.args(["--listen", "127.0.0.1:0", "--upstream", &mock.url()]);
+    let binary = Binary::start(command);
+    binary
+        .chat_through("sk-one", &chat_request("gpt-4o", false))
+        .await;
+    let text = common::client()
+        .get(binary.url("/stats?format=text"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for line in lines {
+        assert!(
+            line.contains(": 1 request, 1 error | tokens: 0 in + 0 out"),
+            "{line}"
+        );
+    }
+    let (_, stdout, _) = binary.terminate();
+    assert!(
+        stdout.starts_with("llm-meter stopped. 1 request, 1 error |"),
+        "{stdout}"
+    );
+
+    let data = dir.path().join("report");
+    let unpriced = llm_meter::meter::ledger::Row {
+        is_unpriced: true,
+        ..ledger_row("2026-11-02T08:00:00Z", "sk-a", "my-llama", (10, 2), 0)
+    };
+    let estimated = llm_meter::meter::ledger::Row {
+        is_estimated: true,
+        ..ledger_row("2026-11-02T09:00:00Z", "sk-a", "gpt-4o", (10, 2), 55_000)
+    };
+    common::write_ledger(&data, [unpriced, estimated]);
+    let report = run(
+        dir.path(),
+        &[
+            "report",
+            "--period",
+            "all",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let report = String::from_utf8(report.stdout).unwrap();
+    assert!(
+        report.contains(
+            "\n1 request was to a model without a price: its tokens are counted, its cost is not\n"
+        ),
+        "{report}"
+    );
+    assert!(
+        report.ends_with(
+            "\n1 request reported no usage: its tokens were counted by a tokenizer (estimated)\n"
+        ),
+        "{report}"
+    );
 }

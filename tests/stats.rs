@@ -93,7 +93,7 @@ async fn stats_text_has_one_line_per_key_and_the_totals() {
     for line in &lines[..2] {
         assert!(line.starts_with("sk-text-…0000 ["), "{line}");
         assert!(
-            line.ends_with("1 requests, 0 errors | tokens: 11 in + 3 out | cost: $0.0000575"),
+            line.ends_with("1 request, 0 errors | tokens: 11 in + 3 out | cost: $0.0000575"),
             "{line}"
         );
     }

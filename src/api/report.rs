@@ -159,19 +159,29 @@ pub fn render(heading: &str, groups: &[Group], mut lines: Vec<UsageLine>) -> Str
         out.push_str(line.trim_end());
         out.push('\n');
     }
-    if totals.unpriced_requests > 0 {
-        let _ = writeln!(
-            out,
-            "{} requests were to models without a price: their tokens are counted, their cost is not",
-            totals.unpriced_requests
-        );
+    match totals.unpriced_requests {
+        0 => {}
+        1 => out.push_str(
+            "1 request was to a model without a price: its tokens are counted, its cost is not\n",
+        ),
+        n => {
+            let _ = writeln!(
+                out,
+                "{n} requests were to models without a price: their tokens are counted, their cost is not"
+            );
+        }
     }
-    if totals.estimated_requests > 0 {
-        let _ = writeln!(
-            out,
-            "{} requests reported no usage: their tokens were counted by a tokenizer (estimated)",
-            totals.estimated_requests
-        );
+    match totals.estimated_requests {
+        0 => {}
+        1 => out.push_str(
+            "1 request reported no usage: its tokens were counted by a tokenizer (estimated)\n",
+        ),
+        n => {
+            let _ = writeln!(
+                out,
+                "{n} requests reported no usage: their tokens were counted by a tokenizer (estimated)"
+            );
+        }
     }
     out
 }

@@ -196,14 +196,28 @@ pub fn rfc3339(at: OffsetDateTime) -> String {
     at.format(&Rfc3339).unwrap_or_else(|_| at.to_string())
 }
 
-/// One line of counters: `12 requests, 0 errors | tokens: 1234 in + 567 out | cost: $0.0122`.
+/// A count and its noun, in the singular for one: `1 request`, `0 requests`, `2 errors`.
+pub fn count(n: u64, noun: &str) -> String {
+    let plural = if n == 1 { "" } else { "s" };
+    format!("{n} {noun}{plural}")
+}
+
+/// One line of counters: `12 requests, 1 error | tokens: 1234 in + 567 out | cost: $0.0122`.
 pub fn summary_line(c: &Counts) -> String {
     let mut line = format!(
-        "{} requests, {} errors | tokens: {} in + {} out | cost: {}",
-        c.requests, c.errors, c.prompt_tokens, c.completion_tokens, c.cost
+        "{}, {} | tokens: {} in + {} out | cost: {}",
+        count(c.requests, "request"),
+        count(c.errors, "error"),
+        c.prompt_tokens,
+        c.completion_tokens,
+        c.cost
     );
     if c.unpriced_requests > 0 {
-        let _ = write!(line, " (+{} unpriced requests)", c.unpriced_requests);
+        let _ = write!(
+            line,
+            " (+{})",
+            count(c.unpriced_requests, "unpriced request")
+        );
     }
     if c.estimated_requests > 0 {
         let _ = write!(line, " ({} estimated)", c.estimated_requests);
@@ -279,6 +293,13 @@ mod tests {
             }],
             upstreams: BTreeMap::from([("openai".to_owned(), counts)]),
         }
+    }
+
+    #[test]
+    fn counts_of_one_are_singular() {
+        assert_eq!(count(0, "request"), "0 requests");
+        assert_eq!(count(1, "request"), "1 request");
+        assert_eq!(count(2, "unpriced request"), "2 unpriced requests");
     }
 
     #[test]
