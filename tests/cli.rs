@@ -616,3 +616,73 @@ async fn counts_of_one_are_written_in_the_singular() {
         "{report}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_views_write_costs_to_four_significant_digits() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("report");
+    common::write_ledger(
+        &data,
+        [
+            ledger_row("2026-11-02T08:00:00Z", "sk-a", "model-a", (1, 1), 417_500),
+            ledger_row("2026-11-02T08:00:01Z", "sk-a", "model-b", (1, 1), 408_600),
+            ledger_row("2026-11-02T08:00:02Z", "sk-a", "model-c", (1, 1), 68_000),
+            ledger_row(
+                "2026-11-02T08:00:03Z",
+                "sk-a",
+                "model-d",
+                (1, 1),
+                1_234_500_000,
+            ),
+        ],
+    );
+    let report = run(
+        dir.path(),
+        &[
+            "report",
+            "--period",
+            "all",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let report = String::from_utf8(report.stdout).unwrap();
+    let costs: Vec<&str> = report
+        .lines()
+        .skip(2)
+        .map(|l| l.rsplit(' ').next().unwrap())
+        .collect();
+    assert_eq!(
+        costs,
+        ["$1.235", "$0.0004175", "$0.0004086", "$0.000068", "$1.235"],
+        "{report}"
+    );
+
+    // /stats?format=text, its budget line, and the shutdown line: two requests of $0.0000575.
+    let mock = Mock::openai().await;
+    std::fs::write(dir.path().join("proxy.toml"), "[budget]\ndaily_usd = 1.0\n").unwrap();
+    let mut command = binary_command(dir.path());
+    command.args(["--listen", "127.0.0.1:0", "--upstream", &mock.url()]);
+    let binary = Binary::start(command);
+    for _ in 0..2 {
+        binary
+            .chat_through("sk-two", &chat_request("gpt-4o", false))
+            .await;
+    }
+    let text = common::client()
+        .get(binary.url("/stats?format=text"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let total = text.lines().last().unwrap();
+    assert!(
+        total.ends_with("| cost: $0.000115 | budget left: daily $0.9999 of $1.00"),
+        "{text}"
+    );
+    let (_, stdout, _) = binary.terminate();
+    assert!(stdout.trim_end().ends_with("| cost: $0.000115"), "{stdout}");
+}

@@ -99,7 +99,7 @@ async fn stats_text_has_one_line_per_key_and_the_totals() {
     }
     assert!(lines[2].starts_with("total since "), "{}", lines[2]);
     assert!(
-        lines[2].ends_with("2 requests, 0 errors | tokens: 22 in + 6 out | cost: $0.0001"),
+        lines[2].ends_with("2 requests, 0 errors | tokens: 22 in + 6 out | cost: $0.000115"),
         "{}",
         lines[2]
     );

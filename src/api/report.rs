@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use time::{Duration, OffsetDateTime, Time};
 
 use super::history::{UsageView, day};
-use super::stats::rfc3339;
+use super::stats::{rfc3339, usd};
 use crate::cli::ReportArgs;
 use crate::config::Config;
 use crate::meter::Counts;
@@ -200,7 +200,7 @@ fn numbers(c: &Counts) -> Vec<String> {
         thousands(c.prompt_tokens),
         thousands(c.cached_tokens),
         thousands(c.completion_tokens),
-        c.cost.to_string(),
+        usd(c.cost),
     ]
 }
 

@@ -8,6 +8,7 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::guard::{BudgetLine, GuardView};
 use crate::meter::ledger::Health;
+use crate::meter::pricing::NanoUsd;
 use crate::meter::{Counts, Snapshot};
 use time::OffsetDateTime;
 
@@ -196,6 +197,33 @@ pub fn rfc3339(at: OffsetDateTime) -> String {
     at.format(&Rfc3339).unwrap_or_else(|_| at.to_string())
 }
 
+/// Significant digits of a cost in text views.
+const SIGNIFICANT_DIGITS: u32 = 4;
+
+/// A cost as every text view writes it: four significant digits, rounded half up, and never
+/// fewer than two decimals (`$0.0004175`, `$0.0122`, `$1.235`, `$123.46`, `$0.00`); zeros past
+/// the second decimal are left out (`$0.000068`, `$0.75`). A small cost never reads as free,
+/// and two costs that differ in their first four digits never read the same.
+pub fn usd(cost: NanoUsd) -> String {
+    let nano = cost.0;
+    let digits = nano.checked_ilog10().map_or(1, |log| log + 1);
+    // A nano-dollar is the ninth decimal.
+    let decimals = (9 + SIGNIFICANT_DIGITS).saturating_sub(digits).clamp(2, 9);
+    let unit = 10_u64.pow(9 - decimals);
+    // `nano % unit < unit <= 10^7`: doubling it cannot overflow, and dividing first keeps
+    // `u64::MAX` from overflowing.
+    let rounded = nano / unit + u64::from(nano % unit * 2 >= unit && unit > 1);
+    let scale = 10_u64.pow(decimals);
+    let fraction = format!("{:0width$}", rounded % scale, width = decimals as usize);
+    let kept = fraction.trim_end_matches('0').len().max(2);
+    format!("${}.{}", rounded / scale, &fraction[..kept])
+}
+
+/// Nano-dollars of an amount shown in dollars (`as` saturates: 0 below zero, `u64::MAX` past it).
+fn nano_of(usd: f64) -> NanoUsd {
+    NanoUsd((usd * 1e9).round() as u64)
+}
+
 /// A count and its noun, in the singular for one: `1 request`, `0 requests`, `2 errors`.
 pub fn count(n: u64, noun: &str) -> String {
     let plural = if n == 1 { "" } else { "s" };
@@ -210,7 +238,7 @@ pub fn summary_line(c: &Counts) -> String {
         count(c.errors, "error"),
         c.prompt_tokens,
         c.completion_tokens,
-        c.cost
+        usd(c.cost)
     );
     if c.unpriced_requests > 0 {
         let _ = write!(
@@ -251,7 +279,7 @@ pub fn text(snapshot: &Snapshot, guard: Option<&GuardView>) -> String {
     out
 }
 
-/// ` | budget left: daily $0.7500 of $1.0000, monthly …`, or nothing without budgets.
+/// ` | budget left: daily $0.75 of $1.00, monthly …`, or nothing without budgets.
 fn remaining(lines: &[BudgetLine]) -> String {
     if lines.is_empty() {
         return String::new();
@@ -260,8 +288,10 @@ fn remaining(lines: &[BudgetLine]) -> String {
         .iter()
         .map(|l| {
             format!(
-                "{} ${:.4} of ${:.4}",
-                l.period, l.remaining_usd, l.limit_usd
+                "{} {} of {}",
+                l.period,
+                usd(nano_of(l.remaining_usd)),
+                usd(nano_of(l.limit_usd))
             )
         })
         .collect();
@@ -272,7 +302,7 @@ fn remaining(lines: &[BudgetLine]) -> String {
 mod tests {
     use super::*;
     use crate::key::Identity;
-    use crate::meter::{KeySnapshot, pricing::NanoUsd};
+    use crate::meter::KeySnapshot;
 
     fn snapshot() -> Snapshot {
         let counts = Counts {
@@ -292,6 +322,32 @@ mod tests {
                 models: BTreeMap::from([("gpt-4o".to_owned(), counts)]),
             }],
             upstreams: BTreeMap::from([("openai".to_owned(), counts)]),
+        }
+    }
+
+    #[test]
+    fn costs_have_four_significant_digits_and_at_least_two_decimals() {
+        for (nano, text) in [
+            (0, "$0.00"),
+            (1, "$0.000000001"),
+            (7_950, "$0.00000795"),
+            (57_500, "$0.0000575"),
+            (68_000, "$0.000068"),
+            (99_995, "$0.0001"),
+            (408_600, "$0.0004086"),
+            (417_500, "$0.0004175"),
+            (417_549, "$0.0004175"),
+            (417_550, "$0.0004176"),
+            (9_000_000, "$0.009"),
+            (12_200_000, "$0.0122"),
+            (750_000_000, "$0.75"),
+            (999_950_000, "$1.00"),
+            (1_000_000_000, "$1.00"),
+            (1_234_500_000, "$1.235"),
+            (123_456_789_000, "$123.46"),
+            (u64::MAX, "$18446744073.71"),
+        ] {
+            assert_eq!(usd(NanoUsd(nano)), text, "{nano}");
         }
     }
 
