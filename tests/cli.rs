@@ -686,3 +686,68 @@ async fn text_views_write_costs_to_four_significant_digits() {
     let (_, stdout, _) = binary.terminate();
     assert!(stdout.trim_end().ends_with("| cost: $0.000115"), "{stdout}");
 }
+
+/// The raw text of a GET (the form of its numbers is what is tested, so not parsed first).
+async fn raw_body(binary: &Binary, path: &str) -> String {
+    common::client()
+        .get(binary.url(path))
+        .send()
+        .await
+        .expect("an answer")
+        .text()
+        .await
+        .expect("a text body")
+}
+
+/// Asserts `text` writes the cost of 7950 nano-dollars as a plain decimal, never `7.95e-6`.
+fn assert_plain_cost(text: &str, written: &str) {
+    assert!(text.contains(written), "{written} not in {text}");
+    assert!(!text.contains("e-6"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_costs_are_plain_decimals_in_logs_and_json() {
+    let mock = Mock::openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    // 11 prompt tokens at $0.45 and 3 completion tokens at $1 per million: $0.00000795.
+    std::fs::write(
+        dir.path().join("proxy.toml"),
+        "[pricing.\"m\"]\ninput_per_million = 0.45\noutput_per_million = 1.0\n",
+    )
+    .unwrap();
+    for log_format in ["text", "json"] {
+        let mut command = binary_command(dir.path());
+        command.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &mock.url(),
+            "--log-format",
+            log_format,
+        ]);
+        let binary = Binary::start(command);
+        binary
+            .chat_through("sk-small", &chat_request("m", false))
+            .await;
+        if log_format == "text" {
+            let stats = raw_body(&binary, "/stats").await;
+            let parsed: serde_json::Value = serde_json::from_str(&stats).unwrap();
+            assert_eq!(parsed["totals"]["cost_nano_usd"], 7950);
+            assert_plain_cost(&stats, r#""cost_usd":0.00000795,"#);
+            let usage = raw_body(&binary, "/usage?group_by=model").await;
+            assert_plain_cost(&usage, r#""cost_usd":0.00000795,"#);
+            let export = raw_body(&binary, "/export?format=jsonl").await;
+            assert_plain_cost(&export, r#""cost_usd":0.00000795,"#);
+        }
+        let (_, _, stderr) = binary.terminate();
+        let line = stderr
+            .lines()
+            .find(|l| l.contains("\"m\""))
+            .unwrap_or_else(|| panic!("no request line in {stderr}"));
+        let written = match log_format {
+            "text" => " cost_usd=0.00000795 ",
+            _ => r#""cost_usd":0.00000795,"#,
+        };
+        assert_plain_cost(line, written);
+    }
+}

@@ -18,7 +18,7 @@ use http_body::Frame;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use super::stats::{CountsView, rfc3339};
+use super::stats::{CountsView, rfc3339, serialize_usd};
 use crate::app::AppState;
 use crate::cli::ExportArgs;
 use crate::config::Config;
@@ -27,6 +27,7 @@ use crate::meter::Counts;
 use crate::meter::ledger::LedgerError;
 use crate::meter::ledger::Row;
 use crate::meter::ledger::history::{Filter, Group, Range, Reader, UsageLine};
+use crate::meter::pricing::NanoUsd;
 
 /// How long a history read waits for the rows recorded before it to be committed.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(2);
@@ -438,7 +439,8 @@ struct RowView<'a> {
     completion_tokens: u64,
     reasoning_tokens: u64,
     total_tokens: u64,
-    cost_usd: f64,
+    #[serde(serialize_with = "serialize_usd")]
+    cost_usd: NanoUsd,
     cost_nano_usd: u64,
     latency_ms: Option<f64>,
     response_id: Option<&'a str>,
@@ -467,7 +469,7 @@ fn json_line(row: &Row, line: &mut String) {
         completion_tokens: u.output_tokens,
         reasoning_tokens: u.reasoning_tokens,
         total_tokens: u.total_tokens(),
-        cost_usd: row.cost.as_usd(),
+        cost_usd: row.cost,
         cost_nano_usd: row.cost.0,
         latency_ms: latency_ms(row).and_then(|ms| ms.parse().ok()),
         response_id: row.response_id.as_deref(),

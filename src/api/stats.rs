@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::ser::Error as _;
+use serde::{Serialize, Serializer};
+use serde_json::value::RawValue;
 use time::format_description::well_known::Rfc3339;
 
 use crate::guard::{BudgetLine, GuardView};
@@ -23,8 +25,9 @@ pub struct CountsView {
     cached_tokens: u64,
     cache_write_tokens: u64,
     reasoning_tokens: u64,
-    cost_usd: f64,
-    /// The exact cost; `cost_usd` is this divided by 10^9, rounded for display.
+    #[serde(serialize_with = "serialize_usd")]
+    cost_usd: NanoUsd,
+    /// The exact cost; `cost_usd` is this divided by 10^9.
     cost_nano_usd: u64,
     unpriced_requests: u64,
     /// Requests whose tokens a tokenizer counted because the provider reported none.
@@ -42,7 +45,7 @@ impl From<&Counts> for CountsView {
             cached_tokens: c.cached_tokens,
             cache_write_tokens: c.cache_write_tokens,
             reasoning_tokens: c.reasoning_tokens,
-            cost_usd: c.cost.as_usd(),
+            cost_usd: c.cost,
             cost_nano_usd: c.cost.0,
             unpriced_requests: c.unpriced_requests,
             estimated_requests: c.estimated_requests,
@@ -189,6 +192,20 @@ impl<'a> StatsView<'a> {
         }
         self
     }
+}
+
+/// Writes a cost in dollars as a plain JSON number, exact to the nano-dollar (`0.00000795`,
+/// `0.0122`, `3.0`), where an `f64` would be written `7.95e-6`; it reads back as the same `f64`.
+pub fn serialize_usd<S: Serializer>(cost: &NanoUsd, serializer: S) -> Result<S::Ok, S::Error> {
+    let fraction = format!("{:09}", cost.0 % 1_000_000_000);
+    let fraction = match fraction.trim_end_matches('0') {
+        "" => "0",
+        digits => digits,
+    };
+    let number = format!("{}.{fraction}", cost.0 / 1_000_000_000);
+    RawValue::from_string(number)
+        .map_err(S::Error::custom)?
+        .serialize(serializer)
 }
 
 /// A time as RFC 3339 (`2026-11-25T09:00:00.123456Z`), as every view shows times.
@@ -348,6 +365,26 @@ mod tests {
             (u64::MAX, "$18446744073.71"),
         ] {
             assert_eq!(usd(NanoUsd(nano)), text, "{nano}");
+        }
+    }
+
+    #[test]
+    fn json_costs_are_plain_decimals_exact_to_the_nano_dollar() {
+        for (nano, json) in [
+            (0, "0.0"),
+            (1, "0.000000001"),
+            (7_950, "0.00000795"),
+            (12_200_000, "0.0122"),
+            (3_000_000_000, "3.0"),
+            (u64::MAX, "18446744073.709551615"),
+        ] {
+            let mut written = Vec::new();
+            serialize_usd(
+                &NanoUsd(nano),
+                &mut serde_json::Serializer::new(&mut written),
+            )
+            .unwrap();
+            assert_eq!(String::from_utf8(written).unwrap(), json);
         }
     }
 
