@@ -751,3 +751,15 @@ async fn small_costs_are_plain_decimals_in_logs_and_json() {
         assert_plain_cost(line, written);
     }
 }
+
+#[test]
+fn report_and_export_without_persistence_name_the_setting_they_read() {
+    let dir = tempfile::tempdir().unwrap();
+    for command in ["report", "export"] {
+        let output = run(dir.path(), &[command], &[("LLM_METER_PERSIST", "false")]);
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("LLM_METER_PERSIST=false"), "{stderr}");
+        assert!(!stderr.contains("--no-persist"), "{stderr}");
+    }
+}

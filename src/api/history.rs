@@ -270,7 +270,7 @@ pub fn export_to(config: &Config, args: &ExportArgs, out: &mut impl Write) -> Re
     let options = config
         .ledger
         .as_ref()
-        .ok_or("persistence is off (--no-persist): there is no ledger to export")?;
+        .ok_or("persistence is off (persist = false or LLM_METER_PERSIST=false): there is no ledger to export")?;
     let format = Format::parse(&args.format)?;
     let range = Range::parse(
         args.since.as_deref(),

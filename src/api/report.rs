@@ -17,7 +17,7 @@ pub fn run(config: &Config, args: &ReportArgs) -> Result<String, String> {
     let options = config
         .ledger
         .as_ref()
-        .ok_or("persistence is off (--no-persist): there is no ledger to report on")?;
+        .ok_or("persistence is off (persist = false or LLM_METER_PERSIST=false): there is no ledger to report on")?;
     let now = OffsetDateTime::now_utc();
     let mut range = period(&args.period, now)?;
     if let Some(since) = &args.since {
