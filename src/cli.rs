@@ -1,10 +1,17 @@
 //! Command-line definitions (clap) only; merging with the environment and file is `config`'s job.
+//!
+//! Each command takes only the options it uses: serving takes them all, at the top level (no
+//! command) or after `serve`; `report` and `export` take where the ledger is; `healthcheck`
+//! takes where the server listens.
 
 use std::path::PathBuf;
 
+use clap::builder::{PossibleValue, PossibleValuesParser};
 use clap::{Args, Parser, Subcommand};
+use time::OffsetDateTime;
 
 use crate::config::Flags;
+use crate::meter::ledger::history::{Group, parse_time};
 
 /// A local reverse proxy that meters LLM API traffic: tokens and cost per API key and model.
 ///
@@ -13,44 +20,11 @@ use crate::config::Flags;
 /// variables, then proxy.toml, then defaults.
 #[derive(Debug, Parser)]
 #[command(name = "llm-meter", version, about, long_about)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
-    /// Config file [env: LLM_METER_CONFIG] [default: ./proxy.toml when it exists].
-    #[arg(long, value_name = "PATH", global = true)]
-    pub config: Option<PathBuf>,
-
-    /// Address to listen on [env: LLM_METER_LISTEN] [default: 127.0.0.1:8080].
-    #[arg(long, value_name = "ADDR", global = true)]
-    pub listen: Option<String>,
-
-    /// A separate address for llm-meter's own endpoints (/stats, /usage, /admin, ...); the main
-    /// address then serves provider routes and /healthz only [env: LLM_METER_ADMIN_LISTEN].
-    #[arg(long, value_name = "ADDR", global = true)]
-    pub admin_listen: Option<String>,
-
-    /// Upstream base URL that /v1/* is forwarded to, /v1 included
-    /// [env: LLM_METER_UPSTREAM] [default: https://api.openai.com/v1].
-    #[arg(long, value_name = "URL", global = true)]
-    pub upstream: Option<String>,
-
-    /// Log line format: text or json [env: LLM_METER_LOG_FORMAT] [default: text].
-    /// The level comes from RUST_LOG (default: info).
-    #[arg(long, value_name = "FORMAT", global = true)]
-    pub log_format: Option<String>,
-
-    /// Worker threads serving requests [env: LLM_METER_THREADS] [default: one per CPU core, at
-    /// most 4]. Each serves its connections start to end with its own upstream connections.
-    #[arg(long, value_name = "N", global = true)]
-    pub threads: Option<String>,
-
-    /// Directory of the ledger, the SQLite file every request is written to
-    /// [env: LLM_METER_DATA_DIR] [default: $XDG_DATA_HOME/llm-meter or ~/.local/share/llm-meter].
-    #[arg(long, value_name = "DIR", global = true)]
-    pub data_dir: Option<PathBuf>,
-
-    /// Keep totals in memory only: nothing is written, a restart starts from zero
-    /// [env: LLM_METER_PERSIST=false].
-    #[arg(long, global = true)]
-    pub no_persist: bool,
+    /// The serving options, when no command is given.
+    #[command(flatten)]
+    pub serve: ServeArgs,
 
     /// What to do (default: serve).
     #[command(subcommand)]
@@ -61,49 +35,172 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy (the default when no command is given).
-    Serve,
+    Serve(ServeArgs),
     /// Exit 0 if the llm-meter at the configured listen address answers /healthz (for container health checks).
-    Healthcheck,
+    Healthcheck(HealthcheckArgs),
     /// Print spend from the ledger as a table with totals; works with or without the server running.
     Report(ReportArgs),
     /// Write the ledger's rows to stdout as CSV or JSON lines (no key material).
     Export(ExportArgs),
 }
 
+/// `llm-meter [serve]`: every option of the server.
+#[derive(Debug, Default, Args)]
+pub struct ServeArgs {
+    /// Config file [env: LLM_METER_CONFIG] [default: ./proxy.toml when it exists].
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Address to listen on [env: LLM_METER_LISTEN] [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+
+    /// A separate address for llm-meter's own endpoints (/stats, /usage, /admin, ...); the main
+    /// address then serves provider routes and /healthz only [env: LLM_METER_ADMIN_LISTEN].
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+
+    /// Upstream base URL that /v1/* is forwarded to, /v1 included
+    /// [env: LLM_METER_UPSTREAM] [default: https://api.openai.com/v1].
+    #[arg(long, value_name = "URL")]
+    pub upstream: Option<String>,
+
+    /// Log line format: text or json [env: LLM_METER_LOG_FORMAT] [default: text].
+    /// The level comes from RUST_LOG (default: info).
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+
+    /// Worker threads serving requests [env: LLM_METER_THREADS] [default: one per CPU core, at
+    /// most 4]. Each serves its connections start to end with its own upstream connections.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<String>,
+
+    /// Directory of the ledger, the SQLite file every request is written to
+    /// [env: LLM_METER_DATA_DIR] [default: $XDG_DATA_HOME/llm-meter or ~/.local/share/llm-meter].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Keep totals in memory only: nothing is written, a restart starts from zero
+    /// [env: LLM_METER_PERSIST=false].
+    #[arg(long)]
+    pub no_persist: bool,
+}
+
+/// `llm-meter healthcheck`: where the server listens.
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// Config file [env: LLM_METER_CONFIG] [default: ./proxy.toml when it exists].
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Address the server listens on [env: LLM_METER_LISTEN] [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+}
+
+/// Where the ledger is, for the commands that read it.
+#[derive(Debug, Args)]
+pub struct LedgerArgs {
+    /// Config file [env: LLM_METER_CONFIG] [default: ./proxy.toml when it exists].
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Directory of the ledger [env: LLM_METER_DATA_DIR]
+    /// [default: $XDG_DATA_HOME/llm-meter or ~/.local/share/llm-meter].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
 /// `llm-meter report`.
 #[derive(Debug, Args)]
 pub struct ReportArgs {
-    /// today, week (since Monday), month, or all; days start at 00:00 UTC.
-    #[arg(long, default_value = "today")]
+    /// Where the ledger is.
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
+    /// The calendar period: week starts on Monday, days at 00:00 UTC.
+    #[arg(long, default_value = "today", value_parser = periods())]
     pub period: String,
-    /// Rows per model, key, day or hour; combine with commas (day,model).
-    #[arg(long, default_value = "model")]
+    /// Rows per model, key, upstream, day or hour; combine with commas (day,model).
+    #[arg(long, default_value = "model", value_parser = groups)]
     pub by: String,
     /// Start instead of the period's: RFC 3339 time, date (2026-11-25) or span back (24h, 7d).
-    #[arg(long)]
+    #[arg(long, value_parser = time)]
     pub since: Option<String>,
     /// End (exclusive), same forms as --since [default: now].
-    #[arg(long)]
+    #[arg(long, value_parser = time)]
     pub until: Option<String>,
+    /// text: a table; json: one document with the fields of /usage.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub format: String,
 }
 
 /// `llm-meter export`.
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// csv or jsonl.
-    #[arg(long, default_value = "csv")]
+    /// Where the ledger is.
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
+    /// The file format.
+    #[arg(long, default_value = "csv", value_parser = export_formats())]
     pub format: String,
     /// First time included: RFC 3339 time, date (2026-11-25) or span back (24h, 7d) [default: the first row].
-    #[arg(long)]
+    #[arg(long, value_parser = time)]
     pub since: Option<String>,
     /// End (exclusive), same forms as --since [default: now].
-    #[arg(long)]
+    #[arg(long, value_parser = time)]
     pub until: Option<String>,
 }
 
+// The values are checked here, so that a bad one is a usage error (exit 2, like a bad flag);
+// the commands read them again.
+
+fn periods() -> PossibleValuesParser {
+    PossibleValuesParser::new([
+        PossibleValue::new("today"),
+        PossibleValue::new("day").hide(true),
+        PossibleValue::new("week"),
+        PossibleValue::new("month"),
+        PossibleValue::new("all"),
+    ])
+}
+
+fn export_formats() -> PossibleValuesParser {
+    PossibleValuesParser::new([
+        PossibleValue::new("csv"),
+        PossibleValue::new("jsonl"),
+        PossibleValue::new("ndjson").hide(true),
+    ])
+}
+
+fn groups(value: &str) -> Result<String, String> {
+    Group::parse_list(value).map(|_| value.to_owned())
+}
+
+fn time(value: &str) -> Result<String, String> {
+    parse_time(value, OffsetDateTime::now_utc()).map(|_| value.to_owned())
+}
+
 impl Cli {
-    /// The flag layer of the configuration.
+    /// The flag layer of the configuration, from the options of the command given.
     pub fn flags(&self) -> Flags {
+        match &self.command {
+            None => self.serve.flags(),
+            Some(Command::Serve(serve)) => serve.flags(),
+            Some(Command::Healthcheck(args)) => Flags {
+                config: args.config.clone(),
+                listen: args.listen.clone(),
+                ..Flags::default()
+            },
+            Some(
+                Command::Report(ReportArgs { ledger, .. })
+                | Command::Export(ExportArgs { ledger, .. }),
+            ) => ledger.flags(),
+        }
+    }
+}
+
+impl ServeArgs {
+    fn flags(&self) -> Flags {
         Flags {
             config: self.config.clone(),
             listen: self.listen.clone(),
@@ -113,6 +210,16 @@ impl Cli {
             threads: self.threads.clone(),
             data_dir: self.data_dir.clone(),
             no_persist: self.no_persist,
+        }
+    }
+}
+
+impl LedgerArgs {
+    fn flags(&self) -> Flags {
+        Flags {
+            config: self.config.clone(),
+            data_dir: self.data_dir.clone(),
+            ..Flags::default()
         }
     }
 }

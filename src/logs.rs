@@ -11,6 +11,7 @@
 //! and the timestamp directly instead of through `core::fmt`, which took a sixth of the
 //! proxy's instructions per request.
 
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::fmt::{self, Write as _};
 use std::io::{self, Write};
@@ -21,11 +22,13 @@ use std::time::{Duration, SystemTime};
 use parking_lot::{Condvar, Mutex};
 use time::format_description::well_known::Rfc3339;
 use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::FormatTime;
-use tracing_subscriber::fmt::{FormatFields, MakeWriter};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
+use tracing_subscriber::registry::LookupSpan;
 
 use crate::config::LogFormat;
 
@@ -154,7 +157,10 @@ pub fn init(format: LogFormat) -> io::Result<Guard> {
         .with_env_filter(filter)
         .with_writer(writer);
     match format {
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => builder
+            .json()
+            .event_format(PlainJson(tracing_subscriber::fmt::format().json()))
+            .init(),
         LogFormat::Text => builder
             .with_ansi(false)
             .with_timer(UtcMicros)
@@ -166,7 +172,7 @@ pub fn init(format: LogFormat) -> io::Result<Guard> {
 
 /// Text fields as tracing-subscriber writes them (`message` bare, then `name=value`, strings
 /// quoted), but numbers, booleans and plain strings are written without `core::fmt`; floats
-/// as short decimals (`0.25`, `0.00002115`, where `Debug` wrote `2.115e-5`).
+/// as short plain decimals (`0.25`, `0.00000795`, where `Debug` wrote `7.95e-6`).
 pub struct TextFields;
 
 impl<'w> FormatFields<'w> for TextFields {
@@ -251,7 +257,9 @@ impl Visit for TextVisitor<'_> {
 
     fn record_f64(&mut self, field: &Field, value: f64) {
         if value.is_finite() {
-            self.write(field, zmij::Buffer::new().format_finite(value));
+            if self.start(field) {
+                plain_decimal(value, self.text);
+            }
         } else {
             self.record_debug(field, &value);
         }
@@ -282,6 +290,85 @@ impl Visit for TextVisitor<'_> {
             self.result = write!(self.text, "{value:?}");
         }
     }
+}
+
+/// Appends a finite float as a plain decimal: the shortest digits that read back as `value`,
+/// never in exponent form (`0.00000795`, a cost that zmij and serde_json write `7.95e-6`).
+fn plain_decimal(value: f64, out: &mut String) {
+    let mut buffer = zmij::Buffer::new();
+    let short = buffer.format_finite(value);
+    if !short.contains('e') {
+        out.push_str(short);
+        return;
+    }
+    // `Display` writes the same shortest digits in place; only very small or very large values
+    // get here, so going through `core::fmt` costs nothing that matters.
+    let start = out.len();
+    let _ = write!(out, "{value}");
+    if !out[start..].contains('.') {
+        out.push_str(".0");
+    }
+}
+
+/// tracing-subscriber's JSON lines, with numbers in exponent form written as plain decimals:
+/// its fields go through serde_json, which writes a cost of `0.00000795` as `7.95e-6`.
+struct PlainJson<E>(E);
+
+impl<S, N, E> FormatEvent<S, N> for PlainJson<E>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'w> FormatFields<'w> + 'static,
+    E: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let mut line = String::new();
+        self.0.format_event(ctx, Writer::new(&mut line), event)?;
+        writer.write_str(&plain_numbers(&line))
+    }
+}
+
+/// `json` with every number outside its strings that is in exponent form written as a plain
+/// decimal; the same text when there is none.
+fn plain_numbers(json: &str) -> Cow<'_, str> {
+    let bytes = json.as_bytes();
+    let mut out = String::new();
+    let mut copied = 0;
+    let (mut i, mut in_string) = (0, false);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' if in_string => i += 1,
+            b'"' => in_string = !in_string,
+            b'-' | b'0'..=b'9' if !in_string => {
+                let end = bytes[i..]
+                    .iter()
+                    .position(|b| !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+                    .map_or(bytes.len(), |len| i + len);
+                let number = &json[i..end];
+                if number.contains(['e', 'E'])
+                    && let Ok(value) = number.parse::<f64>()
+                    && value.is_finite()
+                {
+                    out.push_str(&json[copied..i]);
+                    plain_decimal(value, &mut out);
+                    copied = end;
+                }
+                i = end;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    if copied == 0 {
+        return Cow::Borrowed(json);
+    }
+    out.push_str(&json[copied..]);
+    Cow::Owned(out)
 }
 
 /// UTC timestamps with microseconds (`2026-12-01T16:50:23.529035Z`), the date and time of day
@@ -396,16 +483,32 @@ mod tests {
         let line = text_line(TextFields, || {
             tracing::info!(
                 cost_usd = 2.115e-5,
+                small = 7.95e-6,
                 ms = 0.25,
                 whole = 3.0,
+                large = 1e21,
                 nan = f64::NAN,
                 "request"
             );
         });
         assert!(
-            line.ends_with("request cost_usd=0.00002115 ms=0.25 whole=3.0 nan=NaN\n"),
+            line.ends_with(
+                "request cost_usd=0.00002115 small=0.00000795 ms=0.25 whole=3.0 \
+                 large=1000000000000000000000.0 nan=NaN\n"
+            ),
             "{line}"
         );
+    }
+
+    #[test]
+    fn json_numbers_in_exponent_form_become_plain_decimals_outside_strings() {
+        let line = r#"{"a":7.95e-6,"b":[-2.5E-7,1e21,12,0.5],"s":"7.95e-6 \" 1e-9","t":true}"#;
+        assert_eq!(
+            plain_numbers(line),
+            r#"{"a":0.00000795,"b":[-0.00000025,1000000000000000000000.0,12,0.5],"s":"7.95e-6 \" 1e-9","t":true}"#
+        );
+        let plain = r#"{"a":0.25,"s":"1e-9"}"#;
+        assert!(matches!(plain_numbers(plain), Cow::Borrowed(_)));
     }
 
     #[test]

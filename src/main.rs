@@ -21,8 +21,15 @@ fn main() -> ExitCode {
         Err(err) => {
             let rendered = err.render().to_string();
             let first = rendered.lines().next().unwrap_or("invalid arguments");
+            // A bad value of a closed list: say which values there are.
+            let values = rendered
+                .lines()
+                .map(str::trim)
+                .find(|l| l.starts_with("[possible values:"))
+                .map(|l| format!(" {l}"))
+                .unwrap_or_default();
             eprintln!(
-                "llm-meter: {} (see --help)",
+                "llm-meter: {}{values} (see --help)",
                 first.trim_start_matches("error: ")
             );
             return ExitCode::from(2);
@@ -36,7 +43,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Healthcheck) => healthcheck(&config),
+        Some(Command::Healthcheck(_)) => healthcheck(&config),
         Some(Command::Report(args)) => print(api::report::run(&config, &args)),
         Some(Command::Export(args)) => {
             let stdout = std::io::stdout();
@@ -44,7 +51,7 @@ fn main() -> ExitCode {
                 api::history::export_to(&config, &args, &mut stdout.lock()).map(|()| String::new()),
             )
         }
-        Some(Command::Serve) | None => serve(config),
+        Some(Command::Serve(_)) | None => serve(config),
     }
 }
 

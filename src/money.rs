@@ -73,22 +73,27 @@ impl NanoUsd {
     }
 }
 
+/// Significant digits a cost is written with.
+const SIGNIFICANT_DIGITS: u32 = 4;
+
 impl fmt::Display for NanoUsd {
-    /// `$1.2345`: dollars with four decimals, rounded half up; amounts under $0.0001 are shown
-    /// exactly (`$0.00002115`), so a small cost never reads as free.
+    /// A cost as every text view writes it: four significant digits, rounded half up, and never
+    /// fewer than two decimals (`$0.0004175`, `$0.0122`, `$1.235`, `$123.46`, `$0.00`); zeros
+    /// past the second decimal are left out (`$0.000068`, `$0.75`). A small cost never reads as
+    /// free, and two costs that differ in their first four digits never read the same.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if (1..100_000).contains(&self.0) {
-            let digits = format!("{:09}", self.0);
-            return write!(f, "$0.{}", digits.trim_end_matches('0'));
-        }
-        // Rounded half up without adding first: `MAX` + 50,000 would overflow.
-        let tenths_of_cents = self.0 / 100_000 + u64::from(self.0 % 100_000 >= 50_000);
-        write!(
-            f,
-            "${}.{:04}",
-            tenths_of_cents / 10_000,
-            tenths_of_cents % 10_000
-        )
+        let nano = self.0;
+        let digits = nano.checked_ilog10().map_or(1, |log| log + 1);
+        // A nano-dollar is the ninth decimal.
+        let decimals = (9 + SIGNIFICANT_DIGITS).saturating_sub(digits).clamp(2, 9);
+        let unit = 10_u64.pow(9 - decimals);
+        // `nano % unit < unit <= 10^7`: doubling it cannot overflow, and dividing first keeps
+        // `u64::MAX` from overflowing.
+        let rounded = nano / unit + u64::from(nano % unit * 2 >= unit && unit > 1);
+        let scale = 10_u64.pow(decimals);
+        let fraction = format!("{:0width$}", rounded % scale, width = decimals as usize);
+        let kept = fraction.trim_end_matches('0').len().max(2);
+        write!(f, "${}.{}", rounded / scale, &fraction[..kept])
     }
 }
 

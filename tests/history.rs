@@ -384,11 +384,11 @@ fn report_prints_an_aligned_table_with_totals() {
     );
     let expected = "\
 llm-meter report: 2026-11-01T00:00:00Z to 2026-11-03T00:00:00Z
-MODEL            REQUESTS  ERRORS  PROMPT  CACHED  COMPLETION     COST
-gpt-4o                  2       0   2,000       0         400  $0.0090
-gpt-4o-mini             2       0   2,500       0         150  $0.0005
-claude-sonnet-4         1       0     100       0          10  $0.0005
-TOTAL                   5       0   4,600       0         560  $0.0099
+MODEL            REQUESTS  ERRORS  PROMPT  CACHED  COMPLETION       COST
+gpt-4o                  2       0   2,000       0         400     $0.009
+gpt-4o-mini             2       0   2,500       0         150  $0.000465
+claude-sonnet-4         1       0     100       0          10   $0.00045
+TOTAL                   5       0   4,600       0         560  $0.009915
 ";
     assert_eq!(stdout, expected);
 

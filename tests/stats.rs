@@ -93,13 +93,13 @@ async fn stats_text_has_one_line_per_key_and_the_totals() {
     for line in &lines[..2] {
         assert!(line.starts_with("sk-text-…0000 ["), "{line}");
         assert!(
-            line.ends_with("1 requests, 0 errors | tokens: 11 in + 3 out | cost: $0.0000575"),
+            line.ends_with("1 request, 0 errors | tokens: 11 in + 3 out | cost: $0.0000575"),
             "{line}"
         );
     }
     assert!(lines[2].starts_with("total since "), "{}", lines[2]);
     assert!(
-        lines[2].ends_with("2 requests, 0 errors | tokens: 22 in + 6 out | cost: $0.0001"),
+        lines[2].ends_with("2 requests, 0 errors | tokens: 22 in + 6 out | cost: $0.000115"),
         "{}",
         lines[2]
     );

@@ -18,7 +18,7 @@ use http_body::Frame;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use super::stats::{CountsView, rfc3339};
+use super::stats::{CountsView, rfc3339, serialize_usd};
 use crate::app::AppState;
 use crate::cli::ExportArgs;
 use crate::config::Config;
@@ -27,6 +27,7 @@ use crate::meter::Counts;
 use crate::meter::ledger::LedgerError;
 use crate::meter::ledger::Row;
 use crate::meter::ledger::history::{Filter, Group, Range, Reader, UsageLine};
+use crate::meter::pricing::NanoUsd;
 
 /// How long a history read waits for the rows recorded before it to be committed.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(2);
@@ -111,14 +112,31 @@ struct UsageRowView {
     counts: CountsView,
 }
 
-/// `/usage` as a whole.
+/// `/usage` as a whole (and `llm-meter report --format json`).
 #[derive(Debug, Serialize)]
-struct UsageView {
+pub struct UsageView {
     since: Option<String>,
     until: Option<String>,
     group_by: Vec<&'static str>,
     rows: Vec<UsageRowView>,
     totals: CountsView,
+}
+
+impl UsageView {
+    /// The view of `lines`, summed over `range` per `groups`, in their order, with their totals.
+    pub fn new(range: Range, groups: &[Group], lines: &[UsageLine]) -> Self {
+        let mut totals = Counts::default();
+        for line in lines {
+            totals += &line.counts;
+        }
+        Self {
+            since: range.since.map(rfc3339),
+            until: range.until.map(rfc3339),
+            group_by: groups.iter().map(|g| g.as_str()).collect(),
+            rows: lines.iter().map(|l| row_view(groups, l)).collect(),
+            totals: CountsView::from(&totals),
+        }
+    }
 }
 
 /// `GET /usage`: the ledger's counters summed per day, hour, model and/or key over a range.
@@ -134,17 +152,7 @@ pub async fn usage(State(state): State<AppState>, Query(query): Query<UsageQuery
         let range = filter.range;
         let by = groups.clone();
         let lines = read(&state, move |reader| reader.usage(&by, &filter)).await?;
-        let mut totals = Counts::default();
-        for line in &lines {
-            totals += &line.counts;
-        }
-        Ok::<_, ProxyError>(UsageView {
-            since: range.since.map(rfc3339),
-            until: range.until.map(rfc3339),
-            group_by: groups.iter().map(|g| g.as_str()).collect(),
-            rows: lines.iter().map(|l| row_view(&groups, l)).collect(),
-            totals: CountsView::from(&totals),
-        })
+        Ok::<_, ProxyError>(UsageView::new(range, &groups, &lines))
     };
     match answer.await {
         Ok(view) => Json(view).into_response(),
@@ -262,7 +270,7 @@ pub fn export_to(config: &Config, args: &ExportArgs, out: &mut impl Write) -> Re
     let options = config
         .ledger
         .as_ref()
-        .ok_or("persistence is off (--no-persist): there is no ledger to export")?;
+        .ok_or("persistence is off (persist = false or LLM_METER_PERSIST=false): there is no ledger to export")?;
     let format = Format::parse(&args.format)?;
     let range = Range::parse(
         args.since.as_deref(),
@@ -431,7 +439,8 @@ struct RowView<'a> {
     completion_tokens: u64,
     reasoning_tokens: u64,
     total_tokens: u64,
-    cost_usd: f64,
+    #[serde(serialize_with = "serialize_usd")]
+    cost_usd: NanoUsd,
     cost_nano_usd: u64,
     latency_ms: Option<f64>,
     response_id: Option<&'a str>,
@@ -460,7 +469,7 @@ fn json_line(row: &Row, line: &mut String) {
         completion_tokens: u.output_tokens,
         reasoning_tokens: u.reasoning_tokens,
         total_tokens: u.total_tokens(),
-        cost_usd: row.cost.as_usd(),
+        cost_usd: row.cost,
         cost_nano_usd: row.cost.0,
         latency_ms: latency_ms(row).and_then(|ms| ms.parse().ok()),
         response_id: row.response_id.as_deref(),

@@ -1,11 +1,12 @@
-//! `llm-meter report`: the ledger's spend over a period as an aligned table with totals.
+//! `llm-meter report`: the ledger's spend over a period as an aligned table with totals, or as
+//! the JSON of `/usage`.
 
 use std::fmt::Write as _;
 
 use time::{Duration, OffsetDateTime, Time};
 
-use super::history::day;
-use super::stats::rfc3339;
+use super::history::{UsageView, day};
+use super::stats::{rfc3339, usd};
 use crate::cli::ReportArgs;
 use crate::config::Config;
 use crate::meter::Counts;
@@ -16,7 +17,7 @@ pub fn run(config: &Config, args: &ReportArgs) -> Result<String, String> {
     let options = config
         .ledger
         .as_ref()
-        .ok_or("persistence is off (--no-persist): there is no ledger to report on")?;
+        .ok_or("persistence is off (persist = false or LLM_METER_PERSIST=false): there is no ledger to report on")?;
     let now = OffsetDateTime::now_utc();
     let mut range = period(&args.period, now)?;
     if let Some(since) = &args.since {
@@ -27,7 +28,7 @@ pub fn run(config: &Config, args: &ReportArgs) -> Result<String, String> {
     }
     let groups = Group::parse_list(&args.by).map_err(|e| format!("--by: {e}"))?;
     let reader = Reader::open(&options.dir).map_err(|e| e.to_string())?;
-    let lines = reader
+    let mut lines = reader
         .usage(
             &groups,
             &Filter {
@@ -36,6 +37,12 @@ pub fn run(config: &Config, args: &ReportArgs) -> Result<String, String> {
             },
         )
         .map_err(|e| e.to_string())?;
+    if args.format == "json" {
+        order(&groups, &mut lines);
+        let view = UsageView::new(range, &groups, &lines);
+        let json = serde_json::to_string_pretty(&view).map_err(|e| e.to_string())?;
+        return Ok(json + "\n");
+    }
     let heading = match (&args.since, &args.until) {
         (None, None) => format!("{} ({})", args.period, describe(range)),
         _ => describe(range),
@@ -81,10 +88,7 @@ pub fn render(heading: &str, groups: &[Group], mut lines: Vec<UsageLine>) -> Str
         out.push_str("no requests recorded in this range\n");
         return out;
     }
-    // Without a time column, the biggest spenders come first.
-    if !groups.iter().any(|g| matches!(g, Group::Day | Group::Hour)) {
-        lines.sort_by_key(|line| std::cmp::Reverse(line.counts.cost));
-    }
+    order(groups, &mut lines);
     let mut header: Vec<String> = groups.iter().map(|g| g.as_str().to_uppercase()).collect();
     header.extend(
         [
@@ -155,21 +159,38 @@ pub fn render(heading: &str, groups: &[Group], mut lines: Vec<UsageLine>) -> Str
         out.push_str(line.trim_end());
         out.push('\n');
     }
-    if totals.unpriced_requests > 0 {
-        let _ = writeln!(
-            out,
-            "{} requests were to models without a price: their tokens are counted, their cost is not",
-            totals.unpriced_requests
-        );
+    match totals.unpriced_requests {
+        0 => {}
+        1 => out.push_str(
+            "1 request was to a model without a price: its tokens are counted, its cost is not\n",
+        ),
+        n => {
+            let _ = writeln!(
+                out,
+                "{n} requests were to models without a price: their tokens are counted, their cost is not"
+            );
+        }
     }
-    if totals.estimated_requests > 0 {
-        let _ = writeln!(
-            out,
-            "{} requests reported no usage: their tokens were counted by a tokenizer (estimated)",
-            totals.estimated_requests
-        );
+    match totals.estimated_requests {
+        0 => {}
+        1 => out.push_str(
+            "1 request reported no usage: its tokens were counted by a tokenizer (estimated)\n",
+        ),
+        n => {
+            let _ = writeln!(
+                out,
+                "{n} requests reported no usage: their tokens were counted by a tokenizer (estimated)"
+            );
+        }
     }
     out
+}
+
+/// Without a time column, the biggest spenders come first; with one, the ledger's time order stays.
+fn order(groups: &[Group], lines: &mut [UsageLine]) {
+    if !groups.iter().any(|g| matches!(g, Group::Day | Group::Hour)) {
+        lines.sort_by_key(|line| std::cmp::Reverse(line.counts.cost));
+    }
 }
 
 fn numbers(c: &Counts) -> Vec<String> {
@@ -179,7 +200,7 @@ fn numbers(c: &Counts) -> Vec<String> {
         thousands(c.prompt_tokens),
         thousands(c.cached_tokens),
         thousands(c.completion_tokens),
-        c.cost.to_string(),
+        usd(c.cost),
     ]
 }
 

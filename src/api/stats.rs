@@ -3,11 +3,14 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::ser::Error as _;
+use serde::{Serialize, Serializer};
+use serde_json::value::RawValue;
 use time::format_description::well_known::Rfc3339;
 
 use crate::guard::{BudgetLine, GuardView};
 use crate::meter::ledger::Health;
+use crate::meter::pricing::NanoUsd;
 use crate::meter::{Counts, Snapshot};
 use time::OffsetDateTime;
 
@@ -22,8 +25,9 @@ pub struct CountsView {
     cached_tokens: u64,
     cache_write_tokens: u64,
     reasoning_tokens: u64,
-    cost_usd: f64,
-    /// The exact cost; `cost_usd` is this divided by 10^9, rounded for display.
+    #[serde(serialize_with = "serialize_usd")]
+    cost_usd: NanoUsd,
+    /// The exact cost; `cost_usd` is this divided by 10^9.
     cost_nano_usd: u64,
     unpriced_requests: u64,
     /// Requests whose tokens a tokenizer counted because the provider reported none.
@@ -41,7 +45,7 @@ impl From<&Counts> for CountsView {
             cached_tokens: c.cached_tokens,
             cache_write_tokens: c.cache_write_tokens,
             reasoning_tokens: c.reasoning_tokens,
-            cost_usd: c.cost.as_usd(),
+            cost_usd: c.cost,
             cost_nano_usd: c.cost.0,
             unpriced_requests: c.unpriced_requests,
             estimated_requests: c.estimated_requests,
@@ -190,20 +194,58 @@ impl<'a> StatsView<'a> {
     }
 }
 
+/// Writes a cost in dollars as a plain JSON number, exact to the nano-dollar (`0.00000795`,
+/// `0.0122`, `3.0`), where an `f64` would be written `7.95e-6`; it reads back as the same `f64`.
+pub fn serialize_usd<S: Serializer>(cost: &NanoUsd, serializer: S) -> Result<S::Ok, S::Error> {
+    let fraction = format!("{:09}", cost.0 % 1_000_000_000);
+    let fraction = match fraction.trim_end_matches('0') {
+        "" => "0",
+        digits => digits,
+    };
+    let number = format!("{}.{fraction}", cost.0 / 1_000_000_000);
+    RawValue::from_string(number)
+        .map_err(S::Error::custom)?
+        .serialize(serializer)
+}
+
 /// A time as RFC 3339 (`2026-11-25T09:00:00.123456Z`), as every view shows times.
 pub fn rfc3339(at: OffsetDateTime) -> String {
     // Formatting fails only outside years 0-9999, which no clock here produces.
     at.format(&Rfc3339).unwrap_or_else(|_| at.to_string())
 }
 
-/// One line of counters: `12 requests, 0 errors | tokens: 1234 in + 567 out | cost: $0.0122`.
+/// A cost as every text view writes it (see `NanoUsd`'s `Display`).
+pub fn usd(cost: NanoUsd) -> String {
+    cost.to_string()
+}
+
+/// Nano-dollars of an amount shown in dollars (`as` saturates: 0 below zero, `u64::MAX` past it).
+fn nano_of(usd: f64) -> NanoUsd {
+    NanoUsd((usd * 1e9).round() as u64)
+}
+
+/// A count and its noun, in the singular for one: `1 request`, `0 requests`, `2 errors`.
+pub fn count(n: u64, noun: &str) -> String {
+    let plural = if n == 1 { "" } else { "s" };
+    format!("{n} {noun}{plural}")
+}
+
+/// One line of counters: `12 requests, 1 error | tokens: 1234 in + 567 out | cost: $0.0122`.
 pub fn summary_line(c: &Counts) -> String {
     let mut line = format!(
-        "{} requests, {} errors | tokens: {} in + {} out | cost: {}",
-        c.requests, c.errors, c.prompt_tokens, c.completion_tokens, c.cost
+        "{}, {} | tokens: {} in + {} out | cost: {}",
+        count(c.requests, "request"),
+        count(c.errors, "error"),
+        c.prompt_tokens,
+        c.completion_tokens,
+        usd(c.cost)
     );
     if c.unpriced_requests > 0 {
-        let _ = write!(line, " (+{} unpriced requests)", c.unpriced_requests);
+        let _ = write!(
+            line,
+            " (+{})",
+            count(c.unpriced_requests, "unpriced request")
+        );
     }
     if c.estimated_requests > 0 {
         let _ = write!(line, " ({} estimated)", c.estimated_requests);
@@ -237,7 +279,7 @@ pub fn text(snapshot: &Snapshot, guard: Option<&GuardView>) -> String {
     out
 }
 
-/// ` | budget left: daily $0.7500 of $1.0000, monthly …`, or nothing without budgets.
+/// ` | budget left: daily $0.75 of $1.00, monthly …`, or nothing without budgets.
 fn remaining(lines: &[BudgetLine]) -> String {
     if lines.is_empty() {
         return String::new();
@@ -246,8 +288,10 @@ fn remaining(lines: &[BudgetLine]) -> String {
         .iter()
         .map(|l| {
             format!(
-                "{} ${:.4} of ${:.4}",
-                l.period, l.remaining_usd, l.limit_usd
+                "{} {} of {}",
+                l.period,
+                usd(nano_of(l.remaining_usd)),
+                usd(nano_of(l.limit_usd))
             )
         })
         .collect();
@@ -280,6 +324,59 @@ mod tests {
             }],
             upstreams: BTreeMap::from([("openai".to_owned(), counts)]),
         }
+    }
+
+    #[test]
+    fn costs_have_four_significant_digits_and_at_least_two_decimals() {
+        for (nano, text) in [
+            (0, "$0.00"),
+            (1, "$0.000000001"),
+            (7_950, "$0.00000795"),
+            (57_500, "$0.0000575"),
+            (68_000, "$0.000068"),
+            (99_995, "$0.0001"),
+            (408_600, "$0.0004086"),
+            (417_500, "$0.0004175"),
+            (417_549, "$0.0004175"),
+            (417_550, "$0.0004176"),
+            (9_000_000, "$0.009"),
+            (12_200_000, "$0.0122"),
+            (750_000_000, "$0.75"),
+            (999_950_000, "$1.00"),
+            (1_000_000_000, "$1.00"),
+            (1_234_500_000, "$1.235"),
+            (123_456_789_000, "$123.46"),
+            (u64::MAX, "$18446744073.71"),
+        ] {
+            assert_eq!(usd(NanoUsd(nano)), text, "{nano}");
+        }
+    }
+
+    #[test]
+    fn json_costs_are_plain_decimals_exact_to_the_nano_dollar() {
+        for (nano, json) in [
+            (0, "0.0"),
+            (1, "0.000000001"),
+            (7_950, "0.00000795"),
+            (12_200_000, "0.0122"),
+            (3_000_000_000, "3.0"),
+            (u64::MAX, "18446744073.709551615"),
+        ] {
+            let mut written = Vec::new();
+            serialize_usd(
+                &NanoUsd(nano),
+                &mut serde_json::Serializer::new(&mut written),
+            )
+            .unwrap();
+            assert_eq!(String::from_utf8(written).unwrap(), json);
+        }
+    }
+
+    #[test]
+    fn counts_of_one_are_singular() {
+        assert_eq!(count(0, "request"), "0 requests");
+        assert_eq!(count(1, "request"), "1 request");
+        assert_eq!(count(2, "unpriced request"), "2 unpriced requests");
     }
 
     #[test]

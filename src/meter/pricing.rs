@@ -198,9 +198,9 @@ mod tests {
 
     #[test]
     fn the_largest_amount_is_displayed_without_overflow() {
-        assert_eq!(NanoUsd::MAX.to_string(), "$18446744073.7096");
-        assert_eq!(NanoUsd(99_950_000).to_string(), "$0.1000");
-        assert_eq!(NanoUsd(99_949_999).to_string(), "$0.0999");
+        assert_eq!(NanoUsd::MAX.to_string(), "$18446744073.71");
+        assert_eq!(NanoUsd(99_995_000).to_string(), "$0.10");
+        assert_eq!(NanoUsd(99_994_999).to_string(), "$0.09999");
     }
 
     fn usage(input: u64, cached: u64, output: u64) -> Usage {
@@ -217,7 +217,7 @@ mod tests {
         let price = Price::per_million(3.0, 15.0, 0.3, 3.75);
         let cost = price.cost(&usage(1_000_000, 0, 1_000_000));
         assert_eq!(cost, NanoUsd(18_000_000_000));
-        assert_eq!(cost.to_string(), "$18.0000");
+        assert_eq!(cost.to_string(), "$18.00");
     }
 
     #[test]
@@ -291,13 +291,13 @@ mod tests {
     }
 
     #[test]
-    fn dollars_render_with_four_decimals() {
+    fn dollars_render_with_four_significant_digits_and_two_decimals_at_least() {
         assert_eq!(NanoUsd(12_200_000).to_string(), "$0.0122");
-        assert_eq!(NanoUsd(0).to_string(), "$0.0000");
-        assert_eq!(NanoUsd(1_234_567_890_123).to_string(), "$1234.5679");
+        assert_eq!(NanoUsd(0).to_string(), "$0.00");
+        assert_eq!(NanoUsd(1_234_567_890_123).to_string(), "$1234.57");
         assert_eq!(NanoUsd(21_150).to_string(), "$0.00002115");
         assert_eq!(NanoUsd(1).to_string(), "$0.000000001");
-        assert_eq!(NanoUsd(99_999).to_string(), "$0.000099999");
-        assert_eq!(NanoUsd(100_000).to_string(), "$0.0001");
+        assert_eq!(NanoUsd(99_999).to_string(), "$0.0001");
+        assert_eq!(NanoUsd(417_500).to_string(), "$0.0004175");
     }
 }
