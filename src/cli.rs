@@ -173,11 +173,39 @@ fn export_formats() -> PossibleValuesParser {
 }
 
 fn groups(value: &str) -> Result<String, String> {
-    Group::parse_list(value).map(|_| value.to_owned())
+    Group::parse_list(value)
+        .map(|_| value.to_owned())
+        .map_err(String::from)
 }
 
 fn time(value: &str) -> Result<String, String> {
-    parse_time(value, OffsetDateTime::now_utc()).map(|_| value.to_owned())
+    parse_time(value, OffsetDateTime::now_utc())
+        .map(|_| value.to_owned())
+        .map_err(String::from)
+}
+
+impl ReportArgs {
+    /// What the command asks the report for.
+    pub fn request(&self) -> crate::api::report::Request {
+        crate::api::report::Request {
+            period: self.period.clone(),
+            by: self.by.clone(),
+            since: self.since.clone(),
+            until: self.until.clone(),
+            format: self.format.clone(),
+        }
+    }
+}
+
+impl ExportArgs {
+    /// What the command asks the export for.
+    pub fn request(&self) -> crate::api::history::ExportRequest {
+        crate::api::history::ExportRequest {
+            format: self.format.clone(),
+            since: self.since.clone(),
+            until: self.until.clone(),
+        }
+    }
 }
 
 impl Cli {

@@ -241,6 +241,30 @@ impl IntoResponse for Envelope {
     }
 }
 
+/// A value given by a user (a flag, a query parameter, a setting) that is not one of those
+/// accepted; the message says what is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidValue(pub String);
+
+impl From<String> for InvalidValue {
+    fn from(message: String) -> Self {
+        Self(message)
+    }
+}
+
+impl From<&str> for InvalidValue {
+    fn from(message: &str) -> Self {
+        Self(message.to_owned())
+    }
+}
+
+impl From<InvalidValue> for String {
+    fn from(invalid: InvalidValue) -> Self {
+        invalid.0
+    }
+}
+
 /// Renders an error and its whole source chain on one line (`a: b: c`), skipping repeats.
 pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = err.to_string();

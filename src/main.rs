@@ -44,11 +44,12 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Healthcheck(_)) => healthcheck(&config),
-        Some(Command::Report(args)) => print(api::report::run(&config, &args)),
+        Some(Command::Report(args)) => print(api::report::run(&config, &args.request())),
         Some(Command::Export(args)) => {
             let stdout = std::io::stdout();
             print(
-                api::history::export_to(&config, &args, &mut stdout.lock()).map(|()| String::new()),
+                api::history::export_to(&config, &args.request(), &mut stdout.lock())
+                    .map(|()| String::new()),
             )
         }
         Some(Command::Serve(_)) | None => serve(config),
@@ -167,7 +168,7 @@ fn warn_if_exposed(config: &Config) {
 }
 
 /// Prints a command's output, or its error on stderr with exit code 1.
-fn print(result: Result<String, String>) -> ExitCode {
+fn print(result: Result<String, api::CommandError>) -> ExitCode {
     match result {
         Ok(out) => {
             print!("{out}");

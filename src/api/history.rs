@@ -18,10 +18,11 @@ use http_body::Frame;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use super::CommandError;
 use super::stats::{CountsView, rfc3339, serialize_usd};
 use crate::app::AppState;
-use crate::cli::ExportArgs;
 use crate::config::Config;
+use crate::error::InvalidValue;
 use crate::error::ProxyError;
 use crate::meter::Counts;
 use crate::meter::ledger::LedgerError;
@@ -190,11 +191,13 @@ pub enum Format {
 
 impl Format {
     /// Parses `csv` or `jsonl`.
-    pub fn parse(value: &str) -> Result<Self, String> {
+    pub fn parse(value: &str) -> Result<Self, InvalidValue> {
         match value {
             "csv" => Ok(Self::Csv),
             "jsonl" | "ndjson" => Ok(Self::Jsonl),
-            other => Err(format!("format must be csv or jsonl, got {other:?}")),
+            other => Err(InvalidValue(format!(
+                "format must be csv or jsonl, got {other:?}"
+            ))),
         }
     }
 
@@ -225,7 +228,7 @@ pub struct ExportQuery {
 pub async fn export(State(state): State<AppState>, Query(query): Query<ExportQuery>) -> Response {
     let prepared = async {
         let format = Format::parse(query.format.as_deref().unwrap_or("csv"))
-            .map_err(ProxyError::BadQuery)?;
+            .map_err(|e| ProxyError::BadQuery(e.into()))?;
         let range = query.range.parse()?;
         // Open (and sync) first, so a missing ledger is an error status, not a cut body.
         let reader = read(&state, Ok).await?;
@@ -265,25 +268,47 @@ pub async fn export(State(state): State<AppState>, Query(query): Query<ExportQue
         .into_response()
 }
 
+/// What `llm-meter export` asks for (the command line's options, as given).
+#[derive(Debug, Clone)]
+pub struct ExportRequest {
+    /// `csv` or `jsonl`.
+    pub format: String,
+    /// The first time included.
+    pub since: Option<String>,
+    /// The end, excluded.
+    pub until: Option<String>,
+}
+
 /// The `export` command: rows to `out`.
-pub fn export_to(config: &Config, args: &ExportArgs, out: &mut impl Write) -> Result<(), String> {
+pub fn export_to(
+    config: &Config,
+    args: &ExportRequest,
+    out: &mut impl Write,
+) -> Result<(), CommandError> {
     let options = config
         .ledger
         .as_ref()
-        .ok_or("persistence is off (persist = false or LLM_METER_PERSIST=false): there is no ledger to export")?;
-    let format = Format::parse(&args.format)?;
+        .ok_or(CommandError::NoLedger("export"))?;
+    let format = Format::parse(&args.format).map_err(|reason| CommandError::BadOption {
+        option: "--format",
+        reason,
+    })?;
     let range = Range::parse(
         args.since.as_deref(),
         args.until.as_deref(),
         OffsetDateTime::now_utc(),
-    )?;
-    let reader = Reader::open(&options.dir).map_err(|e| e.to_string())?;
+    )
+    .map_err(|reason| CommandError::BadOption {
+        option: "--since/--until",
+        reason: reason.into(),
+    })?;
+    let reader = Reader::open(&options.dir)?;
     let mut out = io::BufWriter::with_capacity(EXPORT_CHUNK, out);
     match write_rows(&reader, range, format, &mut out).and_then(|()| out.flush()) {
         Ok(()) => Ok(()),
         // `llm-meter export | head`: the reader has what it wanted.
         Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        Err(err) => Err(format!("export failed: {err}")),
+        Err(err) => Err(CommandError::Write(err)),
     }
 }
 

@@ -108,6 +108,62 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Why `llm-meter report` or `export` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// Persistence is off: there is no ledger to read.
+    #[error(
+        "persistence is off (persist = false or LLM_METER_PERSIST=false): there is no ledger to {0}"
+    )]
+    NoLedger(&'static str),
+    /// An option's value is not one it takes.
+    #[error("{option}: {reason}")]
+    BadOption {
+        /// The option, as typed (`--since`).
+        option: &'static str,
+        /// What is wrong with its value.
+        reason: crate::error::InvalidValue,
+    },
+    /// The ledger could not be read.
+    #[error(transparent)]
+    Ledger(#[from] crate::meter::ledger::LedgerError),
+    /// The output could not be written.
+    #[error("export failed: {0}")]
+    Write(#[from] std::io::Error),
+    /// The JSON could not be rendered.
+    #[error("cannot render the report: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Why `llm-meter healthcheck` found the server unhealthy.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    /// Nothing accepted the connection.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The address probed.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The request could not be sent, or no answer came in time.
+    #[error("no answer from {addr}: {source}")]
+    NoAnswer {
+        /// The address probed.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It answered, but not 200.
+    #[error("{addr} answered {status}")]
+    Unhealthy {
+        /// The address probed.
+        addr: SocketAddr,
+        /// Its status line's start.
+        status: String,
+    },
+}
+
 /// The path of the health check, open to every peer on every listener.
 pub const HEALTHZ: &str = "/healthz";
 
@@ -176,29 +232,26 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Asks a running llm-meter's `/healthz` (for container health checks, where no curl exists).
-pub fn probe_health(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+pub fn probe_health(addr: SocketAddr, timeout: Duration) -> Result<(), HealthError> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| HealthError::Connect { addr, source })?;
+    let no_answer = |source| HealthError::NoAnswer { addr, source };
+    stream.set_read_timeout(Some(timeout)).map_err(no_answer)?;
     stream
         .write_all(
             format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
                 .as_bytes(),
         )
-        .map_err(|e| format!("cannot send to {addr}: {e}"))?;
+        .map_err(no_answer)?;
     let mut head = [0u8; 12];
-    stream
-        .read_exact(&mut head)
-        .map_err(|e| format!("no answer from {addr}: {e}"))?;
+    stream.read_exact(&mut head).map_err(no_answer)?;
     if head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200") {
         Ok(())
     } else {
-        Err(format!(
-            "{addr} answered {}",
-            String::from_utf8_lossy(&head)
-        ))
+        Err(HealthError::Unhealthy {
+            addr,
+            status: String::from_utf8_lossy(&head).into_owned(),
+        })
     }
 }
 

@@ -5,43 +5,57 @@ use std::fmt::Write as _;
 
 use time::{Duration, OffsetDateTime, Time};
 
+use super::CommandError;
 use super::history::{UsageView, day};
 use super::stats::{rfc3339, usd};
-use crate::cli::ReportArgs;
 use crate::config::Config;
+use crate::error::InvalidValue;
 use crate::meter::Counts;
 use crate::meter::ledger::history::{Filter, Group, Range, Reader, UsageLine, parse_time};
 
+/// What `llm-meter report` asks for (the command line's options, as given).
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// `today`, `week`, `month` or `all`.
+    pub period: String,
+    /// Dimensions, comma-separated (`day,model`).
+    pub by: String,
+    /// Start instead of the period's.
+    pub since: Option<String>,
+    /// End instead of now.
+    pub until: Option<String>,
+    /// `text` or `json`.
+    pub format: String,
+}
+
 /// Runs the command: reads the ledger named by the config and renders the table.
-pub fn run(config: &Config, args: &ReportArgs) -> Result<String, String> {
+pub fn run(config: &Config, args: &Request) -> Result<String, CommandError> {
     let options = config
         .ledger
         .as_ref()
-        .ok_or("persistence is off (persist = false or LLM_METER_PERSIST=false): there is no ledger to report on")?;
+        .ok_or(CommandError::NoLedger("report on"))?;
     let now = OffsetDateTime::now_utc();
-    let mut range = period(&args.period, now)?;
+    let bad = |option: &'static str| move |reason| CommandError::BadOption { option, reason };
+    let mut range = period(&args.period, now).map_err(bad("--period"))?;
     if let Some(since) = &args.since {
-        range.since = Some(parse_time(since, now).map_err(|e| format!("--since: {e}"))?);
+        range.since = Some(parse_time(since, now).map_err(bad("--since"))?);
     }
     if let Some(until) = &args.until {
-        range.until = Some(parse_time(until, now).map_err(|e| format!("--until: {e}"))?);
+        range.until = Some(parse_time(until, now).map_err(bad("--until"))?);
     }
-    let groups = Group::parse_list(&args.by).map_err(|e| format!("--by: {e}"))?;
-    let reader = Reader::open(&options.dir).map_err(|e| e.to_string())?;
-    let mut lines = reader
-        .usage(
-            &groups,
-            &Filter {
-                range,
-                ..Filter::default()
-            },
-        )
-        .map_err(|e| e.to_string())?;
+    let groups = Group::parse_list(&args.by).map_err(bad("--by"))?;
+    let reader = Reader::open(&options.dir)?;
+    let mut lines = reader.usage(
+        &groups,
+        &Filter {
+            range,
+            ..Filter::default()
+        },
+    )?;
     if args.format == "json" {
         order(&groups, &mut lines);
         let view = UsageView::new(range, &groups, &lines);
-        let json = serde_json::to_string_pretty(&view).map_err(|e| e.to_string())?;
-        return Ok(json + "\n");
+        return Ok(serde_json::to_string_pretty(&view)? + "\n");
     }
     let heading = match (&args.since, &args.until) {
         (None, None) => format!("{} ({})", args.period, describe(range)),
@@ -51,7 +65,7 @@ pub fn run(config: &Config, args: &ReportArgs) -> Result<String, String> {
 }
 
 /// The range of a named period, in UTC: `today`, `week` (since Monday), `month`, `all`.
-pub fn period(name: &str, now: OffsetDateTime) -> Result<Range, String> {
+pub fn period(name: &str, now: OffsetDateTime) -> Result<Range, InvalidValue> {
     let midnight = now.replace_time(Time::MIDNIGHT);
     let since = match name {
         "today" | "day" => midnight,
@@ -61,9 +75,9 @@ pub fn period(name: &str, now: OffsetDateTime) -> Result<Range, String> {
             .map_err(|e| format!("--period month: {e}"))?,
         "all" => return Ok(Range::default()),
         other => {
-            return Err(format!(
+            return Err(InvalidValue(format!(
                 "--period: expected today, week, month or all, got {other:?}"
-            ));
+            )));
         }
     };
     Ok(Range {

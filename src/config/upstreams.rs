@@ -9,6 +9,7 @@ use super::{
     ANTHROPIC, ConfigError, DEFAULT_ANTHROPIC_UPSTREAM, DEFAULT_UPSTREAM, Flags, Layers, OPENAI,
     env, invalid,
 };
+use crate::error::InvalidValue;
 
 /// Our own endpoints: no upstream prefix may shadow them.
 const RESERVED_PATHS: [&str; 6] = [
@@ -30,14 +31,16 @@ pub struct Upstream {
 
 impl Upstream {
     /// Parses an absolute `http(s)://host[:port][/base]` URL.
-    pub fn parse(url: &str) -> Result<Self, String> {
+    pub fn parse(url: &str) -> Result<Self, InvalidValue> {
         let uri: http::Uri = url.parse().map_err(|e| format!("{e}"))?;
         let scheme = uri
             .scheme()
             .cloned()
             .ok_or("must be an absolute URL such as https://api.openai.com/v1")?;
         if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
-            return Err(format!("scheme must be http or https, not {scheme}"));
+            return Err(InvalidValue(format!(
+                "scheme must be http or https, not {scheme}"
+            )));
         }
         let authority = uri.authority().cloned().ok_or("has no host")?;
         if uri.query().is_some() {

@@ -42,6 +42,20 @@ const CL100K_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|
 static O200K_TOKENS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/o200k_base.tokens"));
 static CL100K_TOKENS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cl100k_base.tokens"));
 
+/// Why a counter cannot be built (a build of llm-meter whose embedded table is damaged).
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    /// The embedded token table ends inside a token.
+    #[error("the token table is truncated")]
+    Truncated,
+    /// The embedded token table is over 4 GiB.
+    #[error("the token table is too large")]
+    TooLarge,
+    /// The pre-tokenization pattern does not compile.
+    #[error("the pre-tokenization pattern: {0}")]
+    Pattern(#[from] Box<fancy_regex::Error>),
+}
+
 /// One of the encodings llm-meter counts with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
@@ -72,16 +86,16 @@ struct Ranks {
 }
 
 impl Ranks {
-    fn new(table: &'static [u8]) -> Result<Self, String> {
+    fn new(table: &'static [u8]) -> Result<Self, TableError> {
         let mut starts = Vec::with_capacity(table.len() / 7);
         let mut at = 0;
         while let Some(&len) = table.get(at) {
             let start = at + 1;
             at = start + usize::from(len);
             if at > table.len() {
-                return Err("the token table is truncated".into());
+                return Err(TableError::Truncated);
             }
-            starts.push(u32::try_from(start).map_err(|_| "the token table is too large")?);
+            starts.push(u32::try_from(start).map_err(|_| TableError::TooLarge)?);
         }
         let mut ranks = Self {
             table,
@@ -136,12 +150,12 @@ pub struct Bpe {
 
 impl Bpe {
     /// Builds the counter of `encoding` from its embedded table (tens of milliseconds).
-    pub fn new(encoding: Encoding) -> Result<Self, String> {
+    pub fn new(encoding: Encoding) -> Result<Self, TableError> {
         let (table, pattern) = match encoding {
             Encoding::O200kBase => (O200K_TOKENS, O200K_PATTERN),
             Encoding::Cl100kBase => (CL100K_TOKENS, CL100K_PATTERN),
         };
-        let pattern = Regex::new(pattern).map_err(|e| e.to_string())?;
+        let pattern = Regex::new(pattern).map_err(Box::new)?;
         Ok(Self {
             ranks: Ranks::new(table)?,
             pattern,

@@ -10,6 +10,7 @@ use time::{Date, OffsetDateTime, Time};
 
 use super::writer::{count, counts_from};
 use super::{FILE_NAME, LedgerError, Row, from_micros, micros, schema};
+use crate::error::InvalidValue;
 use crate::key::Identity;
 use crate::meter::{Counts, Snapshot};
 use crate::money::NanoUsd;
@@ -58,7 +59,7 @@ impl Range {
 
 /// An RFC 3339 time (`2026-11-25T10:00:00Z`), a date (`2026-11-25`, midnight UTC), or a span
 /// back from now (`24h`, `7d`, `90m`).
-pub fn parse_time(value: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
+pub fn parse_time(value: &str, now: OffsetDateTime) -> Result<OffsetDateTime, InvalidValue> {
     let value = value.trim();
     if let Ok(at) = OffsetDateTime::parse(value, &Rfc3339) {
         return Ok(at);
@@ -70,11 +71,11 @@ pub fn parse_time(value: &str, now: OffsetDateTime) -> Result<OffsetDateTime, St
     if let Ok(span) = humantime::parse_duration(value) {
         return now
             .checked_sub(time::Duration::try_from(span).map_err(|e| e.to_string())?)
-            .ok_or_else(|| format!("{value:?} reaches before year -9999"));
+            .ok_or_else(|| InvalidValue(format!("{value:?} reaches before year -9999")));
     }
-    Err(format!(
+    Err(InvalidValue(format!(
         "expected an RFC 3339 time (2026-11-25T10:00:00Z), a date (2026-11-25) or a span back from now (24h, 7d), got {value:?}"
-    ))
+    )))
 }
 
 /// One dimension of `/usage` and `llm-meter report`.
@@ -94,26 +95,26 @@ pub enum Group {
 
 impl Group {
     /// Parses `day`, `hour`, `model`, `key` or `upstream`.
-    pub fn parse(value: &str) -> Result<Self, String> {
+    pub fn parse(value: &str) -> Result<Self, InvalidValue> {
         match value.trim() {
             "day" => Ok(Self::Day),
             "hour" => Ok(Self::Hour),
             "model" => Ok(Self::Model),
             "key" => Ok(Self::Key),
             "upstream" => Ok(Self::Upstream),
-            other => Err(format!(
+            other => Err(InvalidValue(format!(
                 "expected day, hour, model, key or upstream, got {other:?}"
-            )),
+            ))),
         }
     }
 
     /// Parses a comma-separated list (`day,model`), each at most once.
-    pub fn parse_list(value: &str) -> Result<Vec<Self>, String> {
+    pub fn parse_list(value: &str) -> Result<Vec<Self>, InvalidValue> {
         let mut groups = Vec::new();
         for part in value.split(',') {
             let group = Self::parse(part)?;
             if groups.contains(&group) {
-                return Err(format!("{part:?} is given twice"));
+                return Err(InvalidValue(format!("{part:?} is given twice")));
             }
             groups.push(group);
         }
@@ -414,6 +415,7 @@ mod tests {
         assert!(
             parse_time("yesterday", now())
                 .unwrap_err()
+                .0
                 .contains("RFC 3339")
         );
     }

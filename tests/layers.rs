@@ -1,0 +1,162 @@
+//! The layers of `src/` point one way: a module imports only modules of its own layer or below
+//! (see `lib.rs`'s crate doc), and no modules import one another in a cycle. The test reads the
+//! source, so the rule keeps itself.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "reading the source tree: a failure is a failed test"
+)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// Every top-level module of `src/` and its layer, from the bottom up.
+const LAYERS: &[(&str, u8)] = &[
+    // 1. leaves: the pieces every layer uses
+    ("key", 1),
+    ("json", 1),
+    ("error", 1),
+    ("path", 1),
+    ("deferred", 1),
+    ("worker", 1),
+    ("tasks", 1),
+    ("client", 1),
+    // 2. one normalized usage from every flavor
+    ("usage", 2),
+    // 3. amounts and prices of a usage
+    ("money", 3),
+    // 4. settings
+    ("config", 4),
+    ("logs", 4),
+    // 5. the meter
+    ("meter", 5),
+    // 6. admission
+    ("guard", 6),
+    // 7. forwarding
+    ("proxy", 7),
+    // 8. the state
+    ("app", 8),
+    // 9. our own endpoints
+    ("api", 9),
+    // 10. serving
+    ("server", 10),
+    // 11. the command line
+    ("cli", 11),
+    ("lib", 12),
+    ("main", 12),
+];
+
+/// The top-level modules each file of `src/` names with a `crate::` path, per module.
+fn imports() -> BTreeMap<String, BTreeSet<String>> {
+    let mut found: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut dirs = vec![src.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let relative = path.strip_prefix(&src).unwrap();
+            let first = relative.components().next().unwrap();
+            let module = first
+                .as_os_str()
+                .to_string_lossy()
+                .trim_end_matches(".rs")
+                .to_owned();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let entry = found.entry(module.clone()).or_default();
+            for line in text.lines() {
+                let code = line.trim_start();
+                if code.starts_with("//") {
+                    continue;
+                }
+                for (at, _) in code.match_indices("crate::") {
+                    let rest = &code[at + "crate::".len()..];
+                    let name: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    // `llm_meter::crate::` never occurs; `$crate::` in macros is not ours.
+                    let before = &code[..at];
+                    if !name.is_empty() && !before.ends_with('$') && name != module {
+                        entry.insert(name);
+                    }
+                }
+            }
+        }
+    }
+    found
+}
+
+fn layer(module: &str) -> u8 {
+    LAYERS
+        .iter()
+        .find(|(name, _)| *name == module)
+        .map(|(_, layer)| *layer)
+        .unwrap_or_else(|| panic!("module `{module}` has no layer: add it to LAYERS and lib.rs"))
+}
+
+#[test]
+fn no_module_imports_one_from_a_layer_above_it() {
+    let mut upward = Vec::new();
+    for (module, imported) in imports() {
+        for name in imported {
+            if layer(&name) > layer(&module) {
+                upward.push(format!(
+                    "{module} (layer {}) imports {name} (layer {})",
+                    layer(&module),
+                    layer(&name)
+                ));
+            }
+        }
+    }
+    assert!(upward.is_empty(), "upward imports:\n{}", upward.join("\n"));
+}
+
+#[test]
+fn no_modules_import_one_another_in_a_cycle() {
+    let graph = imports();
+    // Depth-first search for a back edge, reporting the cycle it closes.
+    fn visit(
+        module: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = path.iter().position(|m| m == module) {
+            let mut cycle = path[at..].to_vec();
+            cycle.push(module.to_owned());
+            return Some(cycle);
+        }
+        if !done.insert(module.to_owned()) {
+            return None;
+        }
+        path.push(module.to_owned());
+        for next in graph.get(module).into_iter().flatten() {
+            if let Some(cycle) = visit(next, graph, path, done) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        None
+    }
+    let mut done = BTreeSet::new();
+    for module in graph.keys() {
+        let mut path = Vec::new();
+        if let Some(cycle) = visit(module, &graph, &mut path, &mut done) {
+            panic!("import cycle: {}", cycle.join(" -> "));
+        }
+    }
+}
+
+#[test]
+fn every_module_of_src_has_a_layer() {
+    for module in imports().keys() {
+        layer(module);
+    }
+}
