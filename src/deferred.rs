@@ -7,9 +7,8 @@
 //! the ledger writer) waits here until that poll returns. A client on the same machine is
 //! usually woken on the worker's own CPU and runs only when the worker lets it, so a worker that
 //! is not busy first yields: the client reads its answer, then the worker formats the line and
-//! wakes the writers. At 20 requests a second that took 35-44 µs off every response (three
-//! alternating runs, see docs/performance.md). A busy worker does not yield: its CPU has other
-//! requests to serve, and a yield per response cost 15% of the throughput at 16 connections.
+//! wakes the writers (the measurements are in docs/performance.md). A busy worker does not
+//! yield: its CPU has other requests to serve, and a yield per response costs throughput.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;

@@ -8,8 +8,8 @@
 //! moves again: logging can lose lines, never slow the proxy down.
 //!
 //! The text format writes the same lines as tracing-subscriber's own, but formats the fields
-//! and the timestamp directly instead of through `core::fmt`, which took a sixth of the
-//! proxy's instructions per request.
+//! and the timestamp directly instead of through `core::fmt`, which took a large share of the
+//! proxy's instructions per request (see docs/performance.md).
 
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};

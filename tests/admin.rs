@@ -265,3 +265,32 @@ async fn an_oversized_budget_body_gets_the_json_413() {
     assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
     proxy.stop().await;
 }
+
+#[test]
+fn the_start_says_which_budgets_a_runtime_change_overrides() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    std::fs::write(
+        dir.path().join("data").join("budgets.json"),
+        r#"{"worker": {"daily": 3000000000, "monthly": null, "total": null}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("proxy.toml"),
+        format!("listen = \"127.0.0.1:0\"\n{}", toml(false)),
+    )
+    .unwrap();
+    let mut command = common::binary_command(dir.path());
+    command.env("WORKER_KEY", KEY);
+    let (ok, _, stderr) = common::Binary::start(command).terminate();
+    assert!(ok, "{stderr}");
+    let said: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("wins over proxy.toml"))
+        .collect();
+    assert_eq!(said.len(), 1, "{stderr}");
+    assert!(said[0].contains("scope=\"worker\""), "{}", said[0]);
+    assert!(said[0].contains("period=\"daily\""), "{}", said[0]);
+    assert!(said[0].contains("configured=\"$5.00\""), "{}", said[0]);
+    assert!(said[0].contains("in_force=\"$3.00\""), "{}", said[0]);
+}

@@ -89,6 +89,7 @@ impl Guard {
             .into_iter()
             .map(|mut key| {
                 if let Some(budget) = saved.get(&key.name) {
+                    overrides::say_overridden(&key.name, &key.budget, budget, overrides.as_deref());
                     key.budget = *budget;
                 }
                 KeyState {
@@ -100,7 +101,13 @@ impl Guard {
                 }
             })
             .collect();
-        let global = saved.get(GLOBAL).copied().unwrap_or(settings.global);
+        let global = match saved.get(GLOBAL) {
+            Some(budget) => {
+                overrides::say_overridden(GLOBAL, &settings.global, budget, overrides.as_deref());
+                *budget
+            }
+            None => settings.global,
+        };
         Self {
             by_digest: keys
                 .iter()

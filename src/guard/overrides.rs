@@ -93,3 +93,31 @@ pub(super) fn load_overrides(path: &std::path::Path) -> HashMap<String, Budget> 
         }
     }
 }
+
+/// Says at start that a budget changed at run time (kept in `budgets.json`) wins over the one
+/// in `proxy.toml`, one line per budget that differs: otherwise an edit of `proxy.toml` would
+/// seem to be ignored.
+pub(super) fn say_overridden(
+    scope: &str,
+    configured: &Budget,
+    saved: &Budget,
+    path: Option<&std::path::Path>,
+) {
+    let file = path.map(|p| p.display().to_string()).unwrap_or_default();
+    for period in Period::ALL {
+        let (from, to) = (configured.get(period), saved.get(period));
+        if from != to {
+            let show = |limit: Option<crate::money::NanoUsd>| {
+                limit.map_or_else(|| "none".to_owned(), |l| l.to_string())
+            };
+            tracing::info!(
+                scope,
+                period = period.as_str(),
+                configured = show(from),
+                in_force = show(to),
+                file,
+                "a budget changed at run time wins over proxy.toml's (PUT /admin/keys/NAME/budget again, or delete the file, to change it)"
+            );
+        }
+    }
+}

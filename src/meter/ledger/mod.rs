@@ -283,9 +283,8 @@ impl Shared {
 /// the background writer, which may wait milliseconds for a CPU when both cores are busy.
 /// parking_lot's eventual fairness now and then hands a contended lock straight to the thread
 /// parked on it, before that thread runs; `std` wakes it and leaves the lock to whoever takes it
-/// first. Under `wrk -t2 -c16` for 10 s (about 28,000 requests/s), requests waited over 0.5 ms
-/// for it 3-8 times a run with parking_lot and once with `std`, over 50 µs 180-280 times
-/// against 145-160.
+/// first, so a request rarely waits behind a writer that has no CPU (measured: see
+/// docs/performance.md).
 #[derive(Default)]
 struct QueueLock(std::sync::Mutex<Queue>);
 

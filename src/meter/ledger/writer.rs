@@ -43,9 +43,8 @@ pub(super) struct Batch {
 }
 
 /// A buffer grown past this by a backlog is given back once the backlog is written: about 3,000
-/// rows, more than a flush interval brings at any but the highest rates. Buffers kept at 4 MiB
-/// took the load benchmark's S2 peak RSS to 21.2 MB (the S1 before it had grown them) and made
-/// the S1 soak creep by 10.7%.
+/// rows, more than a flush interval brings at any but the highest rates. Larger kept buffers
+/// raised the load benchmark's peak RSS and made its soak creep (see docs/performance.md).
 const KEEP_CAPACITY: usize = 512 << 10;
 
 impl Writer {
@@ -292,9 +291,8 @@ fn lower_priority() {
 
 /// Multi-row INSERTs after which a commit yields the CPU. When both cores are busy, the
 /// normal-priority thread writes the backlog in bursts of thousands of rows, 4 ms and more of
-/// CPU; yielding every 256 rows lets a request thread waiting for that core run in between.
-/// Under `wrk -t2 -c16` for 10 s, six alternating pairs: p99 2.6-3.5 ms without the yields,
-/// 1.5-3.3 ms with them (lower in all six; `--no-persist` 2.8-3.0), throughput unchanged.
+/// CPU; yielding every 256 rows lets a request thread waiting for that core run in between,
+/// which lowers the p99 latency under load with the same throughput (see docs/performance.md).
 const YIELD_EVERY: usize = 8;
 
 /// Writes a batch in one transaction: the rows, new periods, and the sums of the rows per
