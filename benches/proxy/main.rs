@@ -37,6 +37,9 @@ usage: cargo bench --bench proxy [-- OPTIONS]
   --seconds S     length of a round in seconds (default 2)
   --soak S        then S seconds of S1 against llm-meter alone, RSS sampled (default 0: none)
   --only LIST     only these scenarios (S1-S7), e.g. S4,S5,S6
+
+With BENCH_BASELINE=PATH, the fourth target is the llm-meter binary at PATH (another build, with
+its ledger on) instead of this build with --no-persist: a before/after comparison in one run.
 ";
 
 /// Reads the options; a flag it does not know or a value it cannot read ends the run with the
@@ -511,7 +514,18 @@ async fn orchestrate(options: &Options) {
     let floor = start_child(&["--floor", &mock.addr.to_string()]);
     let data = tempfile::tempdir().expect("a temporary data directory");
     let proxy = start_proxy(&binary, mock.addr, Some(data.path()));
-    let in_memory = start_proxy(&binary, mock.addr, None);
+    // The fourth target: this build without its ledger, or another build to compare with.
+    let baseline = std::env::var_os("BENCH_BASELINE").map(std::path::PathBuf::from);
+    let baseline_data = tempfile::tempdir().expect("a temporary data directory");
+    let in_memory = match &baseline {
+        Some(other) => start_proxy(other, mock.addr, Some(baseline_data.path())),
+        None => start_proxy(&binary, mock.addr, None),
+    };
+    let fourth = if baseline.is_some() {
+        "baseline"
+    } else {
+        "--no-persist"
+    };
     tokio::time::sleep(Duration::from_millis(200)).await;
     let idle_rss = memory_mb(proxy.pid(), "VmRSS");
     // Requests each llm-meter was sent, to check its /stats against.
@@ -526,12 +540,18 @@ async fn orchestrate(options: &Options) {
         std::thread::available_parallelism().map_or(0, usize::from),
         cpu_model()
     );
-    println!(
-        "targets: direct to the mock; floor = bare hyper pass-through (no metering, no logs); llm-meter (metering, ledger and request logs on); llm-meter --no-persist (no ledger)"
-    );
+    match &baseline {
+        Some(other) => println!(
+            "targets: direct to the mock; floor = bare hyper pass-through (no metering, no logs); llm-meter (this build, ledger and request logs on); baseline = {} (ledger and request logs on)",
+            other.display()
+        ),
+        None => println!(
+            "targets: direct to the mock; floor = bare hyper pass-through (no metering, no logs); llm-meter (metering, ledger and request logs on); llm-meter --no-persist (no ledger)"
+        ),
+    }
     println!();
     println!(
-        "| scenario | direct req/s | floor req/s (ratio) | llm-meter req/s (ratio) | --no-persist req/s (ratio) | ledger vs --no-persist | direct p50 / p99 ms | added p50 / p99 ms, floor | added p50 / p99 ms, llm-meter | CPU/req floor | CPU/req llm-meter | llm-meter peak RSS |"
+        "| scenario | direct req/s | floor req/s (ratio) | llm-meter req/s (ratio) | {fourth} req/s (ratio) | llm-meter vs {fourth} | direct p50 / p99 ms | added p50 / p99 ms, floor | added p50 / p99 ms, llm-meter | CPU/req floor | CPU/req llm-meter | llm-meter peak RSS |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let duration = Duration::from_secs_f64(options.seconds);
@@ -656,7 +676,7 @@ async fn orchestrate(options: &Options) {
         memory_mb(proxy.pid(), "VmRSS")
     );
     println!(
-        "checked: every answer (status 200, usage present, streams complete and unchanged) and /stats = {} requests (ledger), {} (--no-persist)",
+        "checked: every answer (status 200, usage present, streams complete and unchanged) and /stats = {} requests (llm-meter), {} ({fourth})",
         checked[0], checked[1]
     );
     let stats = load::get_json(proxy.addr, "/stats").await;
@@ -667,7 +687,7 @@ async fn orchestrate(options: &Options) {
         stats["ledger"]["lost_rows"],
         dir_mb(data.path())
     );
-    for (i, (target, what)) in [(&proxy, "ledger"), (&in_memory, "--no-persist")]
+    for (i, (target, what)) in [(&proxy, "ledger"), (&in_memory, fourth)]
         .into_iter()
         .enumerate()
     {
