@@ -591,18 +591,7 @@ async fn counts_of_one_are_written_in_the_singular() {
         ..ledger_row("2026-11-02T09:00:00Z", "sk-a", "gpt-4o", (10, 2), 55_000)
     };
     common::write_ledger(&data, [unpriced, estimated]);
-    let report = run(
-        dir.path(),
-        &[
-            "report",
-            "--period",
-            "all",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        &[],
-    );
-    let report = String::from_utf8(report.stdout).unwrap();
+    let report = report_all(dir.path(), &data);
     assert!(
         report.contains(
             "\n1 request was to a model without a price: its tokens are counted, its cost is not\n"
@@ -636,18 +625,7 @@ async fn text_views_write_costs_to_four_significant_digits() {
             ),
         ],
     );
-    let report = run(
-        dir.path(),
-        &[
-            "report",
-            "--period",
-            "all",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        &[],
-    );
-    let report = String::from_utf8(report.stdout).unwrap();
+    let report = report_all(dir.path(), &data);
     let costs: Vec<&str> = report
         .lines()
         .skip(2)
@@ -762,4 +740,21 @@ fn report_and_export_without_persistence_name_the_setting_they_read() {
         assert!(stderr.contains("LLM_METER_PERSIST=false"), "{stderr}");
         assert!(!stderr.contains("--no-persist"), "{stderr}");
     }
+}
+
+/// `llm-meter report --period all` over the ledger in `data`, its standard output.
+#[expect(clippy::unwrap_used, reason = "a test helper: a failure is a failed test")]
+fn report_all(dir: &std::path::Path, data: &std::path::Path) -> String {
+    let report = run(
+        dir,
+        &[
+            "report",
+            "--period",
+            "all",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[],
+    );
+    String::from_utf8(report.stdout).unwrap()
 }
