@@ -125,11 +125,34 @@ fn estimation(c: &mut Criterion) {
     group.finish();
 }
 
+/// The work a hostile prompt can cause: one repeated character has no spaces to split it, so
+/// tiktoken's merge would be quadratic in its length. Issue 17's bound: 1 MiB at most 50 ms of
+/// CPU, a 32 MiB body at most 1 s.
+fn estimation_bounds(c: &mut Criterion) {
+    let mut group = c.benchmark_group("estimate bounds");
+    group.sample_size(10);
+    for (name, size) in [
+        ("1 MiB prompt of one character", 1024 * 1024),
+        ("32 MiB body of one character", 32 * 1024 * 1024),
+    ] {
+        let body = format!(
+            r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"{}"}}]}}"#,
+            "a".repeat(size)
+        );
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_function(name, |b| {
+            b.iter(|| estimate::prompt_tokens(Flavor::OpenAiChat, "gpt-4o", body.as_bytes()));
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     sse_extraction,
     plain_extraction,
     request_rewrite,
-    estimation
+    estimation,
+    estimation_bounds
 );
 criterion_main!(benches);

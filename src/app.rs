@@ -14,7 +14,9 @@ use crate::guard::{Guard, RestoredSpend};
 use crate::meter::Meter;
 use crate::meter::ledger::LedgerError;
 use crate::meter::ledger::history::Reader;
+use crate::meter::memory::Bounds;
 use crate::proxy::{self, UpstreamState, upstream};
+use crate::tasks::Tasks;
 
 /// What every handler shares; cheap to clone.
 #[derive(Clone)]
@@ -30,6 +32,8 @@ pub struct Shared {
     pub upstreams: Vec<UpstreamState>,
     /// Named keys, budgets, rate limits and alerts.
     pub guard: Arc<Guard>,
+    /// The background tasks (alert deliveries, drains), finished at shutdown.
+    pub tasks: Tasks,
 }
 
 impl Deref for AppState {
@@ -74,9 +78,13 @@ impl AppState {
     /// Builds the state with budgets and rate limits reading time from `clock` (tests move it).
     pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
         let connector = upstream::connector(&config)?;
+        let bounds = Bounds {
+            max_keys: config.max_tracked_keys,
+            max_models_per_key: config.max_models_per_key,
+        };
         let meter = match &config.ledger {
-            Some(options) => Meter::persistent(config.prices.clone(), options)?,
-            None => Meter::in_memory(config.prices.clone()),
+            Some(options) => Meter::persistent_within(config.prices.clone(), options, bounds)?,
+            None => Meter::in_memory_within(config.prices.clone(), bounds),
         };
         let meter = Arc::new(meter);
         let upstreams = config
@@ -84,8 +92,11 @@ impl AppState {
             .iter()
             .map(|route| UpstreamState::new(route, connector.clone(), config.threads))
             .collect();
+        let tasks = Tasks::new();
         let alerts = match &config.guard.webhook {
-            Some(url) => Alerts::with_webhook(url.clone(), upstream::webhook_client(connector)),
+            Some(url) => {
+                Alerts::with_webhook(url.clone(), upstream::webhook_client(connector), &tasks)
+            }
             None => Alerts::new(),
         };
         let data_dir = config.ledger.as_ref().map(|l| l.dir.as_path());
@@ -101,6 +112,7 @@ impl AppState {
             meter,
             upstreams,
             guard: Arc::new(guard),
+            tasks,
         })))
     }
 }

@@ -22,6 +22,11 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR", global = true)]
     pub listen: Option<String>,
 
+    /// A separate address for llm-meter's own endpoints (/stats, /usage, /admin, ...); the main
+    /// address then serves provider routes and /healthz only [env: LLM_METER_ADMIN_LISTEN].
+    #[arg(long, value_name = "ADDR", global = true)]
+    pub admin_listen: Option<String>,
+
     /// Upstream base URL that /v1/* is forwarded to, /v1 included
     /// [env: LLM_METER_UPSTREAM] [default: https://api.openai.com/v1].
     #[arg(long, value_name = "URL", global = true)]
@@ -102,6 +107,7 @@ impl Cli {
         Flags {
             config: self.config.clone(),
             listen: self.listen.clone(),
+            admin_listen: self.admin_listen.clone(),
             upstream: self.upstream.clone(),
             log_format: self.log_format.clone(),
             threads: self.threads.clone(),

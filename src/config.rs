@@ -43,6 +43,8 @@ pub mod env {
     pub const CONFIG: &str = "LLM_METER_CONFIG";
     /// Listen address.
     pub const LISTEN: &str = "LLM_METER_LISTEN";
+    /// Listen address of our own endpoints, when they have a port of their own.
+    pub const ADMIN_LISTEN: &str = "LLM_METER_ADMIN_LISTEN";
     /// Upstream base URL.
     pub const UPSTREAM: &str = "LLM_METER_UPSTREAM";
     /// Base URL of the built-in Anthropic upstream.
@@ -62,6 +64,17 @@ pub mod env {
     /// The user's home; the default data directory is under it when `XDG_DATA_HOME` is unset.
     pub const HOME: &str = "HOME";
 }
+
+/// Default `header_timeout`: a head takes milliseconds; ten seconds leaves room for slow links.
+pub const DEFAULT_HEADER_TIMEOUT: &str = "10s";
+/// Default `keepalive_timeout`: longer than the idle expiry of the pools clients keep (httpx 5 s,
+/// undici 4 s, Go 90 s), so a client never reuses a connection the moment we close it, and longer
+/// than a load balancer's own (60 s on AWS and nginx), which must close first.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: &str = "120s";
+/// Default `max_tracked_keys`: about 10 MB of per-key totals at most.
+pub const DEFAULT_MAX_TRACKED_KEYS: usize = 10_000;
+/// Default `max_models_per_key`.
+pub const DEFAULT_MAX_MODELS_PER_KEY: usize = 100;
 
 /// Default longest wait of a recorded row before it is committed to the ledger.
 pub const DEFAULT_FLUSH_INTERVAL: &str = "100ms";
@@ -104,6 +117,12 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<String>,
+    admin_listen: Option<String>,
+    header_timeout: Option<String>,
+    keepalive_timeout: Option<String>,
+    max_connections: Option<usize>,
+    max_tracked_keys: Option<usize>,
+    max_models_per_key: Option<usize>,
     upstream: Option<String>,
     admin_token: Option<String>,
     log_format: Option<String>,
@@ -183,6 +202,8 @@ pub struct Flags {
     pub config: Option<PathBuf>,
     /// `--listen`.
     pub listen: Option<String>,
+    /// `--admin-listen`.
+    pub admin_listen: Option<String>,
     /// `--upstream`.
     pub upstream: Option<String>,
     /// `--log-format`.
@@ -342,6 +363,19 @@ impl fmt::Display for Upstream {
 pub struct Config {
     /// Where to listen.
     pub listen: SocketAddr,
+    /// Where our own endpoints listen, when not on `listen`: that port then serves provider
+    /// routes and `/healthz` only.
+    pub admin_listen: Option<SocketAddr>,
+    /// Longest a request head may take from its first byte (and a request body may stall).
+    pub header_timeout: Duration,
+    /// Longest a client connection stays open with no request in flight.
+    pub keepalive_timeout: Duration,
+    /// Most client connections at once; `None` derives it from the file-descriptor limit.
+    pub max_connections: Option<usize>,
+    /// Keys tracked one by one in memory; past it, new keys count into one `other` entry.
+    pub max_tracked_keys: usize,
+    /// Models tracked one by one under each key; past it, new models count into `other`.
+    pub max_models_per_key: usize,
     /// Where `/v1/*` is forwarded (the first route's upstream).
     pub upstream: Upstream,
     /// Every mounted upstream: `openai` at `/v1`, `anthropic` at `/anthropic/v1`, then the declared ones.
@@ -446,6 +480,29 @@ impl Config {
             DEFAULT_LISTEN,
         );
         let listen = parse_listen(listen).map_err(|reason| invalid("listen", &from, reason))?;
+        let admin_listen = match (
+            flags.admin_listen.as_deref(),
+            env.get(env::ADMIN_LISTEN),
+            file.admin_listen.as_deref(),
+        ) {
+            (Some(v), _, _) => Some((v, "command-line flag".to_owned())),
+            (None, Some(v), _) => Some((
+                v.as_str(),
+                format!("environment variable {}", env::ADMIN_LISTEN),
+            )),
+            (None, None, Some(v)) => Some((v, name.clone())),
+            (None, None, None) => None,
+        };
+        let admin_listen = match admin_listen {
+            Some((value, from)) => {
+                let addr = parse_listen(value).map_err(|r| invalid("admin_listen", &from, r))?;
+                if addr == listen && addr.port() != 0 {
+                    return Err(invalid("admin_listen", &from, "must differ from `listen`"));
+                }
+                Some(addr)
+            }
+            None => None,
+        };
 
         let (upstream, from) = layer.pick(
             flags.upstream.as_deref(),
@@ -520,6 +577,35 @@ impl Config {
             duration("response_timeout", file.response_timeout.as_deref(), "10m")?;
         let idle_timeout = duration("idle_timeout", file.idle_timeout.as_deref(), "5m")?;
         let shutdown_grace = duration("shutdown_grace", file.shutdown_grace.as_deref(), "30s")?;
+        let header_timeout = duration(
+            "header_timeout",
+            file.header_timeout.as_deref(),
+            DEFAULT_HEADER_TIMEOUT,
+        )?;
+        let keepalive_timeout = duration(
+            "keepalive_timeout",
+            file.keepalive_timeout.as_deref(),
+            DEFAULT_KEEPALIVE_TIMEOUT,
+        )?;
+        let at_least_one = |field: &str, value: Option<usize>, default: usize| match value {
+            Some(0) => Err(invalid(field, &name, "must be at least 1")),
+            Some(n) => Ok(n),
+            None => Ok(default),
+        };
+        let max_connections = file
+            .max_connections
+            .map(|n| at_least_one("max_connections", Some(n), n))
+            .transpose()?;
+        let max_tracked_keys = at_least_one(
+            "max_tracked_keys",
+            file.max_tracked_keys,
+            DEFAULT_MAX_TRACKED_KEYS,
+        )?;
+        let max_models_per_key = at_least_one(
+            "max_models_per_key",
+            file.max_models_per_key,
+            DEFAULT_MAX_MODELS_PER_KEY,
+        )?;
 
         let mut prices = PriceTable::builtin();
         for (model, entry) in file.pricing {
@@ -617,6 +703,12 @@ impl Config {
         Ok(Self {
             guard,
             listen,
+            admin_listen,
+            header_timeout,
+            keepalive_timeout,
+            max_connections,
+            max_tracked_keys,
+            max_models_per_key,
             upstream,
             routes,
             on_client_disconnect,

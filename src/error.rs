@@ -15,6 +15,20 @@ pub enum ProxyError {
     /// The client's body could not be read (it went away or sent bad framing).
     #[error("could not read the request body: {0}")]
     ClientBody(String),
+    /// The request's path has no canonical form we accept.
+    #[error("invalid path: {0}")]
+    BadPath(#[from] crate::path::PathError),
+    /// The request has no `Host` header, or more than one.
+    #[error("invalid request: {0}")]
+    BadHost(&'static str),
+    /// A change to our own state asked by a peer that is not on loopback, with no admin token set.
+    #[error(
+        "changes are taken from loopback only while no admin token is set (admin_token, or LLM_METER_ADMIN_TOKEN)"
+    )]
+    NotLoopback,
+    /// The client stopped sending its request body for longer than `header_timeout`.
+    #[error("the request body stalled for longer than {0}")]
+    BodyStalled(String),
     /// A query parameter of our own endpoints is invalid.
     #[error("{0}")]
     BadQuery(String),
@@ -74,6 +88,26 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "bad_request_body",
+            ),
+            Self::BadPath(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_path",
+            ),
+            Self::BadHost(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_host",
+            ),
+            Self::NotLoopback => (
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                "loopback_only",
+            ),
+            Self::BodyStalled(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "request_body_timeout",
             ),
             Self::BadQuery(_) => (
                 StatusCode::BAD_REQUEST,

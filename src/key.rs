@@ -11,6 +11,11 @@ const KEY_HEADERS: [&str; 3] = ["x-api-key", "api-key", "x-goog-api-key"];
 
 /// Id and label of callers that sent no key at all.
 pub const ANONYMOUS: &str = "anonymous";
+/// Id and label under which requests the upstream refused (401, 403) are counted: a key the
+/// provider does not know is not worth an entry of its own, and random keys must not grow memory.
+pub const UNAUTHENTICATED: &str = "unauthenticated";
+/// Id and label of the entry that counts the keys past `max_tracked_keys`.
+pub const OTHER_KEYS: &str = "other";
 
 /// Hex digits of the SHA-256 kept as the stable id: 64 bits, collision-free for any realistic key count.
 const ID_HEX_LEN: usize = 16;
@@ -30,6 +35,22 @@ impl Identity {
         Self {
             id: ANONYMOUS.to_owned(),
             label: ANONYMOUS.to_owned(),
+        }
+    }
+
+    /// The identity requests the upstream refused with 401 or 403 are counted under.
+    pub fn unauthenticated() -> Self {
+        Self {
+            id: UNAUTHENTICATED.to_owned(),
+            label: UNAUTHENTICATED.to_owned(),
+        }
+    }
+
+    /// The identity of the entry that counts the keys past the tracked bound.
+    pub fn other_keys() -> Self {
+        Self {
+            id: OTHER_KEYS.to_owned(),
+            label: OTHER_KEYS.to_owned(),
         }
     }
 

@@ -36,8 +36,10 @@ pub mod json;
 pub mod key;
 pub mod logs;
 pub mod meter;
+pub mod path;
 pub mod proxy;
 pub mod server;
+pub mod tasks;
 pub mod usage;
 
 pub use app::AppState;

@@ -75,6 +75,8 @@ fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Every client connection holds a descriptor, and most an upstream one too.
+    let descriptors = llm_meter::server::limits::raise_descriptor_limit();
     runtime.block_on(async move {
         let listener = match tokio::net::TcpListener::bind(config.listen).await {
             Ok(listener) => listener,
@@ -83,13 +85,31 @@ fn serve(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let admin = match config.admin_listen {
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => Some(listener),
+                Err(err) => {
+                    eprintln!("llm-meter: cannot listen on {addr} (admin_listen): {err}");
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => None,
+        };
         let addr = listener.local_addr().unwrap_or(config.listen);
+        let own = match admin.as_ref().and_then(|l| l.local_addr().ok()) {
+            Some(admin) => format!(", own endpoints on http://{admin}"),
+            None => String::new(),
+        };
         let routes: Vec<String> = config
             .routes
             .iter()
             .map(|r| format!("{} to {}", r.prefix, r.upstream))
             .collect();
         let routes = routes.join(", ");
+        warn_if_exposed(&config);
+        let max_connections = config
+            .max_connections
+            .unwrap_or_else(|| llm_meter::server::limits::default_max_connections(descriptors));
         let state = match AppState::new(config) {
             Ok(state) => state,
             Err(err) => {
@@ -101,10 +121,18 @@ fn serve(config: Config) -> ExitCode {
             || "not persisted (--no-persist)".to_owned(),
             |l| format!("ledger {}", l.path().display()),
         );
-        println!("llm-meter listening on http://{addr}, forwarding {routes}; {ledger}");
+        println!("llm-meter listening on http://{addr}{own}, forwarding {routes}; {ledger}");
+        tracing::info!(max_connections, "accepting connections");
         let meter = std::sync::Arc::clone(&state.meter);
-        let served = llm_meter::run(listener, state, shutdown_signal()).await;
-        // Whatever happened, write out what was recorded.
+        let listeners = llm_meter::server::Listeners {
+            main: listener,
+            admin,
+            peer_as: None,
+        };
+        let served = llm_meter::server::run_with(listeners, state, shutdown_signal()).await;
+        // Estimates still running count what is left by its bytes; then whatever happened,
+        // write out what was recorded.
+        llm_meter::usage::estimate::hurry();
         meter.close();
         if let Err(err) = served {
             eprintln!("llm-meter: server error: {err}");
@@ -116,6 +144,18 @@ fn serve(config: Config) -> ExitCode {
         );
         ExitCode::SUCCESS
     })
+}
+
+/// Warns when our own endpoints are reachable off this machine without an admin token: anyone
+/// who reaches the port can read who spends what.
+fn warn_if_exposed(config: &Config) {
+    let own = config.admin_listen.unwrap_or(config.listen);
+    if config.admin_token.is_none() && !own.ip().is_loopback() {
+        tracing::warn!(
+            listen = %own,
+            "llm-meter's own endpoints (/stats, /usage, /export, /alerts) are reachable off this machine and no admin token is set: anyone who reaches the port can read them; changes are taken from loopback only (set LLM_METER_ADMIN_TOKEN, or admin_listen = \"127.0.0.1:9090\")"
+        );
+    }
 }
 
 /// Prints a command's output, or its error on stderr with exit code 1.

@@ -6,22 +6,26 @@ pub mod report;
 pub mod stats;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
-use http::{HeaderMap, header};
+use http::{HeaderMap, Method, header};
 use serde::Deserialize;
 
 use crate::app::AppState;
 use crate::error::ProxyError;
 
-/// `?format=&since=&until=` of `/stats`.
+/// `?format=&since=&until=&limit=&key=` of `/stats`.
 #[derive(Debug, Deserialize)]
 pub struct StatsQuery {
     format: Option<String>,
+    /// Shows only the N most expensive keys (the totals still count every key).
+    limit: Option<String>,
+    /// Shows only the key with this id or label.
+    key: Option<String>,
     #[serde(flatten)]
     range: history::RangeQuery,
 }
@@ -32,7 +36,14 @@ pub async fn show(State(state): State<AppState>, Query(query): Query<StatsQuery>
     if !matches!(query.format.as_deref(), None | Some("json" | "text")) {
         return ProxyError::BadQuery("format must be json or text".into()).into_response();
     }
-    let (snapshot, until, ledger) = if query.range.is_given() {
+    let limit = match query.limit.as_deref().map(str::parse::<usize>) {
+        None => None,
+        Some(Ok(limit)) => Some(limit),
+        Some(Err(_)) => {
+            return ProxyError::BadQuery("limit must be a whole number".into()).into_response();
+        }
+    };
+    let (mut snapshot, until, ledger) = if query.range.is_given() {
         let range = match query.range.parse() {
             Ok(range) => range,
             Err(err) => return err.into_response(),
@@ -52,11 +63,21 @@ pub async fn show(State(state): State<AppState>, Query(query): Query<StatsQuery>
             state.meter.ledger().map(|l| l.health()),
         )
     };
+    let keys_total = snapshot.keys.len();
+    if let Some(key) = &query.key {
+        snapshot
+            .keys
+            .retain(|k| k.identity.id == *key || k.identity.label == *key);
+    }
+    if let Some(limit) = limit {
+        snapshot.keys.truncate(limit);
+    }
     // Budgets are about now: shown with the live totals, not with a history range.
     let budgets = until.is_none().then(|| state.guard.view());
     match query.format.as_deref() {
         None | Some("json") => Json(
             stats::StatsView::new(&snapshot)
+                .keys_total(keys_total)
                 .until(until)
                 .ledger(ledger.as_ref())
                 .budgets(budgets.as_ref()),
@@ -71,35 +92,54 @@ pub async fn show(State(state): State<AppState>, Query(query): Query<StatsQuery>
     }
 }
 
-/// Checks the admin token when one is configured; `required` refuses the call when none is.
-pub fn require_admin(
+/// The path of the health check, open to every peer on every listener.
+pub const HEALTHZ: &str = "/healthz";
+
+/// Who may call our own endpoints: with an admin token set, every one but `/healthz` needs it
+/// (reads included: the meter shows who spends what); without one, reads are open and changes
+/// are taken from loopback peers only. One rule for every endpoint, those added later too.
+pub fn access(
     state: &AppState,
+    method: &Method,
+    path: &str,
     headers: &HeaderMap,
-    required: bool,
+    peer: SocketAddr,
 ) -> Result<(), ProxyError> {
-    let Some(token) = &state.config.admin_token else {
-        return if required {
-            Err(ProxyError::NoAdminToken)
-        } else {
+    if path == HEALTHZ {
+        return Ok(());
+    }
+    if let Some(token) = &state.config.admin_token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        return if given.is_some_and(|g| constant_time_eq(g, token.expose().as_bytes())) {
             Ok(())
+        } else {
+            tracing::warn!(%peer, path, "refused a call: missing or wrong admin token");
+            Err(ProxyError::Unauthorized)
         };
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
-    if given.is_some_and(|g| constant_time_eq(g, token.expose().as_bytes())) {
+    }
+    let is_read = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
+    if is_read || is_loopback(peer) {
         Ok(())
     } else {
-        tracing::warn!("refused an admin call: missing or wrong admin token");
-        Err(ProxyError::Unauthorized)
+        tracing::warn!(%peer, path, "refused a change from a peer off loopback: no admin token is set");
+        Err(ProxyError::NotLoopback)
+    }
+}
+
+/// True for 127.0.0.0/8 and ::1, IPv4-mapped ones included.
+pub fn is_loopback(peer: SocketAddr) -> bool {
+    match peer.ip() {
+        IpAddr::V4(ip) => ip.is_loopback(),
+        IpAddr::V6(ip) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 
 /// `POST /stats/reset`: zeroes the totals and answers with those of the period it closed.
-pub async fn reset(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(err) = require_admin(&state, &headers, false) {
-        return err.into_response();
-    }
+pub async fn reset(State(state): State<AppState>) -> Response {
     let closed = state.meter.reset();
     tracing::info!(
         requests = closed.totals.requests,
@@ -149,6 +189,23 @@ pub fn probe_health(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_peers_are_the_v4_and_v6_loopback_ranges_only() {
+        for (peer, expected) in [
+            ("127.0.0.1:1", true),
+            ("127.8.9.10:1", true),
+            ("[::1]:1", true),
+            ("[::ffff:127.0.0.1]:1", true),
+            ("10.0.0.2:1", false),
+            ("172.17.0.1:1", false),
+            ("[::ffff:10.0.0.2]:1", false),
+            ("[fe80::1]:1", false),
+            ("0.0.0.0:1", false),
+        ] {
+            assert_eq!(is_loopback(peer.parse().unwrap()), expected, "{peer}");
+        }
+    }
 
     #[test]
     fn secrets_compare_exactly() {

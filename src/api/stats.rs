@@ -89,6 +89,8 @@ pub struct StatsView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     until: Option<String>,
     totals: CountsView,
+    /// Keys in the totals; `keys` lists fewer when `?limit=` or `?key=` asked for fewer.
+    keys_total: usize,
     keys: Vec<KeyView<'a>>,
     /// The budget of all keys together, when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -101,6 +103,12 @@ pub struct StatsView<'a> {
 }
 
 impl<'a> StatsView<'a> {
+    /// Says how many keys the totals count, when `keys` lists only some.
+    pub fn keys_total(mut self, keys_total: usize) -> Self {
+        self.keys_total = keys_total;
+        self
+    }
+
     /// Builds the JSON view of a snapshot.
     pub fn new(snapshot: &'a Snapshot) -> Self {
         Self {
@@ -109,6 +117,7 @@ impl<'a> StatsView<'a> {
             ledger: None,
             budget: None,
             totals: CountsView::from(&snapshot.totals),
+            keys_total: snapshot.keys.len(),
             by_upstream: snapshot
                 .upstreams
                 .iter()

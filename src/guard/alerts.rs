@@ -12,6 +12,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::proxy::upstream::HttpClient;
+use crate::tasks::Tasks;
 
 /// Alerts kept for `/alerts`, newest first.
 const RECENT: usize = 200;
@@ -83,14 +84,22 @@ impl Alerts {
         }
     }
 
-    /// Alerts that are also POSTed to `url` by a task started on the current runtime (when
-    /// there is none, as in a command that serves nothing, the webhook is off).
-    pub fn with_webhook(url: Uri, client: HttpClient) -> Self {
+    /// Alerts that are also POSTed to `url` by a task that `tasks` owns, on the current runtime
+    /// (when there is none, as in a command that serves nothing, the webhook is off). At
+    /// shutdown the task delivers what is queued, within the grace period.
+    pub fn with_webhook(url: Uri, client: HttpClient, tasks: &Tasks) -> Self {
         let (tx, rx) = mpsc::channel(WEBHOOK_QUEUE);
-        let webhook = tokio::runtime::Handle::try_current().ok().map(|runtime| {
-            runtime.spawn(deliver(url, client, rx));
-            tx
-        });
+        let owned = tasks.clone();
+        let webhook = tasks
+            .spawn(async move {
+                tokio::select! {
+                    () = deliver(url, client, rx, &owned) => {}
+                    () = owned.stopping() => {
+                        tracing::warn!("grace period over: queued alerts not delivered");
+                    }
+                }
+            })
+            .then_some(tx);
         Self {
             recent: Mutex::new(VecDeque::new()),
             webhook,
@@ -129,9 +138,16 @@ impl Default for Alerts {
     }
 }
 
-/// Posts each alert to the webhook, in order, retrying with backoff.
-async fn deliver(url: Uri, client: HttpClient, mut alerts: mpsc::Receiver<Alert>) {
-    while let Some(alert) = alerts.recv().await {
+/// Posts each alert to the webhook, in order, retrying with backoff; once shutdown begins,
+/// posts what is queued and ends.
+async fn deliver(url: Uri, client: HttpClient, mut alerts: mpsc::Receiver<Alert>, tasks: &Tasks) {
+    loop {
+        let alert = tokio::select! {
+            biased;
+            alert = alerts.recv() => alert,
+            () = tasks.closing() => alerts.try_recv().ok(),
+        };
+        let Some(alert) = alert else { return };
         let Ok(body) = serde_json::to_vec(&alert) else {
             continue;
         };

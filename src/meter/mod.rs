@@ -277,16 +277,30 @@ impl Meter {
         }
     }
 
-    /// An in-memory meter.
+    /// An in-memory meter with the default bounds.
     pub fn in_memory(prices: PriceTable) -> Self {
-        Self::new(Box::new(memory::MemoryStore::new()), prices)
+        Self::in_memory_within(prices, memory::Bounds::default())
     }
 
-    /// An in-memory meter that also writes every request to the ledger, its totals restored
-    /// from the ledger's current period.
+    /// An in-memory meter tracking at most `bounds` keys and models one by one.
+    pub fn in_memory_within(prices: PriceTable, bounds: memory::Bounds) -> Self {
+        Self::new(Box::new(memory::MemoryStore::with_bounds(bounds)), prices)
+    }
+
+    /// An in-memory meter (default bounds) that also writes every request to the ledger.
     pub fn persistent(prices: PriceTable, options: &ledger::Options) -> Result<Self, LedgerError> {
+        Self::persistent_within(prices, options, memory::Bounds::default())
+    }
+
+    /// An in-memory meter within `bounds` that also writes every request to the ledger, its
+    /// totals restored from the ledger's current period.
+    pub fn persistent_within(
+        prices: PriceTable,
+        options: &ledger::Options,
+        bounds: memory::Bounds,
+    ) -> Result<Self, LedgerError> {
         let (ledger, restored) = Ledger::open(options)?;
-        let store = memory::MemoryStore::new();
+        let store = memory::MemoryStore::with_bounds(bounds);
         store.restore(restored);
         let mut meter = Self::new(Box::new(store), prices);
         meter.ledger = Some(ledger);
@@ -366,6 +380,10 @@ impl Meter {
 
     fn warn_unpriced(&self, model: &str) {
         let mut warned = self.warned_unpriced.lock();
+        // Model names come from clients: the set of those warned about is bounded too.
+        if warned.len() >= RESOLVED_CAP {
+            return;
+        }
         if !warned.contains(model) {
             warned.insert(model.to_owned());
             drop(warned);

@@ -7,6 +7,9 @@ pub mod route;
 pub mod tap;
 pub mod upstream;
 
+/// Canonical paths, decided on before a request reaches a route.
+pub use crate::path;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -41,6 +44,27 @@ pub struct UpstreamState {
     stream_options: AtomicU8,
     /// Its connections, a pool per worker.
     pools: Pools,
+    /// The shapes of unusable usage it has sent, each warned about once.
+    warned: Arc<Warned>,
+}
+
+/// (field, problem) pairs already warned about for one upstream: a bounded set, since both are
+/// static strings of the extractors.
+pub type Warned = parking_lot::Mutex<std::collections::HashSet<(&'static str, &'static str)>>;
+
+/// Longest model name kept in records and logs: a client may name any model it likes.
+pub const MAX_MODEL_LEN: usize = 256;
+
+/// `model`, cut to `MAX_MODEL_LEN` bytes at a character boundary.
+fn capped_model(mut model: String) -> String {
+    if model.len() > MAX_MODEL_LEN {
+        let mut end = MAX_MODEL_LEN;
+        while !model.is_char_boundary(end) {
+            end -= 1;
+        }
+        model.truncate(end);
+    }
+    model
 }
 
 const STREAM_OPTIONS_UNKNOWN: u8 = 0;
@@ -54,6 +78,7 @@ impl UpstreamState {
             name: Arc::from(route.name.as_str()),
             stream_options: AtomicU8::new(STREAM_OPTIONS_UNKNOWN),
             pools: Pools::new(&route.upstream, connector, workers),
+            warned: Arc::default(),
         }
     }
 
@@ -83,6 +108,8 @@ pub struct Exchange {
     key: Option<KeyRef>,
     identity: Identity,
     upstream: Arc<str>,
+    /// What the upstream's unusable usage shapes have been warned about.
+    warned: Arc<Warned>,
     flavor: Option<Flavor>,
     method: Method,
     path: String,
@@ -225,15 +252,22 @@ impl Exchange {
         if std::mem::replace(&mut self.is_done, true) {
             return;
         }
-        let key_id = self.identity.id.as_str();
         for warning in &extracted.warnings {
-            tracing::warn!(
-                key_id,
-                field = warning.field,
-                problem = warning.problem,
-                "ignored a usage field"
-            );
+            if self.warned.lock().insert((warning.field, warning.problem)) {
+                tracing::warn!(
+                    key_id = self.identity.id,
+                    upstream = &*self.upstream,
+                    field = warning.field,
+                    problem = warning.problem,
+                    "ignored a usage field (warned once per upstream and shape)"
+                );
+            }
         }
+        // The provider did not know the key: not worth an entry of its own (bounded memory).
+        if matches!(self.status.as_u16(), 401 | 403) && self.key.is_none() {
+            self.identity = Identity::unauthenticated();
+        }
+        let key_id = self.identity.id.as_str();
         let is_error = outcome == Outcome::UpstreamFailed
             || !(self.status.is_success() || self.status.as_u16() == CLIENT_CLOSED);
         let is_whole = outcome == Outcome::Complete;
@@ -248,11 +282,13 @@ impl Exchange {
             tracing::info!(method = %self.method, path = self.path, status = self.status.as_u16(), key_id, upstream = &*self.upstream, upstream_ms, duration_ms, outcome, error = self.error, "request");
             return;
         };
-        let model = extracted
-            .model
-            .take()
-            .or_else(|| self.request_model.take())
-            .unwrap_or_else(|| UNKNOWN_MODEL.to_owned());
+        let model = capped_model(
+            extracted
+                .model
+                .take()
+                .or_else(|| self.request_model.take())
+                .unwrap_or_else(|| UNKNOWN_MODEL.to_owned()),
+        );
         let needs_estimate = self.status.is_success()
             && (extracted.usage.is_none() || extracted.is_output_provisional);
         let mut finished = Finished {
@@ -355,6 +391,7 @@ pub async fn forward(state: AppState, upstream: usize, request: Request) -> Resp
         key,
         identity,
         upstream: Arc::clone(&runtime.name),
+        warned: Arc::clone(&runtime.warned),
         flavor,
         method: parts.method.clone(),
         path: key::redact_path(&parts.uri),
@@ -370,7 +407,7 @@ pub async fn forward(state: AppState, upstream: usize, request: Request) -> Resp
     match send(&state, route, runtime, parts, body, &mut exchange).await {
         Ok(Answer::Tapped(parts, incoming, extraction)) => {
             exchange.status = parts.status;
-            let tap = Tap::new(incoming, extraction, exchange, &state.config);
+            let tap = Tap::new(incoming, extraction, exchange, &state.config, &state.tasks);
             Response::from_parts(parts, Body::new(tap))
         }
         Ok(Answer::Whole(response)) => {
@@ -473,7 +510,7 @@ async fn send(
                 header::ACCEPT_ENCODING,
                 HeaderValue::from_static("identity"),
             );
-            let bytes = read_body(body, limit).await?;
+            let bytes = read_body(body, limit, config.header_timeout).await?;
             exchange.request_body = Some(bytes.clone());
             let asks_usage =
                 flavor.needs_stream_usage_asked() && runtime.injects(route.inject_stream_usage);
@@ -606,13 +643,39 @@ async fn read_rejection(body: Incoming, timeout: Duration) -> Bytes {
     }
 }
 
-/// Reads a body that must be inspected whole, refusing it past the limit.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ProxyError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
-        Err(err) => Err(ProxyError::ClientBody(err.to_string())),
+/// Reads a body that must be inspected whole, refusing it past the limit, or when the client
+/// goes silent for longer than `stall` in the middle of it.
+async fn read_body(body: Body, limit: usize, stall: Duration) -> Result<Bytes, ProxyError> {
+    let mut body = Limited::new(body, limit);
+    let mut chunks = Vec::new();
+    let mut len = 0;
+    loop {
+        let frame = tokio::time::timeout(stall, body.frame())
+            .await
+            .map_err(|_| ProxyError::BodyStalled(humantime::format_duration(stall).to_string()))?;
+        match frame {
+            None => break,
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    len += data.len();
+                    chunks.push(data);
+                }
+            }
+            Some(Err(err)) if err.is::<LengthLimitError>() => {
+                return Err(ProxyError::BodyTooLarge { limit });
+            }
+            Some(Err(err)) => return Err(ProxyError::ClientBody(err.to_string())),
+        }
     }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => {
+            let mut whole = Vec::with_capacity(len);
+            chunks.iter().for_each(|c| whole.extend_from_slice(c));
+            Bytes::from(whole)
+        }
+    })
 }
 
 fn is_event_stream(headers: &http::HeaderMap) -> bool {

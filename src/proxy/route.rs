@@ -30,32 +30,40 @@ impl Metered<'_> {
 ///
 /// `rest` is the path after the upstream's prefix (`/chat/completions`, `/messages`).
 pub fn classify<'a>(api: ApiFlavor, method: &Method, rest: &'a str) -> Option<Metered<'a>> {
-    if method != Method::POST {
+    // A server that folds method case would take `post` as POST.
+    if !method.as_str().eq_ignore_ascii_case("POST") {
         return None;
     }
+    // `rest` is canonical (see `path`); case is ignored, as servers that fold it would.
     let rest = rest.trim_end_matches('/');
+    let is = |route: &str| rest.eq_ignore_ascii_case(route);
     match api {
-        ApiFlavor::OpenAi => match rest {
-            "/chat/completions" => Some(Metered::body(Flavor::OpenAiChat)),
-            "/completions" => Some(Metered::body(Flavor::OpenAiCompletions)),
-            "/embeddings" => Some(Metered::body(Flavor::OpenAiEmbeddings)),
-            "/responses" => Some(Metered::body(Flavor::OpenAiResponses)),
-            _ => None,
-        },
-        // `/messages/count_tokens` and `/messages/batches` report no usage of their own.
-        ApiFlavor::Anthropic => {
-            (rest == "/messages").then(|| Metered::body(Flavor::AnthropicMessages))
+        ApiFlavor::OpenAi => {
+            if is("/chat/completions") {
+                Some(Metered::body(Flavor::OpenAiChat))
+            } else if is("/completions") {
+                Some(Metered::body(Flavor::OpenAiCompletions))
+            } else if is("/embeddings") {
+                Some(Metered::body(Flavor::OpenAiEmbeddings))
+            } else if is("/responses") {
+                Some(Metered::body(Flavor::OpenAiResponses))
+            } else {
+                None
+            }
         }
+        // `/messages/count_tokens` and `/messages/batches` report no usage of their own.
+        ApiFlavor::Anthropic => is("/messages").then(|| Metered::body(Flavor::AnthropicMessages)),
         ApiFlavor::Gemini => {
             let (model_path, method) = rest.rsplit_once(':')?;
-            let is_stream_path = match method {
-                "generateContent" => false,
-                "streamGenerateContent" => true,
-                _ => return None,
+            let is_stream_path = if method.eq_ignore_ascii_case("generateContent") {
+                false
+            } else if method.eq_ignore_ascii_case("streamGenerateContent") {
+                true
+            } else {
+                return None;
             };
-            let model = model_path
-                .strip_prefix("/models/")
-                .or_else(|| model_path.strip_prefix("/tunedModels/"))
+            let model = strip_prefix_ignoring_case(model_path, "/models/")
+                .or_else(|| strip_prefix_ignoring_case(model_path, "/tunedModels/"))
                 .filter(|m| !m.is_empty() && !m.contains('/'))?;
             Some(Metered {
                 flavor: Flavor::Gemini,
@@ -64,6 +72,12 @@ pub fn classify<'a>(api: ApiFlavor, method: &Method, rest: &'a str) -> Option<Me
             })
         }
     }
+}
+
+fn strip_prefix_ignoring_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = text.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &text[prefix.len()..])
 }
 
 #[cfg(test)]
@@ -105,6 +119,10 @@ mod tests {
         );
         assert_eq!(
             flavor(openai, &Method::POST, "/chat/completions/"),
+            Some(Flavor::OpenAiChat)
+        );
+        assert_eq!(
+            flavor(openai, &Method::POST, "/Chat/COMPLETIONS"),
             Some(Flavor::OpenAiChat)
         );
         assert_eq!(flavor(openai, &Method::GET, "/chat/completions"), None);

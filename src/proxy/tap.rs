@@ -17,6 +17,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::Exchange;
 use crate::config::{Config, DRAIN_MAX_BYTES, OnClientDisconnect};
+use crate::tasks::Tasks;
 use crate::usage::estimate::{KEEP_CAP, Raw};
 use crate::usage::{Extracted, Flavor, StreamUsage, openai_chat, sse};
 
@@ -167,7 +168,8 @@ pub struct Tap {
     failure: Option<BoxError>,
     trailers: Option<Frame<Bytes>>,
     idle_timeout: Duration,
-    on_client_disconnect: OnClientDisconnect,
+    /// Who owns a drain, when streams whose client left are drained.
+    drains: Option<Tasks>,
     drain_timeout: Duration,
     last_activity: Instant,
     /// Armed lazily and re-armed only when it fires, so a busy stream costs no timer work per chunk.
@@ -189,6 +191,7 @@ impl Tap {
         extraction: Extraction,
         exchange: Exchange,
         config: &Config,
+        tasks: &Tasks,
     ) -> Self {
         Self {
             inner: Some(inner),
@@ -202,7 +205,8 @@ impl Tap {
             failure: None,
             trailers: None,
             idle_timeout: config.idle_timeout,
-            on_client_disconnect: config.on_client_disconnect,
+            drains: (config.on_client_disconnect == OnClientDisconnect::Drain)
+                .then(|| tasks.clone()),
             drain_timeout: config.drain_timeout,
             last_activity: Instant::now(),
             idle: None,
@@ -481,14 +485,18 @@ impl Drop for Tap {
             self.finish(Outcome::Complete);
             return;
         }
-        let drains = self.on_client_disconnect == OnClientDisconnect::Drain
-            && !matches!(self.extraction, Extraction::None)
-            && self.exchange.is_some();
-        if drains && let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let drains = !matches!(self.extraction, Extraction::None) && self.exchange.is_some();
+        if let Some(tasks) = self.drains.take().filter(|_| drains)
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
             let parts = (self.exchange.take(), self.inner.take());
             if let (Some(exchange), Some(inner)) = parts {
                 let extraction = std::mem::replace(&mut self.extraction, Extraction::None);
-                runtime.spawn(drain(inner, extraction, exchange, self.drain_timeout));
+                let timeout = self.drain_timeout;
+                let owner = tasks.clone();
+                tasks.spawn(async move {
+                    drain(inner, extraction, exchange, timeout, &owner).await;
+                });
                 return;
             }
         }
@@ -504,6 +512,7 @@ async fn drain(
     mut extraction: Extraction,
     mut exchange: Exchange,
     timeout: Duration,
+    tasks: &Tasks,
 ) {
     use http_body_util::BodyExt as _;
     let mut read = 0;
@@ -526,9 +535,11 @@ async fn drain(
         }
         Outcome::ClientGone
     };
-    let outcome = tokio::time::timeout(timeout, reading)
-        .await
-        .unwrap_or(Outcome::ClientGone);
+    // At the end of the shutdown's grace period, what was read is recorded.
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout(timeout, reading) => outcome.unwrap_or(Outcome::ClientGone),
+        () = tasks.stopping() => Outcome::ClientGone,
+    };
     let (extracted, raw) = extraction.finish();
     exchange.complete(extracted, raw, outcome);
 }

@@ -6,11 +6,15 @@
 //! response carried no usage: the JSON here is parsed whole, which the hot path never does.
 
 use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
+use serde::Deserialize;
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
-use super::tokenizer::{Bpe, Encoding};
+use super::tokenizer::{Bpe, EXACT_CAP, Encoding};
 use super::{Flavor, Usage, sse};
 
 /// Tokens OpenAI's chat format adds around every message (role and separators).
@@ -65,9 +69,26 @@ fn loaded(encoding: Encoding) -> Option<Bpe> {
         .ok()
 }
 
-/// Tokens of one text in the model's encoding.
+/// Set at the end of a shutdown's grace period: estimates still running count what is left
+/// by its bytes, so the shutdown never waits on one.
+static HURRY: AtomicBool = AtomicBool::new(false);
+
+/// Makes every estimate in progress, and every later one, finish by byte counts.
+pub fn hurry() {
+    HURRY.store(true, Ordering::Relaxed);
+}
+
+/// Tokens of one text in the model's encoding (see `tokenizer` for the bounds on its work).
 pub fn count(model: &str, text: &str) -> u64 {
-    bpe(encoding_for(model)).map_or(0, |bpe| bpe.count(text))
+    count_texts(model, &Texts::of(text))
+}
+
+fn count_texts(model: &str, texts: &Texts) -> u64 {
+    let stop = || HURRY.load(Ordering::Relaxed);
+    bpe(encoding_for(model)).map_or_else(
+        || (texts.text.len() as u64 + texts.beyond).div_ceil(4),
+        |bpe| bpe.count_until(&texts.text, texts.beyond, &stop),
+    ) + texts.numbers
 }
 
 /// An estimate of the usage of one exchange: prompt from the request, output from the response.
@@ -92,62 +113,66 @@ pub fn estimate(flavor: Flavor, model: &str, request: Option<&[u8]>, raw: Option
     }
 }
 
+/// The top-level fields of a request that hold its prompt, borrowed, never built: a request may
+/// be tens of megabytes, and its text is walked once, with no tree of it in memory.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Request<'a> {
+    #[serde(borrow)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow)]
+    input: Option<&'a RawValue>,
+    #[serde(borrow)]
+    instructions: Option<&'a RawValue>,
+    #[serde(borrow)]
+    system: Option<&'a RawValue>,
+    #[serde(borrow)]
+    tools: Option<&'a RawValue>,
+    #[serde(borrow, rename = "systemInstruction")]
+    system_instruction: Option<&'a RawValue>,
+    #[serde(borrow, rename = "system_instruction")]
+    system_instruction_snake: Option<&'a RawValue>,
+    #[serde(borrow)]
+    contents: Option<&'a RawValue>,
+}
+
 /// Prompt tokens of a request body, per flavor.
 pub fn prompt_tokens(flavor: Flavor, model: &str, body: &[u8]) -> u64 {
-    let Ok(request) = serde_json::from_slice::<Value>(body) else {
+    let Ok(request) = serde_json::from_slice::<Request<'_>>(body) else {
         return 0;
     };
-    let mut text = String::new();
+    let mut texts = Texts::default();
     let mut overhead = 0;
-    match flavor {
+    let fields = match flavor {
         Flavor::OpenAiChat => {
-            if let Some(messages) = request.get("messages").and_then(Value::as_array) {
-                for message in messages {
-                    collect_prompt(message, &mut text);
-                    overhead += TOKENS_PER_MESSAGE;
-                }
-                overhead += TOKENS_PER_REPLY;
+            if let Some(messages) = request.messages {
+                let items = texts.walk(messages, Select::Prompt);
+                overhead += items * TOKENS_PER_MESSAGE + TOKENS_PER_REPLY;
             }
+            [None; 3]
         }
-        Flavor::OpenAiCompletions => {
-            request
-                .get("prompt")
-                .inspect(|p| collect_prompt(p, &mut text));
-        }
+        Flavor::OpenAiCompletions => [request.prompt, None, None],
         Flavor::OpenAiEmbeddings => {
             // Inputs given as token ids are counted as they are.
-            match request.get("input") {
-                Some(Value::Array(items)) if items.iter().all(Value::is_number) => {
-                    overhead += items.len() as u64;
-                }
-                Some(Value::Array(items)) if items.iter().all(Value::is_array) => {
-                    overhead += items
-                        .iter()
-                        .filter_map(Value::as_array)
-                        .map(|ids| ids.len() as u64)
-                        .sum::<u64>();
-                }
-                Some(input) => collect_prompt(input, &mut text),
-                None => {}
+            if let Some(input) = request.input {
+                texts.walk(input, Select::PromptAndIds);
             }
+            [None; 3]
         }
-        Flavor::OpenAiResponses => {
-            for field in ["instructions", "input"] {
-                request.get(field).inspect(|v| collect_prompt(v, &mut text));
-            }
-        }
-        Flavor::AnthropicMessages => {
-            for field in ["system", "messages", "tools"] {
-                request.get(field).inspect(|v| collect_prompt(v, &mut text));
-            }
-        }
-        Flavor::Gemini => {
-            for field in ["systemInstruction", "system_instruction", "contents"] {
-                request.get(field).inspect(|v| collect_prompt(v, &mut text));
-            }
-        }
+        Flavor::OpenAiResponses => [request.instructions, request.input, None],
+        Flavor::AnthropicMessages => [request.system, request.messages, request.tools],
+        Flavor::Gemini => [
+            request.system_instruction,
+            request.system_instruction_snake,
+            request.contents,
+        ],
+    };
+    for field in fields.into_iter().flatten() {
+        texts.walk(field, Select::Prompt);
     }
-    count(model, &text) + overhead
+    count_texts(model, &texts) + overhead
 }
 
 /// Keys whose string values are not prompt text: roles, ids, and encoded media (which a
@@ -169,22 +194,171 @@ const NOT_TEXT: [&str; 14] = [
     "cache_control",
 ];
 
-/// Appends every string in a prompt value (messages, parts, tool arguments), skipping `NOT_TEXT`.
-fn collect_prompt(value: &Value, text: &mut String) {
-    match value {
-        Value::String(s) => {
-            text.push_str(s);
-            text.push('\n');
+/// The text of a document to count: at most `EXACT_CAP` bytes kept, the bytes past them only
+/// counted, and token ids counted one each.
+#[derive(Debug, Default)]
+struct Texts {
+    text: String,
+    beyond: u64,
+    numbers: u64,
+}
+
+impl Texts {
+    fn of(text: &str) -> Self {
+        let mut texts = Self::default();
+        texts.push(text);
+        texts
+    }
+
+    fn push(&mut self, s: &str) {
+        let room = EXACT_CAP.saturating_sub(self.text.len());
+        if s.len() <= room {
+            self.text.push_str(s);
+            return;
         }
-        Value::Array(items) => items.iter().for_each(|item| collect_prompt(item, text)),
-        Value::Object(fields) => {
-            for (key, field) in fields {
-                if !NOT_TEXT.contains(&key.as_str()) {
-                    collect_prompt(field, text);
-                }
+        let mut end = room;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.text.push_str(&s[..end]);
+        self.beyond += (s.len() - end) as u64;
+    }
+
+    /// Walks one JSON value for its text; returns how many items it has if it is an array.
+    fn walk(&mut self, value: &RawValue, select: Select) -> u64 {
+        let mut items = 0;
+        let walk = Walk {
+            texts: self,
+            select,
+            depth: 0,
+            items: &mut items,
+        };
+        // A document deeper than serde_json's recursion limit keeps the text read before it.
+        let _ = walk.deserialize(&mut serde_json::Deserializer::from_str(value.get()));
+        items
+    }
+}
+
+/// Which values of a prompt are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Select {
+    /// Every string but those under `NOT_TEXT` keys.
+    Prompt,
+    /// The same, and each number as one token id.
+    PromptAndIds,
+}
+
+/// A walk over one JSON value that appends its text to `texts`, building nothing.
+struct Walk<'t> {
+    texts: &'t mut Texts,
+    select: Select,
+    depth: u32,
+    /// Items of the top-level array, if the value is one.
+    items: &'t mut u64,
+}
+
+impl Walk<'_> {
+    fn child(&mut self) -> Walk<'_> {
+        Walk {
+            texts: self.texts,
+            select: self.select,
+            depth: self.depth + 1,
+            items: self.items,
+        }
+    }
+
+    fn count_id(self) {
+        if self.select == Select::PromptAndIds {
+            self.texts.numbers += 1;
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Walk<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Walk<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<(), E> {
+        self.texts.push(s);
+        self.texts.push("\n");
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        self.count_id();
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        self.count_id();
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        self.count_id();
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(self.child())?.is_some() {
+            if self.depth == 0 {
+                *self.items += 1;
             }
         }
-        _ => {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<Key>()? {
+            if key.is_text {
+                map.next_value_seed(self.child())?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A map key, read only to tell whether its value may be text (`NOT_TEXT`), never kept.
+struct Key {
+    is_text: bool,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = Key;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E>(self, key: &str) -> Result<Key, E> {
+                Ok(Key {
+                    is_text: !NOT_TEXT.contains(&key),
+                })
+            }
+        }
+        d.deserialize_str(KeyVisitor)
     }
 }
 

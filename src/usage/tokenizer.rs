@@ -6,6 +6,14 @@
 //! `build.rs`): under 3 MB of heap for `o200k_base`, built on first use. The algorithm is
 //! tiktoken's: split the text with the encoding's pattern, then merge each piece's byte pairs
 //! lowest rank first; only the number of resulting tokens is kept.
+//!
+//! The work one count may cause is bounded, since any client can make us count its text (a
+//! response without usage, a stream left early). The merge is quadratic in a piece's length, so
+//! a piece longer than `PIECE_CAP` bytes (a run of one letter has no spaces to split it) is merged
+//! in slices of that length; and only the first `EXACT_CAP` bytes of a text are counted exactly,
+//! the rest at the bytes-per-token rate of what was, as is anything left when the caller says
+//! stop (a shutdown at the end of its grace period). Counts of texts within both caps are
+//! tiktoken's exactly.
 
 use std::hash::BuildHasher;
 
@@ -45,6 +53,13 @@ pub enum Encoding {
 
 /// Rank of a byte sequence that is not a token.
 const NONE: u32 = u32::MAX;
+
+/// Bytes of one text counted exactly; the rest is counted at the rate of these.
+pub const EXACT_CAP: usize = 128 * 1024;
+/// Longest slice of a piece merged at once: the merge is quadratic in it.
+pub const PIECE_CAP: usize = 256;
+/// Bytes per token assumed when nothing was counted exactly to take a rate from.
+const BYTES_PER_TOKEN: u64 = 4;
 
 /// Token bytes to rank: every token is a slice of the embedded table, found through `slots`.
 struct Ranks {
@@ -137,20 +152,48 @@ impl Bpe {
         self.ranks.get(bytes)
     }
 
-    /// The number of tokens of `text`, as tiktoken's `encode_ordinary(text).len()`.
+    /// The number of tokens of `text`: tiktoken's `encode_ordinary(text).len()` within the
+    /// caps (see the module doc), an approximation past them.
     pub fn count(&self, text: &str) -> u64 {
-        let mut count = 0;
-        for piece in self.pattern.find_iter(text) {
+        self.count_until(text, 0, &|| false)
+    }
+
+    /// The tokens of `text` followed by `more_bytes` bytes not given (counted at the rate of
+    /// `text`), counting exactly until `stop` says so or `EXACT_CAP` bytes are counted.
+    pub fn count_until(&self, text: &str, more_bytes: u64, stop: &dyn Fn() -> bool) -> u64 {
+        let head = &text[..floor_char_boundary(text, EXACT_CAP)];
+        let mut tokens = 0;
+        let mut counted = 0;
+        for piece in self.pattern.find_iter(head) {
+            if stop() {
+                break;
+            }
             // A piece the pattern engine gave up on (its backtracking limit) is not counted.
             let Ok(piece) = piece else { continue };
-            let piece = piece.as_str().as_bytes();
-            count += if self.rank(piece) == NONE {
-                self.merged_len(piece)
+            counted = piece.end();
+            tokens += self.piece_len(piece.as_str());
+        }
+        let rest = (text.len() - counted) as u64 + more_bytes;
+        tokens + at_rate(rest, tokens, counted as u64)
+    }
+
+    /// Tokens of one piece of the pattern, merged in slices of at most `PIECE_CAP` bytes.
+    fn piece_len(&self, mut piece: &str) -> u64 {
+        let mut tokens = 0;
+        while !piece.is_empty() {
+            let mut end = floor_char_boundary(piece, PIECE_CAP);
+            if end == 0 {
+                end = piece.len();
+            }
+            let slice = &piece.as_bytes()[..end];
+            tokens += if self.rank(slice) == NONE {
+                self.merged_len(slice)
             } else {
                 1
             };
+            piece = &piece[end..];
         }
-        count
+        tokens
     }
 
     /// Tokens of a piece that is not itself a token: tiktoken's byte-pair merge, lowest rank
@@ -190,6 +233,29 @@ impl Bpe {
         }
         (parts.len() - 1) as u64
     }
+}
+
+/// Tokens in `bytes` more bytes, at the rate `tokens` per `counted` bytes (rounded up).
+fn at_rate(bytes: u64, tokens: u64, counted: u64) -> u64 {
+    if bytes == 0 {
+        return 0;
+    }
+    if tokens == 0 || counted == 0 {
+        return bytes.div_ceil(BYTES_PER_TOKEN);
+    }
+    let estimate = u128::from(bytes) * u128::from(tokens);
+    u64::try_from(estimate.div_ceil(u128::from(counted))).unwrap_or(u64::MAX)
+}
+
+/// The largest char boundary of `text` at or below `at`.
+fn floor_char_boundary(text: &str, at: usize) -> usize {
+    if at >= text.len() {
+        return text.len();
+    }
+    (0..=at)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -243,6 +309,50 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_long_run_of_one_letter_is_counted_in_bounded_time_and_close_to_tiktoken() {
+        let ours = Bpe::new(Encoding::O200kBase).unwrap();
+        let reference = tiktoken_rs::o200k_base().unwrap();
+        let text = "a".repeat(8 * 1024);
+        let exact = reference.encode_ordinary(&text).len() as u64;
+        let counted = ours.count(&text);
+        // Slices of PIECE_CAP bytes each end a token early at most.
+        let slack = (text.len() / PIECE_CAP) as u64 + 1;
+        assert!(counted.abs_diff(exact) <= slack, "{counted} vs {exact}");
+        let started = std::time::Instant::now();
+        let huge = "a".repeat(4 * 1024 * 1024);
+        let counted = ours.count(&huge);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        let per_token = huge.len() as u64 / counted;
+        assert!((2..=64).contains(&per_token), "{per_token} bytes per token");
+    }
+
+    #[test]
+    fn text_past_the_exact_cap_is_counted_at_the_rate_of_what_was() {
+        let ours = Bpe::new(Encoding::O200kBase).unwrap();
+        let sentence = "The quick brown fox jumps over the lazy dog. ";
+        let per_sentence = ours.count(sentence);
+        let text = sentence.repeat(4 * EXACT_CAP / sentence.len());
+        let counted = ours.count(&text);
+        let reference = tiktoken_rs::o200k_base().unwrap();
+        let exact = reference.encode_ordinary(&text).len() as u64;
+        assert!(
+            counted.abs_diff(exact) * 100 <= exact,
+            "{counted} vs {exact}"
+        );
+        // Bytes not given are counted at the same rate.
+        let with_more = ours.count_until(sentence, sentence.len() as u64, &|| false);
+        assert_eq!(with_more, 2 * per_sentence);
+    }
+
+    #[test]
+    fn a_count_told_to_stop_approximates_the_rest_by_bytes() {
+        let ours = Bpe::new(Encoding::O200kBase).unwrap();
+        let text = "hello world ".repeat(1_000);
+        assert_eq!(ours.count_until(&text, 0, &|| true), text.len() as u64 / 4);
+        assert_eq!(ours.count_until("", 0, &|| true), 0);
     }
 
     #[test]

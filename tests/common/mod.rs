@@ -21,9 +21,10 @@ use axum::serve::ListenerExt;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::BodyExt;
+use llm_meter::AppState;
 use llm_meter::config::{Config, Flags};
 use llm_meter::guard::period::ShiftedClock;
-use llm_meter::{AppState, run};
+use llm_meter::server::{Listeners, run_with};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -305,9 +306,20 @@ pub fn chat_stream(model: &str, words: &[&str], usage: Option<(u64, u64)>) -> Ve
     events
 }
 
+/// How the proxy's listeners are set up.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Listening {
+    /// Our own endpoints on a port of their own (`admin_listen`).
+    pub admin_port: bool,
+    /// Every connection taken as coming from this address.
+    pub peer_as: Option<SocketAddr>,
+}
+
 /// The proxy, in process, on an ephemeral port.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The port of our own endpoints, when they have one.
+    pub admin_addr: Option<SocketAddr>,
     pub state: AppState,
     pub client: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
@@ -357,6 +369,17 @@ impl Proxy {
         env: &[(&str, &str)],
         clock: Arc<ShiftedClock>,
     ) -> Self {
+        Self::start_listening(toml, flags, env, clock, Listening::default()).await
+    }
+
+    /// Starts on listeners set up as `listening` says.
+    pub async fn start_listening(
+        toml: &str,
+        flags: Flags,
+        env: &[(&str, &str)],
+        clock: Arc<ShiftedClock>,
+        listening: Listening,
+    ) -> Self {
         let flags = Flags {
             listen: Some("127.0.0.1:0".into()),
             ..flags
@@ -368,17 +391,29 @@ impl Proxy {
         let config = Config::from_layers(Some(toml), None, &env, &flags).unwrap();
         let listener = TcpListener::bind(config.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let admin = if listening.admin_port {
+            Some(TcpListener::bind("127.0.0.1:0").await.unwrap())
+        } else {
+            None
+        };
+        let admin_addr = admin.as_ref().map(|l| l.local_addr().unwrap());
         let state = AppState::with_clock(config, clock).unwrap();
         let (tx, rx) = oneshot::channel::<()>();
+        let listeners = Listeners {
+            main: listener,
+            admin,
+            peer_as: listening.peer_as,
+        };
         #[expect(
             clippy::disallowed_methods,
             reason = "owned: the handle is awaited in stop()"
         )]
-        let task = tokio::spawn(run(listener, state.clone(), async move {
+        let task = tokio::spawn(run_with(listeners, state.clone(), async move {
             let _ = rx.await;
         }));
         Self {
             addr,
+            admin_addr,
             state,
             client: client(),
             shutdown: Some(tx),
@@ -406,28 +441,23 @@ impl Proxy {
         self.chat(key, body).await.bytes().await.unwrap()
     }
 
+    /// A GET of one of the proxy's own paths, with the admin token when one is configured.
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        let request = self.client.get(self.url(path));
+        match &self.state.config.admin_token {
+            Some(token) => request.bearer_auth(token.expose()),
+            None => request,
+        }
+    }
+
     /// GETs one of the proxy's paths as text.
     pub async fn get_text(&self, path: &str) -> String {
-        self.client
-            .get(self.url(path))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        self.get(path).send().await.unwrap().text().await.unwrap()
     }
 
     /// GETs one of the proxy's paths as JSON.
     pub async fn get_json(&self, path: &str) -> Value {
-        self.client
-            .get(self.url(path))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.get(path).send().await.unwrap().json().await.unwrap()
     }
 
     pub async fn stats(&self) -> Value {
@@ -601,6 +631,11 @@ impl Binary {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends SIGTERM, waits for the exit, and returns (exit success, rest of stdout, all of stderr).
