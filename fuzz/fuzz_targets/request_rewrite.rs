@@ -48,7 +48,10 @@ fn check(body: &[u8], asks_stream_usage: bool) {
     let model = input.get("model").and_then(Value::as_str);
     assert_eq!(request.model.as_deref(), model, "model misread");
     if !(asks_stream_usage && streams) {
-        assert!(!request.needs_usage_injected(), "edited a request it should not");
+        assert!(
+            !request.needs_usage_injected(),
+            "edited a request it should not"
+        );
         return;
     }
     // Edited or not (the client may have asked already), the upstream is asked for usage.
@@ -63,7 +66,11 @@ fn check(body: &[u8], asks_stream_usage: bool) {
         .as_ref()
         .and_then(|o| o.get("include_usage"))
         .cloned();
-    assert_eq!(asked, Some(Value::Bool(true)), "usage not asked: {options:?}");
+    assert_eq!(
+        asked,
+        Some(Value::Bool(true)),
+        "usage not asked: {options:?}"
+    );
     // Other members of `stream_options` are kept too.
     if let (Some(Value::Object(before)), Some(Value::Object(after))) =
         (input.get("stream_options"), &options)
@@ -75,7 +82,10 @@ fn check(body: &[u8], asks_stream_usage: bool) {
         }
     }
     input.remove("stream_options");
-    assert_eq!(output, input, "a top-level field other than stream_options changed");
+    assert_eq!(
+        output, input,
+        "a top-level field other than stream_options changed"
+    );
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -16,9 +16,15 @@ fuzz_target!(|data: &[u8]| {
     let split = frame(&pieces, DEFAULT_EVENT_CAP);
     let (expected, expected_rest) = reference_events(payload);
     assert!(!whole.overflowed && !split.overflowed);
-    assert_eq!(whole.events, expected, "whole feed differs from the reference");
+    assert_eq!(
+        whole.events, expected,
+        "whole feed differs from the reference"
+    );
     assert_eq!(whole.rest, expected_rest, "whole feed keeps another rest");
-    assert_eq!(split, whole, "the chunking changed the events (cuts {cuts:?})");
+    assert_eq!(
+        split, whole,
+        "the chunking changed the events (cuts {cuts:?})"
+    );
 
     for event in &split.events {
         let _ = sse::data(event);
