@@ -236,8 +236,10 @@ fn span_of(body: &[u8], fragment: &str) -> (usize, usize) {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use proptest::prelude::*;
     use serde_json::{Value, json};
+
+    use super::*;
 
     fn rewritten(body: &str) -> (ChatRequest, String) {
         let req = ChatRequest::inspect(body.as_bytes(), true).expect("inspectable");
@@ -363,6 +365,146 @@ mod tests {
             assert!(req.is_streaming);
             assert!(!req.needs_usage_injected());
             assert_eq!(req.rewrite(Bytes::from(body)).concat(), body.as_bytes());
+        }
+    }
+
+    /// Any JSON value, small: what fills `messages` and the fields the rewrite must not touch.
+    /// Strings lean on the characters that could fool a scan (quotes, backslashes, braces).
+    fn value() -> impl Strategy<Value = Value> {
+        let text = prop::collection::vec(
+            prop::sample::select(vec!['a', '"', '\\', '{', '}', '[', ']', ':', ',', ' ', 'é']),
+            0..12,
+        )
+        .prop_map(|chars| chars.into_iter().collect::<String>());
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i32>().prop_map(|n| json!(n)),
+            text.clone().prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 4, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(text.clone(), inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// What a client may send as `stream_options` (`None`: absent).
+    fn stream_options() -> impl Strategy<Value = Option<Value>> {
+        prop_oneof![
+            Just(None),
+            Just(Some(Value::Null)),
+            Just(Some(json!({}))),
+            Just(Some(json!({"include_usage": false}))),
+            Just(Some(json!({"include_usage": null, "x": [1, {"y": "}"}]}))),
+            Just(Some(json!({"x": "include_usage"}))),
+            Just(Some(json!("odd"))),
+            Just(Some(json!(7))),
+        ]
+    }
+
+    /// A chat request: model, `"stream": true` (or not), `stream_options`, messages and other
+    /// fields; written compact or pretty.
+    fn chat_request() -> impl Strategy<Value = (Value, String)> {
+        (
+            prop::option::of(value()),
+            prop_oneof![3 => Just(json!(true)), 1 => value()],
+            stream_options(),
+            prop::collection::vec(value(), 0..3),
+            prop::collection::btree_map("[a-z_]{1,8}", value(), 0..3),
+            any::<bool>(),
+        )
+            .prop_map(|(model, stream, options, messages, extra, pretty)| {
+                let mut body = serde_json::Map::new();
+                for (k, v) in extra {
+                    body.insert(k, v);
+                }
+                if let Some(model) = model {
+                    body.insert("model".into(), model);
+                }
+                body.insert("messages".into(), Value::Array(messages));
+                body.insert("stream".into(), stream);
+                if let Some(options) = options {
+                    body.insert("stream_options".into(), options);
+                }
+                let body = Value::Object(body);
+                let text = if pretty {
+                    serde_json::to_string_pretty(&body)
+                } else {
+                    serde_json::to_string(&body)
+                };
+                (body, text.expect("a Value always serializes"))
+            })
+    }
+
+    /// The request as upstream must receive it: `stream_options.include_usage` true on a
+    /// stream, other `stream_options` members kept, nothing else changed.
+    fn expected(body: &Value) -> Value {
+        let mut expected = body.clone();
+        if body["stream"] == json!(true) {
+            let options = &mut expected["stream_options"];
+            if !options.is_object() {
+                *options = json!({});
+            }
+            options["include_usage"] = json!(true);
+        }
+        expected
+    }
+
+    /// Everything a `Spliced` body sends, frame by frame.
+    fn sent(body: Spliced) -> Vec<u8> {
+        use http_body::Body as _;
+        let mut body = std::pin::pin!(body);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut out = Vec::new();
+        while let std::task::Poll::Ready(Some(frame)) = body.as_mut().poll_frame(&mut cx) {
+            let Ok(frame) = frame;
+            out.extend_from_slice(&frame.into_data().expect("only data frames"));
+        }
+        out
+    }
+
+    /// The pieces, each cut again at the given points (indexes into the whole body).
+    fn recut(pieces: Vec<Bytes>, cuts: &[prop::sample::Index]) -> Vec<Bytes> {
+        let total: usize = pieces.iter().map(Bytes::len).sum();
+        let mut at: Vec<usize> = cuts.iter().map(|i| i.index(total + 1)).collect();
+        at.sort_unstable();
+        let mut out = Vec::new();
+        let mut offset = 0;
+        for mut piece in pieces {
+            let end = offset + piece.len();
+            for &cut in at.iter().filter(|&&cut| cut > offset && cut < end) {
+                let head = piece.split_to(cut - (end - piece.len()));
+                out.push(head);
+            }
+            out.push(piece);
+            offset = end;
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn the_rewritten_body_is_the_expected_json_whatever_the_split_points(
+            (body, text) in chat_request(),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+        ) {
+            let req = ChatRequest::inspect(text.as_bytes(), true).expect("inspectable");
+            let pieces = req.rewrite(Bytes::from(text.clone()));
+            let whole = pieces.concat();
+            let spliced = Spliced::new(recut(pieces, &cuts));
+            prop_assert_eq!(spliced.len(), whole.len() as u64);
+            let out = sent(spliced);
+            prop_assert_eq!(&out, &whole);
+            let got: Value = serde_json::from_slice(&out).expect("the rewrite gives JSON");
+            prop_assert_eq!(got, expected(&body));
+            if body["stream"] != json!(true) {
+                prop_assert_eq!(out, text.into_bytes());
+            }
         }
     }
 

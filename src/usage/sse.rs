@@ -143,6 +143,8 @@ pub fn data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     const STREAM: &[u8] = b"data: {\"a\":1}\n\n: keep-alive comment\n\nevent: x\r\ndata: two\r\ndata: lines\r\n\r\ndata: [DONE]\n\n";
@@ -207,6 +209,46 @@ mod tests {
         );
         assert_eq!(&framer.take_rest()[..], b"data: 0123456789");
         assert!(framer.is_empty());
+    }
+
+    /// Streams drawn mostly from the bytes that matter to framing, so that blank lines (plain
+    /// and `\r\n`) are common, with any other byte now and then.
+    fn stream() -> impl Strategy<Value = Vec<u8>> {
+        let byte = prop_oneof![
+            4 => Just(b'\n'),
+            2 => Just(b'\r'),
+            3 => prop::sample::select(b"data: {}x".to_vec()),
+            1 => any::<u8>(),
+        ];
+        prop::collection::vec(byte, 0..200)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn events_are_the_same_whatever_the_split_points(
+            stream in stream(),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            let (expected, expected_rest) = frame_all(&[&stream]);
+            let mut at: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
+            at.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut start = 0;
+            for cut in at {
+                chunks.push(&stream[start..cut]);
+                start = cut;
+            }
+            chunks.push(&stream[start..]);
+            let (events, rest) = frame_all(&chunks);
+            prop_assert_eq!(&events, &expected);
+            prop_assert_eq!(&rest, &expected_rest);
+            // Nothing lost, nothing added.
+            let mut all = events.concat();
+            all.extend_from_slice(&rest);
+            prop_assert_eq!(all, stream);
+        }
     }
 
     #[test]
