@@ -82,7 +82,7 @@ async fn a_key_over_its_daily_budget_gets_a_429_before_any_upstream_call() {
     assert_eq!(
         body,
         json!({"error": {
-            "message": format!("llm-meter: the daily budget of key \"agent-a\" is spent: $1.0000 of $1.0000; it resets at {tomorrow}T00:00:00Z"),
+            "message": format!("llm-meter: the daily budget of key \"agent-a\" is spent: $1.00 of $1.00; it resets at {tomorrow}T00:00:00Z"),
             "type": "budget_exceeded", "code": "budget_exceeded", "param": null,
             "budget": {"scope": "agent-a", "period": "daily", "limit_usd": 1.0, "spent_usd": 1.0,
                        "resets_at": format!("{tomorrow}T00:00:00Z")}}})
