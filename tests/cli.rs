@@ -743,7 +743,10 @@ fn report_and_export_without_persistence_name_the_setting_they_read() {
 }
 
 /// `llm-meter report --period all` over the ledger in `data`, its standard output.
-#[expect(clippy::unwrap_used, reason = "a test helper: a failure is a failed test")]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper: a failure is a failed test"
+)]
 fn report_all(dir: &std::path::Path, data: &std::path::Path) -> String {
     let report = run(
         dir,

@@ -145,34 +145,7 @@ pub fn render(heading: &str, groups: &[Group], mut lines: Vec<UsageLine>) -> Str
     total_row.extend(numbers(&totals));
     table.push(total_row);
 
-    let columns = table[0].len();
-    let widths: Vec<usize> = (0..columns)
-        .map(|c| {
-            table
-                .iter()
-                .map(|row| row.get(c).map_or(0, |s| s.chars().count()))
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    for row in &table {
-        let mut line = String::new();
-        for (c, cell) in row.iter().enumerate() {
-            let pad = widths[c].saturating_sub(cell.chars().count());
-            if c > 0 {
-                line.push_str("  ");
-            }
-            if c < labels.max(1) {
-                line.push_str(cell);
-                line.push_str(&" ".repeat(pad));
-            } else {
-                line.push_str(&" ".repeat(pad));
-                line.push_str(cell);
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
+    out.push_str(&aligned(&table, labels.max(1)));
     match totals.unpriced_requests {
         0 => {}
         1 => out.push_str(
@@ -196,6 +169,40 @@ pub fn render(heading: &str, groups: &[Group], mut lines: Vec<UsageLine>) -> Str
                 "{n} requests reported no usage: their tokens were counted by a tokenizer (estimated)"
             );
         }
+    }
+    out
+}
+
+/// The table's rows as aligned text: the first `labels` columns to the left, numbers to the right.
+fn aligned(table: &[Vec<String>], labels: usize) -> String {
+    let mut out = String::new();
+    let columns = table[0].len();
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            table
+                .iter()
+                .map(|row| row.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in table {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            let pad = widths[c].saturating_sub(cell.chars().count());
+            if c > 0 {
+                line.push_str("  ");
+            }
+            if c < labels {
+                line.push_str(cell);
+                line.push_str(&" ".repeat(pad));
+            } else {
+                line.push_str(&" ".repeat(pad));
+                line.push_str(cell);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
     out
 }
