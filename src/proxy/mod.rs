@@ -432,38 +432,55 @@ async fn read_rejection(body: Incoming, timeout: Duration) -> Bytes {
 }
 
 /// Reads a body that must be inspected whole, refusing it past the limit, or when the client
-/// goes silent for longer than `stall` in the middle of it.
+/// goes silent for longer than `stall` in the middle of it. One timer watches the whole body,
+/// re-armed only when it fires after progress, so a body's frames cost no timer work.
 async fn read_body(body: Body, limit: usize, stall: Duration) -> Result<Bytes, ProxyError> {
-    let mut body = Limited::new(body, limit);
-    let mut chunks = Vec::new();
-    let mut len = 0;
-    loop {
-        let frame = tokio::time::timeout(stall, body.frame())
-            .await
-            .map_err(|_| ProxyError::BodyStalled(humantime::format_duration(stall).to_string()))?;
-        match frame {
-            None => break,
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    len += data.len();
-                    chunks.push(data);
+    let frames = std::sync::atomic::AtomicU64::new(0);
+    let read = async {
+        let mut body = Limited::new(body, limit);
+        let mut chunks = Vec::new();
+        let mut len = 0;
+        while let Some(frame) = body.frame().await {
+            frames.fetch_add(1, Ordering::Relaxed);
+            match frame {
+                Ok(frame) => {
+                    if let Ok(data) = frame.into_data() {
+                        len += data.len();
+                        chunks.push(data);
+                    }
                 }
+                Err(err) if err.is::<LengthLimitError>() => {
+                    return Err(ProxyError::BodyTooLarge { limit });
+                }
+                Err(err) => return Err(ProxyError::ClientBody(err.to_string())),
             }
-            Some(Err(err)) if err.is::<LengthLimitError>() => {
-                return Err(ProxyError::BodyTooLarge { limit });
-            }
-            Some(Err(err)) => return Err(ProxyError::ClientBody(err.to_string())),
         }
+        Ok(match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.swap_remove(0),
+            _ => {
+                let mut whole = Vec::with_capacity(len);
+                chunks.iter().for_each(|c| whole.extend_from_slice(c));
+                Bytes::from(whole)
+            }
+        })
+    };
+    let stalled = async {
+        loop {
+            let seen = frames.load(Ordering::Relaxed);
+            tokio::time::sleep(stall).await;
+            if frames.load(Ordering::Relaxed) == seen {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        biased;
+        read = read => read,
+        () = stalled => Err(ProxyError::BodyStalled(
+            humantime::format_duration(stall).to_string(),
+        )),
     }
-    Ok(match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.swap_remove(0),
-        _ => {
-            let mut whole = Vec::with_capacity(len);
-            chunks.iter().for_each(|c| whole.extend_from_slice(c));
-            Bytes::from(whole)
-        }
-    })
 }
 
 fn is_event_stream(headers: &http::HeaderMap) -> bool {
