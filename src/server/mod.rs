@@ -275,7 +275,7 @@ async fn connection(tcp: TcpStream, app: App, watcher: Watcher, _open: Open, tim
         let in_flight = requests.request_started();
         async move {
             let response = app.call(request).await;
-            Ok::<_, Infallible>(response.map(|body| Body::new(Tracked::new(body, in_flight))))
+            Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
         }
     });
     let io = TokioIo::new(Watched::new(tcp, Arc::clone(&activity)));
