@@ -4,6 +4,8 @@
     reason = "harness failures are test failures, reported where they happen"
 )]
 
+use std::any::Any;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,14 +14,16 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
-use axum::serve::ListenerExt;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, oneshot};
+use tokio::task::{JoinError, JoinSet};
 
 use super::fixtures::{chat_completion, chat_stream};
 
@@ -95,12 +99,19 @@ impl Reply {
 
 type Script = Arc<dyn Fn(&Received) -> Reply + Send + Sync>;
 
-/// A mock upstream on an ephemeral port.
+/// A mock upstream on an ephemeral port, served by a thread of its own until dropped.
+///
+/// Dropping it joins that thread and re-raises in the test a panic of the mock's (its script's
+/// or its serving code's), so the test fails with it. The mock runs its own runtime because
+/// `Drop` cannot await: a test on a current-thread runtime could not run the mock's tasks while
+/// its thread waits in `drop`, and a thread can be joined from anywhere.
 pub struct Mock {
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
     connections: Arc<AtomicUsize>,
-    _shutdown: oneshot::Sender<()>,
+    /// Dropped to stop the server.
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Mock {
@@ -109,40 +120,37 @@ impl Mock {
         Self::start(openai_like).await
     }
 
+    /// Starts a mock that answers each request as `script` says.
     pub async fn start(script: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> Self {
-        let script: Script = Arc::new(script);
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let connections = Arc::new(AtomicUsize::new(0));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let counter = Arc::clone(&connections);
-        let listener = listener.tap_io(move |_| {
-            counter.fetch_add(1, Ordering::SeqCst);
-        });
-        let log = Arc::clone(&received);
-        let app = axum::Router::new().fallback(move |request: Request| {
-            let script = Arc::clone(&script);
-            let log = Arc::clone(&log);
-            async move { serve(request, &script, &log).await }
-        });
-        let (tx, rx) = oneshot::channel::<()>();
-        #[expect(
-            clippy::disallowed_methods,
-            reason = "the mock lives until its Mock is dropped, which closes the shutdown channel"
-        )]
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-        });
+        let server = Server {
+            script: Arc::new(script),
+            received: Arc::new(Mutex::new(Vec::new())),
+            connections: Arc::new(AtomicUsize::new(0)),
+        };
+        let (received, connections) = (
+            Arc::clone(&server.received),
+            Arc::clone(&server.connections),
+        );
+        let (shutdown, stop) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("mock upstream {addr}"))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(server.run(listener, stop));
+            })
+            .unwrap();
         Self {
             addr,
             received,
             connections,
-            _shutdown: tx,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
         }
     }
 
@@ -165,6 +173,86 @@ impl Mock {
 
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Mock {
+    /// Stops the server and joins its thread, re-raising its panic. Not while the test is
+    /// failing already: a second panic would abort, and the mock's was printed when it happened.
+    fn drop(&mut self) {
+        drop(self.shutdown.take());
+        if let Some(thread) = self.thread.take()
+            && let Err(panic) = thread.join()
+            && !std::thread::panicking()
+        {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+/// What serves the mock's connections, shared by them.
+#[derive(Clone)]
+struct Server {
+    script: Script,
+    received: Arc<Mutex<Vec<Received>>>,
+    connections: Arc<AtomicUsize>,
+}
+
+impl Server {
+    /// Serves until `stop` fires or its sender is dropped, then cancels the connections still
+    /// open. Each connection is a task of its own, owned here; the first of them to panic has its
+    /// panic re-raised at the end (the others keep being served meanwhile).
+    async fn run(self, listener: std::net::TcpListener, mut stop: oneshot::Receiver<()>) {
+        let listener = TcpListener::from_std(listener).unwrap();
+        let mut tasks = JoinSet::new();
+        let mut panic = None;
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                Some(done) = tasks.join_next() => keep_panic(&mut panic, done),
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        self.connections.fetch_add(1, Ordering::SeqCst);
+                        tasks.spawn(self.clone().serve_connection(stream));
+                    }
+                    // A connection reset before it was taken, or no file descriptor left: as
+                    // axum::serve does, wait a moment and go on.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                },
+            }
+        }
+        tasks.abort_all();
+        while let Some(done) = tasks.join_next().await {
+            keep_panic(&mut panic, done);
+        }
+        if let Some(panic) = panic {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    async fn serve_connection(self, stream: TcpStream) {
+        let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+            let server = self.clone();
+            async move {
+                let response = serve(request.map(Body::new), &server.script, &server.received);
+                Ok::<_, Infallible>(response.await)
+            }
+        });
+        // A connection that fails (a stream the mock cuts, a client that leaves) is part of a
+        // test, not a failure of the mock.
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    }
+}
+
+/// Keeps the first panic among finished connections; a cancelled one is no failure.
+fn keep_panic(first: &mut Option<Box<dyn Any + Send>>, done: Result<(), JoinError>) {
+    if let Err(err) = done
+        && err.is_panic()
+        && first.is_none()
+    {
+        *first = Some(err.into_panic());
     }
 }
 
