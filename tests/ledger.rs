@@ -525,9 +525,9 @@ fn ledger_of_many_pages(data: &Path) {
     // depends on timing); rebuilt, each table's pages are contiguous, so the middle of the file
     // is the rows' and a damage there never reaches what the start reads.
     rusqlite::Connection::open(data.join("ledger.sqlite3"))
-        .unwrap()
+        .expect("the ledger opens")
         .execute_batch("VACUUM")
-        .unwrap();
+        .expect("the ledger is rebuilt");
 }
 
 #[tokio::test]
