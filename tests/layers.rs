@@ -1,6 +1,6 @@
 //! The layers of `src/` point one way: a module imports only modules of its own layer or below
-//! (see `lib.rs`'s crate doc), and no modules import one another in a cycle. The test reads the
-//! source, so the rule keeps itself.
+//! (see `lib.rs`'s crate doc), and no modules import one another in a cycle; and code stays cut
+//! to size (STYLE.md §7). The tests read the source, so the rules keep themselves.
 
 #![expect(
     clippy::unwrap_used,
@@ -159,4 +159,115 @@ fn every_module_of_src_has_a_layer() {
     for module in imports().keys() {
         layer(module);
     }
+}
+
+/// Lines of a source file before its `#[cfg(test)] mod tests` (the code, without its tests).
+fn code_lines(text: &str) -> Vec<&str> {
+    let lines: Vec<&str> = text.lines().collect();
+    let end = lines
+        .windows(2)
+        .position(|w| w[0].starts_with("#[cfg(test)]") && w[1].starts_with("mod tests"))
+        .unwrap_or(lines.len());
+    lines[..end].to_vec()
+}
+
+/// `line` without its string and char literals and its `//` comment, for counting braces.
+fn braces_of(line: &str) -> (usize, usize) {
+    let (mut open, mut close) = (0, 0);
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '/' if chars.peek() == Some(&'/') => break,
+            '"' => {
+                while let Some(s) = chars.next() {
+                    match s {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '"' => break,
+                        _ => {}
+                    }
+                }
+            }
+            // A char literal (`'{'`, `'\''`); a lifetime (`'a`) has no closing quote soon.
+            '\'' => {
+                let rest: String = chars.clone().take(4).collect();
+                if let Some(end) = rest.find('\'').filter(|&end| end > 0) {
+                    for _ in 0..=end {
+                        chars.next();
+                    }
+                }
+            }
+            '{' => open += 1,
+            '}' => close += 1,
+            _ => {}
+        }
+    }
+    (open, close)
+}
+
+#[test]
+fn no_function_is_over_100_lines_and_no_file_over_700_without_its_tests() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut dirs = vec![src];
+    let mut oversized = Vec::new();
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let lines = code_lines(&text);
+            if lines.len() > 700 {
+                oversized.push(format!("{}: {} lines", path.display(), lines.len()));
+            }
+            let mut at = 0;
+            while at < lines.len() {
+                let line = lines[at].trim_start();
+                let is_fn = [
+                    "fn ",
+                    "pub fn ",
+                    "async fn ",
+                    "pub async fn ",
+                    "pub(super) fn ",
+                    "pub(crate) fn ",
+                    "const fn ",
+                    "pub const fn ",
+                ]
+                .iter()
+                .any(|start| line.starts_with(start));
+                if !is_fn {
+                    at += 1;
+                    continue;
+                }
+                let (mut depth, mut opened, mut end) = (0usize, false, at);
+                for (i, l) in lines.iter().enumerate().skip(at) {
+                    let (open, close) = braces_of(l);
+                    opened |= open > 0;
+                    depth = (depth + open).saturating_sub(close);
+                    end = i;
+                    if (opened && depth == 0) || (!opened && l.trim_end().ends_with(';')) {
+                        break;
+                    }
+                }
+                let length = end - at + 1;
+                if length > 100 {
+                    oversized.push(format!(
+                        "{}:{} {} lines: {}",
+                        path.display(),
+                        at + 1,
+                        length,
+                        line
+                    ));
+                }
+                at = end + 1;
+            }
+        }
+    }
+    assert!(oversized.is_empty(), "over size:\n{}", oversized.join("\n"));
 }
