@@ -46,46 +46,53 @@ const LAYERS: &[(&str, u8)] = &[
     ("main", 12),
 ];
 
-/// The top-level modules each file of `src/` names with a `crate::` path, per module.
-fn imports() -> BTreeMap<String, BTreeSet<String>> {
-    let mut found: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+/// `src/` and every Rust file under it.
+fn rust_files() -> (std::path::PathBuf, Vec<std::path::PathBuf>) {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
     let mut dirs = vec![src.clone()];
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             if path.is_dir() {
                 dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    (src, files)
+}
+
+/// The top-level modules each file of `src/` names with a `crate::` path, per module.
+fn imports() -> BTreeMap<String, BTreeSet<String>> {
+    let mut found: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let (src, files) = rust_files();
+    for path in files {
+        let relative = path.strip_prefix(&src).unwrap();
+        let first = relative.components().next().unwrap();
+        let module = first
+            .as_os_str()
+            .to_string_lossy()
+            .trim_end_matches(".rs")
+            .to_owned();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let entry = found.entry(module.clone()).or_default();
+        for line in text.lines() {
+            let code = line.trim_start();
+            if code.starts_with("//") {
                 continue;
             }
-            if path.extension().is_none_or(|e| e != "rs") {
-                continue;
-            }
-            let relative = path.strip_prefix(&src).unwrap();
-            let first = relative.components().next().unwrap();
-            let module = first
-                .as_os_str()
-                .to_string_lossy()
-                .trim_end_matches(".rs")
-                .to_owned();
-            let text = std::fs::read_to_string(&path).unwrap();
-            let entry = found.entry(module.clone()).or_default();
-            for line in text.lines() {
-                let code = line.trim_start();
-                if code.starts_with("//") {
-                    continue;
-                }
-                for (at, _) in code.match_indices("crate::") {
-                    let rest = &code[at + "crate::".len()..];
-                    let name: String = rest
-                        .chars()
-                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                        .collect();
-                    // `llm_meter::crate::` never occurs; `$crate::` in macros is not ours.
-                    let before = &code[..at];
-                    if !name.is_empty() && !before.ends_with('$') && name != module {
-                        entry.insert(name);
-                    }
+            for (at, _) in code.match_indices("crate::") {
+                let rest = &code[at + "crate::".len()..];
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                // `llm_meter::crate::` never occurs; `$crate::` in macros is not ours.
+                let before = &code[..at];
+                if !name.is_empty() && !before.ends_with('$') && name != module {
+                    entry.insert(name);
                 }
             }
         }
@@ -208,65 +215,53 @@ fn braces_of(line: &str) -> (usize, usize) {
 
 #[test]
 fn no_function_is_over_100_lines_and_no_file_over_700_without_its_tests() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut dirs = vec![src];
     let mut oversized = Vec::new();
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                dirs.push(path);
+    for path in rust_files().1 {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines = code_lines(&text);
+        if lines.len() > 700 {
+            oversized.push(format!("{}: {} lines", path.display(), lines.len()));
+        }
+        let mut at = 0;
+        while at < lines.len() {
+            let line = lines[at].trim_start();
+            let is_fn = [
+                "fn ",
+                "pub fn ",
+                "async fn ",
+                "pub async fn ",
+                "pub(super) fn ",
+                "pub(crate) fn ",
+                "const fn ",
+                "pub const fn ",
+            ]
+            .iter()
+            .any(|start| line.starts_with(start));
+            if !is_fn {
+                at += 1;
                 continue;
             }
-            if path.extension().is_none_or(|e| e != "rs") {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path).unwrap();
-            let lines = code_lines(&text);
-            if lines.len() > 700 {
-                oversized.push(format!("{}: {} lines", path.display(), lines.len()));
-            }
-            let mut at = 0;
-            while at < lines.len() {
-                let line = lines[at].trim_start();
-                let is_fn = [
-                    "fn ",
-                    "pub fn ",
-                    "async fn ",
-                    "pub async fn ",
-                    "pub(super) fn ",
-                    "pub(crate) fn ",
-                    "const fn ",
-                    "pub const fn ",
-                ]
-                .iter()
-                .any(|start| line.starts_with(start));
-                if !is_fn {
-                    at += 1;
-                    continue;
+            let (mut depth, mut opened, mut end) = (0usize, false, at);
+            for (i, l) in lines.iter().enumerate().skip(at) {
+                let (open, close) = braces_of(l);
+                opened |= open > 0;
+                depth = (depth + open).saturating_sub(close);
+                end = i;
+                if (opened && depth == 0) || (!opened && l.trim_end().ends_with(';')) {
+                    break;
                 }
-                let (mut depth, mut opened, mut end) = (0usize, false, at);
-                for (i, l) in lines.iter().enumerate().skip(at) {
-                    let (open, close) = braces_of(l);
-                    opened |= open > 0;
-                    depth = (depth + open).saturating_sub(close);
-                    end = i;
-                    if (opened && depth == 0) || (!opened && l.trim_end().ends_with(';')) {
-                        break;
-                    }
-                }
-                let length = end - at + 1;
-                if length > 100 {
-                    oversized.push(format!(
-                        "{}:{} {} lines: {}",
-                        path.display(),
-                        at + 1,
-                        length,
-                        line
-                    ));
-                }
-                at = end + 1;
             }
+            let length = end - at + 1;
+            if length > 100 {
+                oversized.push(format!(
+                    "{}:{} {} lines: {}",
+                    path.display(),
+                    at + 1,
+                    length,
+                    line
+                ));
+            }
+            at = end + 1;
         }
     }
     assert!(oversized.is_empty(), "over size:\n{}", oversized.join("\n"));
