@@ -84,7 +84,7 @@ fn serve(config: Config) -> ExitCode {
         }
     };
     // Every client connection holds a descriptor, and most an upstream one too.
-    let descriptors = llm_meter::server::limits::raise_descriptor_limit();
+    llm_meter::server::limits::raise_descriptor_limit();
     runtime.block_on(async move {
         let listener = match tokio::net::TcpListener::bind(config.listen).await {
             Ok(listener) => listener,
@@ -115,9 +115,6 @@ fn serve(config: Config) -> ExitCode {
             .collect();
         let routes = routes.join(", ");
         warn_if_exposed(&config);
-        let max_connections = config
-            .max_connections
-            .unwrap_or_else(|| llm_meter::server::limits::default_max_connections(descriptors));
         let state = match AppState::new(config) {
             Ok(state) => state,
             Err(err) => {
@@ -131,7 +128,6 @@ fn serve(config: Config) -> ExitCode {
         );
         let shutdown = shutdown_signal();
         println!("llm-meter listening on http://{addr}{own}, forwarding {routes}; {ledger}");
-        tracing::info!(max_connections, "accepting connections");
         let meter = std::sync::Arc::clone(&state.meter);
         let listeners = llm_meter::server::Listeners {
             main: listener,

@@ -13,16 +13,13 @@ const MAX_DEFAULT_CONNECTIONS: u64 = 16_384;
 /// Fewest connections by default, even under a tiny limit.
 const MIN_DEFAULT_CONNECTIONS: u64 = 16;
 
-/// Raises the soft file-descriptor limit to the hard one and returns the new soft limit.
-pub fn raise_descriptor_limit() -> Option<u64> {
-    match rlimit::getrlimit(rlimit::Resource::NOFILE) {
-        Ok((_, hard)) => rlimit::increase_nofile_limit(hard)
-            .inspect_err(|err| tracing::debug!(%err, "could not raise the file-descriptor limit"))
-            .ok(),
-        Err(err) => {
-            tracing::debug!(%err, "could not read the file-descriptor limit");
-            None
-        }
+/// Raises the soft file-descriptor limit to the hard one (`run` derives its default
+/// `max_connections` from the limit in force then).
+pub fn raise_descriptor_limit() {
+    let raised = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .and_then(|(_, hard)| rlimit::increase_nofile_limit(hard));
+    if let Err(err) = raised {
+        tracing::debug!(%err, "could not raise the file-descriptor limit");
     }
 }
 

@@ -99,6 +99,7 @@ pub async fn run_with(
     let max_connections = config
         .max_connections
         .unwrap_or_else(|| limits::default_max_connections(limits::current_descriptor_limit()));
+    tracing::info!(max_connections, "accepting connections");
     let timeouts = Timeouts {
         header: config.header_timeout,
         keepalive: config.keepalive_timeout,
