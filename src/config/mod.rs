@@ -332,11 +332,16 @@ impl<'a> Layers<'a> {
         env_name: &str,
         file: Option<&'a str>,
     ) -> Option<(&'a str, String)> {
-        let (value, from) = self.pick(flag, env_name, file, "");
-        (from != "default").then_some((value, from))
+        if let Some(v) = flag {
+            Some((v, "command-line flag".to_owned()))
+        } else if let Some(v) = self.env.get(env_name) {
+            Some((v.as_str(), format!("environment variable {env_name}")))
+        } else {
+            file.map(|v| (v, self.file_name.to_owned()))
+        }
     }
 
-    /// Returns the value and a description of the layer it came from.
+    /// Returns the value and a description of the layer it came from, `default` when none has it.
     fn pick(
         &self,
         flag: Option<&'a str>,
@@ -344,15 +349,8 @@ impl<'a> Layers<'a> {
         file: Option<&'a str>,
         default: &'a str,
     ) -> (&'a str, String) {
-        if let Some(v) = flag {
-            (v, "command-line flag".to_owned())
-        } else if let Some(v) = self.env.get(env_name) {
-            (v.as_str(), format!("environment variable {env_name}"))
-        } else if let Some(v) = file {
-            (v, self.file_name.to_owned())
-        } else {
-            (default, "default".to_owned())
-        }
+        self.pick_optional(flag, env_name, file)
+            .unwrap_or_else(|| (default, "default".to_owned()))
     }
 }
 
