@@ -263,6 +263,16 @@ impl Period {
         counts: &Counts,
         bounds: Bounds,
     ) {
+        self.entry(identity, model, bounds).add(counts);
+        self.upstreams
+            .entry(upstream.to_owned())
+            .or_insert_with(Counters::new)
+            .add(counts);
+    }
+
+    /// The entry of (key, model), created if missing: its own within the bounds, else the
+    /// `other` one it falls into.
+    fn entry(&mut self, identity: &Identity, model: &str, bounds: Bounds) -> &Counters {
         let is_tracked = self.keys.contains_key(&identity.id) || self.keys.len() < bounds.max_keys;
         let other_keys;
         let identity = if is_tracked {
@@ -286,16 +296,11 @@ impl Period {
         } else {
             OTHER_MODELS
         };
-        let models_before = key.models.len();
-        key.models
-            .entry(model.to_owned())
-            .or_insert_with(Counters::new)
-            .add(counts);
-        self.entries += key.models.len() - models_before;
-        self.upstreams
-            .entry(upstream.to_owned())
-            .or_insert_with(Counters::new)
-            .add(counts);
+        let entries = &mut self.entries;
+        key.models.entry(model.to_owned()).or_insert_with(|| {
+            *entries += 1;
+            Counters::new()
+        })
     }
 }
 
@@ -374,10 +379,8 @@ impl Store for MemoryStore {
         });
         for i in order {
             let (identity, model, counts) = &restored.totals[i];
-            // Upstream totals are restored below, from their own rows.
-            period.insert(identity, model, "", counts, self.bounds);
+            period.entry(identity, model, self.bounds).add(counts);
         }
-        period.upstreams.clear();
         for (upstream, counts) in restored.upstreams {
             period
                 .upstreams
