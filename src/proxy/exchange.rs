@@ -24,13 +24,7 @@ pub const MAX_MODEL_LEN: usize = 256;
 
 /// `model`, cut to `MAX_MODEL_LEN` bytes at a character boundary.
 fn capped_model(mut model: String) -> String {
-    if model.len() > MAX_MODEL_LEN {
-        let mut end = MAX_MODEL_LEN;
-        while !model.is_char_boundary(end) {
-            end -= 1;
-        }
-        model.truncate(end);
-    }
+    model.truncate(crate::usage::floor_char_boundary(&model, MAX_MODEL_LEN));
     model
 }
 

@@ -14,7 +14,7 @@ use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess,
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use super::tokenizer::{Bpe, EXACT_CAP, Encoding};
+use super::tokenizer::{BYTES_PER_TOKEN, Bpe, EXACT_CAP, Encoding};
 use super::{Flavor, Usage, sse};
 
 /// Tokens OpenAI's chat format adds around every message (role and separators).
@@ -86,7 +86,7 @@ pub fn count(model: &str, text: &str) -> u64 {
 fn count_texts(model: &str, texts: &Texts) -> u64 {
     let stop = || HURRY.load(Ordering::Relaxed);
     bpe(encoding_for(model)).map_or_else(
-        || (texts.text.len() as u64 + texts.beyond).div_ceil(4),
+        || (texts.text.len() as u64 + texts.beyond).div_ceil(BYTES_PER_TOKEN),
         |bpe| bpe.count_until(&texts.text, texts.beyond, &stop),
     ) + texts.numbers
 }
@@ -216,10 +216,7 @@ impl Texts {
             self.text.push_str(s);
             return;
         }
-        let mut end = room;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
+        let end = super::floor_char_boundary(s, room);
         self.text.push_str(&s[..end]);
         self.beyond += (s.len() - end) as u64;
     }

@@ -168,6 +168,18 @@ impl StreamUsage {
     }
 }
 
+/// The largest char boundary of `text` at or below `at`: where a text cut to at most `at` bytes
+/// ends (model names, records, the part of a prompt counted exactly).
+pub fn floor_char_boundary(text: &str, at: usize) -> usize {
+    if at >= text.len() {
+        return text.len();
+    }
+    (0..=at)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0)
+}
+
 /// A searcher built once: building one per event would cost more than the search.
 static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\"usage\""));

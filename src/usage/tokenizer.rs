@@ -19,6 +19,8 @@ use std::hash::BuildHasher;
 
 use fancy_regex::Regex;
 
+use super::floor_char_boundary;
+
 /// tiktoken's `o200k_base` pre-tokenization pattern.
 const O200K_PATTERN: &str = concat!(
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
@@ -73,7 +75,7 @@ pub const EXACT_CAP: usize = 128 * 1024;
 /// Longest slice of a piece merged at once: the merge is quadratic in it.
 pub const PIECE_CAP: usize = 64;
 /// Bytes per token assumed when nothing was counted exactly to take a rate from.
-const BYTES_PER_TOKEN: u64 = 4;
+pub const BYTES_PER_TOKEN: u64 = 4;
 
 /// Token bytes to rank: every token is a slice of the embedded table, found through `slots`.
 struct Ranks {
@@ -259,17 +261,6 @@ fn at_rate(bytes: u64, tokens: u64, counted: u64) -> u64 {
     }
     let estimate = u128::from(bytes) * u128::from(tokens);
     u64::try_from(estimate.div_ceil(u128::from(counted))).unwrap_or(u64::MAX)
-}
-
-/// The largest char boundary of `text` at or below `at`.
-fn floor_char_boundary(text: &str, at: usize) -> usize {
-    if at >= text.len() {
-        return text.len();
-    }
-    (0..=at)
-        .rev()
-        .find(|&i| text.is_char_boundary(i))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -82,10 +82,7 @@ pub(super) fn push_period(buf: &mut Vec<u8>, id: u64, started: OffsetDateTime) {
 const MAX_TEXT: usize = u16::MAX as usize;
 
 fn push_text(buf: &mut Vec<u8>, text: &str) {
-    let mut end = text.len().min(MAX_TEXT);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = crate::usage::floor_char_boundary(text, MAX_TEXT);
     buf.extend_from_slice(&(end as u16).to_le_bytes());
     buf.extend_from_slice(&text.as_bytes()[..end]);
 }
