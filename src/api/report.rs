@@ -7,7 +7,7 @@ use time::{Duration, OffsetDateTime, Time};
 
 use super::CommandError;
 use super::history::{UsageView, day};
-use super::stats::{rfc3339, usd};
+use super::stats::rfc3339;
 use crate::config::Config;
 use crate::error::InvalidValue;
 use crate::meter::Counts;
@@ -221,7 +221,7 @@ fn numbers(c: &Counts) -> Vec<String> {
         thousands(c.prompt_tokens),
         thousands(c.cached_tokens),
         thousands(c.completion_tokens),
-        usd(c.cost),
+        c.cost.to_string(),
     ]
 }
 

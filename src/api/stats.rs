@@ -214,11 +214,6 @@ pub fn rfc3339(at: OffsetDateTime) -> String {
     at.format(&Rfc3339).unwrap_or_else(|_| at.to_string())
 }
 
-/// A cost as every text view writes it (see `NanoUsd`'s `Display`).
-pub fn usd(cost: NanoUsd) -> String {
-    cost.to_string()
-}
-
 /// Nano-dollars of an amount shown in dollars (`as` saturates: 0 below zero, `u64::MAX` past it).
 fn nano_of(usd: f64) -> NanoUsd {
     NanoUsd((usd * 1e9).round() as u64)
@@ -238,7 +233,7 @@ pub fn summary_line(c: &Counts) -> String {
         count(c.errors, "error"),
         c.prompt_tokens,
         c.completion_tokens,
-        usd(c.cost)
+        c.cost
     );
     if c.unpriced_requests > 0 {
         let _ = write!(
@@ -290,8 +285,8 @@ fn remaining(lines: &[BudgetLine]) -> String {
             format!(
                 "{} {} of {}",
                 l.period,
-                usd(nano_of(l.remaining_usd)),
-                usd(nano_of(l.limit_usd))
+                nano_of(l.remaining_usd),
+                nano_of(l.limit_usd)
             )
         })
         .collect();
@@ -348,7 +343,7 @@ mod tests {
             (123_456_789_000, "$123.46"),
             (u64::MAX, "$18446744073.71"),
         ] {
-            assert_eq!(usd(NanoUsd(nano)), text, "{nano}");
+            assert_eq!(NanoUsd(nano).to_string(), text, "{nano}");
         }
     }
 
