@@ -4,13 +4,13 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
 
 use crate::app::AppState;
 use crate::error::ProxyError;
 use crate::guard::{AdminError, Budget};
 use crate::money::NanoUsd;
+use crate::proxy::read_body;
 
 /// `GET /admin/keys`: every named key with its budgets, spend and limits, and the global budget.
 pub async fn keys(State(state): State<AppState>) -> Response {
@@ -35,16 +35,6 @@ fn nano(field: &str, usd: Option<f64>) -> Result<Option<NanoUsd>, AdminError> {
 /// formatting while refusing a runaway upload.
 pub const MAX_BUDGET_BODY_BYTES: usize = 64 * 1024;
 
-/// Reads a whole request body up to `limit` bytes; past it, the OpenAI-style 413 of `ProxyError`
-/// (axum's `Bytes` extractor would answer in plain text).
-async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ProxyError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
-        Err(err) => Err(ProxyError::ClientBody(err.to_string())),
-    }
-}
-
 /// Characters of a parser message answered: serde quotes a string of the wrong type whole.
 const MAX_REASON_CHARS: usize = 160;
 
@@ -67,7 +57,9 @@ pub async fn set_budget(
     if state.config.admin_token.is_none() {
         return ProxyError::NoAdminToken.into_response();
     }
-    let body = match read_body(body, MAX_BUDGET_BODY_BYTES).await {
+    // Past the limit, the OpenAI-style 413 (axum's `Bytes` extractor would answer in plain
+    // text); a body that stalls gets 408, as on provider routes.
+    let body = match read_body(body, MAX_BUDGET_BODY_BYTES, state.config.header_timeout).await {
         Ok(body) => body,
         Err(err) => return err.into_response(),
     };

@@ -434,7 +434,7 @@ async fn read_rejection(body: Incoming, timeout: Duration) -> Bytes {
 /// Reads a body that must be inspected whole, refusing it past the limit, or when the client
 /// goes silent for longer than `stall` in the middle of it. One timer watches the whole body,
 /// re-armed only when it fires after progress, so a body's frames cost no timer work.
-async fn read_body(body: Body, limit: usize, stall: Duration) -> Result<Bytes, ProxyError> {
+pub async fn read_body(body: Body, limit: usize, stall: Duration) -> Result<Bytes, ProxyError> {
     let frames = std::sync::atomic::AtomicU64::new(0);
     let read = async {
         let mut body = Limited::new(body, limit);
