@@ -559,14 +559,7 @@ async fn counts_of_one_are_written_in_the_singular() {
     binary
         .chat_through("sk-one", &chat_request("gpt-4o", false))
         .await;
-    let text = common::client()
-        .get(binary.url("/stats?format=text"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = raw_body(&binary, "/stats?format=text").await;
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
     for line in lines {
@@ -648,14 +641,7 @@ async fn text_views_write_costs_to_four_significant_digits() {
             .chat_through("sk-two", &chat_request("gpt-4o", false))
             .await;
     }
-    let text = common::client()
-        .get(binary.url("/stats?format=text"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = raw_body(&binary, "/stats?format=text").await;
     let total = text.lines().last().unwrap();
     assert!(
         total.ends_with("| cost: $0.000115 | budget left: daily $0.9999 of $1.00"),
