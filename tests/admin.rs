@@ -229,16 +229,7 @@ async fn budgets_that_round_to_zero_or_overflow_are_refused_with_a_short_message
         refusal(put(&proxy, "worker", Some(TOKEN), &json!({"daily_usd": long})).await).await;
     assert!(message.len() < 400, "{} bytes", message.len());
     // Nothing was changed.
-    let keys: Value = proxy
-        .client
-        .get(proxy.url("/admin/keys"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let keys: Value = proxy.get_json("/admin/keys").await;
     assert_eq!(keys["keys"][0]["budget"][0]["limit_usd"], 5.0);
     proxy.stop().await;
 }
