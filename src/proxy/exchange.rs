@@ -15,9 +15,25 @@ use crate::meter::{Meter, Record, UNKNOWN_MODEL};
 use crate::usage::estimate::{self, Raw};
 use crate::usage::{Extracted, Flavor, Usage};
 
-/// (field, problem) pairs already warned about for one upstream: a bounded set, since both are
-/// static strings of the extractors.
-pub type Warned = parking_lot::Mutex<std::collections::HashSet<(&'static str, &'static str)>>;
+/// An upstream as the records of its requests know it: its name, and the (field, problem)
+/// pairs of unusable usage it has sent that were warned about (a bounded set: both are static
+/// strings of the extractors). One shared reference per request carries both.
+#[derive(Debug)]
+pub struct Origin {
+    /// The upstream's name, as records and logs give it.
+    pub name: Box<str>,
+    warned: parking_lot::Mutex<std::collections::HashSet<(&'static str, &'static str)>>,
+}
+
+impl Origin {
+    /// The origin of the requests to the upstream named `name`, nothing warned yet.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            warned: parking_lot::Mutex::default(),
+        }
+    }
+}
 
 /// Longest model name kept in records and logs: a client may name any model it likes.
 pub const MAX_MODEL_LEN: usize = 256;
@@ -35,9 +51,7 @@ pub struct Exchange {
     /// The named key it came with, if any.
     pub(super) key: Option<KeyRef>,
     pub(super) identity: Identity,
-    pub(super) upstream: Arc<str>,
-    /// What the upstream's unusable usage shapes have been warned about.
-    pub(super) warned: Arc<Warned>,
+    pub(super) upstream: Arc<Origin>,
     pub(super) flavor: Option<Flavor>,
     pub(super) method: Method,
     pub(super) path: String,
@@ -66,7 +80,7 @@ struct Finished {
     guard: Arc<Guard>,
     key: Option<KeyRef>,
     identity: Identity,
-    upstream: Arc<str>,
+    upstream: Arc<Origin>,
     flavor: Flavor,
     method: Method,
     path: String,
@@ -125,7 +139,7 @@ impl Finished {
             response_id: self.extracted.response_id.as_deref(),
             is_partial: !self.is_whole,
             is_estimated,
-            upstream: &self.upstream,
+            upstream: &self.upstream.name,
         });
         let usage = self.extracted.usage.unwrap_or_default();
         self.guard.on_record(
@@ -160,7 +174,7 @@ impl Finished {
                 path,
                 status = status.as_u16(),
                 key_id = identity.id,
-                upstream = &*upstream,
+                upstream = &*upstream.name,
                 model,
                 stream = is_streaming,
                 tokens_in = usage.prompt_tokens(),
@@ -187,11 +201,16 @@ impl Exchange {
             return;
         }
         for warning in &extracted.warnings {
-            if self.warned.lock().insert((warning.field, warning.problem)) {
+            if self
+                .upstream
+                .warned
+                .lock()
+                .insert((warning.field, warning.problem))
+            {
                 tracing::warn!(
                     target: LOG_TARGET,
                     key_id = self.identity.id,
-                    upstream = &*self.upstream,
+                    upstream = &*self.upstream.name,
                     field = warning.field,
                     problem = warning.problem,
                     "ignored a usage field (warned once per upstream and shape)"
@@ -214,7 +233,7 @@ impl Exchange {
         let Some(flavor) = self.flavor else {
             let duration_ms = millis(self.started.elapsed());
             let upstream_ms = millis(self.upstream_latency.unwrap_or_default());
-            tracing::info!(target: LOG_TARGET, method = %self.method, path = self.path, status = self.status.as_u16(), key_id, upstream = &*self.upstream, upstream_ms, duration_ms, outcome, error = self.error, "request");
+            tracing::info!(target: LOG_TARGET, method = %self.method, path = self.path, status = self.status.as_u16(), key_id, upstream = &*self.upstream.name, upstream_ms, duration_ms, outcome, error = self.error, "request");
             return;
         };
         let model = capped_model(

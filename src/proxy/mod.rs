@@ -31,7 +31,7 @@ use crate::key::{self, Identity};
 use crate::meter::Meter;
 use crate::tasks::Tasks;
 use crate::usage::{Extracted, Flavor, StreamUsage, sse};
-use exchange::{CLIENT_CLOSED, Exchange, Warned};
+use exchange::{CLIENT_CLOSED, Exchange, Origin};
 use pool::Pools;
 use rewrite::{ChatRequest, Spliced};
 use tap::{Extraction, Outcome, Tap};
@@ -39,14 +39,12 @@ use tap::{Extraction, Outcome, Tap};
 /// What llm-meter has learned of one upstream while running.
 #[derive(Debug)]
 pub struct UpstreamState {
-    /// Its name, shared by every record of its requests.
-    pub name: Arc<str>,
+    /// Its name and the usage shapes warned about, shared by every record of its requests.
+    pub origin: Arc<Origin>,
     /// Whether it takes `stream_options` (`STREAM_OPTIONS_*`), learned in `auto` mode.
     stream_options: AtomicU8,
     /// Its connections, a pool per worker.
     pools: Pools,
-    /// The shapes of unusable usage it has sent, each warned about once.
-    warned: Arc<Warned>,
 }
 
 const STREAM_OPTIONS_UNKNOWN: u8 = 0;
@@ -57,10 +55,9 @@ impl UpstreamState {
     /// The state of an upstream not yet heard from, with empty pools for `workers` workers.
     pub fn new(route: &Route, connector: Connector, workers: usize) -> Self {
         Self {
-            name: Arc::from(route.name.as_str()),
+            origin: Arc::new(Origin::new(&route.name)),
             stream_options: AtomicU8::new(STREAM_OPTIONS_UNKNOWN),
             pools: Pools::new(&route.upstream, connector, workers),
-            warned: Arc::default(),
         }
     }
 
@@ -137,8 +134,7 @@ pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> R
         guard: Arc::clone(guard),
         key,
         identity,
-        upstream: Arc::clone(&runtime.name),
-        warned: Arc::clone(&runtime.warned),
+        upstream: Arc::clone(&runtime.origin),
         flavor,
         method: parts.method.clone(),
         path: key::redact_path(&parts.uri),
