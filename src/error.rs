@@ -73,6 +73,9 @@ pub enum ProxyError {
     /// A budget was changed in memory but could not be written to `budgets.json`.
     #[error("the budget is changed until the next restart, but {0}")]
     BudgetNotSaved(String),
+    /// A connection past `max_connections`, refused before any request is read.
+    #[error("too many connections")]
+    TooManyConnections,
     /// A bug or resource problem of our own; details go to the log, not the client.
     #[error("internal error")]
     Internal,
@@ -162,12 +165,23 @@ impl ProxyError {
                 "server_error",
                 "budget_not_saved",
             ),
+            Self::TooManyConnections => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "too_many_connections",
+            ),
             Self::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
                 "internal_error",
             ),
         }
+    }
+
+    /// This error's answer, to send or to write out whole.
+    pub fn envelope(&self) -> Envelope {
+        let (status, kind, code) = self.classify();
+        Envelope::new(status, kind, code, self)
     }
 
     /// The HTTP status this error is answered with.
@@ -178,8 +192,7 @@ impl ProxyError {
 
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
-        let (status, kind, code) = self.classify();
-        Envelope::new(status, kind, code, &self).into_response()
+        self.envelope().into_response()
     }
 }
 
@@ -227,13 +240,25 @@ impl Envelope {
     }
 }
 
+impl Envelope {
+    /// The answer's status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The answer's JSON body.
+    pub fn body(&self) -> String {
+        serde_json::json!({ "error": self.body }).to_string()
+    }
+}
+
 impl IntoResponse for Envelope {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({ "error": self.body });
+        let body = self.body();
         let mut response = (
             self.status,
             [(header::CONTENT_TYPE, "application/json")],
-            body.to_string(),
+            body,
         )
             .into_response();
         response.headers_mut().extend(self.headers);

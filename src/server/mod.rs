@@ -175,11 +175,23 @@ async fn accept_on(listener: Option<&mut TcpListener>) -> (TcpStream, SocketAddr
     }
 }
 
-/// What a connection past the limit is told before it is closed (best effort, never waited for).
-const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 124\r\nconnection: close\r\n\r\n{\"error\":{\"message\":\"llm-meter: too many connections\",\"type\":\"server_error\",\"code\":\"too_many_connections\",\"param\":null}}\n";
+/// What a connection past the limit is told before it is closed (best effort, never waited
+/// for): `ProxyError::TooManyConnections`'s answer, written out whole once.
+static REFUSAL: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    let envelope = ProxyError::TooManyConnections.envelope();
+    let body = envelope.body();
+    let status = envelope.status();
+    format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or_default(),
+        body.len()
+    )
+    .into_bytes()
+});
 
 fn refuse(tcp: &TcpStream) {
-    let _ = tcp.try_write(REFUSAL);
+    let _ = tcp.try_write(&REFUSAL);
 }
 
 /// What a connection serves, and who is at its other end.
