@@ -5,6 +5,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 use crate::client;
+use crate::config::egress::Egress;
 use crate::config::{Config, Route};
 use crate::guard::alerts::Alerts;
 use crate::guard::period::{self, Clock, Period, SystemClock};
@@ -46,12 +47,48 @@ impl Deref for AppState {
 /// Why the service cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The TLS client could not be set up.
-    #[error("cannot set up TLS: {0}")]
-    Tls(#[from] rustls::Error),
+    /// The certificates upstream TLS trusts could not be loaded.
+    #[error(transparent)]
+    Trust(#[from] client::TrustError),
     /// The ledger could not be opened.
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+}
+
+/// Builds the dialers of upstreams, loading each distinct set of trusted certificates once.
+#[derive(Default)]
+struct Dialers {
+    tls: Vec<(client::Trust, client::TlsClients)>,
+}
+
+impl Dialers {
+    fn dial(
+        &mut self,
+        scheme: &http::uri::Scheme,
+        authority: &http::uri::Authority,
+        egress: &Egress,
+        config: &Config,
+    ) -> Result<client::Dialer, StartError> {
+        let tls = match self.tls.iter().find(|(trust, _)| *trust == egress.trust) {
+            Some((_, tls)) => tls.clone(),
+            None => {
+                let tls = client::TlsClients::new(&egress.trust)?;
+                self.tls.push((egress.trust.clone(), tls.clone()));
+                tls
+            }
+        };
+        let route = client::Route {
+            proxy: egress.proxy.as_ref().map(|(proxy, _)| proxy.clone()),
+            http2: egress.http2,
+        };
+        Ok(client::Dialer::new(
+            scheme,
+            authority,
+            route,
+            &tls,
+            config.connect_timeout,
+        ))
+    }
 }
 
 /// Spend per key id in the current hour, day, month and in total, read from the ledger.
@@ -87,7 +124,7 @@ impl AppState {
 
     /// Builds the state with budgets and rate limits reading time from `clock` (tests move it).
     pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
-        let connector = client::connector(config.connect_timeout)?;
+        let mut dialers = Dialers::default();
         let bounds = Bounds {
             max_keys: config.max_tracked_keys,
             max_models_per_key: config.max_models_per_key,
@@ -101,12 +138,30 @@ impl AppState {
         let upstreams = config
             .routes
             .iter()
-            .map(|route| UpstreamState::new(route, connector.clone(), config.threads))
-            .collect();
+            .map(|route| {
+                let upstream = &route.upstream;
+                let dialer = dialers.dial(
+                    &upstream.scheme,
+                    &upstream.authority,
+                    &route.egress,
+                    &config,
+                )?;
+                Ok(UpstreamState::new(route, dialer, config.threads))
+            })
+            .collect::<Result<_, StartError>>()?;
         let tasks = Tasks::new();
         let alerts = match &config.guard.webhook {
             Some(url) => {
-                Alerts::with_webhook(url.clone(), client::webhook_client(connector), &tasks)
+                match (url.scheme(), url.authority()) {
+                    (Some(scheme), Some(authority)) => {
+                        let mut egress = config.egress.for_target(scheme, authority);
+                        // One post per connection: HTTP/1.1 is all it needs.
+                        egress.http2 = client::Http2::Off;
+                        let dialer = dialers.dial(scheme, authority, &egress, &config)?;
+                        Alerts::with_webhook(url.clone(), dialer, &tasks)
+                    }
+                    _ => Alerts::new(),
+                }
             }
             None => Alerts::new(),
         };

@@ -62,6 +62,26 @@ pub enum ProxyError {
         /// The timeout that elapsed, human readable.
         after: String,
     },
+    /// The egress proxy could not be reached, or refused the tunnel to the upstream.
+    #[error("egress proxy {proxy} failed on the way to {upstream}: {reason}")]
+    EgressProxyFailed {
+        /// The proxy, without credentials.
+        proxy: String,
+        /// The upstream base URL.
+        upstream: String,
+        /// What the proxy did.
+        reason: String,
+    },
+    /// No tunnel through the egress proxy within the connect timeout.
+    #[error("egress proxy {proxy} gave no connection to {upstream} within {after}")]
+    EgressProxyTimeout {
+        /// The proxy, without credentials.
+        proxy: String,
+        /// The upstream base URL.
+        upstream: String,
+        /// The timeout that elapsed, human readable.
+        after: String,
+    },
     /// History was asked of a server that keeps no ledger.
     #[error(
         "history needs the ledger, and this llm-meter runs with persistence off (--no-persist)"
@@ -149,6 +169,16 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_error",
                 "upstream_timeout",
+            ),
+            Self::EgressProxyFailed { .. } => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                "egress_proxy_failed",
+            ),
+            Self::EgressProxyTimeout { .. } => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_error",
+                "egress_proxy_timeout",
             ),
             Self::NoLedger => (
                 StatusCode::BAD_REQUEST,

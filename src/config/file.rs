@@ -34,6 +34,10 @@ pub(super) struct FileConfig {
     pub(super) max_pending_rows: Option<usize>,
     pub(super) on_client_disconnect: Option<String>,
     pub(super) drain_timeout: Option<String>,
+    pub(super) proxy: Option<String>,
+    pub(super) no_proxy: Option<String>,
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) tls_roots: Option<String>,
     #[serde(default)]
     pub(super) pricing: BTreeMap<String, PriceEntry>,
     #[serde(default)]
@@ -79,6 +83,19 @@ pub(super) struct UpstreamEntry {
     pub(super) url: Option<String>,
     pub(super) flavor: Option<String>,
     pub(super) inject_stream_usage: Option<String>,
+    pub(super) proxy: Option<String>,
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) http2: Option<Http2Entry>,
+}
+
+/// `http2 = true | false | "prior-knowledge"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub(super) enum Http2Entry {
+    /// `true` (when offered) or `false` (never).
+    Switch(bool),
+    /// `"prior-knowledge"`, or another word that is refused.
+    Word(String),
 }
 
 /// One `[pricing."MODEL"]` table, in USD per million tokens.

@@ -6,6 +6,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod egress;
 mod file;
 pub mod guard;
 pub mod ledger;
@@ -195,6 +196,8 @@ pub struct Config {
     pub upstream: Upstream,
     /// Every mounted upstream: `openai` at `/v1`, `anthropic` at `/anthropic/v1`, then the declared ones.
     pub routes: Vec<Route>,
+    /// How upstreams (and the alert webhook) are reached unless an upstream says otherwise.
+    pub egress: egress::Rules,
     /// Close or drain an upstream stream whose client left.
     pub on_client_disconnect: OnClientDisconnect,
     /// Longest a drained stream is read after its client left.
@@ -283,7 +286,10 @@ impl Config {
         let timeouts = serving::timeouts(&layer, &file)?;
         let bounds = serving::bounds(&layer, &file)?;
         let upstream = upstreams::main(&layer, flags, &file)?;
-        let routes = upstreams::all(&layer, &upstream, std::mem::take(&mut file.upstreams))?;
+        let egress = egress::Rules::load(env, &file, &name)?;
+        let own_egress = egress::own_settings(&file.upstreams, &name)?;
+        let mut routes = upstreams::all(&layer, &upstream, std::mem::take(&mut file.upstreams))?;
+        egress::resolve(&egress, &mut routes, &own_egress, &name);
         let mut pricing = BTreeMap::new();
         for (model, entry) in &file.pricing {
             let field = format!("pricing.\"{model}\"");
@@ -313,6 +319,7 @@ impl Config {
             pricing,
             upstream,
             routes,
+            egress,
             file: None,
         })
     }

@@ -101,6 +101,8 @@ pub struct Route {
     pub flavor: ApiFlavor,
     /// Whether to ask for stream usage on the client's behalf.
     pub inject_stream_usage: InjectStreamUsage,
+    /// How it is reached: proxy, trusted certificates, HTTP/2.
+    pub egress: super::egress::Egress,
 }
 
 impl Route {
@@ -111,6 +113,7 @@ impl Route {
             upstream,
             flavor,
             inject_stream_usage: InjectStreamUsage::Auto,
+            egress: super::egress::Egress::default(),
         }
     }
 }
@@ -186,7 +189,7 @@ pub(super) fn routes(
             return Err(invalid(
                 &field("url"),
                 file,
-                "the openai upstream's URL is the top-level `upstream` setting; only inject_stream_usage may be set here",
+                "the openai upstream's URL is the top-level `upstream` setting; only inject_stream_usage, proxy, ca_file and http2 may be set here",
             ));
         }
         let mut route = match existing {

@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::client::HttpClient;
+use crate::client::Dialer;
 use crate::tasks::Tasks;
 
 /// Alerts kept for `/alerts`, newest first.
@@ -87,7 +87,7 @@ impl Alerts {
     /// Alerts that are also POSTed to `url` by a task that `tasks` owns, on the current runtime
     /// (when there is none, as in a command that serves nothing, the webhook is off). At
     /// shutdown the task delivers what is queued, within the grace period.
-    pub fn with_webhook(url: Uri, client: HttpClient, tasks: &Tasks) -> Self {
+    pub fn with_webhook(url: Uri, client: Dialer, tasks: &Tasks) -> Self {
         let (tx, rx) = mpsc::channel(WEBHOOK_QUEUE);
         let owned = tasks.clone();
         let webhook = tasks
@@ -140,7 +140,7 @@ impl Default for Alerts {
 
 /// Posts each alert to the webhook, in order, retrying with backoff; once shutdown begins,
 /// posts what is queued and ends.
-async fn deliver(url: Uri, client: HttpClient, mut alerts: mpsc::Receiver<Alert>, tasks: &Tasks) {
+async fn deliver(url: Uri, client: Dialer, mut alerts: mpsc::Receiver<Alert>, tasks: &Tasks) {
     loop {
         let alert = tokio::select! {
             biased;
@@ -158,7 +158,9 @@ async fn deliver(url: Uri, client: HttpClient, mut alerts: mpsc::Receiver<Alert>
                 .header(header::USER_AGENT, "llm-meter")
                 .body(Body::from(body.clone()));
             let Ok(request) = request else { break };
-            match tokio::time::timeout(ATTEMPT_TIMEOUT, client.request(request)).await {
+            match tokio::time::timeout(ATTEMPT_TIMEOUT, crate::client::send_once(&client, request))
+                .await
+            {
                 Ok(Ok(response)) if response.status().is_success() => break,
                 outcome => {
                     let reason = match outcome {

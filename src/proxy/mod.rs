@@ -23,7 +23,7 @@ use http::{HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
-use crate::client::Connector;
+use crate::client::Dialer;
 use crate::config::{Config, InjectStreamUsage, Route};
 use crate::error::ProxyError;
 use crate::guard::{Guard, KeyRef};
@@ -53,11 +53,11 @@ const STREAM_OPTIONS_REJECTED: u8 = 2;
 
 impl UpstreamState {
     /// The state of an upstream not yet heard from, with empty pools for `workers` workers.
-    pub fn new(route: &Route, connector: Connector, workers: usize) -> Self {
+    pub fn new(route: &Route, dialer: Dialer, workers: usize) -> Self {
         Self {
             origin: Arc::new(Origin::new(&route.name)),
             stream_options: AtomicU8::new(STREAM_OPTIONS_UNKNOWN),
-            pools: Pools::new(&route.upstream, connector, workers),
+            pools: Pools::new(dialer, workers),
         }
     }
 

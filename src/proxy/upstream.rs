@@ -2,6 +2,7 @@
 
 use http::{HeaderMap, HeaderName, Uri, header};
 
+use crate::client::DialError;
 use crate::config::{Config, Upstream};
 use crate::error::{ProxyError, chain};
 use crate::proxy::pool::SendError;
@@ -73,24 +74,41 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Maps a failed upstream exchange to our error: 413 for our body limit, 504 for timeouts, else 502.
+/// Maps a failed upstream exchange to our error: 413 for our body limit, 504 for timeouts, a
+/// 502 that names the egress proxy when it failed, else a 502 that names the upstream.
 pub fn classify_error(err: &SendError, config: &Config, upstream: &Upstream) -> ProxyError {
+    match err {
+        SendError::Dial(DialError::Proxy { proxy, reason }) => {
+            return ProxyError::EgressProxyFailed {
+                proxy: proxy.clone(),
+                upstream: upstream.to_string(),
+                reason: reason.clone(),
+            };
+        }
+        SendError::Dial(DialError::TimedOut { proxy, .. }) => {
+            let after = format!(
+                "{} (connect_timeout)",
+                humantime::format_duration(config.connect_timeout)
+            );
+            return match proxy {
+                Some(proxy) => ProxyError::EgressProxyTimeout {
+                    proxy: proxy.clone(),
+                    upstream: upstream.to_string(),
+                    after,
+                },
+                None => ProxyError::UpstreamTimeout {
+                    upstream: upstream.to_string(),
+                    after,
+                },
+            };
+        }
+        _ => {}
+    }
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(cause) = source {
         if cause.is::<http_body_util::LengthLimitError>() {
             return ProxyError::BodyTooLarge {
                 limit: config.max_body_bytes,
-            };
-        }
-        if let Some(io) = cause.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::TimedOut
-        {
-            return ProxyError::UpstreamTimeout {
-                upstream: upstream.to_string(),
-                after: format!(
-                    "{} (connect_timeout)",
-                    humantime::format_duration(config.connect_timeout)
-                ),
             };
         }
         source = cause.source();

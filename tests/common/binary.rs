@@ -29,6 +29,21 @@ pub struct Binary {
 pub fn binary_command(dir: &std::path::Path) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_llm-meter"));
     command.current_dir(dir).env_remove("RUST_LOG");
+    // The machine's own proxies and certificate files are not the test's.
+    for name in [
+        "https_proxy",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "HTTP_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+        "no_proxy",
+        "NO_PROXY",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+    ] {
+        command.env_remove(name);
+    }
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("LLM_METER_") {
             command.env_remove(name);

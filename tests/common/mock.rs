@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
@@ -30,6 +30,8 @@ use super::fixtures::{chat_completion, chat_stream};
 /// What the mock upstream received.
 #[derive(Debug, Clone)]
 pub struct Received {
+    /// HTTP/1.1 or HTTP/2, as the request arrived.
+    pub version: http::Version,
     pub method: String,
     pub path: String,
     pub headers: http::HeaderMap,
@@ -107,6 +109,7 @@ type Script = Arc<dyn Fn(&Received) -> Reply + Send + Sync>;
 /// its thread waits in `drop`, and a thread can be joined from anywhere.
 pub struct Mock {
     pub addr: SocketAddr,
+    is_tls: bool,
     received: Arc<Mutex<Vec<Received>>>,
     connections: Arc<AtomicUsize>,
     /// Dropped to stop the server.
@@ -122,10 +125,35 @@ impl Mock {
 
     /// Starts a mock that answers each request as `script` says.
     pub async fn start(script: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> Self {
+        Self::start_on(script, None, false).await
+    }
+
+    /// Starts a mock behind TLS with `tls`'s certificate, speaking what its ALPN offers
+    /// (HTTP/2 or HTTP/1.1); its URL names `localhost`.
+    pub async fn start_tls(
+        script: impl Fn(&Received) -> Reply + Send + Sync + 'static,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> Self {
+        Self::start_on(script, Some(tokio_rustls::TlsAcceptor::from(tls)), true).await
+    }
+
+    /// Starts a plain-text mock that also takes HTTP/2 with prior knowledge.
+    pub async fn start_h2c(script: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> Self {
+        Self::start_on(script, None, true).await
+    }
+
+    async fn start_on(
+        script: impl Fn(&Received) -> Reply + Send + Sync + 'static,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        http2: bool,
+    ) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
+        let is_tls = tls.is_some();
         let server = Server {
+            tls,
+            http2,
             script: Arc::new(script),
             received: Arc::new(Mutex::new(Vec::new())),
             connections: Arc::new(AtomicUsize::new(0)),
@@ -147,6 +175,7 @@ impl Mock {
             .unwrap();
         Self {
             addr,
+            is_tls,
             received,
             connections,
             shutdown: Some(shutdown),
@@ -156,7 +185,11 @@ impl Mock {
 
     /// The upstream base URL, written as clients write it.
     pub fn url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        if self.is_tls {
+            format!("https://localhost:{}/v1", self.addr.port())
+        } else {
+            format!("http://{}/v1", self.addr)
+        }
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -193,6 +226,9 @@ impl Drop for Mock {
 /// What serves the mock's connections, shared by them.
 #[derive(Clone)]
 struct Server {
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Whether HTTP/2 is served too (else HTTP/1.1 only, with hyper's own HTTP/1 server).
+    http2: bool,
     script: Script,
     received: Arc<Mutex<Vec<Received>>>,
     connections: Arc<AtomicUsize>,
@@ -231,6 +267,7 @@ impl Server {
     }
 
     async fn serve_connection(self, stream: TcpStream) {
+        let (tls, http2) = (self.tls.clone(), self.http2);
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
             let server = self.clone();
             async move {
@@ -239,10 +276,26 @@ impl Server {
             }
         });
         // A connection that fails (a stream the mock cuts, a client that leaves) is part of a
-        // test, not a failure of the mock.
-        let _ = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(stream), service)
-            .await;
+        // test, not a failure of the mock. Both protocols are served: HTTP/2 where TLS's ALPN
+        // chose it, or on a plain connection that opens with its preface.
+        if !http2 {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            return;
+        }
+        let auto = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        match tls {
+            Some(tls) => {
+                let Ok(stream) = tls.accept(stream).await else {
+                    return;
+                };
+                let _ = auto.serve_connection(TokioIo::new(stream), service).await;
+            }
+            None => {
+                let _ = auto.serve_connection(TokioIo::new(stream), service).await;
+            }
+        }
     }
 }
 
@@ -264,6 +317,7 @@ async fn serve(request: Request, script: &Script, log: &Mutex<Vec<Received>>) ->
         .map(|c| c.to_bytes())
         .unwrap_or_default();
     let received = Received {
+        version: parts.version,
         method: parts.method.to_string(),
         path: parts
             .uri

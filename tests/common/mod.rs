@@ -6,9 +6,11 @@
 )]
 
 mod binary;
+mod egress_proxy;
 mod fixtures;
 mod mock;
 mod proxy;
+mod tls;
 
 #[allow(
     unused_imports,
@@ -16,10 +18,12 @@ mod proxy;
 )]
 pub use self::{
     binary::{Binary, binary_command, peak_rss_kib},
+    egress_proxy::{Asked, Behaviour, EgressProxy},
     fixtures::{
         chat_completion, chat_request, chat_stream, json_lines, key_id, ledger_row, totals_of,
         write_ledger,
     },
     mock::{Chunk, Mock, Received, Reply, openai_like},
     proxy::{Listening, Proxy, client, sse_data},
+    tls::{H2_AND_HTTP1, HTTP1_ONLY, TestCa},
 };
