@@ -103,109 +103,38 @@ pub enum ProxyError {
 
 impl ProxyError {
     /// Status, OpenAI error `type` and `code` for this error: the one place that decides them.
+    /// The type follows from the status: the client's fault, the upstream's, or ours.
     fn classify(&self) -> (StatusCode, &'static str, &'static str) {
-        match self {
-            Self::BodyTooLarge { .. } => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                "request_too_large",
-            ),
-            Self::ClientBody(_) => (
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "bad_request_body",
-            ),
-            Self::BadPath(_) => (
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "invalid_path",
-            ),
-            Self::BadHost(_) => (
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "invalid_host",
-            ),
-            Self::NotLoopback => (
-                StatusCode::FORBIDDEN,
-                "invalid_request_error",
-                "loopback_only",
-            ),
-            Self::BodyStalled(_) => (
-                StatusCode::REQUEST_TIMEOUT,
-                "invalid_request_error",
-                "request_body_timeout",
-            ),
-            Self::BadQuery(_) => (
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "invalid_query",
-            ),
-            Self::Unauthorized => (
-                StatusCode::UNAUTHORIZED,
-                "invalid_request_error",
-                "invalid_admin_token",
-            ),
-            Self::NoAdminToken => (
-                StatusCode::FORBIDDEN,
-                "invalid_request_error",
-                "admin_token_not_configured",
-            ),
-            Self::UnknownKeyName(_) => (
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "unknown_key_name",
-            ),
-            Self::NotFound(_) => (
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "unknown_route",
-            ),
-            Self::UpstreamUnreachable { .. } => (
-                StatusCode::BAD_GATEWAY,
-                "upstream_error",
-                "upstream_unreachable",
-            ),
-            Self::UpstreamTimeout { .. } => (
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream_error",
-                "upstream_timeout",
-            ),
-            Self::EgressProxyFailed { .. } => (
-                StatusCode::BAD_GATEWAY,
-                "upstream_error",
-                "egress_proxy_failed",
-            ),
-            Self::EgressProxyTimeout { .. } => (
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream_error",
-                "egress_proxy_timeout",
-            ),
-            Self::NoLedger => (
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "persistence_disabled",
-            ),
-            Self::LedgerUnavailable(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "ledger_unavailable",
-            ),
-            Self::BudgetNotSaved(_) => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "budget_not_saved",
-            ),
-            Self::TooManyConnections => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "too_many_connections",
-            ),
-            Self::Internal => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "internal_error",
-            ),
-        }
+        let (status, code) = match self {
+            Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
+            Self::ClientBody(_) => (StatusCode::BAD_REQUEST, "bad_request_body"),
+            Self::BadPath(_) => (StatusCode::BAD_REQUEST, "invalid_path"),
+            Self::BadHost(_) => (StatusCode::BAD_REQUEST, "invalid_host"),
+            Self::NotLoopback => (StatusCode::FORBIDDEN, "loopback_only"),
+            Self::BodyStalled(_) => (StatusCode::REQUEST_TIMEOUT, "request_body_timeout"),
+            Self::BadQuery(_) => (StatusCode::BAD_REQUEST, "invalid_query"),
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "invalid_admin_token"),
+            Self::NoAdminToken => (StatusCode::FORBIDDEN, "admin_token_not_configured"),
+            Self::UnknownKeyName(_) => (StatusCode::NOT_FOUND, "unknown_key_name"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "unknown_route"),
+            Self::UpstreamUnreachable { .. } => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
+            Self::UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            Self::EgressProxyFailed { .. } => (StatusCode::BAD_GATEWAY, "egress_proxy_failed"),
+            Self::EgressProxyTimeout { .. } => {
+                (StatusCode::GATEWAY_TIMEOUT, "egress_proxy_timeout")
+            }
+            Self::NoLedger => (StatusCode::BAD_REQUEST, "persistence_disabled"),
+            Self::LedgerUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ledger_unavailable"),
+            Self::BudgetNotSaved(_) => (StatusCode::INTERNAL_SERVER_ERROR, "budget_not_saved"),
+            Self::TooManyConnections => (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections"),
+            Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+        };
+        let kind = match status {
+            StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT => "upstream_error",
+            status if status.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        };
+        (status, kind, code)
     }
 
     /// This error's answer, to send or to write out whole.
