@@ -111,7 +111,12 @@ fn serve(config: Config) -> ExitCode {
         let routes: Vec<String> = config
             .routes
             .iter()
-            .map(|r| format!("{} to {}", r.prefix, r.upstream))
+            .map(|r| match &r.egress.proxy {
+                Some((proxy, from)) => {
+                    format!("{} to {} through {proxy} ({from})", r.prefix, r.upstream)
+                }
+                None => format!("{} to {}", r.prefix, r.upstream),
+            })
             .collect();
         let routes = routes.join(", ");
         warn_if_exposed(&config);

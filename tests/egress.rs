@@ -127,6 +127,12 @@ async fn proxy_credentials_go_as_proxy_authorization_and_never_into_logs_or_erro
         .env("SSL_CERT_FILE", &ca_file)
         .env("RUST_LOG", "debug");
     let binary = Binary::start(command);
+    let through = format!(
+        "/v1 to {} through {} (environment variable HTTPS_PROXY)",
+        api_test_url(&mock),
+        egress.url("")
+    );
+    assert!(binary.banner.contains(&through), "{}", binary.banner);
     let answer = binary
         .chat_through(
             "sk-corp-aaaaaaaaaaaaaaaa",
@@ -140,6 +146,7 @@ async fn proxy_credentials_go_as_proxy_authorization_and_never_into_logs_or_erro
         egress.asked()[0].authorization.as_deref(),
         Some("Basic YWdlbnQ6czNjcmV0IHBhc3M=")
     );
+    let binary_banner = binary.banner.clone();
     let (_, stdout, stderr) = binary.terminate();
     let logs = format!("{stdout}{stderr}");
     assert!(
