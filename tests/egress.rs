@@ -148,7 +148,7 @@ async fn proxy_credentials_go_as_proxy_authorization_and_never_into_logs_or_erro
     );
     let binary_banner = binary.banner.clone();
     let (_, stdout, stderr) = binary.terminate();
-    let logs = format!("{stdout}{stderr}");
+    let logs = format!("{binary_banner}{stdout}{stderr}");
     assert!(
         logs.contains(&egress.addr.to_string()),
         "the proxy is named: {logs}"

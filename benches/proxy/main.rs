@@ -28,6 +28,7 @@ struct Options {
     seconds: f64,
     soak_seconds: u64,
     only: Option<Vec<String>>,
+    tls: bool,
 }
 
 const USAGE: &str = "\
@@ -37,6 +38,9 @@ usage: cargo bench --bench proxy [-- OPTIONS]
   --seconds S     length of a round in seconds (default 2)
   --soak S        then S seconds of S1 against llm-meter alone, RSS sampled (default 0: none)
   --only LIST     only these scenarios (S1-S7), e.g. S4,S5,S6
+  --tls           llm-meter's upstream is the mock behind TLS (a CA made for the run), offering
+                  HTTP/2 and HTTP/1.1; the fourth target is this build with http2 = false
+                  (direct and floor stay plain HTTP): HTTP/2 against HTTP/1.1 in one run
 
 With BENCH_BASELINE=PATH, the fourth target is the llm-meter binary at PATH (another build, with
 its ledger on) instead of this build with --no-persist: a before/after comparison in one run.
@@ -50,6 +54,7 @@ fn options() -> Options {
         seconds: 2.0,
         soak_seconds: 0,
         only: None,
+        tls: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -61,6 +66,7 @@ fn options() -> Options {
             // cargo passes it to every bench target.
             "--bench" => {}
             "--rounds" => options.rounds = parse(&flag, &value()),
+            "--tls" => options.tls = true,
             "--seconds" => options.seconds = parse(&flag, &value()),
             "--soak" => options.soak_seconds = parse(&flag, &value()),
             "--only" => {
@@ -105,6 +111,14 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--mock") {
         return serve_child(mock::serve);
+    }
+    if let Some(dir) = args
+        .iter()
+        .position(|a| a == "--mock-tls")
+        .and_then(|i| args.get(i + 1))
+    {
+        let tls = mock::tls_acceptor(std::path::Path::new(dir));
+        return serve_child(move |listener| mock::serve_tls(listener, tls));
     }
     if let Some(upstream) = args
         .iter()
@@ -205,19 +219,21 @@ fn build_proxy() -> std::path::PathBuf {
     target.join("release").join("llm-meter")
 }
 
-/// Starts llm-meter; `data_dir` holds its ledger, `None` runs it with `--no-persist`.
+/// Starts llm-meter forwarding to `upstream` (a base URL) with `config` (proxy.toml's text);
+/// `data_dir` holds its ledger, `None` runs it with `--no-persist`.
 fn start_proxy(
     binary: &std::path::Path,
-    upstream: SocketAddr,
+    upstream: &str,
+    config: &str,
     data_dir: Option<&std::path::Path>,
 ) -> Process {
+    let file = tempfile::NamedTempFile::new().expect("a config file");
+    std::fs::write(file.path(), config).expect("the config written");
     let mut command = Command::new(binary);
-    command.args([
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &format!("http://{upstream}/v1"),
-    ]);
+    command
+        .args(["--listen", "127.0.0.1:0", "--upstream", upstream])
+        .arg("--config")
+        .arg(file.path());
     match data_dir {
         Some(dir) => command.arg("--data-dir").arg(dir),
         None => command.arg("--no-persist"),
@@ -233,6 +249,7 @@ fn start_proxy(
             "RUST_LOG",
             std::env::var("BENCH_PROXY_LOG").unwrap_or_else(|_| "info".to_owned()),
         );
+    // The file is read at start, before the start-up line `spawn` waits for.
     spawn(command, |line| {
         line.split("http://")
             .nth(1)?
@@ -513,18 +530,37 @@ async fn orchestrate(options: &Options) {
     let mock = start_child(&["--mock"]);
     let floor = start_child(&["--floor", &mock.addr.to_string()]);
     let data = tempfile::tempdir().expect("a temporary data directory");
-    let proxy = start_proxy(&binary, mock.addr, Some(data.path()));
-    // The fourth target: this build without its ledger, or another build to compare with.
+    // With --tls, llm-meter's upstream is the TLS mock, trusted through the CA it wrote.
+    let tls_dir = tempfile::tempdir().expect("a directory for the test CA");
+    let tls_mock = options
+        .tls
+        .then(|| start_child(&["--mock-tls", &tls_dir.path().display().to_string()]));
+    let (upstream, config) = match &tls_mock {
+        Some(tls) => (
+            format!("https://localhost:{}/v1", tls.addr.port()),
+            format!("ca_file = {:?}\n", tls_dir.path().join("ca.pem")),
+        ),
+        None => (format!("http://{}/v1", mock.addr), String::new()),
+    };
+    let proxy = start_proxy(&binary, &upstream, &config, Some(data.path()));
+    // The fourth target: this build without its ledger, this build over HTTP/1.1 (--tls), or
+    // another build to compare with.
     let baseline = std::env::var_os("BENCH_BASELINE").map(std::path::PathBuf::from);
     let baseline_data = tempfile::tempdir().expect("a temporary data directory");
-    let in_memory = match &baseline {
-        Some(other) => start_proxy(other, mock.addr, Some(baseline_data.path())),
-        None => start_proxy(&binary, mock.addr, None),
-    };
-    let fourth = if baseline.is_some() {
-        "baseline"
-    } else {
-        "--no-persist"
+    let (in_memory, fourth) = match (&baseline, options.tls) {
+        (_, true) => {
+            let http1 = format!("{config}[upstreams.openai]\nhttp2 = false\n");
+            let fourth = start_proxy(&binary, &upstream, &http1, Some(baseline_data.path()));
+            (fourth, "http2 = false")
+        }
+        (Some(other), false) => (
+            start_proxy(other, &upstream, &config, Some(baseline_data.path())),
+            "baseline",
+        ),
+        (None, false) => (
+            start_proxy(&binary, &upstream, &config, None),
+            "--no-persist",
+        ),
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     let idle_rss = memory_mb(proxy.pid(), "VmRSS");
@@ -541,6 +577,9 @@ async fn orchestrate(options: &Options) {
         cpu_model()
     );
     match &baseline {
+        _ if options.tls => println!(
+            "targets: direct to the mock; floor = bare hyper pass-through (no metering, no logs); llm-meter (this build, its upstream the mock behind TLS, HTTP/2 by ALPN); http2 = false (the same over HTTP/1.1); both with ledger and request logs on"
+        ),
         Some(other) => println!(
             "targets: direct to the mock; floor = bare hyper pass-through (no metering, no logs); llm-meter (this build, ledger and request logs on); baseline = {} (ledger and request logs on)",
             other.display()

@@ -47,6 +47,62 @@ pub async fn serve(listener: TcpListener) {
     }
 }
 
+/// TLS settings with a certificate for `localhost` from a CA made now, whose certificate is
+/// written to `dir/ca.pem` for llm-meter to trust; ALPN offers HTTP/2, then HTTP/1.1.
+pub fn tls_acceptor(dir: &std::path::Path) -> tokio_rustls::TlsAcceptor {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("a CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).expect("the CA certificate");
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).expect("ca.pem written");
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().expect("a key");
+    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("parameters")
+        .signed_by(&key, &issuer)
+        .expect("the certificate");
+    let chain = vec![rustls::pki_types::CertificateDer::from(leaf.der().to_vec())];
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("the certificate taken");
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+}
+
+/// Serves forever on `listener` behind TLS, in HTTP/2 or HTTP/1.1 as ALPN chose.
+pub async fn serve_tls(listener: TcpListener, tls: tokio_rustls::TlsAcceptor) {
+    let plain = Bytes::from(plain_body());
+    let (stream_with_usage, stream_without) = (stream_events(true), stream_events(false));
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let plain = plain.clone();
+        let (with, without) = (stream_with_usage.clone(), stream_without.clone());
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let Ok(stream) = tls.accept(tcp).await else {
+                return;
+            };
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let (plain, with, without) = (plain.clone(), with.clone(), without.clone());
+                async move { Ok::<_, Infallible>(answer(request, plain, with, without).await) }
+            });
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+        });
+    }
+}
+
 async fn answer(
     request: Request<Incoming>,
     plain: Bytes,
