@@ -34,6 +34,9 @@ pub(super) struct FileConfig {
     pub(super) max_pending_rows: Option<usize>,
     pub(super) on_client_disconnect: Option<String>,
     pub(super) drain_timeout: Option<String>,
+    pub(super) websocket_idle_timeout: Option<String>,
+    pub(super) websocket_max_duration: Option<String>,
+    pub(super) websocket_max_message_bytes: Option<u64>,
     #[serde(default)]
     pub(super) pricing: BTreeMap<String, PriceEntry>,
     #[serde(default)]

@@ -11,6 +11,7 @@ pub mod guard;
 pub mod ledger;
 mod serving;
 mod upstreams;
+pub mod websocket;
 
 use upstreams::is_plain_name;
 pub use upstreams::{ApiFlavor, InjectStreamUsage, Route, Upstream};
@@ -223,6 +224,8 @@ pub struct Config {
     pub guard: guard::Settings,
     /// The config file that was read, if any.
     pub file: Option<PathBuf>,
+    /// Limits of relayed WebSockets.
+    pub websocket: websocket::Settings,
 }
 
 impl Config {
@@ -314,6 +317,7 @@ impl Config {
             upstream,
             routes,
             file: None,
+            websocket: websocket::settings(&file, &name)?,
         })
     }
 }
