@@ -101,6 +101,21 @@ impl Pools {
         }
     }
 
+    /// Opens a fresh connection of its own, never pooled (a WebSocket upgrade takes it over):
+    /// TCP, then TLS for `https`, through the same connector as pooled ones.
+    pub async fn open_http1(
+        &self,
+    ) -> Result<impl hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static, SendError> {
+        let mut connector = self.connector.clone();
+        poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(SendError::Connect)?;
+        connector
+            .call(self.origin.clone())
+            .await
+            .map_err(SendError::Connect)
+    }
+
     /// Opens a connection and starts its task on the calling worker.
     async fn connect(&self) -> Result<SendRequest<Body>, SendError> {
         let mut connector = self.connector.clone();
