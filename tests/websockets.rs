@@ -49,6 +49,10 @@ impl WsMock {
         let heads = Arc::new(Mutex::new(Vec::new()));
         let received = Arc::new(Mutex::new(Vec::new()));
         let (h, r) = (Arc::clone(&heads), Arc::clone(&received));
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "owned: stop() aborts it or re-raises its panic"
+        )]
         let task = tokio::spawn(async move {
             let mut connections = JoinSet::new();
             loop {
@@ -105,6 +109,10 @@ async fn serve(
     heads: Arc<Mutex<Vec<(String, http::HeaderMap)>>>,
     received: Arc<Mutex<Vec<Value>>>,
 ) {
+    #[expect(
+        clippy::result_large_err,
+        reason = "the callback's signature is tungstenite's"
+    )]
     let record = |request: &Request, response: Response| {
         let path = request.uri().path_and_query().unwrap().to_string();
         heads.lock().push((path, request.headers().clone()));
@@ -436,6 +444,7 @@ async fn an_open_websocket_is_closed_as_going_away_at_shutdown() {
         .await
         .unwrap();
     respond(&mut ws, &create("ws-model"), "response.completed").await;
+    #[expect(clippy::disallowed_methods, reason = "owned: awaited below")]
     let stopping = tokio::spawn(proxy.stop());
     let (code, reason) = closed(&mut ws).await;
     assert_eq!(code, CloseCode::Away);
