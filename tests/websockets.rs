@@ -490,3 +490,30 @@ async fn the_binary_meters_a_websocket_and_never_logs_its_key() {
     );
     mock.stop().await;
 }
+
+#[tokio::test]
+async fn an_upstream_that_refuses_the_upgrade_is_answered_as_a_normal_response() {
+    let mock = common::Mock::start(|_| {
+        common::Reply::json(405, &json!({"error": {"message": "method not allowed"}}))
+    })
+    .await;
+    let proxy = Proxy::start(&mock.url()).await;
+    let refused = open(proxy.addr, "/v1/responses", "sk-ws-refused-00000000")
+        .await
+        .unwrap_err();
+    let tokio_tungstenite::tungstenite::Error::Http(response) = refused else {
+        panic!("not an HTTP answer: {refused:?}");
+    };
+    assert_eq!(response.status(), 405);
+    let body: Value = serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
+    assert_eq!(body["error"]["message"], "method not allowed");
+    let received = mock.last();
+    assert_eq!(received.method, "GET");
+    assert_eq!(received.headers["upgrade"], "websocket");
+    assert_eq!(
+        proxy.stats_after(0).await["totals"]["requests"],
+        0,
+        "no response to meter"
+    );
+    proxy.stop().await;
+}
