@@ -9,7 +9,8 @@
 //!    `key` identifies the caller, `guard` admits it (named and virtual keys, budgets, rate
 //!    limits), `proxy::route` picks the usage flavor, `proxy::rewrite` asks for stream usage
 //!    when the client did not, and `proxy::tap` hands every response byte to the client as it
-//!    arrives and, on the side, to the extractor.
+//!    arrives and, on the side, to the extractor. `proxy::websocket` relays upgraded
+//!    connections message by message and meters each response inside them.
 //! 4. `usage` turns each flavor's usage (OpenAI, Anthropic, Gemini; plain JSON or SSE) into one
 //!    `Usage` record, or estimates it with a BPE tokenizer when the response reported none.
 //! 5. `meter` prices the record in integer nano-dollars and adds it to per-key, per-model and
@@ -37,7 +38,7 @@
 //! | 4 | `config`, `logs` | validated settings; the log writer they configure |
 //! | 5 | `meter` | totals in memory, the ledger, prices per model |
 //! | 6 | `guard` | admission: named keys, budgets, rate limits, alerts |
-//! | 7 | `proxy` | forwarding: route, rewrite, upstream, tap, the exchange's record |
+//! | 7 | `proxy` | forwarding: route, rewrite, upstream, tap, the exchange's record, WebSockets |
 //! | 8 | `app` | `AppState`: config, meter, guard and upstreams, built once |
 //! | 9 | `api` | our own endpoints and their router |
 //! | 10 | `server` | accept, workers, timeouts, dispatch on the canonical path |

@@ -39,6 +39,12 @@ impl Tasks {
         }
     }
 
+    /// `task`, counted among the tasks shutdown waits for while the caller runs it where it is
+    /// (a relayed WebSocket runs on the task of its client connection).
+    pub fn track<F: Future>(&self, task: F) -> tokio_util::task::task_tracker::TrackedFuture<F> {
+        self.tracker.track_future(task)
+    }
+
     /// Completes when shutdown begins: a task that serves a queue finishes what is queued.
     pub async fn closing(&self) {
         self.closing.cancelled().await;

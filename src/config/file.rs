@@ -38,6 +38,9 @@ pub(super) struct FileConfig {
     pub(super) no_proxy: Option<String>,
     pub(super) ca_file: Option<PathBuf>,
     pub(super) tls_roots: Option<String>,
+    pub(super) websocket_idle_timeout: Option<String>,
+    pub(super) websocket_max_duration: Option<String>,
+    pub(super) websocket_max_message_bytes: Option<u64>,
     #[serde(default)]
     pub(super) pricing: BTreeMap<String, PriceEntry>,
     #[serde(default)]

@@ -12,6 +12,7 @@ pub mod guard;
 pub mod ledger;
 mod serving;
 mod upstreams;
+pub mod websocket;
 
 use upstreams::is_plain_name;
 pub use upstreams::{ApiFlavor, InjectStreamUsage, Route, Upstream};
@@ -226,6 +227,8 @@ pub struct Config {
     pub guard: guard::Settings,
     /// The config file that was read, if any.
     pub file: Option<PathBuf>,
+    /// Limits of relayed WebSockets.
+    pub websocket: websocket::Settings,
 }
 
 impl Config {
@@ -321,6 +324,7 @@ impl Config {
             routes,
             egress,
             file: None,
+            websocket: websocket::settings(&file, &name)?,
         })
     }
 }

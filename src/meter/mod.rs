@@ -121,6 +121,9 @@ pub struct Record<'a> {
     pub is_estimated: bool,
     /// The name of the upstream it went to (`openai`, `anthropic`, or a declared one).
     pub upstream: &'a str,
+    /// The part of `usage` that was audio: counted as tokens, but left out of the cost (no
+    /// price has audio rates), and the request flagged unpriced when there is any.
+    pub audio: Usage,
 }
 
 impl<'a> Record<'a> {
@@ -139,6 +142,7 @@ impl<'a> Record<'a> {
             is_partial: false,
             is_estimated: false,
             upstream: crate::config::OPENAI,
+            audio: Usage::default(),
         }
     }
 }
@@ -315,7 +319,15 @@ impl Meter {
     /// Prices one request and adds it to the totals; never fails.
     pub fn record(&self, record: &Record<'_>) -> Priced {
         let usage = record.usage.unwrap_or_default();
+        let has_audio = record.audio.total_tokens() > 0;
         let priced = match self.price_of(record.model) {
+            Some(price) if has_audio => {
+                self.warn_unpriced_audio(record.model);
+                Priced {
+                    cost: price.cost(&usage.without(&record.audio)),
+                    is_priced: false,
+                }
+            }
             Some(price) => Priced {
                 cost: price.cost(&usage),
                 is_priced: true,
@@ -376,6 +388,17 @@ impl Meter {
             resolved.insert(model.to_owned(), price);
         }
         price
+    }
+
+    /// Warns once per process that audio tokens are left out of costs.
+    fn warn_unpriced_audio(&self, model: &str) {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                model,
+                "response has audio tokens, which no price covers: they are counted as tokens, left out of the cost, and the request is counted in unpriced_requests"
+            );
+        });
     }
 
     fn warn_unpriced(&self, model: &str) {

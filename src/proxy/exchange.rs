@@ -140,6 +140,7 @@ impl Finished {
             is_partial: !self.is_whole,
             is_estimated,
             upstream: &self.upstream.name,
+            audio: self.extracted.audio,
         });
         let usage = self.extracted.usage.unwrap_or_default();
         self.guard.on_record(

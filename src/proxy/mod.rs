@@ -7,6 +7,7 @@ pub mod rewrite;
 pub mod route;
 pub mod tap;
 pub mod upstream;
+pub mod websocket;
 
 /// Canonical paths, decided on before a request reaches a route.
 pub use crate::path;
@@ -108,8 +109,13 @@ pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> R
         .path()
         .strip_prefix(route.prefix.as_str())
         .unwrap_or_default();
+    let is_websocket = websocket::is_upgrade(&parts);
     let metered = route::classify(route.flavor, &parts.method, rest);
-    let flavor = metered.map(|m| m.flavor);
+    let flavor = if is_websocket {
+        route::classify_upgrade(route.flavor, rest)
+    } else {
+        metered.map(|m| m.flavor)
+    };
     let request_model = metered.and_then(|m| m.path_model).map(str::to_owned);
     let is_stream_path = metered.is_some_and(|m| m.is_stream_path);
     let guard = state.guard;
@@ -147,6 +153,9 @@ pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> R
         error: None,
         is_done: false,
     };
+    if is_websocket {
+        return websocket::forward(&state, route, runtime, parts, exchange).await;
+    }
     match send(&state, route, runtime, parts, body, &mut exchange).await {
         Ok(Answer::Tapped(parts, incoming, extraction)) => {
             exchange.status = parts.status;

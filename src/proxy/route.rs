@@ -74,6 +74,19 @@ pub fn classify<'a>(api: ApiFlavor, method: &Method, rest: &'a str) -> Option<Me
     }
 }
 
+/// The flavor whose usage a WebSocket upgrade's messages carry, or `None` for upgrades relayed
+/// unmetered: the Responses API's WebSocket mode and the Realtime API, on OpenAI upstreams.
+pub fn classify_upgrade(api: ApiFlavor, rest: &str) -> Option<Flavor> {
+    let rest = rest.trim_end_matches('/');
+    match api {
+        ApiFlavor::OpenAi if rest.eq_ignore_ascii_case("/responses") => {
+            Some(Flavor::OpenAiResponses)
+        }
+        ApiFlavor::OpenAi if rest.eq_ignore_ascii_case("/realtime") => Some(Flavor::OpenAiRealtime),
+        _ => None,
+    }
+}
+
 fn strip_prefix_ignoring_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
     let head = text.get(..prefix.len())?;
     head.eq_ignore_ascii_case(prefix)
@@ -108,6 +121,21 @@ mod tests {
             flavor(openai, &Method::POST, "/responses/input_tokens"),
             None
         );
+    }
+
+    #[test]
+    fn websocket_upgrades_are_metered_on_responses_and_realtime_only() {
+        let openai = ApiFlavor::OpenAi;
+        assert_eq!(
+            classify_upgrade(openai, "/responses"),
+            Some(Flavor::OpenAiResponses)
+        );
+        assert_eq!(
+            classify_upgrade(openai, "/Realtime/"),
+            Some(Flavor::OpenAiRealtime)
+        );
+        assert_eq!(classify_upgrade(openai, "/chat/completions"), None);
+        assert_eq!(classify_upgrade(ApiFlavor::Anthropic, "/responses"), None);
     }
 
     #[test]

@@ -22,9 +22,9 @@ use http::{Version, header};
 use hyper::body::Incoming;
 use hyper::service::{Service, service_fn};
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch as signal;
 
 use crate::api;
 use crate::api::router;
@@ -116,7 +116,9 @@ pub async fn run_with(
     } else {
         Surface::All
     };
-    let graceful = GracefulShutdown::new();
+    // Tells connections to finish (hyper-util's `GracefulShutdown` cannot watch a connection
+    // that may upgrade); the shutdown waits until every connection has dropped its receiver.
+    let (graceful, draining) = signal::channel(());
     let refusals = Refusals::new(REFUSAL_WARNING_INTERVAL);
     let accept = async {
         loop {
@@ -139,7 +141,7 @@ pub async fn run_with(
                 surface,
                 peer: peer_as.unwrap_or(peer),
             };
-            let watcher = graceful.watcher();
+            let watcher = draining.clone();
             workers.serve(tcp, move |tcp, open| {
                 connection(tcp, app, watcher, open, timeouts)
             });
@@ -155,7 +157,11 @@ pub async fn run_with(
     tracing::info!(grace = %humantime::format_duration(grace), "shutting down: finishing in-flight requests");
     let deadline = tokio::time::Instant::now() + grace;
     tokio::select! {
-        () = graceful.shutdown() => {}
+        () = async {
+            let _ = graceful.send(());
+            drop(draining);
+            graceful.closed().await;
+        } => {}
         () = tokio::time::sleep_until(deadline) => {
             tracing::warn!("grace period over: closing the connections still open");
         }
@@ -280,29 +286,61 @@ fn with_path(uri: &http::Uri, path: &str) -> Option<http::Uri> {
 
 /// Serves HTTP/1.1 on one connection until the client closes it, the shutdown asks it to, or
 /// it times out in a request head or while idle.
-async fn connection(tcp: TcpStream, app: App, watcher: Watcher, _open: Open, timeouts: Timeouts) {
+///
+/// A request that asks for an upgrade gets a `Handoff`; when forwarding accepted the upgrade,
+/// the connection's HTTP part ends with the 101, and its WebSocket relay runs here, still
+/// counted as an open connection, and tracked by `tasks` so that shutdown waits for it.
+async fn connection(
+    tcp: TcpStream,
+    app: App,
+    mut shutdown: signal::Receiver<()>,
+    _open: Open,
+    timeouts: Timeouts,
+) {
     let activity = Activity::start(timeouts);
     let requests = Arc::clone(&activity);
-    let service = service_fn(move |request| {
+    let handoff = proxy::websocket::Handoff::new();
+    let upgrades = handoff.clone();
+    let tasks = app.state.tasks.clone();
+    let service = service_fn(move |mut request: http::Request<Incoming>| {
         let app = app.clone();
         let in_flight = requests.request_started();
+        if request.headers().contains_key(header::UPGRADE) {
+            request.extensions_mut().insert(upgrades.clone());
+        }
         async move {
             let response = app.call(request).await;
             Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
         }
     });
     let io = TokioIo::new(Watched::new(tcp, Arc::clone(&activity)));
-    let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
-    let served = std::pin::pin!(watcher.watch(conn));
-    tokio::select! {
-        biased;
-        served = AfterResponse(served) => {
-            if let Err(err) = served {
-                tracing::trace!(%err, "connection ended with an error");
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(io, service)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let mut is_finishing = false;
+    loop {
+        tokio::select! {
+            biased;
+            served = AfterResponse(conn.as_mut()) => {
+                if let Err(err) = served {
+                    tracing::trace!(%err, "connection ended with an error");
+                }
+                break;
+            }
+            _ = shutdown.changed(), if !is_finishing => {
+                // Finish the request in flight, if any, then close.
+                conn.as_mut().graceful_shutdown();
+                is_finishing = true;
+            }
+            reason = activity.expired() => {
+                tracing::debug!(reason, "closed a connection that timed out");
+                break;
             }
         }
-        reason = activity.expired() => {
-            tracing::debug!(reason, "closed a connection that timed out");
-        }
+    }
+    drop(shutdown);
+    if let Some(relay) = handoff.take() {
+        tasks.track(relay).await;
     }
 }

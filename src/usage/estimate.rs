@@ -162,6 +162,8 @@ pub fn prompt_tokens(flavor: Flavor, model: &str, body: &[u8]) -> u64 {
             [None; 3]
         }
         Flavor::OpenAiResponses => [request.instructions, request.input, None],
+        // A Realtime conversation lives on the server: a response's prompt is not in its request.
+        Flavor::OpenAiRealtime => [None; 3],
         Flavor::AnthropicMessages => [request.system, request.messages, request.tools],
         Flavor::Gemini => [
             request.system_instruction,
@@ -391,7 +393,7 @@ fn response_text(flavor: Flavor, response: &Value, text: &mut String) {
     let field = match flavor {
         Flavor::OpenAiChat | Flavor::OpenAiCompletions => "choices",
         Flavor::OpenAiEmbeddings => return,
-        Flavor::OpenAiResponses => "output",
+        Flavor::OpenAiResponses | Flavor::OpenAiRealtime => "output",
         Flavor::AnthropicMessages => "content",
         Flavor::Gemini => "candidates",
     };
@@ -418,9 +420,11 @@ fn stream_text(flavor: Flavor, chunks: &[Bytes]) -> String {
             return;
         };
         match flavor {
-            Flavor::OpenAiResponses => {
+            Flavor::OpenAiResponses | Flavor::OpenAiRealtime => {
                 let kind = value.get("type").and_then(Value::as_str).unwrap_or("");
+                // Realtime's audio deltas are base64 audio, not text.
                 if kind.ends_with(".delta")
+                    && !kind.ends_with("audio.delta")
                     && let Some(delta) = value.get("delta").and_then(Value::as_str)
                 {
                     text.push_str(delta);

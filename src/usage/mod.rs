@@ -2,7 +2,8 @@
 //!
 //! Wire fields per flavor and how each maps to the record:
 //!
-//! (The Responses API's, Anthropic's and Gemini's mappings are in their own modules.)
+//! (The Responses API's, the Realtime API's, Anthropic's and Gemini's mappings are in their own
+//! modules.)
 //!
 //! | record field          | OpenAI chat / completions / embeddings                |
 //! |-----------------------|-------------------------------------------------------|
@@ -23,6 +24,7 @@ pub mod anthropic;
 pub mod estimate;
 pub mod gemini;
 pub mod openai_chat;
+pub mod openai_realtime;
 pub mod openai_responses;
 pub mod sse;
 pub mod tokenizer;
@@ -61,6 +63,21 @@ impl Usage {
     pub fn total_tokens(&self) -> u64 {
         self.prompt_tokens() + self.output_tokens
     }
+
+    /// These tokens less `part` (a part of them, such as the audio tokens), class by class.
+    pub fn without(&self, part: &Self) -> Self {
+        Self {
+            input_tokens: self.input_tokens.saturating_sub(part.input_tokens),
+            cached_input_tokens: self
+                .cached_input_tokens
+                .saturating_sub(part.cached_input_tokens),
+            cache_write_tokens: self
+                .cache_write_tokens
+                .saturating_sub(part.cache_write_tokens),
+            output_tokens: self.output_tokens.saturating_sub(part.output_tokens),
+            reasoning_tokens: self.reasoning_tokens.saturating_sub(part.reasoning_tokens),
+        }
+    }
 }
 
 /// How a route's responses report usage.
@@ -74,6 +91,8 @@ pub enum Flavor {
     OpenAiEmbeddings,
     /// OpenAI Responses API: plain JSON, or typed SSE events ending in `response.completed`.
     OpenAiResponses,
+    /// OpenAI Realtime API: WebSocket events, each response ending in `response.done`.
+    OpenAiRealtime,
     /// Anthropic Messages: plain JSON, or SSE with `message_start` and cumulative `message_delta` usage.
     AnthropicMessages,
     /// Gemini native `generateContent` / `streamGenerateContent`: `usageMetadata`.
@@ -88,6 +107,7 @@ impl Flavor {
             Self::OpenAiCompletions => "openai_completions",
             Self::OpenAiEmbeddings => "openai_embeddings",
             Self::OpenAiResponses => "openai_responses",
+            Self::OpenAiRealtime => "openai_realtime",
             Self::AnthropicMessages => "anthropic_messages",
             Self::Gemini => "gemini",
         }
@@ -106,6 +126,7 @@ impl Flavor {
                 openai_chat::parse_body(body)
             }
             Self::OpenAiResponses => openai_responses::parse_body(body),
+            Self::OpenAiRealtime => openai_realtime::parse_event(body),
             Self::AnthropicMessages => anthropic::parse_body(body),
             Self::Gemini => gemini::parse_body(body),
         }
@@ -132,7 +153,9 @@ impl StreamUsage {
             Flavor::OpenAiChat | Flavor::OpenAiCompletions | Flavor::OpenAiEmbeddings => {
                 Self::Chat(openai_chat::Stream::default())
             }
-            Flavor::OpenAiResponses => Self::Responses(openai_responses::Stream::default()),
+            Flavor::OpenAiResponses | Flavor::OpenAiRealtime => {
+                Self::Responses(openai_responses::Stream::default())
+            }
             Flavor::AnthropicMessages => Self::Anthropic(anthropic::Stream::default()),
             Flavor::Gemini => Self::Gemini(gemini::Stream::default()),
         }
@@ -228,6 +251,9 @@ pub struct Extracted {
     /// The output count is a provisional one: the stream was cut before the provider's final
     /// count (an Anthropic stream ends with it; its start gives only the input).
     pub is_output_provisional: bool,
+    /// The part of `usage` that was audio (the Realtime API reports it): counted as tokens,
+    /// but priced by no price we know, so the record is flagged unpriced.
+    pub audio: Usage,
 }
 
 /// A JSON value found where a token count belongs, classified while parsing, without allocating.

@@ -134,14 +134,19 @@ impl Stream {
     /// Looks at one whole event; parses JSON only for `response.created` and events whose
     /// response carries a usage object (the terminal ones). Text deltas are only scanned.
     pub fn on_event(&mut self, event: &[u8]) {
-        let Some(data) = sse::data(event) else {
-            return;
-        };
-        let has_usage = has_usage_value(&data);
-        if !has_usage && CREATED.find(&data).is_none() {
+        if let Some(data) = sse::data(event) {
+            self.on_data(&data);
+        }
+    }
+
+    /// Looks at one event's data: an SSE event's `data`, or a whole WebSocket message (the
+    /// API's WebSocket mode sends the same events, one per message).
+    pub fn on_data(&mut self, data: &[u8]) {
+        let has_usage = has_usage_value(data);
+        if !has_usage && CREATED.find(data).is_none() {
             return;
         }
-        let response = serde_json::from_slice::<StreamEvent<'_>>(&data)
+        let response = serde_json::from_slice::<StreamEvent<'_>>(data)
             .ok()
             .and_then(|e| e.response)
             .and_then(|r| serde_json::from_str::<Envelope<'_>>(r.get()).ok());
