@@ -200,3 +200,113 @@ pub(super) fn resolve(
         route.egress = egress;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::client::Http2;
+    use crate::config::{Config, ConfigError, Flags};
+    use std::collections::HashMap;
+
+    fn load(file: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        env.insert("HOME".into(), "/home/ada".into());
+        Config::from_layers(Some(file), None, &env, &Flags::default())
+    }
+
+    /// The proxy of the upstream named `name`, as shown (never with credentials).
+    fn proxy_of(config: &Config, name: &str) -> Option<String> {
+        let route = config.routes.iter().find(|r| r.name == name).unwrap();
+        route
+            .egress
+            .proxy
+            .as_ref()
+            .map(|(p, from)| format!("{p} ({from})"))
+    }
+
+    #[test]
+    fn the_lower_case_variable_wins_and_all_proxy_is_the_fallback() {
+        let config = load(
+            "",
+            &[
+                ("https_proxy", "http://lower:1"),
+                ("HTTPS_PROXY", "http://upper:2"),
+                ("ALL_PROXY", "http://all:3"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            proxy_of(&config, "openai").unwrap(),
+            "http://lower:1 (environment variable https_proxy)"
+        );
+        let config = load("", &[("ALL_PROXY", "all:3")]).unwrap();
+        assert_eq!(
+            proxy_of(&config, "anthropic").unwrap(),
+            "http://all:3 (environment variable ALL_PROXY)"
+        );
+        // An empty variable is no proxy.
+        let config = load("", &[("HTTPS_PROXY", " ")]).unwrap();
+        assert_eq!(proxy_of(&config, "openai"), None);
+    }
+
+    #[test]
+    fn http_upstreams_read_http_proxy_and_https_ones_https_proxy() {
+        let file = "[upstreams.gw]\nurl = \"http://gw.internal:8000/v1\"\n";
+        let env = [
+            ("HTTP_PROXY", "http://p:80"),
+            ("HTTPS_PROXY", "http://s:443"),
+        ];
+        let config = load(file, &env).unwrap();
+        assert!(proxy_of(&config, "gw").unwrap().starts_with("http://p:80"));
+        assert!(
+            proxy_of(&config, "openai")
+                .unwrap()
+                .starts_with("http://s:443")
+        );
+    }
+
+    #[test]
+    fn settings_are_read_and_bad_ones_are_refused_by_name() {
+        let file = "proxy = \"http://u:p@corp:3128\"\nno_proxy = \"openai.com\"\n\
+                    [upstreams.local]\nurl = \"http://127.0.0.1:9/v1\"\nproxy = \"http://side:1\"\nhttp2 = \"prior-knowledge\"\n\
+                    [upstreams.anthropic]\nhttp2 = false\nproxy = \"\"\n";
+        let config = load(file, &[("HTTPS_PROXY", "http://ignored:1")]).unwrap();
+        assert_eq!(proxy_of(&config, "openai"), None, "no_proxy matched");
+        assert_eq!(proxy_of(&config, "anthropic"), None, "its own proxy = \"\"");
+        assert!(
+            proxy_of(&config, "local")
+                .unwrap()
+                .starts_with("http://side:1")
+        );
+        let http2 = |name: &str| {
+            config
+                .routes
+                .iter()
+                .find(|r| r.name == name)
+                .unwrap()
+                .egress
+                .http2
+        };
+        assert_eq!(http2("local"), Http2::PriorKnowledge);
+        assert_eq!(http2("anthropic"), Http2::Off);
+        assert_eq!(http2("openai"), Http2::Offered);
+
+        for (bad, field) in [
+            ("proxy = \"socks5://x:1\"", "`proxy`"),
+            ("tls_roots = \"mozilla\"", "`tls_roots`"),
+            (
+                "[upstreams.openai]\nhttp2 = \"yes\"",
+                "`upstreams.openai.http2`",
+            ),
+            (
+                "[upstreams.openai]\nproxy = \"ftp://x\"",
+                "`upstreams.openai.proxy`",
+            ),
+        ] {
+            let err = load(bad, &[]).unwrap_err().to_string();
+            assert!(err.contains(field), "{bad}: {err}");
+        }
+    }
+}
