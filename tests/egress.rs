@@ -42,9 +42,16 @@ fn api_test_url(mock: &Mock) -> String {
     format!("https://api.test:{}/v1", mock.addr.port())
 }
 
-async fn error_of(response: reqwest::Response) -> (u16, Value) {
+/// Sends a small chat request, and returns the status and the JSON body.
+async fn chat(proxy: &Proxy) -> (u16, Value) {
+    let response = proxy
+        .chat(
+            "sk-corp-aaaaaaaaaaaaaaaa",
+            &chat_request("gpt-4o-mini", false),
+        )
+        .await;
     let status = response.status().as_u16();
-    (status, response.json().await.expect("an error body"))
+    (status, response.json().await.expect("a JSON body"))
 }
 
 #[tokio::test]
@@ -63,13 +70,7 @@ async fn https_proxy_and_ssl_cert_file_from_the_environment_reach_a_company_upst
     )
     .await;
 
-    let response = proxy
-        .chat(
-            "sk-corp-aaaaaaaaaaaaaaaa",
-            &chat_request("gpt-4o-mini", false),
-        )
-        .await;
-    assert_eq!(response.status(), 200);
+    assert_eq!(chat(&proxy).await.0, 200);
     let stats = proxy.stats_after(1).await;
     assert_eq!(stats["totals"]["prompt_tokens"], 11);
     assert_eq!(stats["totals"]["completion_tokens"], 3);
@@ -95,13 +96,7 @@ async fn lower_case_and_all_proxy_variables_are_read_too() {
             &[(variable, proxy_url.as_str())],
         )
         .await;
-        let response = proxy
-            .chat(
-                "sk-corp-aaaaaaaaaaaaaaaa",
-                &chat_request("gpt-4o-mini", false),
-            )
-            .await;
-        assert_eq!(response.status(), 200, "{variable}");
+        assert_eq!(chat(&proxy).await.0, 200, "{variable}");
         assert_eq!(egress.asked().len(), 1, "{variable}");
     }
 }
@@ -165,15 +160,7 @@ async fn a_proxy_that_wants_credentials_gets_a_502_that_names_it_and_says_why() 
     let egress = EgressProxy::start(Behaviour::Credentials("Basic x".into())).await;
     let toml = format!("proxy = {:?}\nca_file = {ca_file:?}", egress.url(""));
     let proxy = start(&api_test_url(&mock), &toml, &[]).await;
-    let (status, body) = error_of(
-        proxy
-            .chat(
-                "sk-corp-aaaaaaaaaaaaaaaa",
-                &chat_request("gpt-4o-mini", false),
-            )
-            .await,
-    )
-    .await;
+    let (status, body) = chat(&proxy).await;
     assert_eq!(status, 502);
     assert_eq!(body["error"]["code"], "egress_proxy_failed");
     let message = body["error"]["message"].as_str().unwrap();
@@ -202,15 +189,7 @@ async fn a_proxy_that_refuses_or_is_down_gets_a_502_naming_the_proxy_not_the_pro
     ] {
         let toml = format!("proxy = {proxy_url:?}\nca_file = {ca_file:?}");
         let proxy = start(&api_test_url(&mock), &toml, &[]).await;
-        let (status, body) = error_of(
-            proxy
-                .chat(
-                    "sk-corp-aaaaaaaaaaaaaaaa",
-                    &chat_request("gpt-4o-mini", false),
-                )
-                .await,
-        )
-        .await;
+        let (status, body) = chat(&proxy).await;
         assert_eq!(status, 502, "{body}");
         let message = body["error"]["message"].as_str().unwrap();
         assert!(
@@ -227,15 +206,7 @@ async fn a_proxy_that_never_answers_gets_a_504_naming_it() {
     let toml = format!("proxy = {:?}\nconnect_timeout = \"300ms\"", silent.url(""));
     let proxy = start("https://api.test:443/v1", &toml, &[]).await;
     let started = std::time::Instant::now();
-    let (status, body) = error_of(
-        proxy
-            .chat(
-                "sk-corp-aaaaaaaaaaaaaaaa",
-                &chat_request("gpt-4o-mini", false),
-            )
-            .await,
-    )
-    .await;
+    let (status, body) = chat(&proxy).await;
     assert_eq!(status, 504, "{body}");
     assert_eq!(body["error"]["code"], "egress_proxy_timeout");
     assert!(
@@ -260,13 +231,7 @@ async fn no_proxy_and_loopback_hosts_go_direct() {
         &[("HTTPS_PROXY", proxy_url.as_str())],
     )
     .await;
-    let response = proxy
-        .chat(
-            "sk-corp-aaaaaaaaaaaaaaaa",
-            &chat_request("gpt-4o-mini", false),
-        )
-        .await;
-    assert_eq!(response.status(), 200);
+    assert_eq!(chat(&proxy).await.0, 200);
     assert!(egress.asked().is_empty());
 
     // `api.test` matched by NO_PROXY goes direct, so no DNS knows it: the error says so, and
@@ -282,15 +247,7 @@ async fn no_proxy_and_loopback_hosts_go_direct() {
             ],
         )
         .await;
-        let (status, body) = error_of(
-            proxy
-                .chat(
-                    "sk-corp-aaaaaaaaaaaaaaaa",
-                    &chat_request("gpt-4o-mini", false),
-                )
-                .await,
-        )
-        .await;
+        let (status, body) = chat(&proxy).await;
         assert_eq!(status, 502, "NO_PROXY={no_proxy}: {body}");
         assert_eq!(body["error"]["code"], "upstream_unreachable", "{no_proxy}");
         assert!(egress.asked().is_empty(), "NO_PROXY={no_proxy}");
@@ -305,13 +262,7 @@ async fn no_proxy_and_loopback_hosts_go_direct() {
         ],
     )
     .await;
-    let response = proxy
-        .chat(
-            "sk-corp-aaaaaaaaaaaaaaaa",
-            &chat_request("gpt-4o-mini", false),
-        )
-        .await;
-    assert_eq!(response.status(), 200);
+    assert_eq!(chat(&proxy).await.0, 200);
     assert_eq!(egress.asked().len(), 1);
 }
 
@@ -325,27 +276,13 @@ async fn the_proxy_setting_wins_over_the_environment_and_an_empty_one_turns_it_o
     let env = [("HTTPS_PROXY", env_url.as_str())];
     let toml = format!("proxy = {:?}\nca_file = {ca_file:?}", from_file.url(""));
     let proxy = start(&api_test_url(&mock), &toml, &env).await;
-    let response = proxy
-        .chat(
-            "sk-corp-aaaaaaaaaaaaaaaa",
-            &chat_request("gpt-4o-mini", false),
-        )
-        .await;
-    assert_eq!(response.status(), 200);
+    assert_eq!(chat(&proxy).await.0, 200);
     assert_eq!((from_env.asked().len(), from_file.asked().len()), (0, 1));
 
     // `proxy = ""`: direct, so `api.test` is not found.
     let toml = format!("proxy = \"\"\nca_file = {ca_file:?}");
     let proxy = start(&api_test_url(&mock), &toml, &env).await;
-    let (status, _) = error_of(
-        proxy
-            .chat(
-                "sk-corp-aaaaaaaaaaaaaaaa",
-                &chat_request("gpt-4o-mini", false),
-            )
-            .await,
-    )
-    .await;
+    let (status, _) = chat(&proxy).await;
     assert_eq!(status, 502);
     assert!(from_env.asked().is_empty());
 
@@ -355,13 +292,7 @@ async fn the_proxy_setting_wins_over_the_environment_and_an_empty_one_turns_it_o
         from_file.url("")
     );
     let proxy = start(&api_test_url(&mock), &toml, &env).await;
-    let response = proxy
-        .chat(
-            "sk-corp-aaaaaaaaaaaaaaaa",
-            &chat_request("gpt-4o-mini", false),
-        )
-        .await;
-    assert_eq!(response.status(), 200);
+    assert_eq!(chat(&proxy).await.0, 200);
     assert_eq!(from_file.asked().len(), 2);
 }
 
@@ -406,13 +337,7 @@ async fn a_private_ca_is_trusted_through_ca_file_ssl_cert_file_or_an_upstreams_o
         (own, vec![]),
     ] {
         let proxy = start(&mock.url(), &toml, &env).await;
-        let response = proxy
-            .chat(
-                "sk-corp-aaaaaaaaaaaaaaaa",
-                &chat_request("gpt-4o-mini", false),
-            )
-            .await;
-        assert_eq!(response.status(), 200, "{toml} {env:?}");
+        assert_eq!(chat(&proxy).await.0, 200, "{toml} {env:?}");
     }
     let certs = tempfile::tempdir().unwrap();
     let ca = TestCa::new("unused");
@@ -420,13 +345,7 @@ async fn a_private_ca_is_trusted_through_ca_file_ssl_cert_file_or_an_upstreams_o
     ca.write(certs.path(), "other.pem");
     let dir_var = certs.path().display().to_string();
     let proxy = start(&mock.url(), "", &[("SSL_CERT_DIR", dir_var.as_str())]).await;
-    let response = proxy
-        .chat(
-            "sk-corp-aaaaaaaaaaaaaaaa",
-            &chat_request("gpt-4o-mini", false),
-        )
-        .await;
-    assert_eq!(response.status(), 200, "SSL_CERT_DIR");
+    assert_eq!(chat(&proxy).await.0, 200, "SSL_CERT_DIR");
 }
 
 #[tokio::test]
@@ -434,15 +353,7 @@ async fn an_untrusted_certificate_gets_a_502_that_says_how_to_trust_it() {
     let dir = tempfile::tempdir().unwrap();
     let (mock, _ca, _ca_file) = company_upstream(dir.path()).await;
     let proxy = start(&mock.url(), "", &[]).await;
-    let (status, body) = error_of(
-        proxy
-            .chat(
-                "sk-corp-aaaaaaaaaaaaaaaa",
-                &chat_request("gpt-4o-mini", false),
-            )
-            .await,
-    )
-    .await;
+    let (status, body) = chat(&proxy).await;
     assert_eq!(status, 502);
     assert_eq!(body["error"]["code"], "upstream_unreachable");
     let message = body["error"]["message"].as_str().unwrap();

@@ -25,26 +25,7 @@ type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 /// Serves forever on `listener` (run in its own process by the benchmark).
 pub async fn serve(listener: TcpListener) {
-    let plain = Bytes::from(plain_body());
-    let (stream_with_usage, stream_without) = (stream_events(true), stream_events(false));
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        let plain = plain.clone();
-        let (with, without) = (stream_with_usage.clone(), stream_without.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let (plain, with, without) = (plain.clone(), with.clone(), without.clone());
-                async move { Ok::<_, Infallible>(answer(request, plain, with, without).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
+    serve_with(listener, None).await;
 }
 
 /// TLS settings with a certificate for `localhost` from a CA made now, whose certificate is
@@ -77,6 +58,11 @@ pub fn tls_acceptor(dir: &std::path::Path) -> tokio_rustls::TlsAcceptor {
 
 /// Serves forever on `listener` behind TLS, in HTTP/2 or HTTP/1.1 as ALPN chose.
 pub async fn serve_tls(listener: TcpListener, tls: tokio_rustls::TlsAcceptor) {
+    serve_with(listener, Some(tls)).await;
+}
+
+/// Serves forever: plain HTTP/1.1, or behind `tls` in what its ALPN chose.
+async fn serve_with(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
     let plain = Bytes::from(plain_body());
     let (stream_with_usage, stream_without) = (stream_events(true), stream_events(false));
     loop {
@@ -88,17 +74,28 @@ pub async fn serve_tls(listener: TcpListener, tls: tokio_rustls::TlsAcceptor) {
         let (with, without) = (stream_with_usage.clone(), stream_without.clone());
         let tls = tls.clone();
         tokio::spawn(async move {
-            let Ok(stream) = tls.accept(tcp).await else {
-                return;
-            };
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let (plain, with, without) = (plain.clone(), with.clone(), without.clone());
                 async move { Ok::<_, Infallible>(answer(request, plain, with, without).await) }
             });
-            let _ =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+            match tls {
+                None => {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                }
+                Some(tls) => {
+                    let Ok(stream) = tls.accept(tcp).await else {
+                        return;
+                    };
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
+                }
+            }
         });
     }
 }
