@@ -259,7 +259,9 @@ async fn close(
             let frame = close_frame(CloseCode::Away, "the client went away");
             let _ = tokio::time::timeout(CLOSE_WAIT, upstream.send(Message::Close(frame))).await;
             drain(upstream, Some(turns)).await;
-            (Outcome::ClientGone, Some(format!("client: {reason}")))
+            // A client leaving is not an error, with or without a close handshake (the Codex
+            // CLI drops its connection when its turn is done), as for a client leaving a stream.
+            (Outcome::ClientGone, None)
         }
         End::Lost(Side::Upstream, reason) => {
             let frame = close_frame(CloseCode::Error, "the upstream connection was lost");
