@@ -122,8 +122,9 @@ fn discord_text(line: &str) -> String {
 /// Where alerts go.
 pub struct Alerts {
     recent: Mutex<VecDeque<Alert>>,
-    /// One queue per webhook, so that a slow one holds up none of the others.
-    webhooks: Vec<mpsc::Sender<Alert>>,
+    /// One queue per webhook (by its host, for logs), so that a slow one holds up none of the
+    /// others.
+    webhooks: Vec<(String, mpsc::Sender<Alert>)>,
 }
 
 impl Alerts {
@@ -145,17 +146,21 @@ impl Alerts {
             .filter_map(|(webhook, client)| {
                 let (tx, rx) = mpsc::channel(WEBHOOK_QUEUE);
                 let owned = tasks.clone();
+                let host = webhook.url.host().unwrap_or_default().to_owned();
+                let named = host.clone();
                 tasks
                     .spawn(async move {
-                        let host = webhook.url.host().unwrap_or_default().to_owned();
                         tokio::select! {
                             () = deliver(webhook, client, rx, &owned) => {}
                             () = owned.stopping() => {
-                                tracing::warn!(webhook = host, "grace period over: queued alerts not delivered");
+                                tracing::warn!(
+                                    webhook = named,
+                                    "grace period over: queued alerts not delivered"
+                                );
                             }
                         }
                     })
-                    .then_some(tx)
+                    .then_some((host, tx))
             })
             .collect();
         Self {
@@ -174,9 +179,12 @@ impl Alerts {
             "alert: {}",
             alert.message
         );
-        for webhook in &self.webhooks {
+        for (host, webhook) in &self.webhooks {
             if webhook.try_send(alert.clone()).is_err() {
-                tracing::warn!("an alert webhook is behind: this alert is not sent to it");
+                tracing::warn!(
+                    webhook = host,
+                    "alert webhook is behind: this alert is not sent to it"
+                );
             }
         }
         let mut recent = self.recent.lock();
