@@ -150,21 +150,20 @@ impl AppState {
             })
             .collect::<Result<_, StartError>>()?;
         let tasks = Tasks::new();
-        let alerts = match &config.guard.webhook {
-            Some(url) => {
-                match (url.scheme(), url.authority()) {
-                    (Some(scheme), Some(authority)) => {
-                        let mut egress = config.egress.for_target(scheme, authority);
-                        // One post per connection: HTTP/1.1 is all it needs.
-                        egress.http2 = client::Http2::Off;
-                        let dialer = dialers.dial(scheme, authority, &egress, &config)?;
-                        Alerts::with_webhook(url.clone(), dialer, &tasks)
-                    }
-                    _ => Alerts::new(),
-                }
-            }
-            None => Alerts::new(),
-        };
+        let mut webhooks = Vec::new();
+        for webhook in &config.guard.webhooks {
+            // The config takes only URLs with both.
+            let (Some(scheme), Some(authority)) = (webhook.url.scheme(), webhook.url.authority())
+            else {
+                continue;
+            };
+            let mut egress = config.egress.for_target(scheme, authority);
+            // One post per connection: HTTP/1.1 is all it needs.
+            egress.http2 = client::Http2::Off;
+            let dialer = dialers.dial(scheme, authority, &egress, &config)?;
+            webhooks.push((webhook.clone(), dialer));
+        }
+        let alerts = Alerts::with_webhooks(webhooks, &tasks);
         let data_dir = config.ledger.as_ref().map(|l| l.dir.as_path());
         let guard = Guard::new(config.guard.clone(), clock, alerts, data_dir);
         // Only budgets need the spend so far; without them the ledger is not read.

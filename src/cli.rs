@@ -2,7 +2,7 @@
 //!
 //! Each command takes only the options it uses: serving takes them all, at the top level (no
 //! command) or after `serve`; `report` and `export` take where the ledger is; `healthcheck`
-//! takes where the server listens.
+//! and `stats` take where the server listens.
 
 use std::path::PathBuf;
 
@@ -16,7 +16,7 @@ use crate::meter::ledger::history::{Group, parse_time};
 /// A local reverse proxy that meters LLM API traffic: tokens and cost per API key and model.
 ///
 /// Point your client at it (OPENAI_BASE_URL=http://localhost:8080/v1), then
-/// `curl localhost:8080/stats`. Values come from flags, then LLM_METER_* environment
+/// `llm-meter stats` (or `curl localhost:8080/stats`). Values come from flags, then LLM_METER_* environment
 /// variables, then proxy.toml, then defaults.
 #[derive(Debug, Parser)]
 #[command(name = "llm-meter", version, about, long_about)]
@@ -38,6 +38,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Exit 0 if the llm-meter at the configured listen address answers /healthz (for container health checks).
     Healthcheck(HealthcheckArgs),
+    /// Print a running llm-meter's totals (/stats?format=text); --watch refreshes them every 2 s.
+    Stats(StatsArgs),
     /// Print spend from the ledger as a table with totals; works with or without the server running.
     Report(ReportArgs),
     /// Write the ledger's rows to stdout as CSV or JSON lines (no key material).
@@ -96,6 +98,27 @@ pub struct HealthcheckArgs {
     /// Address the server listens on [env: LLM_METER_LISTEN] [default: 127.0.0.1:8080].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
+}
+
+/// `llm-meter stats`: where the server's own endpoints listen.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Config file [env: LLM_METER_CONFIG] [default: ./proxy.toml when it exists]. Its admin
+    /// token (or LLM_METER_ADMIN_TOKEN) is sent when set.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Address the server listens on [env: LLM_METER_LISTEN] [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+
+    /// The server's admin_listen, asked instead of --listen when set [env: LLM_METER_ADMIN_LISTEN].
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+
+    /// Refresh every 2 seconds until Ctrl-C.
+    #[arg(long)]
+    pub watch: bool,
 }
 
 /// Where the ledger is, for the commands that read it.
@@ -217,6 +240,12 @@ impl Cli {
             Some(Command::Healthcheck(args)) => Flags {
                 config: args.config.clone(),
                 listen: args.listen.clone(),
+                ..Flags::default()
+            },
+            Some(Command::Stats(args)) => Flags {
+                config: args.config.clone(),
+                listen: args.listen.clone(),
+                admin_listen: args.admin_listen.clone(),
                 ..Flags::default()
             },
             Some(

@@ -1,11 +1,12 @@
 //! The `llm-meter` binary: flags → config → tracing → bind → `llm_meter::run`; failures become exit codes.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use llm_meter::api::remote;
 use llm_meter::cli::{Cli, Command};
 use llm_meter::config::Config;
 use llm_meter::{AppState, api};
@@ -44,6 +45,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Healthcheck(_)) => healthcheck(&config),
+        Some(Command::Stats(args)) => stats(&config, args.watch),
         Some(Command::Report(args)) => print(api::report::run(&config, &args.request())),
         Some(Command::Export(args)) => {
             let stdout = std::io::stdout();
@@ -183,19 +185,29 @@ fn print(result: Result<String, api::CommandError>) -> ExitCode {
 }
 
 fn healthcheck(config: &Config) -> ExitCode {
-    // A wildcard listen address is reached through loopback.
-    let ip = match config.listen.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
-    match api::probe_health(
-        SocketAddr::new(ip, config.listen.port()),
-        Duration::from_secs(3),
-    ) {
+    match remote::probe_health(remote::reachable(config.listen), Duration::from_secs(3)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("llm-meter: unhealthy: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `llm-meter stats [--watch]`: the running server's totals table, once or until Ctrl-C.
+fn stats(config: &Config, watch: bool) -> ExitCode {
+    let source = remote::StatsSource::of(config);
+    let shown = if watch {
+        let stdout = std::io::stdout();
+        let is_terminal = stdout.is_terminal();
+        source.watch(&mut stdout.lock(), is_terminal, remote::WATCH_EVERY)
+    } else {
+        source.table().map(|table| print!("{table}"))
+    };
+    match shown {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("llm-meter: stats: {err}");
             ExitCode::FAILURE
         }
     }

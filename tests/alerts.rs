@@ -1,6 +1,6 @@
-//! Alerts: each budget threshold fires once per period (log, `/alerts`, webhook); anomalies
+//! Alerts: each budget threshold fires once per period (log, `/alerts`, webhooks); anomalies
 //! (a very large request, an hour over a 24th of the daily budget) are listed too; a webhook
-//! that is down never slows requests.
+//! that is down never slows requests nor the other webhooks; Slack and Discord get one line.
 
 #![expect(clippy::unwrap_used, reason = "request helpers")]
 
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Mock, Proxy, Received, Reply, chat_completion};
-use llm_meter::config::Flags;
+use llm_meter::config::{Config, Flags};
 use llm_meter::guard::period::ShiftedClock;
 use serde_json::{Value, json};
 
@@ -240,4 +240,149 @@ async fn alerts_queued_for_the_webhook_at_shutdown_are_delivered_before_it_ends(
     // Nothing more is waited for: the stop itself delivered what was queued, the retry too.
     assert!(started.elapsed() >= Duration::from_millis(900));
     assert_eq!(hook.received().len(), fired + 1);
+}
+
+/// Waits (up to 2 s) until `hook` has received `n` requests, and returns what it received.
+async fn posted_to(hook: &Mock, n: usize) -> Vec<Received> {
+    for _ in 0..200 {
+        if hook.received().len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    hook.received()
+}
+
+fn ok_hook(_: &Received) -> Reply {
+    Reply::json(200, &json!({"ok": true}))
+}
+
+#[tokio::test]
+async fn slack_discord_and_json_webhooks_each_get_the_alert_once_in_their_format() {
+    let (slack, discord, own) = (
+        Mock::start(ok_hook).await,
+        Mock::start(ok_hook).await,
+        Mock::start(ok_hook).await,
+    );
+    let mock = Mock::start(priced).await;
+    let toml = format!(
+        r#"
+        alert_webhook = "{}/slack"
+        alert_webhook_format = "slack"
+        alert_thresholds = [80]
+        large_request_tokens = 10000000
+        [[alert_webhooks]]
+        url = "{}/discord"
+        format = "discord"
+        [[alert_webhooks]]
+        url = "{}/own"
+        [keys.agent_a]
+        key_env = "ALERTED_KEY"
+        total_usd = 1.0
+        "#,
+        slack.url(),
+        discord.url(),
+        own.url()
+    );
+    let proxy = start(&mock, &toml, Arc::new(ShiftedClock::default())).await;
+    assert_eq!(spend(&proxy, 0.85).await, 200);
+    let line = "llm-meter: key agent_a reached 80% of its total budget ($0.85 of $1.00)";
+
+    let to_slack = posted_to(&slack, 1).await;
+    assert_eq!(to_slack.len(), 1);
+    assert_eq!(to_slack[0].path, "/v1/slack");
+    assert_eq!(to_slack[0].json(), json!({"text": line}));
+
+    let to_discord = posted_to(&discord, 1).await;
+    assert_eq!(to_discord.len(), 1);
+    assert_eq!(
+        to_discord[0].json(),
+        json!({
+            "content": r"llm-meter: key agent\_a reached 80% of its total budget ($0.85 of $1.00)",
+            "allowed_mentions": {"parse": []},
+        })
+    );
+
+    let to_own = posted_to(&own, 1).await;
+    assert_eq!(to_own.len(), 1);
+    let alert = to_own[0].json();
+    assert_eq!(alert, alerts(&proxy).await[0]);
+    assert_eq!(alert["kind"], "budget_threshold");
+    assert_eq!(alert["threshold_percent"], 80);
+    assert_eq!(alert["message"], line.trim_start_matches("llm-meter: "));
+    // Nothing of the key, in any body.
+    for body in [&to_slack[0].body, &to_discord[0].body, &to_own[0].body] {
+        let text = String::from_utf8_lossy(body);
+        assert!(
+            !text.contains("0123456789abcdef") && !text.contains("sk-"),
+            "{text}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        [
+            slack.received().len(),
+            discord.received().len(),
+            own.received().len()
+        ],
+        [1, 1, 1]
+    );
+}
+
+#[tokio::test]
+async fn a_webhook_that_hangs_does_not_hold_up_the_others() {
+    let hung = Mock::start(|_: &Received| Reply::Hang).await;
+    let slack = Mock::start(ok_hook).await;
+    let mock = Mock::start(priced).await;
+    let toml = format!(
+        r#"
+        alert_thresholds = [10, 20, 30]
+        large_request_tokens = 10000000
+        [[alert_webhooks]]
+        url = "{}/hung"
+        [[alert_webhooks]]
+        url = "{}/slack"
+        format = "slack"
+        [keys.alerted]
+        key_env = "ALERTED_KEY"
+        total_usd = 10.0
+        "#,
+        hung.url(),
+        slack.url()
+    );
+    let proxy = start(&mock, &toml, Arc::new(ShiftedClock::default())).await;
+    assert_eq!(spend(&proxy, 3.5).await, 200);
+    // Three thresholds: the hung webhook holds its first; Slack gets all three, in order.
+    let to_slack = posted_to(&slack, 3).await;
+    let lines: Vec<Value> = to_slack.iter().map(|r| r.json()["text"].clone()).collect();
+    assert_eq!(
+        lines,
+        [10, 20, 30].map(|t| json!(format!(
+            "llm-meter: key alerted reached {t}% of its total budget ($3.50 of $10.00)"
+        )))
+    );
+    assert_eq!(hung.received().len(), 1, "one attempt in progress");
+}
+
+#[test]
+fn a_webhook_format_that_does_not_exist_is_refused_naming_its_field() {
+    let flags = Flags {
+        no_persist: true,
+        ..Flags::default()
+    };
+    let load = |toml: &str| {
+        Config::from_layers(Some(toml), None, &Default::default(), &flags)
+            .unwrap_err()
+            .to_string()
+    };
+    let err = load("alert_webhook = \"https://hooks.example/a\"\nalert_webhook_format = \"teams\"");
+    assert!(
+        err.contains("`alert_webhook_format`") && err.contains("\"teams\""),
+        "{err}"
+    );
+    assert!(err.contains("json, slack or discord"), "{err}");
+    let err = load(
+        "[[alert_webhooks]]\nurl = \"https://a.example\"\n[[alert_webhooks]]\nurl = \"https://b.example\"\nformat = \"mattermost\"",
+    );
+    assert!(err.contains("`alert_webhooks[1].format`"), "{err}");
 }

@@ -1,4 +1,5 @@
-//! The binary: help, one-line errors for bad input, layer precedence, startup line, shutdown summary.
+//! The binary: help, one-line errors for bad input, layer precedence, startup line, shutdown
+//! summary, and `stats` asking a running one.
 
 mod common;
 
@@ -43,6 +44,7 @@ fn help_explains_every_option() {
         "proxy.toml",
         "RUST_LOG",
         "healthcheck",
+        "stats",
         "serve",
     ] {
         assert!(
@@ -348,6 +350,16 @@ fn each_command_lists_only_its_own_options() {
     assert_eq!(
         options_in_help(&["healthcheck", "--help"]),
         ["--config", "--listen", "--help"]
+    );
+    assert_eq!(
+        options_in_help(&["stats", "--help"]),
+        [
+            "--config",
+            "--listen",
+            "--admin-listen",
+            "--watch",
+            "--help"
+        ]
     );
 }
 
@@ -746,4 +758,153 @@ fn report_all(dir: &std::path::Path, data: &std::path::Path) -> String {
         &[],
     );
     String::from_utf8(report.stdout).unwrap()
+}
+
+/// Asserts a failed command: exit code 1 and exactly one line on stderr containing every `needle`.
+fn assert_one_line_failure(output: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "{needle:?} not in {stderr:?}");
+    }
+    assert!(output.stdout.is_empty());
+}
+
+/// A binary serving provider routes on one address and its own endpoints on another (the
+/// second address of its startup line), with `admin_token = "s3cret"` in its proxy.toml.
+fn start_with_admin_listen(dir: &std::path::Path, mock: &Mock) -> (Binary, String) {
+    std::fs::write(dir.join("proxy.toml"), "admin_token = \"s3cret\"\n").expect("a proxy.toml");
+    let mut command = binary_command(dir);
+    command.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &mock.url(),
+        "--no-persist",
+    ]);
+    let binary = Binary::start(command);
+    let admin = binary
+        .banner
+        .split("own endpoints on http://")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .expect("the own endpoints' address in the startup line")
+        .to_owned();
+    (binary, admin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_prints_what_stats_text_of_the_running_server_says() {
+    let mock = Mock::openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (binary, admin) = start_with_admin_listen(dir.path(), &mock);
+    for key in ["sk-first-key-0001", "sk-second-key-0002"] {
+        binary
+            .chat_through(key, &chat_request("gpt-4o", false))
+            .await;
+    }
+    let expected = common::client()
+        .get(format!("http://{admin}/stats?format=text"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(expected.lines().count(), 3, "{expected}");
+    assert!(expected.contains("2 requests"), "{expected}");
+
+    // The token comes from the same proxy.toml; the own endpoints' address is asked.
+    let listen = binary.addr.to_string();
+    let output = run(
+        dir.path(),
+        &["stats", "--listen", &listen, "--admin-listen", &admin],
+        &[],
+    );
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(String::from_utf8(output.stdout).unwrap(), expected);
+
+    // The environment's token comes first: a wrong one is refused, and said so in one line.
+    let refused = run(
+        dir.path(),
+        &["stats", "--admin-listen", &admin],
+        &[("LLM_METER_ADMIN_TOKEN", "wrong")],
+    );
+    assert_one_line_failure(&refused, &["401", "LLM_METER_ADMIN_TOKEN"]);
+    assert!(!String::from_utf8_lossy(&refused.stderr).contains("wrong"));
+}
+
+#[test]
+fn stats_fails_with_one_line_when_nothing_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    for args in [
+        &["stats", "--listen", &addr][..],
+        &["stats", "--watch", "--listen", &addr],
+    ] {
+        let output = run(dir.path(), args, &[]);
+        assert_one_line_failure(
+            &output,
+            &[&format!("cannot connect to {addr}"), "is llm-meter running"],
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_watch_refreshes_every_two_seconds_with_a_separator_off_a_terminal() {
+    use std::io::BufRead;
+    let mock = Mock::openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (binary, admin) = start_with_admin_listen(dir.path(), &mock);
+    binary
+        .chat_through("sk-watched-0001", &chat_request("gpt-4o", false))
+        .await;
+    let mut watch = binary_command(dir.path())
+        .args(["stats", "--watch", "--admin-listen", &admin])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let sink = std::sync::Arc::clone(&lines);
+    let stdout = std::io::BufReader::new(watch.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            sink.lock().push(line);
+        }
+    });
+    let tables = || {
+        lines
+            .lock()
+            .iter()
+            .filter(|l| l.starts_with("total since "))
+            .count()
+    };
+    let started = std::time::Instant::now();
+    while tables() < 2 && started.elapsed() < std::time::Duration::from_secs(5) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Stopped by its process id, as Ctrl-C would.
+    watch.kill().unwrap();
+    watch.wait().unwrap();
+    let lines = lines.lock().clone();
+    assert!(tables() >= 2, "{lines:?}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(1900));
+    // table, separator, table: no escape codes off a terminal.
+    assert!(lines[0].starts_with("sk-"), "{lines:?}");
+    assert!(lines[1].starts_with("total since "), "{lines:?}");
+    assert!(
+        lines[2].starts_with("--- ") && lines[2].ends_with(" UTC ---"),
+        "{lines:?}"
+    );
+    assert_eq!(lines[3..5], lines[..2]);
+    assert!(lines.iter().all(|l| !l.contains('\x1b')), "{lines:?}");
 }

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use llm_meter::config::alerts::WebhookFormat;
 use llm_meter::config::{Config, Flags};
 
 fn shipped() -> String {
@@ -70,6 +71,8 @@ fn every_commented_example_is_valid_when_uncommented() {
         "budget_timezone",
         "alert_thresholds",
         "alert_webhook",
+        "alert_webhook_format",
+        "format",
         "large_request_tokens",
         "daily_usd",
         "monthly_usd",
@@ -102,4 +105,13 @@ fn every_commented_example_is_valid_when_uncommented() {
     assert_eq!(agent.name, "agent-a");
     assert!(agent.upstream_key.is_some());
     assert!(config.guard.global.daily.is_some());
+    let formats: Vec<_> = config.guard.webhooks.iter().map(|w| w.format).collect();
+    assert_eq!(
+        formats,
+        [
+            WebhookFormat::Json,
+            WebhookFormat::Slack,
+            WebhookFormat::Discord
+        ]
+    );
 }

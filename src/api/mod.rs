@@ -2,12 +2,13 @@
 
 pub mod admin;
 pub mod history;
+pub mod remote;
 pub mod report;
 pub mod stats;
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::time::Duration;
+pub use remote::probe_health;
+
+use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
@@ -135,35 +136,6 @@ pub enum CommandError {
     Json(#[from] serde_json::Error),
 }
 
-/// Why `llm-meter healthcheck` found the server unhealthy.
-#[derive(Debug, thiserror::Error)]
-pub enum HealthError {
-    /// Nothing accepted the connection.
-    #[error("cannot connect to {addr}: {source}")]
-    Connect {
-        /// The address probed.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The request could not be sent, or no answer came in time.
-    #[error("no answer from {addr}: {source}")]
-    NoAnswer {
-        /// The address probed.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// It answered, but not 200.
-    #[error("{addr} answered {status}")]
-    Unhealthy {
-        /// The address probed.
-        addr: SocketAddr,
-        /// Its status line's start.
-        status: String,
-    },
-}
-
 /// The path of the health check, open to every peer on every listener.
 pub const HEALTHZ: &str = "/healthz";
 
@@ -229,30 +201,6 @@ pub async fn healthz() -> Json<serde_json::Value> {
 /// Compares secrets in time that depends only on their lengths.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Asks a running llm-meter's `/healthz` (for container health checks, where no curl exists).
-pub fn probe_health(addr: SocketAddr, timeout: Duration) -> Result<(), HealthError> {
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)
-        .map_err(|source| HealthError::Connect { addr, source })?;
-    let no_answer = |source| HealthError::NoAnswer { addr, source };
-    stream.set_read_timeout(Some(timeout)).map_err(no_answer)?;
-    stream
-        .write_all(
-            format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .map_err(no_answer)?;
-    let mut head = [0u8; 12];
-    stream.read_exact(&mut head).map_err(no_answer)?;
-    if head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200") {
-        Ok(())
-    } else {
-        Err(HealthError::Unhealthy {
-            addr,
-            status: String::from_utf8_lossy(&head).into_owned(),
-        })
-    }
 }
 
 #[cfg(test)]

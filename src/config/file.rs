@@ -49,6 +49,9 @@ pub(super) struct FileConfig {
     pub(super) budget_timezone: Option<String>,
     pub(super) alert_thresholds: Option<Vec<u32>>,
     pub(super) alert_webhook: Option<String>,
+    pub(super) alert_webhook_format: Option<String>,
+    #[serde(default)]
+    pub(super) alert_webhooks: Vec<WebhookEntry>,
     pub(super) large_request_tokens: Option<u64>,
     pub(super) budget: Option<BudgetEntry>,
     #[serde(default)]
@@ -62,6 +65,14 @@ pub(super) struct BudgetEntry {
     pub(super) daily_usd: Option<f64>,
     pub(super) monthly_usd: Option<f64>,
     pub(super) total_usd: Option<f64>,
+}
+
+/// One `[[alert_webhooks]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WebhookEntry {
+    pub(super) url: Option<String>,
+    pub(super) format: Option<String>,
 }
 
 /// One `[keys.NAME]` table.

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use jiff::tz::TimeZone;
 use serde::{Deserialize, Serialize};
 
-use super::file::{BudgetEntry, KeyEntry};
+use super::alerts::Webhook;
+use super::file::{BudgetEntry, KeyEntry, WebhookEntry};
 use super::{ConfigError, Secret, invalid, is_plain_name};
 use crate::money::NanoUsd;
 
@@ -55,8 +56,8 @@ pub struct Settings {
     pub timezone: TimeZone,
     /// Alert thresholds in percent, ascending.
     pub thresholds: Vec<u32>,
-    /// Where alerts are POSTed, if anywhere.
-    pub webhook: Option<http::Uri>,
+    /// Where alerts are POSTed, each webhook in its format.
+    pub webhooks: Vec<Webhook>,
     /// A request with more prompt tokens than this is reported as an anomaly.
     pub large_request_tokens: u64,
 }
@@ -69,7 +70,7 @@ impl Default for Settings {
             require_known_keys: false,
             timezone: TimeZone::UTC,
             thresholds: DEFAULT_THRESHOLDS.to_vec(),
-            webhook: None,
+            webhooks: Vec::new(),
             large_request_tokens: DEFAULT_LARGE_REQUEST_TOKENS,
         }
     }
@@ -81,6 +82,8 @@ pub(super) struct GuardFile {
     pub(super) budget_timezone: Option<String>,
     pub(super) alert_thresholds: Option<Vec<u32>>,
     pub(super) alert_webhook: Option<String>,
+    pub(super) alert_webhook_format: Option<String>,
+    pub(super) alert_webhooks: Vec<WebhookEntry>,
     pub(super) large_request_tokens: Option<u64>,
     pub(super) budget: BudgetEntry,
     pub(super) keys: BTreeMap<String, KeyEntry>,
@@ -95,6 +98,8 @@ impl GuardFile {
             budget_timezone: file.budget_timezone.take(),
             alert_thresholds: file.alert_thresholds.take(),
             alert_webhook: file.alert_webhook.take(),
+            alert_webhook_format: file.alert_webhook_format.take(),
+            alert_webhooks: std::mem::take(&mut file.alert_webhooks),
             large_request_tokens: file.large_request_tokens,
             budget: file.budget.take().unwrap_or_default(),
             keys: std::mem::take(&mut file.keys),
@@ -144,16 +149,12 @@ pub(super) fn settings(
         sorted.dedup();
         settings.thresholds = sorted;
     }
-    if let Some(url) = &file.alert_webhook {
-        let uri: http::Uri = url
-            .parse()
-            .ok()
-            .filter(|u: &http::Uri| {
-                matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
-            })
-            .ok_or_else(|| invalid("alert_webhook", name, "must be an http(s) URL"))?;
-        settings.webhook = Some(uri);
-    }
+    settings.webhooks = super::alerts::webhooks(
+        file.alert_webhook.as_deref(),
+        file.alert_webhook_format.as_deref(),
+        &file.alert_webhooks,
+        name,
+    )?;
     if let Some(tokens) = file.large_request_tokens {
         if tokens == 0 {
             return Err(invalid("large_request_tokens", name, "must be at least 1"));

@@ -6,6 +6,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod alerts;
 pub mod egress;
 mod file;
 pub mod guard;

@@ -1,22 +1,25 @@
 //! Alerts: budget thresholds crossed and anomalies, each one a warning log line, an entry in
-//! `/alerts`, and (optionally) a webhook POST made by a background task that retries with
-//! backoff and never holds up a request.
+//! `/alerts`, and a POST to each configured webhook (as JSON, or one line for Slack or Discord),
+//! made by a background task per webhook that retries with backoff and never holds up a request
+//! or another webhook.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use axum::body::Body;
-use http::{Request, Uri, header};
+use http::{Request, header};
 use parking_lot::Mutex;
 use serde::Serialize;
+use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::client::Dialer;
+use crate::config::alerts::{Webhook, WebhookFormat};
 use crate::tasks::Tasks;
 
 /// Alerts kept for `/alerts`, newest first.
 const RECENT: usize = 200;
-/// Alerts waiting for the webhook; past it new ones are not sent (they are still logged and listed).
+/// Alerts waiting for one webhook; past it new ones are not sent (they are still logged and listed).
 const WEBHOOK_QUEUE: usize = 1_000;
 /// Attempts per alert, and the wait before the first retry (doubled each time).
 const ATTEMPTS: u32 = 4;
@@ -67,12 +70,61 @@ impl Alert {
             message,
         }
     }
+
+    /// The alert in one line for a chat: `llm-meter: ` and its message.
+    pub fn line(&self) -> String {
+        format!("llm-meter: {}", self.message)
+    }
+
+    /// The body posted to a webhook of `format`.
+    pub fn to_body(&self, format: WebhookFormat) -> Result<Vec<u8>, serde_json::Error> {
+        match format {
+            WebhookFormat::Json => serde_json::to_vec(self),
+            WebhookFormat::Slack => serde_json::to_vec(&json!({"text": slack_text(&self.line())})),
+            // No mention in the line may ping anyone.
+            WebhookFormat::Discord => serde_json::to_vec(&json!({
+                "content": discord_text(&self.line()),
+                "allowed_mentions": {"parse": []},
+            })),
+        }
+    }
+}
+
+/// How an alert's message names a scope: `key agent-a`, or `all keys together`.
+pub(super) fn subject(scope: &str) -> String {
+    if scope == super::budget::GLOBAL {
+        "all keys together".to_owned()
+    } else {
+        format!("key {scope}")
+    }
+}
+
+/// Text as Slack reads it: `&`, `<` and `>` are its control characters
+/// (<https://api.slack.com/reference/surfaces/formatting#escaping>).
+fn slack_text(line: &str) -> String {
+    line.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Text as Discord reads it: markdown characters (a key named `a_b_c`) are shown as written.
+fn discord_text(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    for c in line.chars() {
+        if matches!(c, '\\' | '*' | '_' | '~' | '`' | '|' | '<' | '>' | '#') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Where alerts go.
 pub struct Alerts {
     recent: Mutex<VecDeque<Alert>>,
-    webhook: Option<mpsc::Sender<Alert>>,
+    /// One queue per webhook (by its host, for logs), so that a slow one holds up none of the
+    /// others.
+    webhooks: Vec<(String, mpsc::Sender<Alert>)>,
 }
 
 impl Alerts {
@@ -80,29 +132,40 @@ impl Alerts {
     pub fn new() -> Self {
         Self {
             recent: Mutex::new(VecDeque::new()),
-            webhook: None,
+            webhooks: Vec::new(),
         }
     }
 
-    /// Alerts that are also POSTed to `url` by a task that `tasks` owns, on the current runtime
-    /// (when there is none, as in a command that serves nothing, the webhook is off). At
-    /// shutdown the task delivers what is queued, within the grace period.
-    pub fn with_webhook(url: Uri, client: Dialer, tasks: &Tasks) -> Self {
-        let (tx, rx) = mpsc::channel(WEBHOOK_QUEUE);
-        let owned = tasks.clone();
-        let webhook = tasks
-            .spawn(async move {
-                tokio::select! {
-                    () = deliver(url, client, rx, &owned) => {}
-                    () = owned.stopping() => {
-                        tracing::warn!("grace period over: queued alerts not delivered");
-                    }
-                }
+    /// Alerts that are also POSTed to each webhook (with the dialer that reaches it) by a task
+    /// of its own that `tasks` owns, on the current runtime (when there is none, as in a
+    /// command that serves nothing, the webhooks are off). At shutdown each task delivers what
+    /// is queued, within the grace period.
+    pub fn with_webhooks(webhooks: Vec<(Webhook, Dialer)>, tasks: &Tasks) -> Self {
+        let webhooks = webhooks
+            .into_iter()
+            .filter_map(|(webhook, client)| {
+                let (tx, rx) = mpsc::channel(WEBHOOK_QUEUE);
+                let owned = tasks.clone();
+                let host = webhook.url.host().unwrap_or_default().to_owned();
+                let named = host.clone();
+                tasks
+                    .spawn(async move {
+                        tokio::select! {
+                            () = deliver(webhook, client, rx, &owned) => {}
+                            () = owned.stopping() => {
+                                tracing::warn!(
+                                    webhook = named,
+                                    "grace period over: queued alerts not delivered"
+                                );
+                            }
+                        }
+                    })
+                    .then_some((host, tx))
             })
-            .then_some(tx);
+            .collect();
         Self {
             recent: Mutex::new(VecDeque::new()),
-            webhook,
+            webhooks,
         }
     }
 
@@ -116,10 +179,13 @@ impl Alerts {
             "alert: {}",
             alert.message
         );
-        if let Some(webhook) = &self.webhook
-            && webhook.try_send(alert.clone()).is_err()
-        {
-            tracing::warn!("alert webhook is behind: this alert is not sent");
+        for (host, webhook) in &self.webhooks {
+            if webhook.try_send(alert.clone()).is_err() {
+                tracing::warn!(
+                    webhook = host,
+                    "alert webhook is behind: this alert is not sent to it"
+                );
+            }
         }
         let mut recent = self.recent.lock();
         recent.push_front(alert);
@@ -139,8 +205,16 @@ impl Default for Alerts {
 }
 
 /// Posts each alert to the webhook, in order, retrying with backoff; once shutdown begins,
-/// posts what is queued and ends.
-async fn deliver(url: Uri, client: Dialer, mut alerts: mpsc::Receiver<Alert>, tasks: &Tasks) {
+/// posts what is queued and ends. Logs name the webhook's host only: a webhook's path is often
+/// its secret.
+async fn deliver(
+    webhook: Webhook,
+    client: Dialer,
+    mut alerts: mpsc::Receiver<Alert>,
+    tasks: &Tasks,
+) {
+    let Webhook { url, format } = webhook;
+    let host = url.host().unwrap_or_default().to_owned();
     loop {
         let alert = tokio::select! {
             biased;
@@ -148,7 +222,7 @@ async fn deliver(url: Uri, client: Dialer, mut alerts: mpsc::Receiver<Alert>, ta
             () = tasks.closing() => alerts.try_recv().ok(),
         };
         let Some(alert) = alert else { return };
-        let Ok(body) = serde_json::to_vec(&alert) else {
+        let Ok(body) = alert.to_body(format) else {
             continue;
         };
         let mut wait = FIRST_RETRY;
@@ -170,17 +244,84 @@ async fn deliver(url: Uri, client: Dialer, mut alerts: mpsc::Receiver<Alert>, ta
                     };
                     if attempt == ATTEMPTS {
                         tracing::warn!(
+                            webhook = host,
                             attempts = ATTEMPTS,
                             reason,
                             "alert webhook failed: alert not delivered"
                         );
                     } else {
-                        tracing::debug!(attempt, reason, "alert webhook failed: retrying");
+                        tracing::debug!(
+                            webhook = host,
+                            attempt,
+                            reason,
+                            "alert webhook failed: retrying"
+                        );
                         tokio::time::sleep(wait).await;
                         wait *= 2;
                     }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alert(scope: &str, message: &str) -> Alert {
+        Alert {
+            period: Some("daily"),
+            threshold_percent: Some(80),
+            limit_usd: Some(1.0),
+            spent_usd: Some(0.8),
+            ..Alert::new(
+                jiff::Timestamp::UNIX_EPOCH,
+                "budget_threshold",
+                scope,
+                message.to_owned(),
+            )
+        }
+    }
+
+    fn body(alert: &Alert, format: WebhookFormat) -> serde_json::Value {
+        serde_json::from_slice(&alert.to_body(format).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn json_is_the_alert_and_chats_get_its_line() {
+        let a = alert(
+            "agent-a",
+            "key agent-a reached 80% of its daily budget ($0.80 of $1.00)",
+        );
+        assert_eq!(
+            body(&a, WebhookFormat::Json),
+            serde_json::to_value(&a).unwrap()
+        );
+        let line = "llm-meter: key agent-a reached 80% of its daily budget ($0.80 of $1.00)";
+        assert_eq!(body(&a, WebhookFormat::Slack), json!({"text": line}));
+        assert_eq!(
+            body(&a, WebhookFormat::Discord),
+            json!({"content": line, "allowed_mentions": {"parse": []}})
+        );
+    }
+
+    #[test]
+    fn chat_lines_show_names_as_written() {
+        let a = alert("a_b", "key a_b <x> & *y*");
+        assert_eq!(
+            body(&a, WebhookFormat::Slack)["text"],
+            "llm-meter: key a_b &lt;x&gt; &amp; *y*"
+        );
+        assert_eq!(
+            body(&a, WebhookFormat::Discord)["content"],
+            r"llm-meter: key a\_b \<x\> & \*y\*"
+        );
+    }
+
+    #[test]
+    fn the_global_scope_is_all_keys_together() {
+        assert_eq!(subject("global"), "all keys together");
+        assert_eq!(subject("agent-a"), "key agent-a");
     }
 }

@@ -27,7 +27,7 @@ pub use crate::config::guard::{
 };
 use crate::money::NanoUsd;
 use alerts::{Alert, Alerts};
-use budget::{GLOBAL, Scope, whose};
+use budget::{GLOBAL, Scope};
 use overrides::load_overrides;
 pub use overrides::{AdminError, OVERRIDES_FILE};
 use period::{Clock, Period};
@@ -288,7 +288,8 @@ impl Guard {
         if prompt_tokens > self.large_request_tokens {
             let scope = key.map_or(caller, |k| k.settings.name.as_str());
             let message = format!(
-                "one request of {scope} sent {prompt_tokens} prompt tokens (more than {})",
+                "{} sent one request of {prompt_tokens} prompt tokens (more than the {} of large_request_tokens)",
+                alerts::subject(scope),
                 self.large_request_tokens
             );
             self.alerts.fire(Alert {
@@ -329,10 +330,9 @@ impl Guard {
                 let spent = state.hour.nano;
                 drop(state);
                 let message = format!(
-                    "key {:?} spent {} this hour, more than a 24th of its daily budget ({})",
-                    scope.name,
+                    "{} spent {} this hour, more than a 24th of its daily budget of {daily}",
+                    alerts::subject(&scope.name),
                     NanoUsd(spent),
-                    daily
                 );
                 self.alerts.fire(Alert {
                     period: Some("hourly"),
@@ -343,12 +343,12 @@ impl Guard {
             }
         }
         for (period, threshold, limit, spent) in fired {
-            let whose = whose(&scope.name);
             let message = format!(
-                "{whose} reached {threshold}% of its {} budget: {} of {}",
+                "{} reached {threshold}% of {} {} budget ({} of {limit})",
+                alerts::subject(&scope.name),
+                if scope.name == GLOBAL { "the" } else { "its" },
                 period.as_str(),
                 NanoUsd(spent),
-                limit
             );
             self.alerts.fire(Alert {
                 period: Some(period.as_str()),
