@@ -1,6 +1,7 @@
 //! Forwarding: each upstream's prefix to its base URL, with the request rewritten and the
 //! response tapped only where metering needs it.
 
+pub mod cost;
 pub mod exchange;
 pub mod pool;
 pub mod rewrite;
@@ -24,6 +25,7 @@ use http::{HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
+use crate::attribution;
 use crate::client::Dialer;
 use crate::config::{Config, InjectStreamUsage, Route};
 use crate::error::ProxyError;
@@ -104,6 +106,8 @@ pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> R
         return ProxyError::Internal.into_response();
     };
     let (mut parts, body) = request.into_parts();
+    // Ours, not the provider's: removed before anything else, whatever happens next.
+    let attribution = attribution::take(&mut parts.headers);
     let rest = parts
         .uri
         .path()
@@ -120,6 +124,16 @@ pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> R
     let is_stream_path = metered.is_some_and(|m| m.is_stream_path);
     let guard = state.guard;
     let (identity, key, source) = identify(guard, &parts);
+    let mut attribution = match attribution {
+        Ok(attribution) => attribution,
+        Err(err) => {
+            tracing::info!(method = %parts.method, path = key::redact_path(&parts.uri), status = err.status().as_u16(), key_id = identity.id, upstream = route.name, refused = %err, "request");
+            return err.into_response();
+        }
+    };
+    if let Some(named) = key {
+        attribution.add_defaults(guard.tags(named));
+    }
     let admitted = if flavor.is_some() {
         guard.admit(key)
     } else {
@@ -140,6 +154,7 @@ pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> R
         guard: Arc::clone(guard),
         key,
         identity,
+        attribution,
         upstream: Arc::clone(&runtime.origin),
         flavor,
         method: parts.method.clone(),
@@ -159,6 +174,13 @@ pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> R
     match send(&state, route, runtime, parts, body, &mut exchange).await {
         Ok(Answer::Tapped(parts, incoming, extraction)) => {
             exchange.status = parts.status;
+            if let Extraction::Body { flavor, .. } = extraction
+                && state.config.cost_header
+                && parts.status.is_success()
+            {
+                let idle = state.config.idle_timeout;
+                return cost::answer(parts, incoming, flavor, exchange, route, idle).await;
+            }
             let tap = Tap::new(incoming, extraction, exchange, state.config, state.tasks);
             Response::from_parts(parts, Body::new(tap))
         }
@@ -272,6 +294,9 @@ async fn send(
                         exchange.request_model.clone_from(&chat.model);
                     }
                     exchange.is_streaming |= chat.is_streaming;
+                    if exchange.attribution.user.is_none() {
+                        exchange.attribution.user.clone_from(&chat.user);
+                    }
                     strip_usage_chunk = chat.needs_usage_injected();
                     if strip_usage_chunk && runtime.is_unproven(route.inject_stream_usage) {
                         retry = Some(Retry {
