@@ -460,3 +460,78 @@ async fn the_binary_records_attribution_and_reports_by_tag_and_user() {
     assert_eq!(json["rows"][0]["user"], "alice");
     assert_eq!(json["totals"]["requests"], 3);
 }
+
+/// A WebSocket upstream for one connection: records its handshake's headers, and answers each
+/// `response.create` with a completed response (100 input, 30 output tokens).
+async fn websocket_upstream() -> (String, tokio::task::JoinHandle<http::HeaderMap>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "owned: the test awaits the handle"
+    )]
+    let task = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let head = Arc::new(parking_lot::Mutex::new(http::HeaderMap::new()));
+        let seen = Arc::clone(&head);
+        #[expect(
+            clippy::result_large_err,
+            reason = "the callback's signature is tungstenite's"
+        )]
+        let record = move |request: &tokio_tungstenite::tungstenite::handshake::server::Request,
+                           response| {
+            *seen.lock() = request.headers().clone();
+            Ok(response)
+        };
+        let mut ws = tokio_tungstenite::accept_hdr_async(tcp, record)
+            .await
+            .unwrap();
+        while let Some(Ok(Message::Text(_))) = ws.next().await {
+            let completed = json!({"type": "response.completed", "sequence_number": 1,
+                "response": {"id": "resp_1", "object": "response", "status": "completed", "model": "gpt-4o", "output": [],
+                    "usage": {"input_tokens": 100, "output_tokens": 30, "total_tokens": 130}}});
+            ws.send(Message::text(completed.to_string())).await.unwrap();
+        }
+        head.lock().clone()
+    });
+    (url, task)
+}
+
+#[tokio::test]
+async fn websocket_responses_carry_the_upgrades_attribution_which_the_upstream_never_sees() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+    let (url, upstream) = websocket_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start_persistent(&url, dir.path(), "").await;
+    let mut request = format!("ws://{}/v1/responses", proxy.addr)
+        .into_client_request()
+        .unwrap();
+    let headers = request.headers_mut();
+    headers.insert("authorization", format!("Bearer {KEY}").parse().unwrap());
+    headers.insert("x-llm-meter-tags", "team=voice".parse().unwrap());
+    headers.insert("x-llm-meter-user", "alice".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let create = json!({"type": "response.create", "model": "gpt-4o", "input": "hi"});
+    ws.send(Message::text(create.to_string())).await.unwrap();
+    let answer = ws.next().await.unwrap().unwrap();
+    assert!(answer.to_text().unwrap().contains("response.completed"));
+    ws.close(None).await.unwrap();
+    while ws.next().await.is_some() {}
+    let head = upstream.await.unwrap();
+    assert!(head.contains_key("authorization"));
+    assert!(
+        head.keys()
+            .all(|name| !name.as_str().starts_with("x-llm-meter")),
+        "{head:?}"
+    );
+
+    proxy.stats_after(1).await;
+    let exported = json_lines(&proxy.get_text("/export?format=jsonl").await);
+    assert_eq!(exported.len(), 1);
+    assert_eq!(exported[0]["tags"], json!({"team": "voice"}));
+    assert_eq!(exported[0]["user"], "alice");
+    assert_eq!(exported[0]["input_tokens"], 100);
+}
