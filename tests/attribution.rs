@@ -1,6 +1,10 @@
 //! Attribution beyond the key: `X-LLM-Meter-Tags`, `-User` and `-Session` (or the body's user
 //! field, or a named key's default tags) reach the ledger, `/usage`, `/export` and `report`,
 //! never the provider; bad values are refused; `cost_header` answers with the cost.
+#![expect(
+    clippy::unwrap_used,
+    reason = "the helpers and the WebSocket upstream: a failure is a failed test"
+)]
 
 mod common;
 

@@ -23,6 +23,10 @@ const HAS_RESPONSE_ID: u8 = 1 << 6;
 
 /// One decoded entry, borrowing its text from the buffer.
 #[derive(Debug, PartialEq, Eq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "decoded one at a time on the writer's stack and never stored: boxing would allocate per row"
+)]
 pub(super) enum Entry<'a> {
     Row(Row<&'a str>),
     Period { id: u64, started: OffsetDateTime },
