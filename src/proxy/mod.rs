@@ -124,25 +124,13 @@ pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> R
     let is_stream_path = metered.is_some_and(|m| m.is_stream_path);
     let guard = state.guard;
     let (identity, key, source) = identify(guard, &parts);
-    let mut attribution = match attribution {
+    let attribution = match admit(guard, key, flavor.is_some(), attribution) {
         Ok(attribution) => attribution,
-        Err(err) => {
-            tracing::info!(method = %parts.method, path = key::redact_path(&parts.uri), status = err.status().as_u16(), key_id = identity.id, upstream = route.name, refused = %err, "request");
-            return err.into_response();
+        Err(refused) => {
+            tracing::info!(method = %parts.method, path = key::redact_path(&parts.uri), status = refused.status.as_u16(), key_id = identity.id, upstream = route.name, refused = refused.reason, "request");
+            return refused.response;
         }
     };
-    if let Some(named) = key {
-        attribution.add_defaults(guard.tags(named));
-    }
-    let admitted = if flavor.is_some() {
-        guard.admit(key)
-    } else {
-        guard.authenticate(key)
-    };
-    if let Err(refusal) = admitted {
-        tracing::info!(method = %parts.method, path = key::redact_path(&parts.uri), status = refusal.status().as_u16(), key_id = identity.id, upstream = route.name, refused = %refusal, "request");
-        return refusal.into_response();
-    }
     // A virtual key: the real key goes upstream, the client's never does.
     if let (Some(named), Some(source)) = (key, source)
         && let Some(real) = guard.upstream_key(named)
@@ -196,6 +184,46 @@ pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> R
             err.into_response()
         }
     }
+}
+
+/// A request turned away before it is forwarded: its answer, and what its log line says.
+struct Refused {
+    response: Response,
+    status: StatusCode,
+    reason: String,
+}
+
+impl Refused {
+    fn new(answer: impl IntoResponse + std::fmt::Display) -> Self {
+        let reason = answer.to_string();
+        let response = answer.into_response();
+        Self {
+            status: response.status(),
+            response,
+            reason,
+        }
+    }
+}
+
+/// Refuses a bad attribution header, adds a named key's default tags, and admits the caller
+/// (budgets and rate limits on metered routes, the key alone on the others).
+fn admit(
+    guard: &Guard,
+    key: Option<KeyRef>,
+    is_metered: bool,
+    attribution: Result<attribution::Attribution, ProxyError>,
+) -> Result<attribution::Attribution, Refused> {
+    let mut attribution = attribution.map_err(Refused::new)?;
+    if let Some(named) = key {
+        attribution.add_defaults(guard.tags(named));
+    }
+    let admitted = if is_metered {
+        guard.admit(key)
+    } else {
+        guard.authenticate(key)
+    };
+    admitted.map_err(Refused::new)?;
+    Ok(attribution)
 }
 
 /// Who is calling: the caller's identity, its named key if it has one, and where its key was.
