@@ -65,6 +65,13 @@ impl Attribution {
         serde_json::to_string(&self.tags).ok()
     }
 
+    /// Takes `user` (the body's) when no header named one.
+    pub fn or_user(&mut self, user: Option<&str>) {
+        if self.user.is_none() {
+            self.user = user.map(str::to_owned);
+        }
+    }
+
     /// Adds `defaults` (a named key's tags) under the tags the request named itself.
     pub fn add_defaults(&mut self, defaults: &Tags) {
         for (name, value) in defaults {

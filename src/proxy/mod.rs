@@ -322,9 +322,7 @@ async fn send(
                         exchange.request_model.clone_from(&chat.model);
                     }
                     exchange.is_streaming |= chat.is_streaming;
-                    if exchange.attribution.user.is_none() {
-                        exchange.attribution.user.clone_from(&chat.user);
-                    }
+                    exchange.attribution.or_user(chat.user.as_deref());
                     strip_usage_chunk = chat.needs_usage_injected();
                     if strip_usage_chunk && runtime.is_unproven(route.inject_stream_usage) {
                         retry = Some(Retry {
