@@ -331,6 +331,7 @@ fn each_command_lists_only_its_own_options() {
             "--since",
             "--until",
             "--format",
+            "--where",
             "--help"
         ]
     );
@@ -342,6 +343,7 @@ fn each_command_lists_only_its_own_options() {
             "--format",
             "--since",
             "--until",
+            "--where",
             "--help"
         ]
     );
