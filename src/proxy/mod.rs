@@ -194,14 +194,15 @@ struct Refused {
 }
 
 impl Refused {
-    fn new(answer: impl IntoResponse + std::fmt::Display) -> Self {
+    /// Boxed: the refusal is the rare path, and a response is large to move around.
+    fn new(answer: impl IntoResponse + std::fmt::Display) -> Box<Self> {
         let reason = answer.to_string();
         let response = answer.into_response();
-        Self {
+        Box::new(Self {
             status: response.status(),
             response,
             reason,
-        }
+        })
     }
 }
 
@@ -212,7 +213,7 @@ fn admit(
     key: Option<KeyRef>,
     is_metered: bool,
     attribution: Result<attribution::Attribution, ProxyError>,
-) -> Result<attribution::Attribution, Refused> {
+) -> Result<attribution::Attribution, Box<Refused>> {
     let mut attribution = attribution.map_err(Refused::new)?;
     if let Some(named) = key {
         attribution.add_defaults(guard.tags(named));
