@@ -539,3 +539,76 @@ async fn websocket_responses_carry_the_upgrades_attribution_which_the_upstream_n
     assert_eq!(exported[0]["user"], "alice");
     assert_eq!(exported[0]["input_tokens"], 100);
 }
+
+/// Turns the ledger in `dir` back into a schema-2 ledger: no attribution columns.
+fn downgrade_to_schema_2(dir: &std::path::Path) {
+    let conn = rusqlite::Connection::open(dir.join("ledger.sqlite3")).unwrap();
+    conn.execute_batch(
+        "DROP VIEW request_rows;
+         ALTER TABLE requests DROP COLUMN user;
+         ALTER TABLE requests DROP COLUMN session;
+         ALTER TABLE requests DROP COLUMN tags;
+         CREATE VIEW request_rows AS
+            SELECT r.at, r.period, k.key_id, k.label AS key_label, m.name AS model,
+                coalesce(u.name, 'openai') AS upstream,
+                f.name AS flavor, r.status, r.streamed, r.input_tokens, r.cached_tokens,
+                r.cache_write_tokens, r.output_tokens, r.reasoning_tokens, r.cost_nano_usd,
+                r.latency_us, r.response_id, r.error, r.unpriced, r.estimated, r.partial
+            FROM requests r
+            JOIN keys k ON k.id = r.key
+            JOIN names m ON m.id = r.model
+            JOIN names f ON f.id = r.flavor
+            LEFT JOIN names u ON u.id = r.upstream;
+         PRAGMA user_version = 2;",
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_ledger_from_before_attribution_opens_and_its_rows_are_the_unattributed_group() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_ledger(
+        dir.path(),
+        [common::ledger_row(
+            "2026-11-01T09:00:00Z",
+            KEY,
+            "gpt-4o",
+            (1000, 200),
+            4_500_000,
+        )],
+    );
+    downgrade_to_schema_2(dir.path());
+    let mock = Mock::openai().await;
+    let proxy = Proxy::start_persistent(&mock.url(), dir.path(), "").await;
+    let headers = [
+        ("X-LLM-Meter-User", "alice"),
+        ("X-LLM-Meter-Tags", "team=search"),
+    ];
+    chat(&proxy, KEY, &chat_request("gpt-4o", false), &headers)
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    proxy.stats_after(2).await;
+
+    let usage = proxy
+        .get_json("/usage?group_by=user,tag.team&since=2026-01-01")
+        .await;
+    let lines = rows(&usage);
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["user"], Value::Null);
+    assert_eq!(lines[0]["tags"], json!({"team": null}));
+    assert_eq!(lines[0]["cost_nano_usd"], 4_500_000);
+    assert_eq!(lines[1]["user"], "alice");
+    assert_eq!(lines[1]["tags"], json!({"team": "search"}));
+    let old = json_lines(
+        &proxy
+            .get_text("/export?format=jsonl&until=2026-11-02")
+            .await,
+    );
+    assert_eq!(old.len(), 1);
+    assert_eq!(
+        (&old[0]["user"], &old[0]["tags"]),
+        (&Value::Null, &Value::Null)
+    );
+}
