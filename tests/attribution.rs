@@ -200,6 +200,11 @@ async fn a_named_keys_default_tags_apply_and_a_header_tag_overrides_them() {
             &Value::Null,
         ]
     );
+    let keys = proxy.get_json("/admin/keys").await;
+    assert_eq!(
+        keys["keys"][0]["tags"],
+        json!({"env": "prod", "team": "search"})
+    );
     let by_env = proxy.get_json("/usage?group_by=tag.env&tag.env=prod").await;
     assert_eq!(rows(&by_env).len(), 1);
     assert_eq!(rows(&by_env)[0]["requests"], 2);
