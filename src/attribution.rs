@@ -102,6 +102,10 @@ pub fn take(headers: &mut HeaderMap) -> Result<Attribution, ProxyError> {
 
 /// Every value of `name`, removed.
 fn take_all(headers: &mut HeaderMap, name: &HeaderName) -> Vec<http::HeaderValue> {
+    // The common case, none, without `entry`, which may grow the map to make room.
+    if !headers.contains_key(name) {
+        return Vec::new();
+    }
     match headers.entry(name) {
         http::header::Entry::Occupied(entry) => entry.remove_entry_mult().1.collect(),
         http::header::Entry::Vacant(_) => Vec::new(),

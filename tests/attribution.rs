@@ -121,6 +121,17 @@ async fn usage_groups_and_filters_by_tag_user_and_session() {
     assert_eq!(bad.status(), 400);
     let bad = proxy.get("/usage?tag.a%27b=x").send().await.unwrap();
     assert_eq!(bad.status(), 400);
+    // A mistyped filter is refused, not taken for none.
+    let typo = proxy.get("/export?tags.team=search").send().await.unwrap();
+    assert_eq!(typo.status(), 400);
+    let body: Value = typo.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown parameter `tags.team`"),
+        "{body}"
+    );
     assert_no_attribution_headers(&mock.received());
 }
 

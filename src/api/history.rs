@@ -97,16 +97,24 @@ pub struct UsageQuery {
 /// The query's pairs, for the filters, whose names (`tag.team`) are not fields.
 pub type Pairs = Vec<(String, String)>;
 
-/// The rows of `range` that the query's filter pairs take; other pairs are left to the query.
-pub fn filter_of(range: Range, pairs: &Pairs) -> Result<Filter, ProxyError> {
+/// The rows of `range` that the query's filter pairs take. `own` are the endpoint's other
+/// parameters; any other name is refused, so that a mistyped filter (`tags.team=`) is not
+/// taken for no filter at all.
+pub fn filter_of(range: Range, pairs: &Pairs, own: &[&str]) -> Result<Filter, ProxyError> {
     let mut filter = Filter {
         range,
         ..Filter::default()
     };
     for (name, value) in pairs {
-        filter
+        let is_filter = filter
             .add(name, value)
             .map_err(|e| ProxyError::BadQuery(format!("`{name}`: {e}")))?;
+        if !is_filter && !own.contains(&name.as_str()) {
+            return Err(ProxyError::BadQuery(format!(
+                "unknown parameter `{name}`: the filters are key, model, user, session and tag.NAME, besides {}",
+                own.join(", ")
+            )));
+        }
     }
     Ok(filter)
 }
@@ -174,7 +182,11 @@ pub async fn usage(
     let answer = async {
         let groups = Group::parse_list(query.group_by.as_deref().unwrap_or("day"))
             .map_err(|e| ProxyError::BadQuery(format!("`group_by`: {e}")))?;
-        let filter = filter_of(query.range.parse()?, &pairs)?;
+        let filter = filter_of(
+            query.range.parse()?,
+            &pairs,
+            &["group_by", "since", "until"],
+        )?;
         let range = filter.range;
         let by = groups.clone();
         let lines = read(&state, move |reader| reader.usage(&by, &filter)).await?;
@@ -275,7 +287,7 @@ pub async fn export(
     let prepared = async {
         let format = Format::parse(query.format.as_deref().unwrap_or("csv"))
             .map_err(|e| ProxyError::BadQuery(e.into()))?;
-        let filter = filter_of(query.range.parse()?, &pairs)?;
+        let filter = filter_of(query.range.parse()?, &pairs, &["format", "since", "until"])?;
         // Open (and sync) first, so a missing ledger is an error status, not a cut body.
         let reader = read(&state, Ok).await?;
         Ok::<_, ProxyError>((format, filter, reader))
