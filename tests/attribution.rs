@@ -479,6 +479,27 @@ async fn the_binary_records_attribution_and_reports_by_tag_and_user() {
     assert_eq!(json["rows"][0]["tags"]["team"], "search");
     assert_eq!(json["rows"][0]["user"], "alice");
     assert_eq!(json["totals"]["requests"], 3);
+
+    let mut export = binary_command(dir.path());
+    export.args([
+        "export",
+        "--format",
+        "jsonl",
+        "--where",
+        "user=bob",
+        "--data-dir",
+    ]);
+    let output = export.arg(&data).output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let exported = json_lines(&String::from_utf8(output.stdout).unwrap());
+    assert_eq!(exported.len(), 1);
+    assert_eq!(exported[0]["tags"], json!({"team": "ads"}));
+
+    let mut bad = binary_command(dir.path());
+    bad.args(["report", "--where", "colour=red", "--data-dir"]);
+    let output = bad.arg(&data).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--where"));
 }
 
 /// A WebSocket upstream for one connection: records its handshake's headers, and answers each
