@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use time::OffsetDateTime;
 
 use crate::config::Flags;
-use crate::meter::ledger::history::{Group, parse_time};
+use crate::meter::ledger::history::{Filter, Group, parse_time};
 
 /// A local reverse proxy that meters LLM API traffic: tokens and cost per API key and model.
 ///
@@ -143,7 +143,8 @@ pub struct ReportArgs {
     /// The calendar period: week starts on Monday, days at 00:00 UTC.
     #[arg(long, default_value = "today", value_parser = periods())]
     pub period: String,
-    /// Rows per model, key, upstream, day or hour; combine with commas (day,model).
+    /// Rows per model, key, upstream, day, hour, user, session or tag.NAME; combine with
+    /// commas (day,model or tag.team,user).
     #[arg(long, default_value = "model", value_parser = groups)]
     pub by: String,
     /// Start instead of the period's: RFC 3339 time, date (2026-11-25) or span back (24h, 7d).
@@ -155,6 +156,10 @@ pub struct ReportArgs {
     /// text: a table; json: one document with the fields of /usage.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub format: String,
+    /// Only rows where NAME is VALUE: key (id), model, user, session or tag.NAME; repeat to
+    /// combine (--where tag.team=search --where user=alice).
+    #[arg(long = "where", value_name = "NAME=VALUE", value_parser = condition)]
+    pub filters: Vec<String>,
 }
 
 /// `llm-meter export`.
@@ -172,6 +177,9 @@ pub struct ExportArgs {
     /// End (exclusive), same forms as --since [default: now].
     #[arg(long, value_parser = time)]
     pub until: Option<String>,
+    /// Only rows where NAME is VALUE, as for report.
+    #[arg(long = "where", value_name = "NAME=VALUE", value_parser = condition)]
+    pub filters: Vec<String>,
 }
 
 // The values are checked here, so that a bad one is a usage error (exit 2, like a bad flag);
@@ -201,6 +209,13 @@ fn groups(value: &str) -> Result<String, String> {
         .map_err(String::from)
 }
 
+fn condition(value: &str) -> Result<String, String> {
+    Filter::default()
+        .add_written(value)
+        .map(|()| value.to_owned())
+        .map_err(String::from)
+}
+
 fn time(value: &str) -> Result<String, String> {
     parse_time(value, OffsetDateTime::now_utc())
         .map(|_| value.to_owned())
@@ -216,6 +231,7 @@ impl ReportArgs {
             since: self.since.clone(),
             until: self.until.clone(),
             format: self.format.clone(),
+            filters: self.filters.clone(),
         }
     }
 }
@@ -227,6 +243,7 @@ impl ExportArgs {
             format: self.format.clone(),
             since: self.since.clone(),
             until: self.until.clone(),
+            filters: self.filters.clone(),
         }
     }
 }

@@ -21,6 +21,14 @@ pub enum ProxyError {
     /// The request has no `Host` header, or more than one.
     #[error("invalid request: {0}")]
     BadHost(&'static str),
+    /// An attribution header (`X-LLM-Meter-Tags`, `-User`, `-Session`) has a bad value.
+    #[error("invalid {header} header: {reason}")]
+    BadAttribution {
+        /// The header, as documented.
+        header: &'static str,
+        /// What is wrong with its value.
+        reason: String,
+    },
     /// A change to our own state asked by a peer that is not on loopback, with no admin token set.
     #[error(
         "changes are taken from loopback only while no admin token is set (admin_token, or LLM_METER_ADMIN_TOKEN)"
@@ -110,6 +118,7 @@ impl ProxyError {
             Self::ClientBody(_) => (StatusCode::BAD_REQUEST, "bad_request_body"),
             Self::BadPath(_) => (StatusCode::BAD_REQUEST, "invalid_path"),
             Self::BadHost(_) => (StatusCode::BAD_REQUEST, "invalid_host"),
+            Self::BadAttribution { .. } => (StatusCode::BAD_REQUEST, "invalid_attribution_header"),
             Self::NotLoopback => (StatusCode::FORBIDDEN, "loopback_only"),
             Self::BodyStalled(_) => (StatusCode::REQUEST_TIMEOUT, "request_body_timeout"),
             Self::BadQuery(_) => (StatusCode::BAD_REQUEST, "invalid_query"),

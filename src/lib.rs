@@ -20,6 +20,9 @@
 //!    `/export`, the `report` and `export` commands), lists alerts and named keys, changes
 //!    budgets (`/admin/keys`), and answers `/healthz`.
 //!
+//! `attribution` reads the user, session and tags a request names in llm-meter's own headers
+//! (removed before forwarding) or in its body.
+//!
 //! `logs` writes one line per request through a batching writer; `deferred` holds that line,
 //! and the ledger writer's wake-up, until the response has gone out; `json` finds a body's
 //! top-level fields without parsing the rest; `path` gives a request its canonical path;
@@ -32,7 +35,7 @@
 //!
 //! | layer | modules | one job |
 //! |---|---|---|
-//! | 1 | `key`, `json`, `error`, `path`, `deferred`, `worker`, `tasks`, `client` | the pieces every layer uses |
+//! | 1 | `key`, `attribution`, `json`, `error`, `path`, `deferred`, `worker`, `tasks`, `client` | the pieces every layer uses |
 //! | 2 | `usage` | one normalized usage from every flavor |
 //! | 3 | `money` | amounts in nano-dollars, and what a usage costs at a price |
 //! | 4 | `config`, `logs` | validated settings; the log writer they configure |
@@ -48,6 +51,7 @@
 
 pub mod api;
 pub mod app;
+pub mod attribution;
 pub mod cli;
 pub mod client;
 pub mod config;

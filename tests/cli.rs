@@ -333,6 +333,7 @@ fn each_command_lists_only_its_own_options() {
             "--since",
             "--until",
             "--format",
+            "--where",
             "--help"
         ]
     );
@@ -344,6 +345,7 @@ fn each_command_lists_only_its_own_options() {
             "--format",
             "--since",
             "--until",
+            "--where",
             "--help"
         ]
     );

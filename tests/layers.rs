@@ -14,6 +14,7 @@ use std::path::Path;
 const LAYERS: &[(&str, u8)] = &[
     // 1. leaves: the pieces every layer uses
     ("key", 1),
+    ("attribution", 1),
     ("json", 1),
     ("error", 1),
     ("path", 1),

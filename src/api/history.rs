@@ -2,6 +2,7 @@
 //! rows, streamed) and the `export` command. Rows carry key ids and labels, never keys.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -84,14 +85,38 @@ pub async fn read<T: Send + 'static>(
     .map_err(|_| ProxyError::Internal)?
 }
 
-/// `?group_by=&since=&until=&key=&model=` of `/usage`.
+/// `?group_by=&since=&until=` of `/usage`; its filters (`key=`, `model=`, `user=`,
+/// `session=`, `tag.NAME=`) are read from the query's pairs (`filter_of`).
 #[derive(Debug, Deserialize)]
 pub struct UsageQuery {
     group_by: Option<String>,
-    key: Option<String>,
-    model: Option<String>,
     #[serde(flatten)]
     range: RangeQuery,
+}
+
+/// The query's pairs, for the filters, whose names (`tag.team`) are not fields.
+pub type Pairs = Vec<(String, String)>;
+
+/// The rows of `range` that the query's filter pairs take. `own` are the endpoint's other
+/// parameters; any other name is refused, so that a mistyped filter (`tags.team=`) is not
+/// taken for no filter at all.
+pub fn filter_of(range: Range, pairs: &Pairs, own: &[&str]) -> Result<Filter, ProxyError> {
+    let mut filter = Filter {
+        range,
+        ..Filter::default()
+    };
+    for (name, value) in pairs {
+        let is_filter = filter
+            .add(name, value)
+            .map_err(|e| ProxyError::BadQuery(format!("`{name}`: {e}")))?;
+        if !is_filter && !own.contains(&name.as_str()) {
+            return Err(ProxyError::BadQuery(format!(
+                "unknown parameter `{name}`: the filters are key, model, user, session and tag.NAME, besides {}",
+                own.join(", ")
+            )));
+        }
+    }
+    Ok(filter)
 }
 
 /// One row of `/usage`.
@@ -109,6 +134,14 @@ struct UsageRowView {
     key_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     upstream: Option<String>,
+    /// Grouped by user: the user, or null for the rows that named none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session: Option<Option<String>>,
+    /// Grouped by tags: each tag's value, or null.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tags: Option<BTreeMap<String, Option<String>>>,
     #[serde(flatten)]
     counts: CountsView,
 }
@@ -118,7 +151,7 @@ struct UsageRowView {
 pub struct UsageView {
     since: Option<String>,
     until: Option<String>,
-    group_by: Vec<&'static str>,
+    group_by: Vec<String>,
     rows: Vec<UsageRowView>,
     totals: CountsView,
 }
@@ -133,7 +166,7 @@ impl UsageView {
         Self {
             since: range.since.map(rfc3339),
             until: range.until.map(rfc3339),
-            group_by: groups.iter().map(|g| g.as_str()).collect(),
+            group_by: groups.iter().map(|g| g.name().into_owned()).collect(),
             rows: lines.iter().map(|l| row_view(groups, l)).collect(),
             totals: CountsView::from(&totals),
         }
@@ -141,15 +174,19 @@ impl UsageView {
 }
 
 /// `GET /usage`: the ledger's counters summed per day, hour, model and/or key over a range.
-pub async fn usage(State(state): State<AppState>, Query(query): Query<UsageQuery>) -> Response {
+pub async fn usage(
+    State(state): State<AppState>,
+    Query(query): Query<UsageQuery>,
+    Query(pairs): Query<Pairs>,
+) -> Response {
     let answer = async {
         let groups = Group::parse_list(query.group_by.as_deref().unwrap_or("day"))
             .map_err(|e| ProxyError::BadQuery(format!("`group_by`: {e}")))?;
-        let filter = Filter {
-            range: query.range.parse()?,
-            key_id: query.key,
-            model: query.model,
-        };
+        let filter = filter_of(
+            query.range.parse()?,
+            &pairs,
+            &["group_by", "since", "until"],
+        )?;
         let range = filter.range;
         let by = groups.clone();
         let lines = read(&state, move |reader| reader.usage(&by, &filter)).await?;
@@ -176,8 +213,25 @@ fn row_view(groups: &[Group], line: &UsageLine) -> UsageRowView {
         key: line.key.as_ref().map(|k| k.label.clone()),
         key_id: line.key.as_ref().map(|k| k.id.clone()),
         upstream: line.upstream.clone(),
+        user: groups.contains(&Group::User).then(|| line.user.clone()),
+        session: groups
+            .contains(&Group::Session)
+            .then(|| line.session.clone()),
+        tags: groups
+            .iter()
+            .any(|g| matches!(g, Group::Tag(_)))
+            .then(|| tags_of(groups, line)),
         counts: CountsView::from(&line.counts),
     }
+}
+
+/// The tags grouped by and their values in `line`.
+pub fn tags_of(groups: &[Group], line: &UsageLine) -> BTreeMap<String, Option<String>> {
+    let names = groups.iter().filter_map(|g| match g {
+        Group::Tag(name) => Some(name.clone()),
+        _ => None,
+    });
+    names.zip(line.tags.iter().cloned()).collect()
 }
 
 /// Export file formats.
@@ -216,7 +270,7 @@ impl Format {
     }
 }
 
-/// `?format=&since=&until=` of `/export`.
+/// `?format=&since=&until=` of `/export`, and its filters as in `/usage`.
 #[derive(Debug, Deserialize)]
 pub struct ExportQuery {
     format: Option<String>,
@@ -225,16 +279,20 @@ pub struct ExportQuery {
 }
 
 /// `GET /export`: every row in the range, oldest first, streamed in chunks as it is read.
-pub async fn export(State(state): State<AppState>, Query(query): Query<ExportQuery>) -> Response {
+pub async fn export(
+    State(state): State<AppState>,
+    Query(query): Query<ExportQuery>,
+    Query(pairs): Query<Pairs>,
+) -> Response {
     let prepared = async {
         let format = Format::parse(query.format.as_deref().unwrap_or("csv"))
             .map_err(|e| ProxyError::BadQuery(e.into()))?;
-        let range = query.range.parse()?;
+        let filter = filter_of(query.range.parse()?, &pairs, &["format", "since", "until"])?;
         // Open (and sync) first, so a missing ledger is an error status, not a cut body.
         let reader = read(&state, Ok).await?;
-        Ok::<_, ProxyError>((format, range, reader))
+        Ok::<_, ProxyError>((format, filter, reader))
     };
-    let (format, range, reader) = match prepared.await {
+    let (format, filter, reader) = match prepared.await {
         Ok(prepared) => prepared,
         Err(err) => return err.into_response(),
     };
@@ -245,7 +303,7 @@ pub async fn export(State(state): State<AppState>, Query(query): Query<ExportQue
             tx,
             buf: Vec::with_capacity(EXPORT_CHUNK),
         };
-        let result = write_rows(&reader, range, format, &mut sink).and_then(|()| sink.flush());
+        let result = write_rows(&reader, &filter, format, &mut sink).and_then(|()| sink.flush());
         if let Err(err) = result
             && err.kind() != io::ErrorKind::BrokenPipe
         {
@@ -277,6 +335,8 @@ pub struct ExportRequest {
     pub since: Option<String>,
     /// The end, excluded.
     pub until: Option<String>,
+    /// Conditions `name=value` every row meets (`user=alice`, `tag.team=search`).
+    pub filters: Vec<String>,
 }
 
 /// The `export` command: rows to `out`.
@@ -302,9 +362,21 @@ pub fn export_to(
         option: "--since/--until",
         reason: reason.into(),
     })?;
+    let mut filter = Filter {
+        range,
+        ..Filter::default()
+    };
+    for condition in &args.filters {
+        filter
+            .add_written(condition)
+            .map_err(|reason| CommandError::BadOption {
+                option: "--where",
+                reason,
+            })?;
+    }
     let reader = Reader::open(&options.dir)?;
     let mut out = io::BufWriter::with_capacity(EXPORT_CHUNK, out);
-    match write_rows(&reader, range, format, &mut out).and_then(|()| out.flush()) {
+    match write_rows(&reader, &filter, format, &mut out).and_then(|()| out.flush()) {
         Ok(()) => Ok(()),
         // `llm-meter export | head`: the reader has what it wanted.
         Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
@@ -313,7 +385,7 @@ pub fn export_to(
 }
 
 /// The export columns, in order (new ones are added at the end, so scripts keep working).
-const COLUMNS: [&str; 24] = [
+const COLUMNS: [&str; 27] = [
     "time",
     "key_id",
     "key",
@@ -338,12 +410,15 @@ const COLUMNS: [&str; 24] = [
     "partial",
     "period",
     "upstream",
+    "user",
+    "session",
+    "tags",
 ];
 
-/// Writes the rows of `range` in `format` (CSV with a header line).
+/// Writes the rows `filter` takes in `format` (CSV with a header line).
 pub fn write_rows(
     reader: &Reader,
-    range: Range,
+    filter: &Filter,
     format: Format,
     out: &mut impl Write,
 ) -> io::Result<()> {
@@ -353,7 +428,7 @@ pub fn write_rows(
     let mut failure = None;
     let mut line = String::with_capacity(512);
     reader
-        .for_each_row(range, |row| {
+        .for_each_row(filter, |row| {
             line.clear();
             match format {
                 Format::Csv => csv_line(row, &mut line),
@@ -386,7 +461,7 @@ fn csv_line(row: &Row, line: &mut String) {
     let u = &row.usage;
     let _ = write!(
         line,
-        "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\r\n",
+        "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\r\n",
         rfc3339(row.at),
         csv_field(&row.key_id),
         csv_field(&row.key_label),
@@ -411,7 +486,19 @@ fn csv_line(row: &Row, line: &mut String) {
         row.is_partial,
         row.period,
         csv_field(&row.upstream),
+        csv_field(row.user.as_deref().unwrap_or_default()),
+        csv_field(row.session.as_deref().unwrap_or_default()),
+        csv_field(&tags_text(row.tags.as_deref())),
     );
+}
+
+/// Stored tags as the header writes them (`run=42,team=search`): values hold no comma.
+fn tags_text(json: Option<&str>) -> String {
+    let tags: crate::attribution::Tags = json
+        .and_then(|j| serde_json::from_str(j).ok())
+        .unwrap_or_default();
+    let pairs: Vec<String> = tags.iter().map(|(n, v)| format!("{n}={v}")).collect();
+    pairs.join(",")
 }
 
 /// A text cell as written: defused if a spreadsheet would run it as a formula, then quoted
@@ -475,6 +562,10 @@ struct RowView<'a> {
     partial: bool,
     period: u64,
     upstream: &'a str,
+    user: Option<&'a str>,
+    session: Option<&'a str>,
+    /// The stored JSON object as it is.
+    tags: Option<&'a serde_json::value::RawValue>,
 }
 
 fn json_line(row: &Row, line: &mut String) {
@@ -504,6 +595,12 @@ fn json_line(row: &Row, line: &mut String) {
         partial: row.is_partial,
         period: row.period,
         upstream: &row.upstream,
+        user: row.user.as_deref(),
+        session: row.session.as_deref(),
+        tags: row
+            .tags
+            .as_deref()
+            .and_then(|t| serde_json::from_str(t).ok()),
     };
     // Serializing plain fields cannot fail; an empty line would be the only trace if it did.
     if let Ok(json) = serde_json::to_string(&view) {

@@ -26,6 +26,8 @@ pub struct Request {
     pub until: Option<String>,
     /// `text` or `json`.
     pub format: String,
+    /// Conditions `name=value` every row meets (`user=alice`, `tag.team=search`).
+    pub filters: Vec<String>,
 }
 
 /// Runs the command: reads the ledger named by the config and renders the table.
@@ -44,14 +46,15 @@ pub fn run(config: &Config, args: &Request) -> Result<String, CommandError> {
         range.until = Some(parse_time(until, now).map_err(bad("--until"))?);
     }
     let groups = Group::parse_list(&args.by).map_err(bad("--by"))?;
+    let mut filter = Filter {
+        range,
+        ..Filter::default()
+    };
+    for condition in &args.filters {
+        filter.add_written(condition).map_err(bad("--where"))?;
+    }
     let reader = Reader::open(&options.dir)?;
-    let mut lines = reader.usage(
-        &groups,
-        &Filter {
-            range,
-            ..Filter::default()
-        },
-    )?;
+    let mut lines = reader.usage(&groups, &filter)?;
     if args.format == "json" {
         order(&groups, &mut lines);
         let view = UsageView::new(range, &groups, &lines);
@@ -103,7 +106,7 @@ pub fn render(heading: &str, groups: &[Group], mut lines: Vec<UsageLine>) -> Str
         return out;
     }
     order(groups, &mut lines);
-    let mut header: Vec<String> = groups.iter().map(|g| g.as_str().to_uppercase()).collect();
+    let mut header: Vec<String> = groups.iter().map(|g| g.name().to_uppercase()).collect();
     header.extend(
         [
             "REQUESTS",
@@ -120,6 +123,7 @@ pub fn render(heading: &str, groups: &[Group], mut lines: Vec<UsageLine>) -> Str
     let mut totals = Counts::default();
     for line in &lines {
         totals += &line.counts;
+        let mut tags = line.tags.iter();
         let mut cells: Vec<String> = groups
             .iter()
             .map(|g| match g {
@@ -135,6 +139,9 @@ pub fn render(heading: &str, groups: &[Group], mut lines: Vec<UsageLine>) -> Str
                     .map(|k| format!("{} [{}]", k.label, k.id))
                     .unwrap_or_default(),
                 Group::Upstream => line.upstream.clone().unwrap_or_default(),
+                Group::User => named(line.user.as_deref()),
+                Group::Session => named(line.session.as_deref()),
+                Group::Tag(_) => named(tags.next().and_then(Option::as_deref)),
             })
             .collect();
         cells.extend(numbers(&line.counts));
@@ -172,6 +179,14 @@ pub fn render(heading: &str, groups: &[Group], mut lines: Vec<UsageLine>) -> Str
     }
     out
 }
+
+/// A user, session or tag value as a cell: `-` for rows that named none.
+fn named(value: Option<&str>) -> String {
+    value.unwrap_or(NONE).to_owned()
+}
+
+/// The cell of a user, session or tag that rows did not name.
+const NONE: &str = "-";
 
 /// The table's rows as aligned text: the first `labels` columns to the left, numbers to the right.
 fn aligned(table: &[Vec<String>], labels: usize) -> String {

@@ -41,6 +41,7 @@ pub(super) struct FileConfig {
     pub(super) websocket_idle_timeout: Option<String>,
     pub(super) websocket_max_duration: Option<String>,
     pub(super) websocket_max_message_bytes: Option<u64>,
+    pub(super) cost_header: Option<bool>,
     #[serde(default)]
     pub(super) pricing: BTreeMap<String, PriceEntry>,
     #[serde(default)]
@@ -87,6 +88,7 @@ pub(super) struct KeyEntry {
     pub(super) total_usd: Option<f64>,
     pub(super) tokens_per_minute: Option<u64>,
     pub(super) requests_per_minute: Option<u64>,
+    pub(super) tags: Option<BTreeMap<String, String>>,
 }
 
 /// One `[upstreams.NAME]` table.

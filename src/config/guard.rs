@@ -41,6 +41,8 @@ pub struct KeySettings {
     pub tokens_per_minute: Option<u64>,
     /// Requests per minute, if limited.
     pub requests_per_minute: Option<u64>,
+    /// Tags every request with this key carries unless its `X-LLM-Meter-Tags` names them.
+    pub tags: crate::attribution::Tags,
 }
 
 /// Everything the guard is configured with.
@@ -240,7 +242,29 @@ fn key_settings(
         )?,
         tokens_per_minute: per_minute("tokens_per_minute", entry.tokens_per_minute)?,
         requests_per_minute: per_minute("requests_per_minute", entry.requests_per_minute)?,
+        tags: default_tags(entry.tags.as_ref(), &field("tags"), name)?,
     })
+}
+
+/// A key's default tags, held to the rules of the `X-LLM-Meter-Tags` header.
+fn default_tags(
+    tags: Option<&BTreeMap<String, String>>,
+    field: &str,
+    name: &str,
+) -> Result<crate::attribution::Tags, ConfigError> {
+    use crate::attribution::{MAX_TAGS, check_tag_name, check_tag_value};
+    let Some(tags) = tags else {
+        return Ok(crate::attribution::Tags::new());
+    };
+    if tags.len() > MAX_TAGS {
+        return Err(invalid(field, name, format!("at most {MAX_TAGS} tags")));
+    }
+    for (tag, value) in tags {
+        check_tag_name(tag)
+            .and_then(|()| check_tag_value(tag, value))
+            .map_err(|reason| invalid(field, name, reason))?;
+    }
+    Ok(tags.clone())
 }
 
 /// Budgets in USD (daily, monthly, total) to nano-dollars; each must be at least a nano-dollar
@@ -307,6 +331,7 @@ mod tests {
             upstream_key_env = "REAL_KEY"
             daily_usd = 1.5
             tokens_per_minute = 30000
+            tags = { team = "search", "cost.center" = "42" }
             [keys.other]
             key_sha256 = "2CF24DBA5FB0A30E26E83B2AC5B9E29E1B161E5C1FA7425E73043362938B9824"
             "#,
@@ -326,6 +351,9 @@ mod tests {
         );
         assert_eq!(agent.budget.daily, Some(NanoUsd(1_500_000_000)));
         assert_eq!(agent.tokens_per_minute, Some(30_000));
+        assert_eq!(agent.tags["team"], "search");
+        assert_eq!(agent.tags["cost.center"], "42");
+        assert!(g.keys[1].tags.is_empty());
         // sha256("hello"), written in capitals.
         assert_eq!(g.keys[1].digest, crate::key::digest(b"hello"));
     }
@@ -374,6 +402,14 @@ mod tests {
             (
                 "[keys.a]\nkey_env = \"AGENT_KEY\"\n[keys.b]\nkey_env = \"AGENT_KEY\"",
                 "the same key as keys.a",
+            ),
+            (
+                "[keys.a]\nkey_env = \"AGENT_KEY\"\ntags = { Team = \"x\" }",
+                "`keys.a.tags`",
+            ),
+            (
+                "[keys.a]\nkey_env = \"AGENT_KEY\"\ntags = { team = \"\" }",
+                "`keys.a.tags`",
             ),
             ("[keys.global]\nkey_env = \"AGENT_KEY\"", "`keys.global`"),
             (

@@ -230,6 +230,9 @@ pub struct Config {
     pub file: Option<PathBuf>,
     /// Limits of relayed WebSockets.
     pub websocket: websocket::Settings,
+    /// Add `X-LLM-Meter-Cost` and `X-LLM-Meter-Tokens` to non-streamed metered responses,
+    /// which are then read whole before they are answered.
+    pub cost_header: bool,
 }
 
 impl Config {
@@ -326,6 +329,7 @@ impl Config {
             egress,
             file: None,
             websocket: websocket::settings(&file, &name)?,
+            cost_header: file.cost_header.unwrap_or(false),
         })
     }
 }

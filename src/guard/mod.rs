@@ -136,6 +136,11 @@ impl Guard {
         &self.keys[key.0].settings.name
     }
 
+    /// The tags a named key gives its requests by default.
+    pub fn tags(&self, key: KeyRef) -> &crate::attribution::Tags {
+        &self.keys[key.0].settings.tags
+    }
+
     /// The key to send upstream instead of the client's, for a virtual key.
     pub fn upstream_key(&self, key: KeyRef) -> Option<&Secret> {
         self.keys[key.0].settings.upstream_key.as_ref()

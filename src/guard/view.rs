@@ -23,6 +23,7 @@ impl Guard {
                     is_virtual: k.settings.upstream_key.is_some(),
                     tokens_per_minute: k.settings.tokens_per_minute,
                     requests_per_minute: k.settings.requests_per_minute,
+                    tags: k.settings.tags.clone(),
                     budget: self.scope_view(&k.scope, now),
                 })
                 .collect(),
@@ -81,6 +82,9 @@ pub struct KeyView {
     /// Requests per minute, if limited.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requests_per_minute: Option<u64>,
+    /// The tags its requests carry by default.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tags: crate::attribution::Tags,
     /// Its budgets and their spend.
     pub budget: Vec<BudgetLine>,
 }

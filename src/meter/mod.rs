@@ -13,6 +13,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 use time::OffsetDateTime;
 
+use crate::attribution::Attribution;
 use crate::key::Identity;
 use crate::usage::{Flavor, Usage};
 use ledger::{Ledger, LedgerError, Row};
@@ -124,7 +125,12 @@ pub struct Record<'a> {
     /// The part of `usage` that was audio: counted as tokens, but left out of the cost (no
     /// price has audio rates), and the request flagged unpriced when there is any.
     pub audio: Usage,
+    /// The user, session and tags it is for: ledger columns, never in-memory totals.
+    pub attribution: &'a Attribution,
 }
+
+/// The attribution of a record that has none.
+static NO_ATTRIBUTION: Attribution = Attribution::NONE;
 
 impl<'a> Record<'a> {
     /// A complete, successful, non-streamed chat request: the common case, for tests and benchmarks.
@@ -143,6 +149,7 @@ impl<'a> Record<'a> {
             is_estimated: false,
             upstream: crate::config::OPENAI,
             audio: Usage::default(),
+            attribution: &NO_ATTRIBUTION,
         }
     }
 }
@@ -319,32 +326,7 @@ impl Meter {
     /// Prices one request and adds it to the totals; never fails.
     pub fn record(&self, record: &Record<'_>) -> Priced {
         let usage = record.usage.unwrap_or_default();
-        let has_audio = record.audio.total_tokens() > 0;
-        let priced = match self.price_of(record.model) {
-            Some(price) if has_audio => {
-                self.warn_unpriced_audio(record.model);
-                Priced {
-                    cost: price.cost(&usage.without(&record.audio)),
-                    is_priced: false,
-                }
-            }
-            Some(price) => Priced {
-                cost: price.cost(&usage),
-                is_priced: true,
-            },
-            // A request with no tokens costs nothing whatever the model: nothing to be unsure of.
-            None if usage.total_tokens() == 0 => Priced {
-                cost: NanoUsd(0),
-                is_priced: true,
-            },
-            None => {
-                self.warn_unpriced(record.model);
-                Priced {
-                    cost: NanoUsd(0),
-                    is_priced: false,
-                }
-            }
-        };
+        let priced = self.price(record.model, &usage, &record.audio);
         let flags = Flags {
             is_error: record.is_error,
             is_unpriced: !priced.is_priced,
@@ -354,28 +336,77 @@ impl Meter {
         let period = self
             .store
             .add(record.identity, record.model, record.upstream, &counts);
-        if let Some(ledger) = &self.ledger {
-            ledger.append(&Row {
-                at: ledger::now(),
-                period,
-                key_id: record.identity.id.as_str(),
-                key_label: record.identity.label.as_str(),
-                model: record.model,
-                upstream: record.upstream,
-                flavor: record.flavor.as_str(),
-                status: record.status,
-                is_streaming: record.is_streaming,
-                usage,
-                cost: priced.cost,
-                latency: record.upstream_latency,
-                response_id: record.response_id,
-                is_error: flags.is_error,
-                is_unpriced: flags.is_unpriced,
-                is_estimated: flags.is_estimated,
-                is_partial: record.is_partial,
-            });
-        }
+        self.append_row(record, period, usage, priced, flags);
         priced
+    }
+
+    /// Records `record` as its row in the ledger, when there is one.
+    fn append_row(
+        &self,
+        record: &Record<'_>,
+        period: u64,
+        usage: Usage,
+        priced: Priced,
+        flags: Flags,
+    ) {
+        let Some(ledger) = &self.ledger else {
+            return;
+        };
+        let attribution = record.attribution;
+        let tags = attribution.tags_json();
+        ledger.append(&Row {
+            at: ledger::now(),
+            period,
+            key_id: record.identity.id.as_str(),
+            key_label: record.identity.label.as_str(),
+            model: record.model,
+            upstream: record.upstream,
+            flavor: record.flavor.as_str(),
+            status: record.status,
+            is_streaming: record.is_streaming,
+            usage,
+            cost: priced.cost,
+            latency: record.upstream_latency,
+            response_id: record.response_id,
+            is_error: flags.is_error,
+            is_unpriced: flags.is_unpriced,
+            is_estimated: flags.is_estimated,
+            is_partial: record.is_partial,
+            user: attribution.user.as_deref(),
+            session: attribution.session.as_deref(),
+            tags: tags.as_deref(),
+        });
+    }
+
+    /// What `usage` of `model` costs, `audio` of it left out (and then unpriced); warns once
+    /// per model without a price.
+    fn price(&self, model: &str, usage: &Usage, audio: &Usage) -> Priced {
+        let has_audio = audio.total_tokens() > 0;
+        match self.price_of(model) {
+            Some(price) if has_audio => {
+                self.warn_unpriced_audio(model);
+                Priced {
+                    cost: price.cost(&usage.without(audio)),
+                    is_priced: false,
+                }
+            }
+            Some(price) => Priced {
+                cost: price.cost(usage),
+                is_priced: true,
+            },
+            // A request with no tokens costs nothing whatever the model: nothing to be unsure of.
+            None if usage.total_tokens() == 0 => Priced {
+                cost: NanoUsd(0),
+                is_priced: true,
+            },
+            None => {
+                self.warn_unpriced(model);
+                Priced {
+                    cost: NanoUsd(0),
+                    is_priced: false,
+                }
+            }
+        }
     }
 
     fn price_of(&self, model: &str) -> Option<Price> {

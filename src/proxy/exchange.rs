@@ -9,9 +9,10 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 
 use super::tap::Outcome;
+use crate::attribution::Attribution;
 use crate::guard::{Guard, KeyRef};
 use crate::key::Identity;
-use crate::meter::{Meter, Record, UNKNOWN_MODEL};
+use crate::meter::{Meter, Priced, Record, UNKNOWN_MODEL};
 use crate::usage::estimate::{self, Raw};
 use crate::usage::{Extracted, Flavor, Usage};
 
@@ -51,6 +52,8 @@ pub struct Exchange {
     /// The named key it came with, if any.
     pub(super) key: Option<KeyRef>,
     pub(super) identity: Identity,
+    /// The user, session and tags the request named (and its key's default tags).
+    pub(super) attribution: Attribution,
     pub(super) upstream: Arc<Origin>,
     pub(super) flavor: Option<Flavor>,
     pub(super) method: Method,
@@ -80,6 +83,7 @@ struct Finished {
     guard: Arc<Guard>,
     key: Option<KeyRef>,
     identity: Identity,
+    attribution: Attribution,
     upstream: Arc<Origin>,
     flavor: Flavor,
     method: Method,
@@ -114,8 +118,8 @@ impl Finished {
     }
 
     /// Records the request and writes its one log line (after the response when recorded while
-    /// hyper serves it: see `deferred`).
-    fn record(self, is_estimated: bool) {
+    /// hyper serves it: see `deferred`). Returns what it cost.
+    fn record(self, is_estimated: bool) -> Priced {
         let key_id = self.identity.id.as_str();
         let model = self.model.as_str();
         if self.extracted.usage.is_none() && !self.is_error && self.is_whole {
@@ -141,6 +145,7 @@ impl Finished {
             is_estimated,
             upstream: &self.upstream.name,
             audio: self.extracted.audio,
+            attribution: &self.attribution,
         });
         let usage = self.extracted.usage.unwrap_or_default();
         self.guard.on_record(
@@ -151,7 +156,7 @@ impl Finished {
             usage.total_tokens(),
         );
         if !tracing::enabled!(tracing::Level::INFO) {
-            return;
+            return priced;
         }
         let Self {
             method,
@@ -190,6 +195,7 @@ impl Finished {
                 "request"
             );
         });
+        priced
     }
 }
 
@@ -197,9 +203,15 @@ impl Exchange {
     /// Records the request (metered routes) and writes its one log line. A 2xx response that
     /// reported no usage (or a stream cut before its final count) is estimated first, on a
     /// blocking thread, so neither this response nor any other waits for the tokenizer.
-    pub fn complete(&mut self, mut extracted: Extracted, raw: Option<Raw>, outcome: Outcome) {
+    /// Returns what the request cost when it was recorded at once (metered, not estimated).
+    pub fn complete(
+        &mut self,
+        mut extracted: Extracted,
+        raw: Option<Raw>,
+        outcome: Outcome,
+    ) -> Option<Priced> {
         if std::mem::replace(&mut self.is_done, true) {
-            return;
+            return None;
         }
         for warning in &extracted.warnings {
             if self
@@ -235,7 +247,7 @@ impl Exchange {
             let duration_ms = millis(self.started.elapsed());
             let upstream_ms = millis(self.upstream_latency.unwrap_or_default());
             tracing::info!(target: LOG_TARGET, method = %self.method, path = self.path, status = self.status.as_u16(), key_id, upstream = &*self.upstream.name, upstream_ms, duration_ms, outcome, error = self.error, "request");
-            return;
+            return None;
         };
         let model = capped_model(
             extracted
@@ -251,6 +263,7 @@ impl Exchange {
             guard: Arc::clone(&self.guard),
             key: self.key,
             identity: std::mem::replace(&mut self.identity, Identity::anonymous()),
+            attribution: std::mem::take(&mut self.attribution),
             upstream: Arc::clone(&self.upstream),
             flavor,
             method: self.method.clone(),
@@ -267,8 +280,7 @@ impl Exchange {
             outcome,
         };
         if !needs_estimate {
-            finished.record(false);
-            return;
+            return Some(finished.record(false));
         }
         let request = self.request_body.take();
         let job = move || {
@@ -285,6 +297,7 @@ impl Exchange {
             }
             Err(_) => job(),
         }
+        None
     }
 }
 

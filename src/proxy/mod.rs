@@ -1,6 +1,7 @@
 //! Forwarding: each upstream's prefix to its base URL, with the request rewritten and the
 //! response tapped only where metering needs it.
 
+pub mod cost;
 pub mod exchange;
 pub mod pool;
 pub mod rewrite;
@@ -24,6 +25,7 @@ use http::{HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
+use crate::attribution;
 use crate::client::Dialer;
 use crate::config::{Config, InjectStreamUsage, Route};
 use crate::error::ProxyError;
@@ -104,6 +106,8 @@ pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> R
         return ProxyError::Internal.into_response();
     };
     let (mut parts, body) = request.into_parts();
+    // Ours, not the provider's: removed before anything else, whatever happens next.
+    let attribution = attribution::take(&mut parts.headers);
     let rest = parts
         .uri
         .path()
@@ -120,15 +124,13 @@ pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> R
     let is_stream_path = metered.is_some_and(|m| m.is_stream_path);
     let guard = state.guard;
     let (identity, key, source) = identify(guard, &parts);
-    let admitted = if flavor.is_some() {
-        guard.admit(key)
-    } else {
-        guard.authenticate(key)
+    let attribution = match admit(guard, key, flavor.is_some(), attribution) {
+        Ok(attribution) => attribution,
+        Err(refused) => {
+            tracing::info!(method = %parts.method, path = key::redact_path(&parts.uri), status = refused.status.as_u16(), key_id = identity.id, upstream = route.name, refused = refused.reason, "request");
+            return refused.response;
+        }
     };
-    if let Err(refusal) = admitted {
-        tracing::info!(method = %parts.method, path = key::redact_path(&parts.uri), status = refusal.status().as_u16(), key_id = identity.id, upstream = route.name, refused = %refusal, "request");
-        return refusal.into_response();
-    }
     // A virtual key: the real key goes upstream, the client's never does.
     if let (Some(named), Some(source)) = (key, source)
         && let Some(real) = guard.upstream_key(named)
@@ -140,6 +142,7 @@ pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> R
         guard: Arc::clone(guard),
         key,
         identity,
+        attribution,
         upstream: Arc::clone(&runtime.origin),
         flavor,
         method: parts.method.clone(),
@@ -159,6 +162,13 @@ pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> R
     match send(&state, route, runtime, parts, body, &mut exchange).await {
         Ok(Answer::Tapped(parts, incoming, extraction)) => {
             exchange.status = parts.status;
+            if let Extraction::Body { flavor, .. } = extraction
+                && state.config.cost_header
+                && parts.status.is_success()
+            {
+                let idle = state.config.idle_timeout;
+                return cost::answer(parts, incoming, flavor, exchange, route, idle).await;
+            }
             let tap = Tap::new(incoming, extraction, exchange, state.config, state.tasks);
             Response::from_parts(parts, Body::new(tap))
         }
@@ -174,6 +184,47 @@ pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> R
             err.into_response()
         }
     }
+}
+
+/// A request turned away before it is forwarded: its answer, and what its log line says.
+struct Refused {
+    response: Response,
+    status: StatusCode,
+    reason: String,
+}
+
+impl Refused {
+    /// Boxed: the refusal is the rare path, and a response is large to move around.
+    fn new(answer: impl IntoResponse + std::fmt::Display) -> Box<Self> {
+        let reason = answer.to_string();
+        let response = answer.into_response();
+        Box::new(Self {
+            status: response.status(),
+            response,
+            reason,
+        })
+    }
+}
+
+/// Refuses a bad attribution header, adds a named key's default tags, and admits the caller
+/// (budgets and rate limits on metered routes, the key alone on the others).
+fn admit(
+    guard: &Guard,
+    key: Option<KeyRef>,
+    is_metered: bool,
+    attribution: Result<attribution::Attribution, ProxyError>,
+) -> Result<attribution::Attribution, Box<Refused>> {
+    let mut attribution = attribution.map_err(Refused::new)?;
+    if let Some(named) = key {
+        attribution.add_defaults(guard.tags(named));
+    }
+    let admitted = if is_metered {
+        guard.admit(key)
+    } else {
+        guard.authenticate(key)
+    };
+    admitted.map_err(Refused::new)?;
+    Ok(attribution)
 }
 
 /// Who is calling: the caller's identity, its named key if it has one, and where its key was.
@@ -272,6 +323,7 @@ async fn send(
                         exchange.request_model.clone_from(&chat.model);
                     }
                     exchange.is_streaming |= chat.is_streaming;
+                    exchange.attribution.or_user(chat.user.as_deref());
                     strip_usage_chunk = chat.needs_usage_injected();
                     if strip_usage_chunk && runtime.is_unproven(route.inject_stream_usage) {
                         retry = Some(Retry {

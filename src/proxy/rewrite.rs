@@ -7,7 +7,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
-use crate::json;
+use crate::{attribution, json};
 
 /// What we need to know of a chat request, read from its top-level fields only.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +18,9 @@ pub struct ChatRequest {
     pub is_streaming: bool,
     /// Where to splice so that the upstream sends usage, or `None` when the client already asked.
     edit: Option<Edit>,
+    /// The end user the body names in its standard field (OpenAI's `user` or
+    /// `safety_identifier`, Anthropic's `metadata.user_id`).
+    pub user: Option<String>,
 }
 
 /// One splice into the body: replace `start..end` with `text`.
@@ -45,6 +48,12 @@ struct TopLevel<'a> {
     stream: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "raw")]
     stream_options: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    user: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    safety_identifier: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    metadata: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -64,8 +73,18 @@ impl ChatRequest {
         // no edit, or a stream without `stream_options`, whose edit is an insertion after the
         // opening brace. An edit inside `stream_options`, or a body the scan does not take,
         // goes through serde, which also validates.
-        let fields = json::top_level(body, [b"model", b"stream", b"stream_options"]);
-        if let Some([model, stream, options]) = fields {
+        let fields = json::top_level(
+            body,
+            [
+                b"model",
+                b"stream",
+                b"stream_options",
+                b"user",
+                b"safety_identifier",
+                b"metadata",
+            ],
+        );
+        if let Some([model, stream, options, user, safety_identifier, metadata]) = fields {
             let is_streaming = stream == Some(b"true".as_slice());
             let needs_edit = is_streaming && asks_stream_usage;
             if !needs_edit || options.is_none() {
@@ -77,6 +96,7 @@ impl ChatRequest {
                     } else {
                         None
                     },
+                    user: attribution::user_in_body(user, safety_identifier, metadata),
                 });
             }
         }
@@ -101,6 +121,11 @@ impl ChatRequest {
             model,
             is_streaming,
             edit,
+            user: attribution::user_in_body(
+                top.user.map(|v| v.get().as_bytes()),
+                top.safety_identifier.map(|v| v.get().as_bytes()),
+                top.metadata.map(|v| v.get().as_bytes()),
+            ),
         })
     }
 

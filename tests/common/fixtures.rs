@@ -92,6 +92,9 @@ pub fn ledger_row(
         is_unpriced: false,
         is_estimated: false,
         is_partial: false,
+        user: None,
+        session: None,
+        tags: None,
     }
 }
 

@@ -1,10 +1,11 @@
 //! Reading the ledger: totals over a time range, usage grouped by day, hour, model or key, and
 //! the raw rows in order. Readers never write, so they work beside a running server.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, ToSql};
+use rusqlite::Connection;
 use time::format_description::well_known::Rfc3339;
 use time::{Date, OffsetDateTime, Time};
 
@@ -79,7 +80,7 @@ pub fn parse_time(value: &str, now: OffsetDateTime) -> Result<OffsetDateTime, In
 }
 
 /// One dimension of `/usage` and `llm-meter report`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Group {
     /// Calendar day, UTC.
     Day,
@@ -91,10 +92,19 @@ pub enum Group {
     Key,
     /// Per upstream.
     Upstream,
+    /// The end user (`X-LLM-Meter-User`, or the body's).
+    User,
+    /// The session (`X-LLM-Meter-Session`).
+    Session,
+    /// One tag (`tag.team`), by its name.
+    Tag(String),
 }
 
+/// The prefix of a tag's dimension and filter: `tag.team`.
+pub const TAG_PREFIX: &str = "tag.";
+
 impl Group {
-    /// Parses `day`, `hour`, `model`, `key` or `upstream`.
+    /// Parses `day`, `hour`, `model`, `key`, `upstream`, `user`, `session` or `tag.NAME`.
     pub fn parse(value: &str) -> Result<Self, InvalidValue> {
         match value.trim() {
             "day" => Ok(Self::Day),
@@ -102,9 +112,17 @@ impl Group {
             "model" => Ok(Self::Model),
             "key" => Ok(Self::Key),
             "upstream" => Ok(Self::Upstream),
-            other => Err(InvalidValue(format!(
-                "expected day, hour, model, key or upstream, got {other:?}"
-            ))),
+            "user" => Ok(Self::User),
+            "session" => Ok(Self::Session),
+            other => match other.strip_prefix(TAG_PREFIX) {
+                Some(name) => {
+                    check_tag_name(name)?;
+                    Ok(Self::Tag(name.to_owned()))
+                }
+                None => Err(InvalidValue(format!(
+                    "expected day, hour, model, key, upstream, user, session or tag.NAME, got {other:?}"
+                ))),
+            },
         }
     }
 
@@ -121,29 +139,45 @@ impl Group {
         Ok(groups)
     }
 
-    /// The name used in queries and headings.
-    pub fn as_str(self) -> &'static str {
+    /// The name used in queries and headings (`day`, `tag.team`).
+    pub fn name(&self) -> Cow<'static, str> {
         match self {
-            Self::Day => "day",
-            Self::Hour => "hour",
-            Self::Model => "model",
-            Self::Key => "key",
-            Self::Upstream => "upstream",
+            Self::Day => "day".into(),
+            Self::Hour => "hour".into(),
+            Self::Model => "model".into(),
+            Self::Key => "key".into(),
+            Self::Upstream => "upstream".into(),
+            Self::User => "user".into(),
+            Self::Session => "session".into(),
+            Self::Tag(name) => format!("{TAG_PREFIX}{name}").into(),
         }
     }
 
-    fn columns(self) -> &'static str {
+    fn columns(&self) -> Cow<'static, str> {
         match self {
-            Self::Day => "at / 86400000000",
-            Self::Hour => "at / 3600000000",
-            Self::Model => "model",
-            Self::Key => "key_id",
-            Self::Upstream => "upstream",
+            Self::Day => "at / 86400000000".into(),
+            Self::Hour => "at / 3600000000".into(),
+            Self::Model => "model".into(),
+            Self::Key => "key_id".into(),
+            Self::Upstream => "upstream".into(),
+            Self::User => "user".into(),
+            Self::Session => "session".into(),
+            Self::Tag(name) => tag_column(name).into(),
         }
     }
 }
 
-/// Rows to sum: a range, optionally one key (by id) and one model.
+/// The SQL of one tag's value. The name is checked (`check_tag_name`: `[a-z0-9_.-]` only), so
+/// it can be written into the JSON path, quoted so that a `.` in it is not a step.
+fn tag_column(name: &str) -> String {
+    format!("json_extract(tags, '$.\"{name}\"')")
+}
+
+fn check_tag_name(name: &str) -> Result<(), InvalidValue> {
+    crate::attribution::check_tag_name(name).map_err(InvalidValue)
+}
+
+/// Rows to sum or export: a range, optionally one key (by id), model, user, session, and tags.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
     /// The time range.
@@ -152,9 +186,84 @@ pub struct Filter {
     pub key_id: Option<String>,
     /// Only this model.
     pub model: Option<String>,
+    /// Only this user.
+    pub user: Option<String>,
+    /// Only this session.
+    pub session: Option<String>,
+    /// Only rows with each of these tags (name, value).
+    pub tags: Vec<(String, String)>,
 }
 
-/// One line of grouped usage; the dimensions not grouped by are `None`.
+impl Filter {
+    /// Adds the condition `name=value`, as `/usage` and `/export` take it as a query parameter
+    /// and the commands as `--where`: `key`, `model`, `user`, `session` or `tag.NAME`.
+    /// Returns false for a name that is none of these.
+    pub fn add(&mut self, name: &str, value: &str) -> Result<bool, InvalidValue> {
+        let slot = match name {
+            "key" => &mut self.key_id,
+            "model" => &mut self.model,
+            "user" => &mut self.user,
+            "session" => &mut self.session,
+            other => {
+                let Some(tag) = other.strip_prefix(TAG_PREFIX) else {
+                    return Ok(false);
+                };
+                check_tag_name(tag)?;
+                if self.tags.iter().any(|(t, _)| t == tag) {
+                    return Err(InvalidValue(format!("{name} is given twice")));
+                }
+                self.tags.push((tag.to_owned(), value.to_owned()));
+                return Ok(true);
+            }
+        };
+        if slot.is_some() {
+            return Err(InvalidValue(format!("{name} is given twice")));
+        }
+        *slot = Some(value.to_owned());
+        Ok(true)
+    }
+
+    /// Adds a condition written `name=value` (`tag.team=search`).
+    pub fn add_written(&mut self, condition: &str) -> Result<(), InvalidValue> {
+        let (name, value) = condition.split_once('=').ok_or_else(|| {
+            InvalidValue(format!(
+                "expected name=value (user=alice, tag.team=search), got {condition:?}"
+            ))
+        })?;
+        match self.add(name.trim(), value.trim())? {
+            true => Ok(()),
+            false => Err(InvalidValue(format!(
+                "expected key, model, user, session or tag.NAME before '=', got {name:?}"
+            ))),
+        }
+    }
+
+    /// The SQL condition on `request_rows` and its parameters, numbered from 1.
+    fn sql(&self) -> (String, Vec<rusqlite::types::Value>) {
+        let (since, until) = self.range.bounds();
+        let mut conditions = String::from("at >= ?1 AND at < ?2");
+        let mut params = vec![since.into(), until.into()];
+        let columns = [
+            ("key_id", &self.key_id),
+            ("model", &self.model),
+            ("user", &self.user),
+            ("session", &self.session),
+        ];
+        let tags = self.tags.iter().map(|(n, v)| (tag_column(n), v));
+        let equal = columns
+            .into_iter()
+            .filter_map(|(c, v)| Some((Cow::Borrowed(c), v.as_ref()?)))
+            .chain(tags.map(|(c, v)| (Cow::Owned(c), v)));
+        for (column, value) in equal {
+            params.push(value.clone().into());
+            conditions.push_str(&format!(" AND {column} = ?{}", params.len()));
+        }
+        (conditions, params)
+    }
+}
+
+/// One line of grouped usage; the dimensions not grouped by are `None` (as are a user, session
+/// or tag that rows did not name).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageLine {
     /// Start of the day or hour.
@@ -165,6 +274,12 @@ pub struct UsageLine {
     pub key: Option<Identity>,
     /// The upstream.
     pub upstream: Option<String>,
+    /// The user.
+    pub user: Option<String>,
+    /// The session.
+    pub session: Option<String>,
+    /// The value of each tag grouped by, in the order of the groups.
+    pub tags: Vec<Option<String>>,
     /// The sums.
     pub counts: Counts,
 }
@@ -243,18 +358,8 @@ impl Reader {
 
     /// Sums of the filtered rows per group, in group order.
     pub fn usage(&self, groups: &[Group], filter: &Filter) -> Result<Vec<UsageLine>, LedgerError> {
-        let (since, until) = filter.range.bounds();
-        let mut conditions = String::from("at >= ?1 AND at < ?2");
-        let mut params: Vec<&dyn ToSql> = vec![&since, &until];
-        if let Some(key_id) = &filter.key_id {
-            params.push(key_id);
-            conditions.push_str(&format!(" AND key_id = ?{}", params.len()));
-        }
-        if let Some(model) = &filter.model {
-            params.push(model);
-            conditions.push_str(&format!(" AND model = ?{}", params.len()));
-        }
-        let by: Vec<&str> = groups.iter().map(|g| g.columns()).collect();
+        let (conditions, params) = filter.sql();
+        let by: Vec<Cow<'_, str>> = groups.iter().map(Group::columns).collect();
         let sql = if by.is_empty() {
             format!("SELECT {SUMS} FROM request_rows WHERE {conditions} HAVING count(*) > 0")
         } else {
@@ -265,45 +370,7 @@ impl Reader {
         };
         let mut statement = self.conn.prepare(&sql).map_err(|e| self.fail(&e))?;
         let lines = statement
-            .query_map(params.as_slice(), |r| {
-                let mut line = UsageLine {
-                    bucket: None,
-                    model: None,
-                    key: None,
-                    upstream: None,
-                    counts: Counts::default(),
-                };
-                let label = if groups.is_empty() {
-                    None
-                } else {
-                    Some(r.get::<_, String>(groups.len())?)
-                };
-                for (i, group) in groups.iter().enumerate() {
-                    match group {
-                        Group::Day => {
-                            line.bucket = Some(from_micros(r.get::<_, i64>(i)? * 86_400_000_000))
-                        }
-                        Group::Hour => {
-                            line.bucket = Some(from_micros(r.get::<_, i64>(i)? * 3_600_000_000))
-                        }
-                        Group::Model => line.model = Some(r.get(i)?),
-                        Group::Upstream => line.upstream = Some(r.get(i)?),
-                        Group::Key => {
-                            line.key = Some(Identity {
-                                id: r.get(i)?,
-                                label: label.clone().unwrap_or_default(),
-                            });
-                        }
-                    }
-                }
-                let at = if groups.is_empty() {
-                    0
-                } else {
-                    groups.len() + 1
-                };
-                line.counts = counts_from(r, at)?;
-                Ok(line)
-            })
+            .query_map(rusqlite::params_from_iter(params), |r| line_from(groups, r))
             .map_err(|e| self.fail(&e))?
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(|e| self.fail(&e))?;
@@ -335,25 +402,27 @@ impl Reader {
             .map_err(|e| self.fail(&e))
     }
 
-    /// Calls `each` with every row in `range`, oldest first, without loading them all; stops
-    /// early when `each` returns false.
+    /// Calls `each` with every row that `filter` takes, oldest first, without loading them all;
+    /// stops early when `each` returns false.
     pub fn for_each_row(
         &self,
-        range: Range,
+        filter: &Filter,
         mut each: impl FnMut(&Row) -> bool,
     ) -> Result<(), LedgerError> {
-        let (since, until) = range.bounds();
+        let (conditions, params) = filter.sql();
         let mut statement = self
             .conn
-            .prepare(
+            .prepare(&format!(
                 "SELECT at, period, key_id, key_label, model, flavor, status, streamed,
                     input_tokens, cached_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
                     cost_nano_usd, latency_us, response_id, error, unpriced, estimated, partial,
-                    upstream
-                 FROM request_rows WHERE at >= ?1 AND at < ?2 ORDER BY at",
-            )
+                    upstream, user, session, tags
+                 FROM request_rows WHERE {conditions} ORDER BY at"
+            ))
             .map_err(|e| self.fail(&e))?;
-        let mut rows = statement.query([since, until]).map_err(|e| self.fail(&e))?;
+        let mut rows = statement
+            .query(rusqlite::params_from_iter(params))
+            .map_err(|e| self.fail(&e))?;
         while let Some(r) = rows.next().map_err(|e| self.fail(&e))? {
             let row = row_from(r).map_err(|e| self.fail(&e))?;
             if !each(&row) {
@@ -392,7 +461,53 @@ fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         is_estimated: r.get(18)?,
         is_partial: r.get(19)?,
         upstream: r.get(20)?,
+        user: r.get(21)?,
+        session: r.get(22)?,
+        tags: r.get(23)?,
     })
+}
+
+/// One line of `usage`: the grouped columns, then the label of its key, then the sums.
+fn line_from(groups: &[Group], r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageLine> {
+    let mut line = UsageLine {
+        bucket: None,
+        model: None,
+        key: None,
+        upstream: None,
+        user: None,
+        session: None,
+        tags: Vec::new(),
+        counts: Counts::default(),
+    };
+    let label = if groups.is_empty() {
+        None
+    } else {
+        Some(r.get::<_, String>(groups.len())?)
+    };
+    for (i, group) in groups.iter().enumerate() {
+        match group {
+            Group::Day => line.bucket = Some(from_micros(r.get::<_, i64>(i)? * 86_400_000_000)),
+            Group::Hour => line.bucket = Some(from_micros(r.get::<_, i64>(i)? * 3_600_000_000)),
+            Group::Model => line.model = Some(r.get(i)?),
+            Group::Upstream => line.upstream = Some(r.get(i)?),
+            Group::User => line.user = r.get(i)?,
+            Group::Session => line.session = r.get(i)?,
+            Group::Tag(_) => line.tags.push(r.get(i)?),
+            Group::Key => {
+                line.key = Some(Identity {
+                    id: r.get(i)?,
+                    label: label.clone().unwrap_or_default(),
+                });
+            }
+        }
+    }
+    let at = if groups.is_empty() {
+        0
+    } else {
+        groups.len() + 1
+    };
+    line.counts = counts_from(r, at)?;
+    Ok(line)
 }
 
 #[cfg(test)]
@@ -439,5 +554,25 @@ mod tests {
         );
         assert!(Group::parse_list("day,day").is_err());
         assert!(Group::parse_list("week").is_err());
+        assert_eq!(
+            Group::parse_list("tag.team,user,session").unwrap(),
+            vec![Group::Tag("team".into()), Group::User, Group::Session]
+        );
+        assert!(Group::parse_list("tag.Team").is_err());
+        assert!(Group::parse_list("tag.a'b").is_err());
+    }
+
+    #[test]
+    fn filters_take_name_value_conditions_each_once() {
+        let mut filter = Filter::default();
+        filter.add_written("tag.team=search").unwrap();
+        filter.add_written("user = alice").unwrap();
+        assert_eq!(filter.tags, [("team".to_owned(), "search".to_owned())]);
+        assert_eq!(filter.user.as_deref(), Some("alice"));
+        assert!(filter.add_written("user=bob").is_err());
+        assert!(filter.add_written("tag.team=ads").is_err());
+        assert!(filter.add_written("colour=red").is_err());
+        assert!(filter.add_written("tag.BAD=x").is_err());
+        assert!(filter.add_written("user").is_err());
     }
 }

@@ -141,6 +141,12 @@ pub struct Row<S = String> {
     pub is_estimated: bool,
     /// The response did not arrive whole (client left, upstream cut).
     pub is_partial: bool,
+    /// The end user it was for (`X-LLM-Meter-User`, or the body's `user`).
+    pub user: Option<S>,
+    /// The session it belonged to (`X-LLM-Meter-Session`).
+    pub session: Option<S>,
+    /// Its tags, as a JSON object of strings (`{"team":"search"}`).
+    pub tags: Option<S>,
 }
 
 impl<S: AsRef<str>> Row<S> {
@@ -164,6 +170,9 @@ impl<S: AsRef<str>> Row<S> {
             is_unpriced: self.is_unpriced,
             is_estimated: self.is_estimated,
             is_partial: self.is_partial,
+            user: self.user.as_ref().map(AsRef::as_ref),
+            session: self.session.as_ref().map(AsRef::as_ref),
+            tags: self.tags.as_ref().map(AsRef::as_ref),
         }
     }
 

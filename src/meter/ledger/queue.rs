@@ -23,6 +23,10 @@ const HAS_RESPONSE_ID: u8 = 1 << 6;
 
 /// One decoded entry, borrowing its text from the buffer.
 #[derive(Debug, PartialEq, Eq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "decoded one at a time on the writer's stack and never stored: boxing would allocate per row"
+)]
 pub(super) enum Entry<'a> {
     Row(Row<&'a str>),
     Period { id: u64, started: OffsetDateTime },
@@ -66,6 +70,10 @@ pub(super) fn push_row(buf: &mut Vec<u8>, row: &Row<&str>) {
         row.upstream,
         row.flavor,
         row.response_id.unwrap_or_default(),
+        // Attribution: an empty text is none (an empty user, session or tag set is never kept).
+        row.user.unwrap_or_default(),
+        row.session.unwrap_or_default(),
+        row.tags.unwrap_or_default(),
     ] {
         push_text(buf, text);
     }
@@ -137,6 +145,10 @@ impl<'a> Entries<'a> {
         let upstream = self.text()?;
         let flavor = self.text()?;
         let response_id = self.text()?;
+        let present = |text: &'a str| (!text.is_empty()).then_some(text);
+        let user = present(self.text()?);
+        let session = present(self.text()?);
+        let tags = present(self.text()?);
         let is = |bit: u8| flags & bit != 0;
         Some(Row {
             at: from_micros(at.cast_signed()),
@@ -162,6 +174,9 @@ impl<'a> Entries<'a> {
             is_unpriced: is(UNPRICED),
             is_estimated: is(ESTIMATED),
             is_partial: is(PARTIAL),
+            user,
+            session,
+            tags,
         })
     }
 }
@@ -226,6 +241,9 @@ mod tests {
             is_unpriced: true,
             is_estimated: false,
             is_partial: true,
+            user: response_id.map(|_| "alice".to_owned()),
+            session: None,
+            tags: response_id.map(|_| r#"{"team":"search"}"#.to_owned()),
         }
     }
 

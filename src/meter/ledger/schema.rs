@@ -119,6 +119,28 @@ const MIGRATIONS: &[&str] = &[
         JOIN names f ON f.id = r.flavor
         LEFT JOIN names u ON u.id = r.upstream;
     ",
+    // 3: attribution: the user, session and tags a request named (NULL before, or when it named
+    // none). Text in the row rather than numbers in `names`: users and sessions are many and
+    // mostly seen once. Tags are one JSON object of strings, read with SQLite's JSON functions
+    // (`tags ->> '$."team"'`) when grouping or filtering: a range is scanned by rowid anyway.
+    "
+    ALTER TABLE requests ADD COLUMN user TEXT;
+    ALTER TABLE requests ADD COLUMN session TEXT;
+    ALTER TABLE requests ADD COLUMN tags TEXT;
+    DROP VIEW request_rows;
+    CREATE VIEW request_rows AS
+        SELECT r.at, r.period, k.key_id, k.label AS key_label, m.name AS model,
+            coalesce(u.name, 'openai') AS upstream,
+            f.name AS flavor, r.status, r.streamed, r.input_tokens, r.cached_tokens,
+            r.cache_write_tokens, r.output_tokens, r.reasoning_tokens, r.cost_nano_usd,
+            r.latency_us, r.response_id, r.error, r.unpriced, r.estimated, r.partial,
+            r.user, r.session, r.tags
+        FROM requests r
+        JOIN keys k ON k.id = r.key
+        JOIN names m ON m.id = r.model
+        JOIN names f ON f.id = r.flavor
+        LEFT JOIN names u ON u.id = r.upstream;
+    ",
 ];
 
 /// The schema version this build writes and reads.
@@ -271,6 +293,38 @@ mod tests {
             )
             .unwrap();
         assert_eq!((requests, cost), (1, 75));
+    }
+
+    #[test]
+    fn a_version_2_ledger_is_migrated_with_its_rows_unattributed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite3");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&format!(
+                "{}
+                 {}
+                 PRAGMA application_id = {APPLICATION_ID};
+                 PRAGMA user_version = 2;
+                 INSERT INTO periods VALUES (1, 0);
+                 INSERT INTO keys VALUES (1, 'k1', 'sk-…1');
+                 INSERT INTO names VALUES (1, 'gpt-4o'), (2, 'openai_chat'), (3, 'openai');
+                 INSERT INTO requests VALUES (5, 1, 1, 1, 2, 200, 0, 10, 0, 0, 5, 0, 75, NULL, NULL, 0, 0, 0, 0, 3);",
+                MIGRATIONS[0], MIGRATIONS[1]
+            ))
+            .unwrap();
+        }
+        let conn = open(&path, Access::Write).unwrap();
+        let (_, version, _) = identify(&conn).unwrap();
+        assert_eq!(version, VERSION);
+        let row: (String, Option<String>, Option<String>, Option<String>) = conn
+            .query_row(
+                "SELECT upstream, user, session, tags FROM request_rows",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
+        assert_eq!(row, ("openai".to_owned(), None, None, None));
     }
 
     #[test]

@@ -449,7 +449,7 @@ fn bind_counts(
 }
 
 /// Columns of `requests`, bound per row.
-const COLUMNS: usize = 20;
+const COLUMNS: usize = 23;
 
 /// A row's time (its rowid) and the numbers of its key, model, upstream and flavor.
 struct Refs {
@@ -522,7 +522,8 @@ fn insert_sql(rows: usize) -> String {
     format!(
         "INSERT INTO requests (at, period, key, model, flavor, status, streamed,
             input_tokens, cached_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
-            cost_nano_usd, latency_us, response_id, error, unpriced, estimated, partial, upstream)
+            cost_nano_usd, latency_us, response_id, error, unpriced, estimated, partial, upstream,
+            user, session, tags)
          VALUES {}",
         values.join(", ")
     )
@@ -561,6 +562,9 @@ fn bind_row(
     insert.raw_bind_parameter(base + 18, row.is_estimated)?;
     insert.raw_bind_parameter(base + 19, row.is_partial)?;
     insert.raw_bind_parameter(base + 20, refs.upstream)?;
+    insert.raw_bind_parameter(base + 21, row.user)?;
+    insert.raw_bind_parameter(base + 22, row.session)?;
+    insert.raw_bind_parameter(base + 23, row.tags)?;
     Ok(())
 }
 
@@ -711,6 +715,9 @@ mod tests {
                         is_unpriced: false,
                         is_estimated: false,
                         is_partial: false,
+                        user: None,
+                        session: None,
+                        tags: None,
                     },
                 );
             });

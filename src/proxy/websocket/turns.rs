@@ -126,6 +126,7 @@ impl Turns {
             guard: Arc::clone(&upgrade.guard),
             key: upgrade.key,
             identity: upgrade.identity.clone(),
+            attribution: upgrade.attribution.clone(),
             upstream: Arc::clone(&upgrade.upstream),
             flavor: Some(flavor),
             method: upgrade.method.clone(),
