@@ -11,7 +11,8 @@ use http::{Method, StatusCode};
 use super::tap::Outcome;
 use crate::guard::{Guard, KeyRef};
 use crate::key::Identity;
-use crate::meter::{Meter, Record, UNKNOWN_MODEL};
+use crate::meter::{Meter, Priced, Record, UNKNOWN_MODEL};
+use crate::metrics::{Metrics, Operation, Outcome as MetricsOutcome, Sample};
 use crate::usage::estimate::{self, Raw};
 use crate::usage::{Extracted, Flavor, Usage};
 
@@ -47,6 +48,7 @@ fn capped_model(mut model: String) -> String {
 /// One request on its way through: what the record and the log line need once it finishes.
 pub struct Exchange {
     pub(super) meter: Arc<Meter>,
+    pub(super) metrics: Arc<Metrics>,
     pub(super) guard: Arc<Guard>,
     /// The named key it came with, if any.
     pub(super) key: Option<KeyRef>,
@@ -63,6 +65,8 @@ pub struct Exchange {
     pub(super) started: Instant,
     /// Until the upstream's response headers; `None` when there was no response.
     pub(super) upstream_latency: Option<Duration>,
+    /// From its arrival to its first sending upstream: the time llm-meter added before it.
+    pub(super) until_sent: Option<Duration>,
     pub(super) error: Option<String>,
     pub(super) is_done: bool,
 }
@@ -77,6 +81,7 @@ const LOG_TARGET: &str = "llm_meter::proxy";
 /// Everything a record and its log line need, owned, so it can be finished on another thread.
 struct Finished {
     meter: Arc<Meter>,
+    metrics: Arc<Metrics>,
     guard: Arc<Guard>,
     key: Option<KeyRef>,
     identity: Identity,
@@ -91,6 +96,7 @@ struct Finished {
     /// From the request's arrival to its end (not to its record, which an estimate delays).
     duration: Duration,
     upstream_latency: Option<Duration>,
+    until_sent: Option<Duration>,
     error: Option<String>,
     is_error: bool,
     is_whole: bool,
@@ -111,6 +117,32 @@ impl Finished {
             None => counted,
         };
         self.extracted.usage = Some(usage);
+    }
+
+    /// Counts the request in the metrics: a named key shows as its name, any other as its id.
+    fn count(&self, priced: Priced, is_estimated: bool) {
+        let key = if self.key.is_some() {
+            &self.identity.label
+        } else {
+            &self.identity.id
+        };
+        self.metrics.record(&Sample {
+            upstream: &self.upstream.name,
+            model: &self.model,
+            key,
+            operation: Operation::of(self.flavor),
+            outcome: if self.is_error {
+                MetricsOutcome::Error
+            } else {
+                MetricsOutcome::Ok
+            },
+            usage: self.extracted.usage,
+            cost: priced.cost,
+            is_unpriced: !priced.is_priced,
+            is_estimated,
+            duration: Some(self.duration),
+            overhead: self.until_sent,
+        });
     }
 
     /// Records the request and writes its one log line (after the response when recorded while
@@ -142,6 +174,7 @@ impl Finished {
             upstream: &self.upstream.name,
             audio: self.extracted.audio,
         });
+        self.count(priced, is_estimated);
         let usage = self.extracted.usage.unwrap_or_default();
         self.guard.on_record(
             self.key,
@@ -248,6 +281,7 @@ impl Exchange {
             && (extracted.usage.is_none() || extracted.is_output_provisional);
         let mut finished = Finished {
             meter: Arc::clone(&self.meter),
+            metrics: Arc::clone(&self.metrics),
             guard: Arc::clone(&self.guard),
             key: self.key,
             identity: std::mem::replace(&mut self.identity, Identity::anonymous()),
@@ -261,6 +295,7 @@ impl Exchange {
             status: self.status,
             duration: self.started.elapsed(),
             upstream_latency: self.upstream_latency,
+            until_sent: self.until_sent,
             error: self.error.take(),
             is_error,
             is_whole,

@@ -123,6 +123,7 @@ impl Turns {
         let upgrade = &self.upgrade;
         let exchange = Exchange {
             meter: Arc::clone(&upgrade.meter),
+            metrics: Arc::clone(&upgrade.metrics),
             guard: Arc::clone(&upgrade.guard),
             key: upgrade.key,
             identity: upgrade.identity.clone(),
@@ -136,6 +137,7 @@ impl Turns {
             status: StatusCode::OK,
             started: Instant::now(),
             upstream_latency: None,
+            until_sent: None,
             error: None,
             is_done: false,
         };
