@@ -80,7 +80,7 @@ pub const DEFAULT_MAX_TRACKED_KEYS: usize = 10_000;
 /// Default `max_models_per_key`.
 pub const DEFAULT_MAX_MODELS_PER_KEY: usize = 100;
 /// Default `metrics_max_series`: (upstream, model, key, operation) label sets shown apart in
-/// `/metrics`; about 30 lines each, so a scrape stays within a few MB.
+/// `/metrics`; up to about 60 lines each, so a scrape stays within a few MB.
 pub const DEFAULT_METRICS_MAX_SERIES: usize = 2_000;
 
 /// Default longest wait of a recorded row before it is committed to the ledger.
