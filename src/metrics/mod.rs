@@ -130,7 +130,9 @@ pub struct Metrics {
     /// One per worker (and one for worker 0, which also takes estimates' records): a lock only
     /// its worker and a scrape take, so workers never wait on one another.
     shards: Box<[Mutex<Shard>]>,
-    hasher: foldhash::fast::FixedState,
+    /// One seed for every shard, so a label set has one hash; random, so that clients cannot
+    /// choose model names whose hashes collide.
+    hasher: foldhash::fast::RandomState,
     /// Hashes of the label sets with series of their own: at most `max_series`, never fewer.
     admitted: RwLock<HashSet<u64, foldhash::fast::RandomState>>,
     max_series: usize,
@@ -150,7 +152,7 @@ impl Metrics {
     pub fn new(max_series: usize, workers: usize) -> Self {
         Self {
             shards: (0..workers.max(1)).map(|_| Mutex::default()).collect(),
-            hasher: foldhash::fast::FixedState::default(),
+            hasher: foldhash::fast::RandomState::default(),
             admitted: RwLock::default(),
             max_series: max_series.max(1),
         }

@@ -174,7 +174,7 @@ impl Labels {
 
 /// The hash a series is found by: the same in every shard.
 pub fn hash_of(
-    state: &foldhash::fast::FixedState,
+    state: &foldhash::fast::RandomState,
     upstream: &str,
     model: &str,
     key: &str,
