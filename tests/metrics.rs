@@ -165,17 +165,20 @@ fn assert_entry_equals(scrape: &Scrape, key: &str, model: &str, entry: &Value) {
     }
 }
 
-/// Polls until the ledger has committed every row, then returns the scrape.
-async fn settled_scrape(proxy: &Proxy) -> (String, Scrape) {
-    for _ in 0..200 {
+/// Polls until `/metrics` counts `n` metered requests (a record is counted just after the
+/// meter has it) and the ledger has committed every row it has, then returns the scrape.
+async fn scrape_after(proxy: &Proxy, n: u64) -> (String, Scrape) {
+    for _ in 0..250 {
         let (_, text) = scrape_as(proxy, "text/plain").await;
         let scrape = parse(&text);
-        if sum(&scrape, "llm_meter_ledger_pending_rows", &[]) == 0.0 {
+        let metered = sum(&scrape, "llm_meter_requests_total", &[("outcome", "ok")])
+            + sum(&scrape, "llm_meter_requests_total", &[("outcome", "error")]);
+        if metered >= n as f64 && sum(&scrape, "llm_meter_ledger_pending_rows", &[]) == 0.0 {
             return (text, scrape);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("the ledger never settled");
+    panic!("/metrics never counted {n} requests with the ledger settled");
 }
 
 #[tokio::test]
@@ -201,7 +204,7 @@ async fn metrics_equal_stats_after_a_mix_of_requests() {
     assert_eq!(chat(&proxy, AGENT, "gpt-4o", false).await, 429);
 
     let stats = proxy.stats_after(9).await;
-    let (text, scrape) = settled_scrape(&proxy).await;
+    let (text, scrape) = scrape_after(&proxy, 9).await;
     let stats_now = proxy.stats().await;
     assert_eq!(stats_now["totals"], stats["totals"]);
 
@@ -348,6 +351,7 @@ async fn metrics_are_openmetrics_unless_plain_text_is_preferred() {
     let proxy = start(&mock, "", None).await;
     assert_eq!(chat(&proxy, PLAIN, "gpt-4o", false).await, 200);
     proxy.stats_after(1).await;
+    scrape_after(&proxy, 1).await;
 
     let (content_type, text) = scrape_as(&proxy, "*/*").await;
     assert_eq!(content_type, OPENMETRICS);
@@ -490,8 +494,7 @@ async fn label_sets_past_metrics_max_series_fold_into_other_with_exact_totals() 
         200
     );
     let stats = proxy.stats_after(11).await;
-    let (_, text) = scrape_as(&proxy, "text/plain").await;
-    let scrape = parse(&text);
+    let (_, scrape) = scrape_after(&proxy, 11).await;
     let ok = [("outcome", "ok")];
     assert_eq!(sum(&scrape, "llm_meter_requests_total", &ok), 11.0);
     let other = [("key", "other"), ("model", "other"), ("outcome", "ok")];
