@@ -227,6 +227,18 @@ impl Finished {
 }
 
 impl Exchange {
+    /// Counts a request of this exchange's caller refused at admission, in the metrics.
+    pub(super) fn count_refused(&self, flavor: Option<Flavor>, model: Option<&str>) {
+        let key = if self.key.is_some() {
+            &self.identity.label
+        } else {
+            &self.identity.id
+        };
+        let model = model.unwrap_or(UNKNOWN_MODEL);
+        let refused = Sample::refused(&self.upstream.name, model, key, flavor);
+        self.metrics.record(&refused);
+    }
+
     /// Records the request (metered routes) and writes its one log line. A 2xx response that
     /// reported no usage (or a stream cut before its final count) is estimated first, on a
     /// blocking thread, so neither this response nor any other waits for the tokenizer.
