@@ -307,17 +307,23 @@ async fn metrics_equal_stats_after_a_mix_of_requests() {
     // (the 500 had none), and the time added before each of the nine went upstream.
     let histogram = |name| sum(&scrape, name, &[]);
     assert_eq!(histogram("gen_ai_client_operation_duration_seconds"), 9.0);
-    assert_eq!(
-        sum(
-            &scrape,
-            "gen_ai_client_operation_duration_seconds",
-            &[
-                ("gen_ai_operation_name", "chat"),
-                ("gen_ai_provider_name", "openai")
-            ]
-        ),
-        9.0
-    );
+    let chat = [
+        ("gen_ai_operation_name", "chat"),
+        ("gen_ai_provider_name", "openai"),
+    ];
+    let durations = sum(&scrape, "gen_ai_client_operation_duration_seconds", &chat);
+    assert_eq!(durations, 9.0);
+    // The failed one carries the conventions' error.type: its status.
+    let failed = [("gen_ai_request_model", "broken"), ("error_type", "500")];
+    let failed = sum(&scrape, "gen_ai_client_operation_duration_seconds", &failed);
+    assert_eq!(failed, 1.0);
+    let typed = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "gen_ai_client_operation_duration_seconds")
+        .filter(|s| s.labels.get("error_type").is_some())
+        .count();
+    assert_eq!(typed, 1, "only the failed request has an error_type");
     for kind in ["input", "output"] {
         let tokens = sum(
             &scrape,

@@ -367,32 +367,37 @@ impl Scrape {
             }
         }
 
-        let durations = summed(
-            &self.recorded,
-            |l, t| {
-                (
-                    (l.operation, l.model.clone(), l.upstream.clone()),
-                    t.duration,
-                )
-            },
-            |a, b| a.merge(&b),
-        );
+        let mut durations = BTreeMap::<_, Histogram>::new();
+        for (l, t) in &self.recorded.series {
+            let failed = t.failed.iter().map(|(code, h)| (Some(*code), h));
+            for (error_type, histogram) in std::iter::once((None, &t.duration)).chain(failed) {
+                let key = (l.operation, l.model.clone(), l.upstream.clone(), error_type);
+                durations.entry(key).or_default().merge(histogram);
+            }
+        }
         let mut family = encoder.encode_descriptor(
             "gen_ai_client_operation_duration",
             "Duration of GenAI operations, from the request's arrival to the end of its response (OpenTelemetry GenAI semantic conventions), in seconds.",
             Some(&seconds),
             MetricType::Histogram,
         )?;
-        for ((operation, model, provider), histogram) in &durations {
+        for ((operation, model, provider, error_type), histogram) in &durations {
             if histogram.count() == 0 {
                 continue;
             }
-            let mut set = Vec::with_capacity(3);
+            let code = error_type.map(|c| match c {
+                0 => "_OTHER".to_owned(),
+                c => c.to_string(),
+            });
+            let mut set = Vec::with_capacity(4);
             if let Some(operation) = operation {
                 set.push(("gen_ai_operation_name", operation.as_str()));
             }
             set.push(("gen_ai_request_model", &**model));
             set.push(("gen_ai_provider_name", &**provider));
+            if let Some(code) = &code {
+                set.push(("error_type", code.as_str()));
+            }
             encode_histogram(family.encode_family(&set)?, histogram, &DURATION_BOUNDS)?;
         }
         Ok(())

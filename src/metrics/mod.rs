@@ -85,6 +85,8 @@ pub struct Sample<'a> {
     pub operation: Option<Operation>,
     /// How it ended.
     pub outcome: Outcome,
+    /// The HTTP status its client got (for `error_type`).
+    pub status: u16,
     /// Its tokens, when reported or estimated.
     pub usage: Option<Usage>,
     /// What it cost.
@@ -114,6 +116,7 @@ impl<'a> Sample<'a> {
             key,
             operation: flavor.and_then(Operation::of),
             outcome: Outcome::Refused,
+            status: 0,
             usage: None,
             cost: NanoUsd(0),
             is_unpriced: false,

@@ -93,8 +93,37 @@ pub struct Totals {
     pub input: Histogram,
     /// Output tokens per request (`gen_ai_token_type="output"`).
     pub output: Histogram,
-    /// Seconds from a request's arrival to the end of its response.
+    /// Seconds from a request's arrival to the end of its response, for those that did not fail.
     pub duration: Histogram,
+    /// The same for failed requests, per `error_type`: a status code, or 0 for a failure after
+    /// a 2xx status (the upstream cut the stream); a few codes at most, then 0 for the rest.
+    pub failed: Vec<(u16, Histogram)>,
+}
+
+/// Error types a series keeps apart: 7 status codes and `_OTHER` (0), where later codes count.
+const MAX_ERROR_TYPES: usize = 8;
+
+/// The `error_type` of a failed request's status.
+fn error_type(status: u16, known: &[(u16, Histogram)]) -> u16 {
+    let is_known = known.iter().any(|(s, _)| *s == status);
+    let codes = known.iter().filter(|(s, _)| *s != 0).count();
+    if (200..300).contains(&status) || (!is_known && codes >= MAX_ERROR_TYPES - 1) {
+        0
+    } else {
+        status
+    }
+}
+
+/// The histogram of `error_type` among `failed`, added if missing.
+fn failed_histogram(failed: &mut Vec<(u16, Histogram)>, error_type: u16) -> &mut Histogram {
+    let at = match failed.iter().position(|(s, _)| *s == error_type) {
+        Some(at) => at,
+        None => {
+            failed.push((error_type, Histogram::default()));
+            failed.len() - 1
+        }
+    };
+    &mut failed[at].1
 }
 
 impl Totals {
@@ -120,8 +149,13 @@ impl Totals {
         self.estimated += u64::from(sample.is_estimated);
         self.unpriced += u64::from(sample.is_unpriced);
         if let Some(duration) = sample.duration {
-            self.duration
-                .observe(&DURATION_BOUNDS, duration.as_secs_f64());
+            let histogram = if sample.outcome == Outcome::Error {
+                let kind = error_type(sample.status, &self.failed);
+                failed_histogram(&mut self.failed, kind)
+            } else {
+                &mut self.duration
+            };
+            histogram.observe(&DURATION_BOUNDS, duration.as_secs_f64());
         }
     }
 
@@ -139,6 +173,9 @@ impl Totals {
         self.input.merge(&other.input);
         self.output.merge(&other.output);
         self.duration.merge(&other.duration);
+        for (error_type, histogram) in &other.failed {
+            failed_histogram(&mut self.failed, *error_type).merge(histogram);
+        }
     }
 }
 
@@ -252,5 +289,25 @@ mod tests {
         assert_eq!(h.counts[13], 1);
         assert_eq!(h.counts[14], 1);
         assert_eq!(h.count(), 5);
+    }
+
+    #[test]
+    fn failures_keep_a_few_statuses_apart_then_count_as_other() {
+        let mut totals = Totals::default();
+        let failed = |status| Sample {
+            outcome: Outcome::Error,
+            status,
+            duration: Some(std::time::Duration::from_millis(5)),
+            ..Sample::refused("openai", "m", "k", None)
+        };
+        for status in [500, 500, 200, 400, 401, 402, 403, 404, 405, 406, 407] {
+            totals.add(&failed(status));
+        }
+        let codes: Vec<u16> = totals.failed.iter().map(|(s, _)| *s).collect();
+        assert_eq!(codes, [500, 0, 400, 401, 402, 403, 404, 405]);
+        assert_eq!(totals.failed[0].1.count(), 2);
+        // The 200 (a stream cut after its status) and the two codes past the bound.
+        assert_eq!(totals.failed[1].1.count(), 3);
+        assert_eq!(totals.duration.count(), 0);
     }
 }

@@ -136,6 +136,7 @@ impl Finished {
             } else {
                 MetricsOutcome::Ok
             },
+            status: self.status.as_u16(),
             usage: self.extracted.usage,
             cost: priced.cost,
             is_unpriced: !priced.is_priced,
