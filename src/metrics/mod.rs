@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::key::Identity;
 use crate::money::NanoUsd;
 use crate::usage::{Flavor, Usage};
 use series::{Histogram, Labels, OVERHEAD_BOUNDS, Shard, Totals, hash_of};
@@ -235,6 +236,16 @@ impl Metrics {
             }
         }
         recorded
+    }
+}
+
+/// The `key` label of a caller: a named key's name, else the key's id. Never the key's label,
+/// which shows a piece of the key.
+pub fn key_label(identity: &Identity, is_named: bool) -> &str {
+    if is_named {
+        &identity.label
+    } else {
+        &identity.id
     }
 }
 

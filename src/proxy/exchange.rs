@@ -12,7 +12,7 @@ use super::tap::Outcome;
 use crate::guard::{Guard, KeyRef};
 use crate::key::Identity;
 use crate::meter::{Meter, Priced, Record, UNKNOWN_MODEL};
-use crate::metrics::{Metrics, Operation, Outcome as MetricsOutcome, Sample};
+use crate::metrics::{Metrics, Operation, Outcome as MetricsOutcome, Sample, key_label};
 use crate::usage::estimate::{self, Raw};
 use crate::usage::{Extracted, Flavor, Usage};
 
@@ -119,17 +119,12 @@ impl Finished {
         self.extracted.usage = Some(usage);
     }
 
-    /// Counts the request in the metrics: a named key shows as its name, any other as its id.
+    /// Counts the request in the metrics.
     fn count(&self, priced: Priced, is_estimated: bool) {
-        let key = if self.key.is_some() {
-            &self.identity.label
-        } else {
-            &self.identity.id
-        };
         self.metrics.record(&Sample {
             upstream: &self.upstream.name,
             model: &self.model,
-            key,
+            key: key_label(&self.identity, self.key.is_some()),
             operation: Operation::of(self.flavor),
             outcome: if self.is_error {
                 MetricsOutcome::Error
@@ -230,11 +225,7 @@ impl Finished {
 impl Exchange {
     /// Counts a request of this exchange's caller refused at admission, in the metrics.
     pub(super) fn count_refused(&self, flavor: Option<Flavor>, model: Option<&str>) {
-        let key = if self.key.is_some() {
-            &self.identity.label
-        } else {
-            &self.identity.id
-        };
+        let key = key_label(&self.identity, self.key.is_some());
         let model = model.unwrap_or(UNKNOWN_MODEL);
         let refused = Sample::refused(&self.upstream.name, model, key, flavor);
         self.metrics.record(&refused);

@@ -130,11 +130,7 @@ pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> R
     };
     if let Err(refusal) = admitted {
         tracing::info!(method = %parts.method, path = key::redact_path(&parts.uri), status = refusal.status().as_u16(), key_id = identity.id, upstream = route.name, refused = %refusal, "request");
-        let shown = if key.is_some() {
-            &identity.label
-        } else {
-            &identity.id
-        };
+        let shown = crate::metrics::key_label(&identity, key.is_some());
         let model = request_model
             .as_deref()
             .unwrap_or(crate::meter::UNKNOWN_MODEL);
