@@ -15,6 +15,7 @@ use crate::meter::ledger::LedgerError;
 use crate::meter::ledger::history::Reader;
 use crate::meter::memory::Bounds;
 use crate::meter::pricing::PriceTable;
+use crate::metrics::Metrics;
 use crate::proxy::{self, UpstreamState};
 use crate::tasks::Tasks;
 
@@ -28,6 +29,8 @@ pub struct Shared {
     pub config: Config,
     /// Totals per key and model.
     pub meter: Arc<Meter>,
+    /// The series `/metrics` shows, counted per request.
+    pub metrics: Arc<Metrics>,
     /// What is learned of each upstream while running, in the order of `config.routes`.
     pub upstreams: Vec<UpstreamState>,
     /// Named keys, budgets, rate limits and alerts.
@@ -111,6 +114,7 @@ impl AppState {
             config: &self.config,
             upstreams: &self.upstreams,
             meter: &self.meter,
+            metrics: &self.metrics,
             guard: &self.guard,
             tasks: &self.tasks,
         }
@@ -172,9 +176,12 @@ impl AppState {
         {
             guard.restore(&spend_from_ledger(dir, &guard)?);
         }
+        // One set of series per worker (worker 0's also takes the records of estimates).
+        let metrics = Arc::new(Metrics::new(config.metrics_max_series, config.threads));
         Ok(Self(Arc::new(Shared {
             config,
             meter,
+            metrics,
             upstreams,
             guard: Arc::new(guard),
             tasks,

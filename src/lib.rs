@@ -18,7 +18,8 @@
 //!    and restores the totals on start; `guard` adds its cost to the budgets and fires alerts.
 //! 6. `api` shows the totals (`/stats`), resets them, reads history from the ledger (`/usage`,
 //!    `/export`, the `report` and `export` commands), lists alerts and named keys, changes
-//!    budgets (`/admin/keys`), and answers `/healthz`.
+//!    budgets (`/admin/keys`), renders `metrics` (`/metrics`, counted per request by
+//!    `proxy::exchange`), and answers `/healthz`.
 //!
 //! `attribution` reads the user, session and tags a request names in llm-meter's own headers
 //! (removed before forwarding) or in its body.
@@ -40,7 +41,7 @@
 //! | 3 | `money` | amounts in nano-dollars, and what a usage costs at a price |
 //! | 4 | `config`, `logs` | validated settings; the log writer they configure |
 //! | 5 | `meter` | totals in memory, the ledger, prices per model |
-//! | 6 | `guard` | admission: named keys, budgets, rate limits, alerts |
+//! | 6 | `guard`, `metrics` | admission: named keys, budgets, rate limits, alerts; the Prometheus series |
 //! | 7 | `proxy` | forwarding: route, rewrite, upstream, tap, the exchange's record, WebSockets |
 //! | 8 | `app` | `AppState`: config, meter, guard and upstreams, built once |
 //! | 9 | `api` | our own endpoints and their router |
@@ -62,6 +63,7 @@ pub mod json;
 pub mod key;
 pub mod logs;
 pub mod meter;
+pub mod metrics;
 pub mod money;
 pub mod path;
 pub mod proxy;

@@ -33,6 +33,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("meter", 5),
     // 6. admission
     ("guard", 6),
+    ("metrics", 6),
     // 7. forwarding
     ("proxy", 7),
     // 8. the state

@@ -349,6 +349,17 @@ async fn a_budget_spent_mid_connection_closes_both_sides_with_a_policy_violation
         "the refused response.create never went upstream"
     );
     assert_eq!(proxy.stats_after(1).await["totals"]["requests"], 1);
+    // /metrics counts the refused response as refused, under the session's model.
+    let metrics = proxy.get_text("/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("llm_meter_requests_total{")
+                && l.contains("model=\"ws-model\"")
+                && l.contains("outcome=\"refused\"")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
     proxy.stop().await;
     mock.stop().await;
 }

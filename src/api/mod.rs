@@ -19,6 +19,7 @@ use serde::Deserialize;
 
 use crate::app::AppState;
 use crate::error::ProxyError;
+use crate::metrics::exposition::{Format, Scrape};
 
 /// `?format=&since=&until=&limit=&key=` of `/stats`.
 #[derive(Debug, Deserialize)]
@@ -102,6 +103,7 @@ pub fn router(state: AppState) -> Router {
         .route("/usage", get(history::usage))
         .route("/export", get(history::export))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/alerts", get(admin::alerts))
         .route("/admin/keys", get(admin::keys))
         .route("/admin/keys/{name}/budget", put(admin::set_budget))
@@ -191,6 +193,22 @@ pub async fn reset(State(state): State<AppState>) -> Response {
         "stats reset"
     );
     Json(stats::StatsView::new(&closed)).into_response()
+}
+
+/// `GET /metrics`: the Prometheus series, as OpenMetrics or (when the scraper prefers it)
+/// Prometheus text.
+pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
+    let health = state.meter.ledger().map(|l| l.health());
+    let scrape = Scrape::new(
+        state.metrics.recorded(),
+        &state.guard.view(),
+        health.as_ref(),
+    );
+    match scrape.encode(format) {
+        Ok(text) => ([(header::CONTENT_TYPE, format.content_type())], text).into_response(),
+        Err(_) => ProxyError::Internal.into_response(),
+    }
 }
 
 /// `GET /healthz`: 200 while the server accepts requests.

@@ -19,6 +19,7 @@ pub(super) struct FileConfig {
     pub(super) max_connections: Option<usize>,
     pub(super) max_tracked_keys: Option<usize>,
     pub(super) max_models_per_key: Option<usize>,
+    pub(super) metrics_max_series: Option<usize>,
     pub(super) upstream: Option<String>,
     pub(super) admin_token: Option<String>,
     pub(super) log_format: Option<String>,

@@ -80,6 +80,9 @@ pub const DEFAULT_KEEPALIVE_TIMEOUT: &str = "120s";
 pub const DEFAULT_MAX_TRACKED_KEYS: usize = 10_000;
 /// Default `max_models_per_key`.
 pub const DEFAULT_MAX_MODELS_PER_KEY: usize = 100;
+/// Default `metrics_max_series`: (upstream, model, key, operation) label sets shown apart in
+/// `/metrics`; up to about 60 lines each, so a scrape stays within a few MB.
+pub const DEFAULT_METRICS_MAX_SERIES: usize = 2_000;
 
 /// Default longest wait of a recorded row before it is committed to the ledger.
 pub const DEFAULT_FLUSH_INTERVAL: &str = "100ms";
@@ -194,6 +197,8 @@ pub struct Config {
     pub max_tracked_keys: usize,
     /// Models tracked one by one under each key; past it, new models count into `other`.
     pub max_models_per_key: usize,
+    /// Label sets with series of their own in `/metrics`; past it, new ones count into `other`.
+    pub metrics_max_series: usize,
     /// Where `/v1/*` is forwarded (the first route's upstream).
     pub upstream: Upstream,
     /// Every mounted upstream: `openai` at `/v1`, `anthropic` at `/anthropic/v1`, then the declared ones.
@@ -321,6 +326,7 @@ impl Config {
             max_connections: bounds.max_connections,
             max_tracked_keys: bounds.max_tracked_keys,
             max_models_per_key: bounds.max_models_per_key,
+            metrics_max_series: bounds.metrics_max_series,
             ledger: ledger::options(&layer, flags, &file)?,
             guard: guard::settings(&file_guard, env, &name)?,
             pricing,

@@ -7,9 +7,9 @@ use std::time::Duration;
 use super::file::FileConfig;
 use super::{
     ConfigError, DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_LISTEN,
-    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_MODELS_PER_KEY, DEFAULT_MAX_TRACKED_KEYS, Flags, Layers,
-    LogFormat, MAX_THREADS, OnClientDisconnect, Secret, default_threads, env, invalid,
-    parse_duration, parse_listen,
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_MODELS_PER_KEY, DEFAULT_MAX_TRACKED_KEYS,
+    DEFAULT_METRICS_MAX_SERIES, Flags, Layers, LogFormat, MAX_THREADS, OnClientDisconnect, Secret,
+    default_threads, env, invalid, parse_duration, parse_listen,
 };
 
 /// Where the service listens.
@@ -154,6 +154,7 @@ pub(super) struct Bounds {
     pub(super) max_connections: Option<usize>,
     pub(super) max_tracked_keys: usize,
     pub(super) max_models_per_key: usize,
+    pub(super) metrics_max_series: usize,
 }
 
 /// The bounds, from the file or their defaults; each at least 1.
@@ -183,6 +184,11 @@ pub(super) fn bounds(layer: &Layers<'_>, file: &FileConfig) -> Result<Bounds, Co
             "max_models_per_key",
             file.max_models_per_key,
             DEFAULT_MAX_MODELS_PER_KEY,
+        )?,
+        metrics_max_series: at_least_one(
+            "metrics_max_series",
+            file.metrics_max_series,
+            DEFAULT_METRICS_MAX_SERIES,
         )?,
     })
 }

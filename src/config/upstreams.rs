@@ -12,8 +12,8 @@ use super::{
 use crate::error::InvalidValue;
 
 /// Our own endpoints: no upstream prefix may shadow them.
-const RESERVED_PATHS: [&str; 6] = [
-    "/stats", "/usage", "/export", "/healthz", "/admin", "/alerts",
+const RESERVED_PATHS: [&str; 7] = [
+    "/stats", "/usage", "/export", "/healthz", "/admin", "/alerts", "/metrics",
 ];
 /// Where requests are forwarded: scheme and authority plus the base path they are appended to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -409,6 +409,10 @@ mod tests {
             (
                 "[upstreams.x]\nurl = \"http://h\"\nprefix = \"/stats\"",
                 "llm-meter's own /stats",
+            ),
+            (
+                "[upstreams.x]\nurl = \"http://h\"\nprefix = \"/metrics\"",
+                "llm-meter's own /metrics",
             ),
             (
                 "[upstreams.x]\nurl = \"http://h\"\nprefix = \"x\"",

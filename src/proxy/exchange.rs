@@ -13,6 +13,7 @@ use crate::attribution::Attribution;
 use crate::guard::{Guard, KeyRef};
 use crate::key::Identity;
 use crate::meter::{Meter, Priced, Record, UNKNOWN_MODEL};
+use crate::metrics::{Metrics, Operation, Outcome as MetricsOutcome, Sample, key_label};
 use crate::usage::estimate::{self, Raw};
 use crate::usage::{Extracted, Flavor, Usage};
 
@@ -48,6 +49,7 @@ fn capped_model(mut model: String) -> String {
 /// One request on its way through: what the record and the log line need once it finishes.
 pub struct Exchange {
     pub(super) meter: Arc<Meter>,
+    pub(super) metrics: Arc<Metrics>,
     pub(super) guard: Arc<Guard>,
     /// The named key it came with, if any.
     pub(super) key: Option<KeyRef>,
@@ -66,6 +68,8 @@ pub struct Exchange {
     pub(super) started: Instant,
     /// Until the upstream's response headers; `None` when there was no response.
     pub(super) upstream_latency: Option<Duration>,
+    /// From its arrival to its first sending upstream: the time llm-meter added before it.
+    pub(super) until_sent: Option<Duration>,
     pub(super) error: Option<String>,
     pub(super) is_done: bool,
 }
@@ -80,6 +84,7 @@ const LOG_TARGET: &str = "llm_meter::proxy";
 /// Everything a record and its log line need, owned, so it can be finished on another thread.
 struct Finished {
     meter: Arc<Meter>,
+    metrics: Arc<Metrics>,
     guard: Arc<Guard>,
     key: Option<KeyRef>,
     identity: Identity,
@@ -95,6 +100,7 @@ struct Finished {
     /// From the request's arrival to its end (not to its record, which an estimate delays).
     duration: Duration,
     upstream_latency: Option<Duration>,
+    until_sent: Option<Duration>,
     error: Option<String>,
     is_error: bool,
     is_whole: bool,
@@ -115,6 +121,28 @@ impl Finished {
             None => counted,
         };
         self.extracted.usage = Some(usage);
+    }
+
+    /// Counts the request in the metrics.
+    fn count(&self, priced: Priced, is_estimated: bool) {
+        self.metrics.record(&Sample {
+            upstream: &self.upstream.name,
+            model: &self.model,
+            key: key_label(&self.identity, self.key.is_some()),
+            operation: Operation::of(self.flavor),
+            outcome: if self.is_error {
+                MetricsOutcome::Error
+            } else {
+                MetricsOutcome::Ok
+            },
+            status: self.status.as_u16(),
+            usage: self.extracted.usage,
+            cost: priced.cost,
+            is_unpriced: !priced.is_priced,
+            is_estimated,
+            duration: Some(self.duration),
+            overhead: self.until_sent,
+        });
     }
 
     /// Records the request and writes its one log line (after the response when recorded while
@@ -147,6 +175,7 @@ impl Finished {
             audio: self.extracted.audio,
             attribution: &self.attribution,
         });
+        self.count(priced, is_estimated);
         let usage = self.extracted.usage.unwrap_or_default();
         self.guard.on_record(
             self.key,
@@ -200,6 +229,14 @@ impl Finished {
 }
 
 impl Exchange {
+    /// Counts a request of this exchange's caller refused at admission, in the metrics.
+    pub(super) fn count_refused(&self, flavor: Option<Flavor>, model: Option<&str>) {
+        let key = key_label(&self.identity, self.key.is_some());
+        let model = model.unwrap_or(UNKNOWN_MODEL);
+        let refused = Sample::refused(&self.upstream.name, model, key, flavor);
+        self.metrics.record(&refused);
+    }
+
     /// Records the request (metered routes) and writes its one log line. A 2xx response that
     /// reported no usage (or a stream cut before its final count) is estimated first, on a
     /// blocking thread, so neither this response nor any other waits for the tokenizer.
@@ -260,6 +297,7 @@ impl Exchange {
             && (extracted.usage.is_none() || extracted.is_output_provisional);
         let mut finished = Finished {
             meter: Arc::clone(&self.meter),
+            metrics: Arc::clone(&self.metrics),
             guard: Arc::clone(&self.guard),
             key: self.key,
             identity: std::mem::replace(&mut self.identity, Identity::anonymous()),
@@ -274,6 +312,7 @@ impl Exchange {
             status: self.status,
             duration: self.started.elapsed(),
             upstream_latency: self.upstream_latency,
+            until_sent: self.until_sent,
             error: self.error.take(),
             is_error,
             is_whole,

@@ -32,6 +32,7 @@ use crate::error::ProxyError;
 use crate::guard::{Guard, KeyRef};
 use crate::key::{self, Identity};
 use crate::meter::Meter;
+use crate::metrics::{Metrics, Sample};
 use crate::tasks::Tasks;
 use crate::usage::{Extracted, Flavor, StreamUsage, sse};
 use exchange::{CLIENT_CLOSED, Exchange, Origin};
@@ -91,6 +92,8 @@ pub struct Context<'a> {
     pub upstreams: &'a [UpstreamState],
     /// Where requests are recorded.
     pub meter: &'a Arc<Meter>,
+    /// Where requests are counted for `/metrics`.
+    pub metrics: &'a Arc<Metrics>,
     /// Who is admitted.
     pub guard: &'a Arc<Guard>,
     /// The owner of drains.
@@ -128,6 +131,13 @@ pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> R
         Ok(attribution) => attribution,
         Err(refused) => {
             tracing::info!(method = %parts.method, path = key::redact_path(&parts.uri), status = refused.status.as_u16(), key_id = identity.id, upstream = route.name, refused = refused.reason, "request");
+            let shown = crate::metrics::key_label(&identity, key.is_some());
+            let model = request_model
+                .as_deref()
+                .unwrap_or(crate::meter::UNKNOWN_MODEL);
+            state
+                .metrics
+                .record(&Sample::refused(&route.name, model, shown, flavor));
             return refused.response;
         }
     };
@@ -139,6 +149,7 @@ pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> R
     }
     let mut exchange = Exchange {
         meter: Arc::clone(state.meter),
+        metrics: Arc::clone(state.metrics),
         guard: Arc::clone(guard),
         key,
         identity,
@@ -153,6 +164,7 @@ pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> R
         status: StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
         started: Instant::now(),
         upstream_latency: None,
+        until_sent: None,
         error: None,
         is_done: false,
     };
@@ -465,6 +477,9 @@ async fn exchange_once(
 ) -> Result<http::Response<Incoming>, ProxyError> {
     let config = &state.config;
     let sent = Instant::now();
+    exchange
+        .until_sent
+        .get_or_insert_with(|| sent.duration_since(exchange.started));
     let response = tokio::time::timeout(config.response_timeout, runtime.pools.send(request))
         .await
         .map_err(|_| ProxyError::UpstreamTimeout {

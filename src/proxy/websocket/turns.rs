@@ -113,16 +113,26 @@ impl Turns {
     /// A budget, rate limit or key check before a response starts, and the bound on how many
     /// may be open at once.
     fn admit(&self) -> Result<(), Refused> {
-        if self.open.len() >= MAX_OPEN {
-            return Err(Refused::TooManyOpen);
+        let admitted = if self.open.len() >= MAX_OPEN {
+            Err(Refused::TooManyOpen)
+        } else {
+            self.upgrade
+                .guard
+                .admit(self.upgrade.key)
+                .map_err(Refused::from)
+        };
+        if admitted.is_err() {
+            self.upgrade
+                .count_refused(self.flavor, self.model.as_deref());
         }
-        Ok(self.upgrade.guard.admit(self.upgrade.key)?)
+        admitted
     }
 
     fn begin(&mut self, flavor: Flavor, request_body: Option<Bytes>) {
         let upgrade = &self.upgrade;
         let exchange = Exchange {
             meter: Arc::clone(&upgrade.meter),
+            metrics: Arc::clone(&upgrade.metrics),
             guard: Arc::clone(&upgrade.guard),
             key: upgrade.key,
             identity: upgrade.identity.clone(),
@@ -137,6 +147,7 @@ impl Turns {
             status: StatusCode::OK,
             started: Instant::now(),
             upstream_latency: None,
+            until_sent: None,
             error: None,
             is_done: false,
         };
