@@ -1,6 +1,8 @@
-//! Our own endpoints: `/stats`, `/stats/reset`, `/healthz`, history, admin; provider endpoints live in `proxy`.
+//! Our own endpoints: `/stats`, `/stats/reset`, `/healthz`, history, admin, the dashboard;
+//! provider endpoints live in `proxy`.
 
 pub mod admin;
+pub mod dashboard;
 pub mod history;
 pub mod remote;
 pub mod report;
@@ -108,6 +110,10 @@ pub fn router(state: AppState) -> Router {
         .route("/alerts", get(admin::alerts))
         .route("/admin/keys", get(admin::keys))
         .route("/admin/keys/{name}/budget", put(admin::set_budget))
+        .route("/", get(dashboard::page))
+        .route(dashboard::SCRIPT, get(dashboard::script))
+        .route(dashboard::STYLE, get(dashboard::style))
+        .route(dashboard::ICON, get(dashboard::icon))
         .fallback(crate::proxy::not_found)
         .with_state(state)
 }
