@@ -532,6 +532,25 @@ impl Page {
         );
     }
 
+    /// Chooses the selector's option labelled `label`, and waits for the page to be redrawn.
+    async fn choose_scope(&mut self, label: &str) {
+        let choose = format!(
+            "(() => {{ const s = document.getElementById('scope');
+              const o = [...s.options].find((o) => o.textContent === {label:?});
+              if (!o) return false;
+              document.body.dataset.loaded = '';
+              s.value = o.value; s.dispatchEvent(new Event('change')); return true; }})()"
+        );
+        assert_eq!(self.eval(&choose).await, true, "no option {label}");
+        for _ in 0..200 {
+            if self.eval("document.body.dataset.loaded === 'true'").await == true {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the dashboard was not redrawn for {label}");
+    }
+
     /// A PNG of the whole page, written to `path`.
     async fn screenshot(&mut self, path: &Path) {
         let shot = self
@@ -648,6 +667,11 @@ async fn the_dashboard_draws_the_stats_in_chromium_with_no_error_and_no_request_
     if let Some(copy) = std::env::var_os(SCREENSHOT_ENV) {
         std::fs::copy(&shot, Path::new(env!("CARGO_MANIFEST_DIR")).join(copy)).unwrap();
     }
+    // The selector narrows the chart: alice's two requests of today, one per model.
+    page.choose_scope("user alice").await;
+    assert_eq!(page.eval(SHOWN).await["bars"], 2);
+    page.choose_scope("tag run=42").await;
+    assert_eq!(page.eval(SHOWN).await["bars"], 1);
     // A phone's width: nothing wider than the screen.
     page.load(&origin, 390).await;
     assert_eq!(page.eval(SHOWN).await["overflow"], false);
