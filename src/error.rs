@@ -149,7 +149,16 @@ impl ProxyError {
     /// This error's answer, to send or to write out whole.
     pub fn envelope(&self) -> Envelope {
         let (status, kind, code) = self.classify();
-        Envelope::new(status, kind, code, self)
+        let envelope = Envelope::new(status, kind, code, self);
+        match self {
+            // A 401 names its scheme (RFC 9110 §11.6.1): a browser then asks for the token,
+            // as the password, and sends it with the dashboard's requests.
+            Self::Unauthorized => envelope.with_header(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Basic realm=\"llm-meter\", charset=\"UTF-8\""),
+            ),
+            _ => envelope,
+        }
     }
 
     /// The HTTP status this error is answered with.

@@ -19,7 +19,8 @@
 //! 6. `api` shows the totals (`/stats`), resets them, reads history from the ledger (`/usage`,
 //!    `/export`, the `report` and `export` commands), lists alerts and named keys, changes
 //!    budgets (`/admin/keys`), renders `metrics` (`/metrics`, counted per request by
-//!    `proxy::exchange`), and answers `/healthz`.
+//!    `proxy::exchange`), serves the dashboard (`/`, a page drawn from those endpoints by its
+//!    embedded script), and answers `/healthz`.
 //!
 //! `attribution` reads the user, session and tags a request names in llm-meter's own headers
 //! (removed before forwarding) or in its body.

@@ -142,8 +142,20 @@ struct UsageRowView {
     /// Grouped by tags: each tag's value, or null.
     #[serde(skip_serializing_if = "Option::is_none")]
     tags: Option<BTreeMap<String, Option<String>>>,
+    /// Grouped by every tag: this line's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tag: Option<TagView>,
     #[serde(flatten)]
     counts: CountsView,
+    /// Requests whose response did not arrive whole (the client left, or the upstream cut it).
+    partial_requests: u64,
+}
+
+/// One tag, by name and value.
+#[derive(Debug, Serialize)]
+struct TagView {
+    name: String,
+    value: String,
 }
 
 /// `/usage` as a whole (and `llm-meter report --format json`).
@@ -153,22 +165,35 @@ pub struct UsageView {
     until: Option<String>,
     group_by: Vec<String>,
     rows: Vec<UsageRowView>,
-    totals: CountsView,
+    totals: TotalsView,
+}
+
+/// The totals of `/usage`: the counters, and the partial requests among them.
+#[derive(Debug, Serialize)]
+struct TotalsView {
+    #[serde(flatten)]
+    counts: CountsView,
+    partial_requests: u64,
 }
 
 impl UsageView {
     /// The view of `lines`, summed over `range` per `groups`, in their order, with their totals.
     pub fn new(range: Range, groups: &[Group], lines: &[UsageLine]) -> Self {
         let mut totals = Counts::default();
+        let mut partial_requests = 0;
         for line in lines {
             totals += &line.counts;
+            partial_requests += line.partial_requests;
         }
         Self {
             since: range.since.map(rfc3339),
             until: range.until.map(rfc3339),
             group_by: groups.iter().map(|g| g.name().into_owned()).collect(),
             rows: lines.iter().map(|l| row_view(groups, l)).collect(),
-            totals: CountsView::from(&totals),
+            totals: TotalsView {
+                counts: CountsView::from(&totals),
+                partial_requests,
+            },
         }
     }
 }
@@ -221,7 +246,12 @@ fn row_view(groups: &[Group], line: &UsageLine) -> UsageRowView {
             .iter()
             .any(|g| matches!(g, Group::Tag(_)))
             .then(|| tags_of(groups, line)),
+        tag: line.tag.as_ref().map(|(name, value)| TagView {
+            name: name.clone(),
+            value: value.clone(),
+        }),
         counts: CountsView::from(&line.counts),
+        partial_requests: line.partial_requests,
     }
 }
 

@@ -1,6 +1,8 @@
-//! Our own endpoints: `/stats`, `/stats/reset`, `/healthz`, history, admin; provider endpoints live in `proxy`.
+//! Our own endpoints: `/stats`, `/stats/reset`, `/healthz`, history, admin, the dashboard;
+//! provider endpoints live in `proxy`.
 
 pub mod admin;
+pub mod dashboard;
 pub mod history;
 pub mod remote;
 pub mod report;
@@ -14,6 +16,7 @@ use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use base64::Engine as _;
 use http::{HeaderMap, Method, header};
 use serde::Deserialize;
 
@@ -107,6 +110,10 @@ pub fn router(state: AppState) -> Router {
         .route("/alerts", get(admin::alerts))
         .route("/admin/keys", get(admin::keys))
         .route("/admin/keys/{name}/budget", put(admin::set_budget))
+        .route("/", get(dashboard::page))
+        .route(dashboard::SCRIPT, get(dashboard::script))
+        .route(dashboard::STYLE, get(dashboard::style))
+        .route(dashboard::ICON, get(dashboard::icon))
         .fallback(crate::proxy::not_found)
         .with_state(state)
 }
@@ -144,6 +151,11 @@ pub const HEALTHZ: &str = "/healthz";
 /// Who may call our own endpoints: with an admin token set, every one but `/healthz` needs it
 /// (reads included: the meter shows who spends what); without one, reads are open and changes
 /// are taken from loopback peers only. One rule for every endpoint, those added later too.
+///
+/// The token comes as `Authorization: Bearer <token>`; reads also take it as the password of
+/// `Authorization: Basic` (any user name), which is how a browser shows the dashboard: the 401
+/// asks for it, and the browser sends it again with the page's own requests. Changes take the
+/// bearer form only, as a browser never adds that to a request another site makes it send.
 pub fn access(
     state: &AppState,
     method: &Method,
@@ -154,24 +166,37 @@ pub fn access(
     if path == HEALTHZ {
         return Ok(());
     }
+    let is_read = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
     if let Some(token) = &state.config.admin_token {
         let given = headers
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
-        return if given.is_some_and(|g| constant_time_eq(g, token.expose().as_bytes())) {
+            .and_then(|v| given_token(v.as_bytes(), is_read));
+        return if given.is_some_and(|g| constant_time_eq(&g, token.expose().as_bytes())) {
             Ok(())
         } else {
             tracing::warn!(%peer, path, "refused a call: missing or wrong admin token");
             Err(ProxyError::Unauthorized)
         };
     }
-    let is_read = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
     if is_read || is_loopback(peer) {
         Ok(())
     } else {
         tracing::warn!(%peer, path, "refused a change from a peer off loopback: no admin token is set");
         Err(ProxyError::NotLoopback)
     }
+}
+
+/// The token in an `Authorization` value: a bearer token, or (for reads) a Basic password.
+fn given_token(value: &[u8], is_read: bool) -> Option<Vec<u8>> {
+    if let Some(bearer) = value.strip_prefix(b"Bearer ") {
+        return Some(bearer.to_vec());
+    }
+    let basic = value.strip_prefix(b"Basic ").filter(|_| is_read)?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(basic.trim_ascii())
+        .ok()?;
+    let colon = decoded.iter().position(|&b| b == b':')?;
+    Some(decoded[colon + 1..].to_vec())
 }
 
 /// True for 127.0.0.0/8 and ::1, IPv4-mapped ones included.
@@ -240,6 +265,31 @@ mod tests {
         ] {
             assert_eq!(is_loopback(peer.parse().unwrap()), expected, "{peer}");
         }
+    }
+
+    #[test]
+    fn the_token_is_a_bearer_or_for_reads_a_basic_password() {
+        let basic = |pair: &str| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(pair)
+            )
+        };
+        assert_eq!(given_token(b"Bearer s3cret", false).unwrap(), b"s3cret");
+        let admin = basic("admin:s3:cret");
+        assert_eq!(given_token(admin.as_bytes(), true).unwrap(), b"s3:cret");
+        assert_eq!(
+            given_token(basic(":s3cret").as_bytes(), true).unwrap(),
+            b"s3cret"
+        );
+        assert_eq!(
+            given_token(admin.as_bytes(), false),
+            None,
+            "changes take bearer only"
+        );
+        assert_eq!(given_token(basic("no colon").as_bytes(), true), None);
+        assert_eq!(given_token(b"Basic !!!", true), None);
+        assert_eq!(given_token(b"s3cret", true), None);
     }
 
     #[test]

@@ -142,6 +142,11 @@ pub fn render(heading: &str, groups: &[Group], mut lines: Vec<UsageLine>) -> Str
                 Group::User => named(line.user.as_deref()),
                 Group::Session => named(line.session.as_deref()),
                 Group::Tag(_) => named(tags.next().and_then(Option::as_deref)),
+                Group::AnyTag => line
+                    .tag
+                    .as_ref()
+                    .map(|(name, value)| format!("{name}={value}"))
+                    .unwrap_or_default(),
             })
             .collect();
         cells.extend(numbers(&line.counts));

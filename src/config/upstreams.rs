@@ -12,8 +12,15 @@ use super::{
 use crate::error::InvalidValue;
 
 /// Our own endpoints: no upstream prefix may shadow them.
-const RESERVED_PATHS: [&str; 7] = [
-    "/stats", "/usage", "/export", "/healthz", "/admin", "/alerts", "/metrics",
+const RESERVED_PATHS: [&str; 8] = [
+    "/stats",
+    "/usage",
+    "/export",
+    "/healthz",
+    "/admin",
+    "/alerts",
+    "/metrics",
+    "/dashboard",
 ];
 /// Where requests are forwarded: scheme and authority plus the base path they are appended to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -297,6 +304,15 @@ mod tests {
     use crate::config::{Config, Flags, OnClientDisconnect, env};
     use std::collections::HashMap;
     use std::time::Duration;
+
+    #[test]
+    fn no_prefix_may_hide_an_own_endpoint_the_dashboard_included() {
+        for prefix in ["/stats", "/admin/v1", "/dashboard", "/dashboard/v1"] {
+            let reason = check_prefix(prefix, &[]).unwrap_err();
+            assert!(reason.contains("would hide"), "{prefix}: {reason}");
+        }
+        assert!(check_prefix("/dash/v1", &[]).is_ok());
+    }
 
     fn load(file: &str, env_pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let mut env: HashMap<String, String> = env_pairs

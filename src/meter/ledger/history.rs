@@ -98,6 +98,9 @@ pub enum Group {
     Session,
     /// One tag (`tag.team`), by its name.
     Tag(String),
+    /// Every tag, by name and value (`tag`): a request with two tags counts under each, and
+    /// one with none under no line.
+    AnyTag,
 }
 
 /// The prefix of a tag's dimension and filter: `tag.team`.
@@ -114,13 +117,14 @@ impl Group {
             "upstream" => Ok(Self::Upstream),
             "user" => Ok(Self::User),
             "session" => Ok(Self::Session),
+            "tag" => Ok(Self::AnyTag),
             other => match other.strip_prefix(TAG_PREFIX) {
                 Some(name) => {
                     check_tag_name(name)?;
                     Ok(Self::Tag(name.to_owned()))
                 }
                 None => Err(InvalidValue(format!(
-                    "expected day, hour, model, key, upstream, user, session or tag.NAME, got {other:?}"
+                    "expected day, hour, model, key, upstream, user, session, tag or tag.NAME, got {other:?}"
                 ))),
             },
         }
@@ -150,6 +154,7 @@ impl Group {
             Self::User => "user".into(),
             Self::Session => "session".into(),
             Self::Tag(name) => format!("{TAG_PREFIX}{name}").into(),
+            Self::AnyTag => "tag".into(),
         }
     }
 
@@ -163,6 +168,8 @@ impl Group {
             Self::User => "user".into(),
             Self::Session => "session".into(),
             Self::Tag(name) => tag_column(name).into(),
+            // Names are `[a-z0-9_.-]`: the first `=` ends the name.
+            Self::AnyTag => "each_tag.key || '=' || each_tag.value".into(),
         }
     }
 }
@@ -280,14 +287,18 @@ pub struct UsageLine {
     pub session: Option<String>,
     /// The value of each tag grouped by, in the order of the groups.
     pub tags: Vec<Option<String>>,
+    /// Grouped by every tag (`tag`): this line's tag, name and value.
+    pub tag: Option<(String, String)>,
     /// The sums.
     pub counts: Counts,
+    /// Requests whose response did not arrive whole (a ledger flag, not an in-memory counter).
+    pub partial_requests: u64,
 }
 
 /// The counter columns, summed, in the order `counts_from` reads them.
 const SUMS: &str = "count(*), sum(error), sum(input_tokens), sum(cached_tokens),
     sum(cache_write_tokens), sum(output_tokens), sum(reasoning_tokens), sum(cost_nano_usd),
-    sum(unpriced), sum(estimated)";
+    sum(unpriced), sum(estimated), sum(partial)";
 
 /// A read-only view of a ledger.
 pub struct Reader {
@@ -360,12 +371,17 @@ impl Reader {
     pub fn usage(&self, groups: &[Group], filter: &Filter) -> Result<Vec<UsageLine>, LedgerError> {
         let (conditions, params) = filter.sql();
         let by: Vec<Cow<'_, str>> = groups.iter().map(Group::columns).collect();
+        let rows = if groups.contains(&Group::AnyTag) {
+            "request_rows, json_each(request_rows.tags) AS each_tag"
+        } else {
+            "request_rows"
+        };
         let sql = if by.is_empty() {
-            format!("SELECT {SUMS} FROM request_rows WHERE {conditions} HAVING count(*) > 0")
+            format!("SELECT {SUMS} FROM {rows} WHERE {conditions} HAVING count(*) > 0")
         } else {
             let by = by.join(", ");
             format!(
-                "SELECT {by}, max(key_label), {SUMS} FROM request_rows WHERE {conditions} GROUP BY {by} ORDER BY {by}"
+                "SELECT {by}, max(key_label), {SUMS} FROM {rows} WHERE {conditions} GROUP BY {by} ORDER BY {by}"
             )
         };
         let mut statement = self.conn.prepare(&sql).map_err(|e| self.fail(&e))?;
@@ -477,7 +493,9 @@ fn line_from(groups: &[Group], r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageL
         user: None,
         session: None,
         tags: Vec::new(),
+        tag: None,
         counts: Counts::default(),
+        partial_requests: 0,
     };
     let label = if groups.is_empty() {
         None
@@ -493,6 +511,12 @@ fn line_from(groups: &[Group], r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageL
             Group::User => line.user = r.get(i)?,
             Group::Session => line.session = r.get(i)?,
             Group::Tag(_) => line.tags.push(r.get(i)?),
+            Group::AnyTag => {
+                let pair: String = r.get(i)?;
+                line.tag = pair
+                    .split_once('=')
+                    .map(|(name, value)| (name.to_owned(), value.to_owned()));
+            }
             Group::Key => {
                 line.key = Some(Identity {
                     id: r.get(i)?,
@@ -507,6 +531,7 @@ fn line_from(groups: &[Group], r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageL
         groups.len() + 1
     };
     line.counts = counts_from(r, at)?;
+    line.partial_requests = count(r.get::<_, i64>(at + 10)?);
     Ok(line)
 }
 
