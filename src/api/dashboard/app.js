@@ -95,25 +95,32 @@ function table(id, heads, rows) {
   $(id).replaceChildren(head, ...body);
 }
 
+// A spend with unpriced requests in it is a lower bound, never a plain "$0".
+function spend(cost, unpriced) {
+  if (!unpriced) return usd(cost);
+  return (Number(cost) || 0) === 0 ? "unpriced" : usd(cost) + " + unpriced";
+}
+
 function note(id, heads, text) {
   table(id, heads, []);
   $(id).querySelector("td").textContent = text;
 }
 
 function showTops(stats, users, tags, history) {
-  const keys = (stats.keys || []).slice(0, TOP).map((k) => [k.key, count(k.requests), usd(k.cost_usd)]);
+  const keys = (stats.keys || []).slice(0, TOP).map((k) => [k.key, count(k.requests), spend(k.cost_usd, k.unpriced_requests)]);
   table("top-keys", ["key", "requests", "spend"], keys);
   const models = new Map();
   for (const k of stats.keys || []) {
     for (const [name, m] of Object.entries(k.models || {})) {
-      const sum = models.get(name) || { requests: 0, cost: 0 };
+      const sum = models.get(name) || { requests: 0, cost: 0, unpriced: 0 };
       sum.requests += m.requests;
       sum.cost += m.cost_usd;
+      sum.unpriced += m.unpriced_requests || 0;
       models.set(name, sum);
     }
   }
   const byCost = [...models].sort((a, b) => b[1].cost - a[1].cost || b[1].requests - a[1].requests);
-  table("top-models", ["model", "requests", "spend"], byCost.slice(0, TOP).map(([n, m]) => [n, count(m.requests), usd(m.cost)]));
+  table("top-models", ["model", "requests", "spend"], byCost.slice(0, TOP).map(([n, m]) => [n, count(m.requests), spend(m.cost, m.unpriced)]));
   if (!history) {
     note("top-users", ["user", "requests", "spend"], "Users and tags are kept in the ledger: start llm-meter with persistence on to see them.");
     note("top-tags", ["tag", "requests", "spend"], "Needs the ledger.");
