@@ -65,6 +65,7 @@ pub mod logs;
 pub mod meter;
 pub mod metrics;
 pub mod money;
+pub mod otlp;
 pub mod path;
 pub mod proxy;
 pub mod server;
