@@ -385,15 +385,16 @@ async fn metrics_arrive_with_the_totals_of_stats_and_the_configured_headers() {
         let count: u64 = h.data_points.iter().map(|p| p.count).sum();
         assert_eq!(count, if name.contains("token") { 6 } else { 3 }, "{name}");
     }
-    let got = collector.got.lock();
-    assert!(
-        got.headers
-            .iter()
-            .all(|h| h["authorization"] == "Basic bGY6c2VjcmV0" && h["x-scope-orgid"] == "t1")
-    );
-    let service = got.metrics[0].resource_metrics[0].resource.clone().unwrap();
-    assert_eq!(text(&service.attributes, "service.name"), "llm-meter");
-    drop(got);
+    {
+        let got = collector.got.lock();
+        assert!(
+            got.headers
+                .iter()
+                .all(|h| h["authorization"] == "Basic bGY6c2VjcmV0" && h["x-scope-orgid"] == "t1")
+        );
+        let service = got.metrics[0].resource_metrics[0].resource.clone().unwrap();
+        assert_eq!(text(&service.attributes, "service.name"), "llm-meter");
+    }
     proxy.stop().await;
 }
 

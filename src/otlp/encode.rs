@@ -229,16 +229,22 @@ fn attributes(span: &Span, operation: &str, request_model: Option<&str>) -> Vec<
     out
 }
 
-/// The recorded series at `now`, cumulative since `start`.
+/// The recorded series at `now`, cumulative since `start`, and the spans dropped so far.
 pub fn metrics(
     resource_attributes: &[(String, String)],
     recorded: &Recorded,
-    start: SystemTime,
-    now: SystemTime,
+    dropped_spans: u64,
+    (start, now): (SystemTime, SystemTime),
 ) -> ExportMetricsServiceRequest {
     let times = (unix_nanos(start), unix_nanos(now));
     let mut out = counters(recorded, times);
     out.extend(histograms(recorded, times));
+    out.push(sum(
+        "llm_meter.otlp.dropped_spans",
+        "Spans dropped because the export queue was full.",
+        "{span}",
+        vec![point(Vec::new(), times, as_int(dropped_spans))],
+    ));
     ExportMetricsServiceRequest {
         resource_metrics: vec![ResourceMetrics {
             resource: Some(resource(resource_attributes)),

@@ -221,8 +221,8 @@ impl Exporter {
         let request = encode::metrics(
             &self.settings.resource,
             &recorded,
-            self.started,
-            SystemTime::now(),
+            self.dropped.load(Ordering::Relaxed),
+            (self.started, SystemTime::now()),
         );
         let url = self.metrics_url.clone();
         self.post(url, request.encode_to_vec(), "metrics").await;
@@ -311,5 +311,71 @@ impl Tracer {
             spans: Arc::clone(spans),
             parent: Parent::from_headers(headers),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span() -> Span {
+        Span {
+            parent: None,
+            start: SystemTime::now(),
+            duration: Duration::from_millis(5),
+            flavor: Flavor::OpenAiChat,
+            upstream: "openai".into(),
+            request_model: Some("gpt-4o".into()),
+            response_model: None,
+            response_id: None,
+            usage: None,
+            cost: NanoUsd(0),
+            is_priced: true,
+            key: "k".into(),
+            attribution: Attribution::default(),
+            is_estimated: false,
+            is_partial: false,
+            is_streaming: false,
+            status: 200,
+            error_type: None,
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        let (queue, mut rx) = mpsc::channel(2);
+        let spans = Spans {
+            queue,
+            dropped: Arc::default(),
+        };
+        for _ in 0..5 {
+            spans.push(span());
+        }
+        assert_eq!(spans.dropped(), 3);
+        assert!(rx.try_recv().is_ok());
+        spans.push(span());
+        assert_eq!(spans.dropped(), 3);
+        drop(rx);
+        spans.push(span());
+        assert_eq!(spans.dropped(), 4, "an exporter that stopped drops too");
+    }
+
+    #[test]
+    fn a_span_without_usage_has_no_token_attributes_and_a_failure_has_its_error_type() {
+        let failed = Span {
+            status: 429,
+            error_type: Some("429".into()),
+            ..span()
+        };
+        let encoded = encode::span_of(&failed);
+        assert_eq!(encoded.name, "chat gpt-4o");
+        assert!(
+            !encoded
+                .attributes
+                .iter()
+                .any(|kv| kv.key.starts_with("gen_ai.usage"))
+        );
+        assert!(encoded.attributes.iter().any(|kv| kv.key == "error.type"));
+        assert_eq!(encoded.status.map(|s| s.code), Some(2));
     }
 }

@@ -286,6 +286,19 @@ impl Exchange {
         self.metrics.record(&refused);
     }
 
+    /// What the span of this request needs, when OpenTelemetry export is on: its start on the
+    /// wall clock, and the models the request and the response named.
+    fn traced(&mut self, extracted: &Extracted) -> Option<Traced> {
+        self.tracer.take().map(|tracer| Traced {
+            tracer,
+            start: SystemTime::now()
+                .checked_sub(self.started.elapsed())
+                .unwrap_or_else(SystemTime::now),
+            request_model: self.request_model.clone(),
+            response_model: extracted.model.clone(),
+        })
+    }
+
     /// Records the request (metered routes) and writes its one log line. A 2xx response that
     /// reported no usage (or a stream cut before its final count) is estimated first, on a
     /// blocking thread, so neither this response nor any other waits for the tokenizer.
@@ -335,14 +348,7 @@ impl Exchange {
             tracing::info!(target: LOG_TARGET, method = %self.method, path = self.path, status = self.status.as_u16(), key_id, upstream = &*self.upstream.name, upstream_ms, duration_ms, outcome, error = self.error, "request");
             return None;
         };
-        let traced = self.tracer.take().map(|tracer| Traced {
-            tracer,
-            start: SystemTime::now()
-                .checked_sub(self.started.elapsed())
-                .unwrap_or_else(SystemTime::now),
-            request_model: self.request_model.clone(),
-            response_model: extracted.model.clone(),
-        });
+        let traced = self.traced(&extracted);
         let model = capped_model(
             extracted
                 .model
