@@ -294,8 +294,8 @@ impl Exchange {
             start: SystemTime::now()
                 .checked_sub(self.started.elapsed())
                 .unwrap_or_else(SystemTime::now),
-            request_model: self.request_model.clone(),
-            response_model: extracted.model.clone(),
+            request_model: self.request_model.clone().map(capped_model),
+            response_model: extracted.model.clone().map(capped_model),
         })
     }
 
