@@ -16,6 +16,7 @@ use crate::meter::ledger::history::Reader;
 use crate::meter::memory::Bounds;
 use crate::meter::pricing::PriceTable;
 use crate::metrics::Metrics;
+use crate::otlp;
 use crate::proxy::{self, UpstreamState};
 use crate::tasks::Tasks;
 
@@ -37,6 +38,8 @@ pub struct Shared {
     pub guard: Arc<Guard>,
     /// The background tasks (alert deliveries, drains), finished at shutdown.
     pub tasks: Tasks,
+    /// The OpenTelemetry exporter's queue, when `otlp_endpoint` is set.
+    pub spans: Option<Arc<otlp::Spans>>,
 }
 
 impl Deref for AppState {
@@ -117,7 +120,26 @@ impl AppState {
             metrics: &self.metrics,
             guard: &self.guard,
             tasks: &self.tasks,
+            spans: self.spans.as_ref(),
         }
+    }
+
+    /// The dialer of the OpenTelemetry collector (through the egress proxy its host is given),
+    /// `None` for an endpoint without scheme or host (the config takes none).
+    fn collector(
+        dialers: &mut Dialers,
+        settings: &crate::config::otlp::Settings,
+        config: &Config,
+    ) -> Result<Option<client::Dialer>, StartError> {
+        let (Some(scheme), Some(authority)) =
+            (settings.endpoint.scheme(), settings.endpoint.authority())
+        else {
+            return Ok(None);
+        };
+        let mut egress = config.egress.for_target(scheme, authority);
+        // One post per connection: HTTP/1.1 is all it needs.
+        egress.http2 = client::Http2::Off;
+        Ok(Some(dialers.dial(scheme, authority, &egress, config)?))
     }
 
     /// Builds the state: the upstream client, and a meter with the configured prices whose
@@ -178,6 +200,13 @@ impl AppState {
         }
         // One set of series per worker (worker 0's also takes the records of estimates).
         let metrics = Arc::new(Metrics::new(config.metrics_max_series, config.threads));
+        let spans = match &config.otlp {
+            Some(settings) => {
+                let dialer = Self::collector(&mut dialers, settings, &config)?;
+                dialer.and_then(|d| otlp::start(settings, d, Arc::clone(&metrics), &tasks))
+            }
+            None => None,
+        };
         Ok(Self(Arc::new(Shared {
             config,
             meter,
@@ -185,6 +214,7 @@ impl AppState {
             upstreams,
             guard: Arc::new(guard),
             tasks,
+            spans,
         })))
     }
 }

@@ -22,6 +22,9 @@
 //!    `proxy::exchange`), serves the dashboard (`/`, a page drawn from those endpoints by its
 //!    embedded script), and answers `/healthz`.
 //!
+//! `otlp` pushes a GenAI span per metered request (handed over by `proxy::exchange` through a
+//! bounded queue) and the `metrics` series to an OpenTelemetry collector, from a background task.
+//!
 //! `attribution` reads the user, session and tags a request names in llm-meter's own headers
 //! (removed before forwarding) or in its body.
 //!
@@ -42,7 +45,7 @@
 //! | 3 | `money` | amounts in nano-dollars, and what a usage costs at a price |
 //! | 4 | `config`, `logs` | validated settings; the log writer they configure |
 //! | 5 | `meter` | totals in memory, the ledger, prices per model |
-//! | 6 | `guard`, `metrics` | admission: named keys, budgets, rate limits, alerts; the Prometheus series |
+//! | 6 | `guard`, `metrics`, `otlp` | admission: named keys, budgets, rate limits, alerts; the Prometheus series; their OpenTelemetry export |
 //! | 7 | `proxy` | forwarding: route, rewrite, upstream, tap, the exchange's record, WebSockets |
 //! | 8 | `app` | `AppState`: config, meter, guard and upstreams, built once |
 //! | 9 | `api` | our own endpoints and their router |
@@ -66,6 +69,7 @@ pub mod logs;
 pub mod meter;
 pub mod metrics;
 pub mod money;
+pub mod otlp;
 pub mod path;
 pub mod proxy;
 pub mod server;

@@ -34,6 +34,7 @@ const LAYERS: &[(&str, u8)] = &[
     // 6. admission
     ("guard", 6),
     ("metrics", 6),
+    ("otlp", 6),
     // 7. forwarding
     ("proxy", 7),
     // 8. the state

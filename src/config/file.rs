@@ -43,6 +43,9 @@ pub(super) struct FileConfig {
     pub(super) websocket_max_duration: Option<String>,
     pub(super) websocket_max_message_bytes: Option<u64>,
     pub(super) cost_header: Option<bool>,
+    pub(super) otlp_endpoint: Option<String>,
+    pub(super) otlp_headers: Option<BTreeMap<String, String>>,
+    pub(super) otlp_metrics_interval: Option<String>,
     #[serde(default)]
     pub(super) pricing: BTreeMap<String, PriceEntry>,
     #[serde(default)]

@@ -11,6 +11,7 @@ pub mod egress;
 mod file;
 pub mod guard;
 pub mod ledger;
+pub mod otlp;
 mod serving;
 mod upstreams;
 pub mod websocket;
@@ -238,6 +239,8 @@ pub struct Config {
     /// Add `X-LLM-Meter-Cost` and `X-LLM-Meter-Tokens` to non-streamed metered responses,
     /// which are then read whole before they are answered.
     pub cost_header: bool,
+    /// OpenTelemetry export (OTLP over HTTP); `None` when no endpoint is set.
+    pub otlp: Option<otlp::Settings>,
 }
 
 impl Config {
@@ -336,6 +339,15 @@ impl Config {
             file: None,
             websocket: websocket::settings(&file, &name)?,
             cost_header: file.cost_header.unwrap_or(false),
+            otlp: otlp::settings(
+                &otlp::File {
+                    endpoint: file.otlp_endpoint.as_deref(),
+                    headers: file.otlp_headers.as_ref(),
+                    metrics_interval: file.otlp_metrics_interval.as_deref(),
+                },
+                env,
+                &name,
+            )?,
         })
     }
 }

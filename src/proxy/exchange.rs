@@ -3,7 +3,7 @@
 //! provider reported no usage), made once when the response ends or is dropped.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
@@ -14,6 +14,7 @@ use crate::guard::{Guard, KeyRef};
 use crate::key::Identity;
 use crate::meter::{Meter, Priced, Record, UNKNOWN_MODEL};
 use crate::metrics::{Metrics, Operation, Outcome as MetricsOutcome, Sample, key_label};
+use crate::otlp::{Span, Tracer};
 use crate::usage::estimate::{self, Raw};
 use crate::usage::{Extracted, Flavor, Usage};
 
@@ -72,6 +73,8 @@ pub struct Exchange {
     pub(super) until_sent: Option<Duration>,
     pub(super) error: Option<String>,
     pub(super) is_done: bool,
+    /// Where its span goes, when OpenTelemetry export is on.
+    pub(super) tracer: Option<Tracer>,
 }
 
 /// Status logged for a request whose client left before any response (nginx's convention).
@@ -105,6 +108,16 @@ struct Finished {
     is_error: bool,
     is_whole: bool,
     outcome: &'static str,
+    /// What its span needs besides the record, when OpenTelemetry export is on.
+    traced: Option<Traced>,
+}
+
+/// A request's span in the making: what the record does not keep.
+struct Traced {
+    tracer: Tracer,
+    start: SystemTime,
+    request_model: Option<String>,
+    response_model: Option<String>,
 }
 
 impl Finished {
@@ -145,9 +158,44 @@ impl Finished {
         });
     }
 
+    /// Hands the request's span to the exporter (one queue push), when export is on.
+    fn trace(&mut self, priced: Priced, is_estimated: bool) {
+        let Some(traced) = self.traced.take() else {
+            return;
+        };
+        let code = self.status.as_u16();
+        let error_type = self.is_error.then(|| {
+            if code >= 400 && code != CLIENT_CLOSED {
+                code.to_string()
+            } else {
+                self.outcome.to_owned()
+            }
+        });
+        traced.tracer.spans.push(Span {
+            parent: traced.tracer.parent,
+            start: traced.start,
+            duration: self.duration,
+            flavor: self.flavor,
+            upstream: self.upstream.name.to_string(),
+            request_model: traced.request_model,
+            response_model: traced.response_model,
+            response_id: self.extracted.response_id.clone(),
+            usage: self.extracted.usage,
+            cost: priced.cost,
+            is_priced: priced.is_priced,
+            key: key_label(&self.identity, self.key.is_some()).to_owned(),
+            attribution: self.attribution.clone(),
+            is_estimated,
+            is_partial: !self.is_whole,
+            is_streaming: self.is_streaming,
+            status: code,
+            error_type,
+        });
+    }
+
     /// Records the request and writes its one log line (after the response when recorded while
     /// hyper serves it: see `deferred`). Returns what it cost.
-    fn record(self, is_estimated: bool) -> Priced {
+    fn record(mut self, is_estimated: bool) -> Priced {
         let key_id = self.identity.id.as_str();
         let model = self.model.as_str();
         if self.extracted.usage.is_none() && !self.is_error && self.is_whole {
@@ -176,6 +224,7 @@ impl Finished {
             attribution: &self.attribution,
         });
         self.count(priced, is_estimated);
+        self.trace(priced, is_estimated);
         let usage = self.extracted.usage.unwrap_or_default();
         self.guard.on_record(
             self.key,
@@ -237,6 +286,19 @@ impl Exchange {
         self.metrics.record(&refused);
     }
 
+    /// What the span of this request needs, when OpenTelemetry export is on: its start on the
+    /// wall clock, and the models the request and the response named.
+    fn traced(&mut self, extracted: &Extracted) -> Option<Traced> {
+        self.tracer.take().map(|tracer| Traced {
+            tracer,
+            start: SystemTime::now()
+                .checked_sub(self.started.elapsed())
+                .unwrap_or_else(SystemTime::now),
+            request_model: self.request_model.clone().map(capped_model),
+            response_model: extracted.model.clone().map(capped_model),
+        })
+    }
+
     /// Records the request (metered routes) and writes its one log line. A 2xx response that
     /// reported no usage (or a stream cut before its final count) is estimated first, on a
     /// blocking thread, so neither this response nor any other waits for the tokenizer.
@@ -286,6 +348,7 @@ impl Exchange {
             tracing::info!(target: LOG_TARGET, method = %self.method, path = self.path, status = self.status.as_u16(), key_id, upstream = &*self.upstream.name, upstream_ms, duration_ms, outcome, error = self.error, "request");
             return None;
         };
+        let traced = self.traced(&extracted);
         let model = capped_model(
             extracted
                 .model
@@ -317,6 +380,7 @@ impl Exchange {
             is_error,
             is_whole,
             outcome,
+            traced,
         };
         if !needs_estimate {
             return Some(finished.record(false));

@@ -98,6 +98,8 @@ pub struct Context<'a> {
     pub guard: &'a Arc<Guard>,
     /// The owner of drains.
     pub tasks: &'a Tasks,
+    /// The OpenTelemetry exporter's queue, when export is on.
+    pub spans: Option<&'a Arc<crate::otlp::Spans>>,
 }
 
 /// The handler of one upstream's prefix: forwards any method, meters the routes that report usage.
@@ -167,6 +169,9 @@ pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> R
         until_sent: None,
         error: None,
         is_done: false,
+        tracer: state
+            .spans
+            .map(|spans| crate::otlp::Tracer::new(spans, &parts.headers)),
     };
     if is_websocket {
         return websocket::forward(&state, route, runtime, parts, exchange).await;

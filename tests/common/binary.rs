@@ -41,6 +41,11 @@ pub fn binary_command(dir: &std::path::Path) -> std::process::Command {
         "NO_PROXY",
         "SSL_CERT_FILE",
         "SSL_CERT_DIR",
+        // Nor is the machine's OpenTelemetry collector.
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "OTEL_SERVICE_NAME",
+        "OTEL_RESOURCE_ATTRIBUTES",
     ] {
         command.env_remove(name);
     }

@@ -150,6 +150,7 @@ impl Turns {
             until_sent: None,
             error: None,
             is_done: false,
+            tracer: upgrade.tracer.clone(),
         };
         self.open.push_back(Turn {
             exchange,
