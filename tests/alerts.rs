@@ -386,3 +386,35 @@ fn a_webhook_format_that_does_not_exist_is_refused_naming_its_field() {
     );
     assert!(err.contains("`alert_webhooks[1].format`"), "{err}");
 }
+
+#[tokio::test]
+async fn the_binary_posts_a_crossed_budget_to_slack_as_one_line() {
+    let slack = Mock::start(ok_hook).await;
+    let mock = Mock::start(priced).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("proxy.toml"),
+        format!(
+            "alert_webhook = \"{}/slack\"\nalert_webhook_format = \"slack\"\nalert_thresholds = [50]\n\
+             large_request_tokens = 10000000\n[keys.agent_a]\nkey_env = \"ALERTED_KEY\"\ntotal_usd = 1.0\n",
+            slack.url()
+        ),
+    )
+    .unwrap();
+    let mut command = common::binary_command(dir.path());
+    command
+        .args(["--listen", "127.0.0.1:0", "--upstream", &mock.url()])
+        .env("ALERTED_KEY", KEY);
+    let binary = common::Binary::start(command);
+    // $0.60 of gpt-4o prompt: 240,000 tokens at $2.50 per million.
+    let body = json!({"model": "gpt-4o", "max_tokens": 240_000, "messages": [{"role": "user", "content": "hi"}]});
+    binary.chat_through(KEY, &body).await;
+    let posted = posted_to(&slack, 1).await;
+    assert_eq!(posted.len(), 1);
+    assert_eq!(
+        posted[0].json(),
+        json!({"text": "llm-meter: key agent_a reached 50% of its total budget ($0.60 of $1.00)"})
+    );
+    let (_, stdout, stderr) = binary.terminate();
+    assert!(!format!("{stdout}{stderr}").contains(KEY));
+}

@@ -706,3 +706,28 @@ async fn without_a_ledger_the_dashboard_shows_the_totals_and_says_history_needs_
     page.assert_clean(&origin);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn the_binary_serves_the_dashboard_and_its_files_from_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = common::binary_command(dir.path());
+    command.args(["--listen", "127.0.0.1:0"]);
+    let binary = common::Binary::start(command);
+    let client = common::client();
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/dashboard/app.js", "text/javascript"),
+        ("/dashboard/style.css", "text/css"),
+    ] {
+        let response = client.get(binary.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let headers = response.headers().clone();
+        let content_type = headers["content-type"].to_str().unwrap();
+        assert!(content_type.starts_with(kind), "{path}: {content_type}");
+        assert!(headers.contains_key("content-security-policy"), "{path}");
+        assert!(
+            !response.text().await.unwrap().contains("https://"),
+            "{path}"
+        );
+    }
+}
