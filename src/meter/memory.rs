@@ -324,21 +324,29 @@ impl KeyEntry {
 }
 
 impl Store for MemoryStore {
-    fn add(&self, identity: &Identity, model: &str, upstream: &str, counts: &Counts) -> u64 {
+    fn add(
+        &self,
+        identity: &Identity,
+        model: &str,
+        upstream: &str,
+        counts: &Counts,
+        counted: &mut dyn FnMut(u64),
+    ) {
         {
             let period = self.period.read();
             let entry = period.existing(&identity.id, model, self.bounds);
             if let (Some(entry), Some(total)) = (entry, period.upstreams.get(upstream)) {
+                counted(period.id);
                 entry.add(counts);
                 total.add(counts);
-                return period.id;
+                return;
             }
         }
         // First request of this key, model or upstream: insert under the write lock (rare, and
         // at most once per entry: past the bounds, records land on an existing `other` entry).
         let mut period = self.period.write();
+        counted(period.id);
         period.insert(identity, model, upstream, counts, self.bounds);
-        period.id
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -413,7 +421,13 @@ mod tests {
                 s.spawn(move || {
                     for i in 0..10_000 {
                         let id = Identity::from_key(format!("key-{}", (t + i) % 5).as_bytes());
-                        store.add(&id, if i % 2 == 0 { "a" } else { "b" }, "openai", &one);
+                        store.add(
+                            &id,
+                            if i % 2 == 0 { "a" } else { "b" },
+                            "openai",
+                            &one,
+                            &mut |_| {},
+                        );
                     }
                 });
             }
@@ -445,11 +459,11 @@ mod tests {
         });
         for i in 0..10 {
             let id = Identity::from_key(format!("sk-random-{i}").as_bytes());
-            store.add(&id, "gpt-4o", "openai", &one_request());
+            store.add(&id, "gpt-4o", "openai", &one_request(), &mut |_| {});
         }
         let first = Identity::from_key(b"sk-random-0");
         for model in ["a", "b", "c", "d"] {
-            store.add(&first, model, "openai", &one_request());
+            store.add(&first, model, "openai", &one_request(), &mut |_| {});
         }
         let snap = store.snapshot();
         assert_eq!(snap.totals.requests, 14);

@@ -165,9 +165,18 @@ pub struct Priced {
 
 /// Where the live totals of the current period are kept.
 pub trait Store: Send + Sync {
-    /// Adds one request's counts to its (key, model) entry and to its upstream's totals;
-    /// returns the period it counted in.
-    fn add(&self, identity: &Identity, model: &str, upstream: &str, counts: &Counts) -> u64;
+    /// Adds one request's counts to its (key, model) entry and to its upstream's totals.
+    /// `counted` is called once, with the period the request counts in, before the totals
+    /// show it and while no reset can slip in: the ledger's row is queued there, so a request
+    /// the totals show is one a history query waits for.
+    fn add(
+        &self,
+        identity: &Identity,
+        model: &str,
+        upstream: &str,
+        counts: &Counts,
+        counted: &mut dyn FnMut(u64),
+    );
     /// All totals of the current period.
     fn snapshot(&self) -> Snapshot;
     /// Starts a new period with zeroed totals and returns the one it closed. `started` is
@@ -333,10 +342,13 @@ impl Meter {
             is_estimated: record.is_estimated,
         };
         let counts = Counts::of_request(&usage, priced.cost, flags);
-        let period = self
-            .store
-            .add(record.identity, record.model, record.upstream, &counts);
-        self.append_row(record, period, usage, priced, flags);
+        self.store.add(
+            record.identity,
+            record.model,
+            record.upstream,
+            &counts,
+            &mut |period| self.append_row(record, period, usage, priced, flags),
+        );
         priced
     }
 
