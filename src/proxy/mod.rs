@@ -113,11 +113,7 @@ pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> R
     let (mut parts, body) = request.into_parts();
     // Ours, not the provider's: removed before anything else, whatever happens next.
     let attribution = attribution::take(&mut parts.headers);
-    let rest = parts
-        .uri
-        .path()
-        .strip_prefix(route.prefix.as_str())
-        .unwrap_or_default();
+    let rest = upstream::rest_of(route, &parts.uri);
     let is_websocket = websocket::is_upgrade(&parts);
     let metered = route::classify(route.flavor, &parts.method, rest);
     let flavor = if is_websocket {
@@ -308,12 +304,7 @@ async fn send(
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
-    let rest = parts
-        .uri
-        .path()
-        .strip_prefix(route.prefix.as_str())
-        .unwrap_or_default();
-    let uri = upstream::target_uri(&route.upstream, rest, parts.uri.query())?;
+    let uri = upstream::target_for(route, &parts.uri)?;
     upstream::strip_hop_by_hop(&mut parts.headers);
     parts
         .headers

@@ -3,13 +3,25 @@
 use http::{HeaderMap, HeaderName, Uri, header};
 
 use crate::client::DialError;
-use crate::config::{Config, Upstream};
+use crate::config::{Config, Route, Upstream};
 use crate::error::{ProxyError, chain};
 use crate::proxy::pool::SendError;
 
+/// The path of a request under `route` after the route's prefix (empty when it is the prefix).
+pub fn rest_of<'a>(route: &Route, uri: &'a Uri) -> &'a str {
+    uri.path()
+        .strip_prefix(route.prefix.as_str())
+        .unwrap_or_default()
+}
+
+/// The request target sent upstream for a request to `uri` under `route`.
+pub fn target_for(route: &Route, uri: &Uri) -> Result<Uri, ProxyError> {
+    target_uri(&route.upstream, rest_of(route, uri), uri.query())
+}
+
 /// The request target sent upstream (origin form): the upstream's base path, the path after
 /// its prefix, and the client's query string.
-pub fn target_uri(upstream: &Upstream, rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+fn target_uri(upstream: &Upstream, rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
     let mut path = String::with_capacity(
         upstream.base_path.len() + rest.len() + 1 + query.map_or(0, str::len),
     );

@@ -169,12 +169,7 @@ fn upstream_request(
     route: &Route,
     mut parts: http::request::Parts,
 ) -> Result<http::Request<Body>, ProxyError> {
-    let rest = parts
-        .uri
-        .path()
-        .strip_prefix(route.prefix.as_str())
-        .unwrap_or_default();
-    let uri = upstream::target_uri(&route.upstream, rest, parts.uri.query())?;
+    let uri = upstream::target_for(route, &parts.uri)?;
     let headers = &mut parts.headers;
     upstream::strip_hop_by_hop(headers);
     headers.remove(EXTENSIONS);
