@@ -316,13 +316,14 @@ fn tls_reason(err: &std::io::Error) -> String {
     }
 }
 
-/// Why a webhook post failed.
+/// Why a request got no response: no connection, or a failed exchange on it (forwarded
+/// requests and webhook posts alike).
 #[derive(Debug, thiserror::Error)]
-pub enum PostError {
-    /// No connection.
+pub enum SendError {
+    /// No connection could be opened (proxy, DNS, TCP, TLS, or the connect timeout).
     #[error(transparent)]
     Dial(#[from] DialError),
-    /// The exchange failed.
+    /// The exchange failed on an open connection (or the request body failed while sent).
     #[error(transparent)]
     Http(#[from] hyper::Error),
 }
@@ -332,7 +333,7 @@ pub enum PostError {
 pub async fn send_once(
     dialer: &Dialer,
     mut request: Request<Body>,
-) -> Result<Response<Incoming>, PostError> {
+) -> Result<Response<Incoming>, SendError> {
     let dialed = dialer.dial(false).await?;
     // Origin form and a Host header, as for any request of ours; then the proxy's form.
     if let Some(authority) = request.uri().authority()
@@ -352,6 +353,6 @@ pub async fn send_once(
     };
     tokio::select! {
         response = sender.send_request(request) => Ok(response?),
-        () = connection => Err(PostError::Dial(DialError::Connect("the connection closed".into()))),
+        () = connection => Err(SendError::Dial(DialError::Connect("the connection closed".into()))),
     }
 }

@@ -15,18 +15,10 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 
-use crate::client::{DialError, Dialer, IDLE_TIMEOUT, Protocol, Stream};
+use crate::client::{Dialer, IDLE_TIMEOUT, Protocol, Stream};
 
-/// Why a request got no response from the upstream.
-#[derive(Debug, thiserror::Error)]
-pub enum SendError {
-    /// No connection could be opened (proxy, DNS, TCP, TLS, or the connect timeout).
-    #[error(transparent)]
-    Dial(#[from] DialError),
-    /// The exchange failed on an open connection (or the request body failed while sent).
-    #[error(transparent)]
-    Http(#[from] hyper::Error),
-}
+/// Why a request got no response from the upstream (the client's, shared with webhooks).
+pub use crate::client::SendError;
 
 /// How often an HTTP/2 connection with requests in flight is pinged, and how long a ping may
 /// go unanswered before the connection counts as dead.
@@ -183,15 +175,7 @@ impl Pools {
 
 async fn http1_handshake(io: TokioIo<Stream>) -> Result<http1::SendRequest<Body>, SendError> {
     let (sender, connection) = http1::handshake(io).await?;
-    #[expect(
-        clippy::disallowed_methods,
-        reason = "the task ends with its connection: when the upstream or the pool closes it"
-    )]
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::debug!(%err, "upstream connection closed with an error");
-        }
-    });
+    drive(connection);
     Ok(sender)
 }
 
@@ -202,16 +186,21 @@ async fn http2_handshake(io: TokioIo<Stream>) -> Result<http2::SendRequest<Body>
         .keep_alive_timeout(H2_PING_TIMEOUT)
         .handshake(io)
         .await?;
+    drive(connection);
+    Ok(sender)
+}
+
+/// Runs a connection's task on the calling worker.
+fn drive(connection: impl Future<Output = Result<(), hyper::Error>> + Send + 'static) {
     #[expect(
         clippy::disallowed_methods,
         reason = "the task ends with its connection: when the upstream or the pool closes it"
     )]
     tokio::spawn(async move {
         if let Err(err) = connection.await {
-            tracing::debug!(%err, "upstream HTTP/2 connection closed with an error");
+            tracing::debug!(%err, "upstream connection closed with an error");
         }
     });
-    Ok(sender)
 }
 
 impl Pool {
