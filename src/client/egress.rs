@@ -126,11 +126,7 @@ impl NoProxy {
 
     /// Whether a connection to `host:port` skips the proxy.
     pub fn matches(&self, host: &str, port: u16) -> bool {
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .trim_end_matches('.')
-            .to_ascii_lowercase();
+        let host = comparable(host);
         let ip: Option<IpAddr> = host.parse().ok();
         self.entries.iter().any(|entry| match entry {
             Entry::All => true,
@@ -196,13 +192,28 @@ fn in_network(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
     shift >= width || ip >> shift == net >> shift
 }
 
-/// Whether a host is this machine: `localhost` (and its subdomains) or a loopback address.
-pub fn is_loopback(host: &str) -> bool {
-    let host = host
-        .trim_start_matches('[')
+/// A URL's host as host rules compare it: IPv6 brackets and a final dot removed, lower case.
+fn comparable(host: &str) -> String {
+    host.trim_start_matches('[')
         .trim_end_matches(']')
         .trim_end_matches('.')
-        .to_ascii_lowercase();
+        .to_ascii_lowercase()
+}
+
+/// The port of `scheme://authority`: the one written, else the scheme's (443 for `https`).
+pub fn port_of(scheme: &http::uri::Scheme, authority: &http::uri::Authority) -> u16 {
+    authority
+        .port_u16()
+        .unwrap_or(if *scheme == http::uri::Scheme::HTTPS {
+            443
+        } else {
+            80
+        })
+}
+
+/// Whether a host is this machine: `localhost` (and its subdomains) or a loopback address.
+pub fn is_loopback(host: &str) -> bool {
+    let host = comparable(host);
     host == "localhost"
         || host.ends_with(".localhost")
         || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())

@@ -130,9 +130,7 @@ impl Dialer {
         connect_timeout: Duration,
     ) -> Self {
         let is_https = *scheme == Scheme::HTTPS;
-        let port = authority
-            .port_u16()
-            .unwrap_or(if is_https { 443 } else { 80 });
+        let port = egress::port_of(scheme, authority);
         let host = authority
             .host()
             .trim_start_matches('[')

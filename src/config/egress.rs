@@ -8,7 +8,8 @@ use http::uri::{Authority, Scheme};
 
 use super::file::{FileConfig, Http2Entry, UpstreamEntry};
 use super::{ConfigError, Route, invalid};
-use crate::client::{Http2, NoProxy, ProxyServer, TlsRoots, Trust, egress::is_loopback};
+use crate::client::egress::{is_loopback, port_of};
+use crate::client::{Http2, NoProxy, ProxyServer, TlsRoots, Trust};
 
 /// The variables that name proxies, in the order they are looked at for each scheme: the
 /// lower-case spelling first, as curl and Python read them.
@@ -110,12 +111,13 @@ impl Rules {
     /// The way to `scheme://authority` under the global rules: loopback hosts and those
     /// `NO_PROXY` names go direct.
     pub fn for_target(&self, scheme: &Scheme, authority: &Authority) -> Egress {
-        let is_https = *scheme == Scheme::HTTPS;
-        let port = authority
-            .port_u16()
-            .unwrap_or(if is_https { 443 } else { 80 });
+        let port = port_of(scheme, authority);
         let host = authority.host();
-        let proxy = if is_https { &self.https } else { &self.http };
+        let proxy = if *scheme == Scheme::HTTPS {
+            &self.https
+        } else {
+            &self.http
+        };
         let direct = is_loopback(host) || self.no_proxy.matches(host, port);
         Egress {
             proxy: proxy.clone().filter(|_| !direct),
