@@ -127,15 +127,25 @@ fn root_store(trust: &Trust) -> Result<RootCertStore, TrustError> {
             return Err(TrustError::NoSystemRoots(why));
         }
     }
+    // Each file is read once, however many names lead to it: a certificate directory names
+    // every certificate twice (its file and OpenSSL's hashed link to it), and SSL_CERT_FILE is
+    // often the bundle in that same directory.
+    let mut read = std::collections::HashSet::new();
+    // A path that cannot be resolved is read anyway, so that `add_file` reports it.
+    let mut first_time =
+        |path: &Path| std::fs::canonicalize(path).map_or(true, |real| read.insert(real));
     for file in &trust.files {
-        add_file(&mut store, file, true)?;
+        if first_time(file) {
+            add_file(&mut store, file, true)?;
+        }
     }
     for dir in &trust.dirs {
         let entries = std::fs::read_dir(dir).map_err(|e| unreadable(dir, &e))?;
         for entry in entries.take(MAX_DIR_FILES).flatten() {
-            // OpenSSL's hashed links and anything else that is not PEM are skipped.
-            if entry.path().is_file() {
-                add_file(&mut store, &entry.path(), false)?;
+            // Anything that is not PEM is skipped by `add_file`.
+            let path = entry.path();
+            if path.is_file() && first_time(&path) {
+                add_file(&mut store, &path, false)?;
             }
         }
     }
@@ -204,6 +214,36 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("absent.pem")
+        );
+    }
+
+    #[test]
+    fn a_certificate_reached_by_several_names_is_read_once() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let pem = params.self_signed(&key).unwrap().pem();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("corp.pem");
+        std::fs::write(&file, pem).unwrap();
+        std::os::unix::fs::symlink(&file, dir.path().join("1a2b3c4d.0")).unwrap();
+        let trust = Trust {
+            files: vec![file],
+            dirs: vec![dir.path().to_owned()],
+            ..Trust::default()
+        };
+        let built_in = root_store(&Trust::default()).unwrap().len();
+        assert_eq!(root_store(&trust).unwrap().len(), built_in + 1);
+        // A missing file is still reported, whatever was read before it.
+        let missing = Trust {
+            files: vec![dir.path().join("a.pem"), dir.path().join("b.pem")],
+            ..Trust::default()
+        };
+        assert!(
+            root_store(&missing)
+                .unwrap_err()
+                .to_string()
+                .contains("a.pem")
         );
     }
 
