@@ -1,0 +1,209 @@
+//! The names one model goes by, and which provider's entry prices a name no entry has exactly.
+//!
+//! A requested name is tried as given, then as each of these forms in turn, each form applied
+//! to the one before (see docs/prices.md):
+//!
+//! 1. lower case;
+//! 2. without routing prefixes (`openrouter/anthropic/claude-…` → `claude-…`);
+//! 3. without Bedrock's decorations: an inference-profile region (`us.`, `eu.`, `apac.`,
+//!    `global.`…), the vendor (`anthropic.`, `meta.`…) and the version (`-v2:0`, `:0`);
+//! 4. without snapshot suffixes, one at a time: `@20241022` (Vertex), `-latest`, `-2024-08-06`,
+//!    `-20241022`, `-0613`, `-001`, `-preview-05-20`, `-preview`, `-exp`;
+//! 5. with OpenRouter's dotted versions dashed (`claude-3.5-sonnet` → `claude-3-5-sonnet`),
+//!    then that without its snapshot suffixes.
+//!
+//! Price map entries are indexed under the same forms of their own ids, so `claude-3-5-sonnet`
+//! finds `vertex_ai/claude-3-5-sonnet` when no entry is named `claude-3-5-sonnet` itself.
+
+/// The forms of `name` after itself, in the order they are tried, without repeats.
+pub fn forms(name: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let push = |form: String, out: &mut Vec<String>| {
+        if form != name && !form.is_empty() && !out.contains(&form) {
+            out.push(form);
+        }
+    };
+    let mut current = name.to_ascii_lowercase();
+    push(current.clone(), &mut out);
+    current = current
+        .rsplit_once('/')
+        .map_or(current.clone(), |(_, last)| last.to_owned());
+    push(current.clone(), &mut out);
+    current = without_bedrock(&current).to_owned();
+    // Snapshot suffixes go from the name as written, then from its dashed form.
+    for mut form in [current.clone(), dashed_versions(&current)] {
+        push(form.clone(), &mut out);
+        while let Some(base) = strip_snapshot_suffix(&form) {
+            form = base.to_owned();
+            push(form.clone(), &mut out);
+        }
+    }
+    out
+}
+
+/// Bedrock's regional inference profiles prefix the model id with one of these.
+const BEDROCK_REGIONS: &[&str] = &["us", "eu", "apac", "global", "jp", "au", "ca", "us-gov"];
+
+/// Model vendors as Bedrock spells them before the model's own name.
+const BEDROCK_VENDORS: &[&str] = &[
+    "anthropic",
+    "meta",
+    "amazon",
+    "mistral",
+    "cohere",
+    "ai21",
+    "deepseek",
+    "openai",
+    "qwen",
+    "writer",
+    "twelvelabs",
+    "stability",
+];
+
+/// `us.anthropic.claude-3-5-sonnet-20241022-v2:0` → `claude-3-5-sonnet-20241022`.
+fn without_bedrock(name: &str) -> &str {
+    let mut rest = name;
+    if let Some((region, after)) = rest.split_once('.')
+        && BEDROCK_REGIONS.contains(&region)
+    {
+        rest = after;
+    }
+    let Some((vendor, model)) = rest.split_once('.') else {
+        return name;
+    };
+    if !BEDROCK_VENDORS.contains(&vendor) {
+        return name;
+    }
+    // `-v2:0`, `-v1`, `:0`: the version of the Bedrock model, not of the model.
+    let model = model.rsplit_once(':').map_or(model, |(base, n)| {
+        if n.bytes().all(|b| b.is_ascii_digit()) {
+            base
+        } else {
+            model
+        }
+    });
+    match model.rsplit_once("-v") {
+        Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => base,
+        _ => model,
+    }
+}
+
+/// `claude-3.5-sonnet` → `claude-3-5-sonnet`: a dot between digits becomes a dash.
+fn dashed_versions(name: &str) -> String {
+    let bytes = name.as_bytes();
+    name.char_indices()
+        .map(|(i, c)| {
+            let between_digits = c == '.'
+                && i > 0
+                && bytes[i - 1].is_ascii_digit()
+                && bytes.get(i + 1).is_some_and(u8::is_ascii_digit);
+            if between_digits { '-' } else { c }
+        })
+        .collect()
+}
+
+/// Removes one trailing snapshot marker: `@20241022`, `-latest`, `-2024-08-06`, `-20241022`,
+/// `-0613`, `-001`, `-preview-05-20`, `-preview`, `-exp`; `None` when there is none left.
+fn strip_snapshot_suffix(name: &str) -> Option<&str> {
+    if let Some(base) = name.strip_suffix("-latest") {
+        return Some(base);
+    }
+    if let Some((base, _)) = name.rsplit_once('@') {
+        return Some(base);
+    }
+    let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+    let is_tag = |s: &str| s == "preview" || s == "exp";
+    // Dated groups go at once: `-2024-08-06`, `-preview-05-20`.
+    let parts: Vec<&str> = name.rsplitn(4, '-').collect();
+    if let [day, month, year, base] = parts[..]
+        && digits(day, 2)
+        && digits(month, 2)
+        && (digits(year, 4) || is_tag(year))
+    {
+        return Some(base);
+    }
+    let (base, last) = name.rsplit_once('-')?;
+    (digits(last, 8) || digits(last, 4) || digits(last, 3) || is_tag(last)).then_some(base)
+}
+
+/// Providers whose entries price a name first, in this order: the model makers, then the
+/// clouds that resell them at list price. Other providers (resellers, hosts of open models) come after,
+/// in alphabetical order, and only once no form of the name matched one of these.
+const PREFERRED: &[&str] = &[
+    // The makers, selling their own models.
+    "openai",
+    "anthropic",
+    "gemini",
+    "mistral",
+    "codestral",
+    "deepseek",
+    "xai",
+    "cohere",
+    "cohere_chat",
+    "ai21",
+    "meta",
+    "amazon_nova",
+    "moonshot",
+    "zai",
+    "dashscope",
+    "minimax",
+    "text-completion-openai",
+    // The clouds reselling them at list price.
+    "vertex_ai",
+    "vertex_ai-anthropic_models",
+    "vertex_ai-language-models",
+    "vertex_ai-mistral_models",
+    "vertex_ai-llama_models",
+    "vertex_ai-embedding-models",
+    "bedrock",
+    "bedrock_converse",
+    "azure",
+    "azure_ai",
+];
+
+/// Where a provider's entries rank: `Some(position)` for a preferred one, `None` for another.
+pub fn preference(provider: &str) -> Option<usize> {
+    PREFERRED.iter().position(|p| *p == provider)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_prefixes_bedrock_ids_dots_and_snapshots_each_give_a_form() {
+        assert_eq!(
+            forms("openrouter/anthropic/claude-3.5-sonnet"),
+            ["claude-3.5-sonnet", "claude-3-5-sonnet"]
+        );
+        assert_eq!(
+            forms("us.anthropic.claude-3-5-sonnet-20241022-v2:0"),
+            ["claude-3-5-sonnet-20241022", "claude-3-5-sonnet"]
+        );
+        assert_eq!(forms("claude-sonnet-4-5@20250929"), ["claude-sonnet-4-5"]);
+        assert_eq!(forms("mistral-large-latest"), ["mistral-large"]);
+        assert_eq!(forms("gpt-4o-2024-08-06"), ["gpt-4o"]);
+        assert_eq!(forms("GPT-4o"), ["gpt-4o"]);
+        assert_eq!(
+            forms("gemini-2.5-flash-preview-05-20"),
+            [
+                "gemini-2.5-flash",
+                "gemini-2-5-flash-preview-05-20",
+                "gemini-2-5-flash"
+            ]
+        );
+        assert!(forms("gpt-4.1").contains(&"gpt-4-1".to_owned()));
+        assert!(forms("").is_empty());
+    }
+
+    #[test]
+    fn bedrock_decorations_go_only_when_the_vendor_is_one() {
+        assert_eq!(without_bedrock("anthropic.claude-v2:1"), "claude");
+        assert_eq!(
+            without_bedrock("meta.llama3-70b-instruct-v1:0"),
+            "llama3-70b-instruct"
+        );
+        assert_eq!(without_bedrock("gpt-4.1"), "gpt-4.1");
+        assert_eq!(without_bedrock("eu.claude"), "eu.claude");
+    }
+}
