@@ -14,7 +14,7 @@ use crate::meter::Meter;
 use crate::meter::ledger::LedgerError;
 use crate::meter::ledger::history::Reader;
 use crate::meter::memory::Bounds;
-use crate::meter::pricing::PriceTable;
+use crate::meter::pricing;
 use crate::metrics::Metrics;
 use crate::otlp;
 use crate::proxy::{self, UpstreamState};
@@ -59,6 +59,9 @@ pub enum StartError {
     /// The ledger could not be opened.
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    /// A named price file could not be used.
+    #[error(transparent)]
+    Prices(#[from] pricing::load::LoadError),
 }
 
 /// Builds the dialers of upstreams, loading each distinct set of trusted certificates once.
@@ -95,6 +98,34 @@ impl Dialers {
             config.connect_timeout,
         ))
     }
+}
+
+/// Reads the settings and price files again and prices requests recorded from now on with
+/// them (SIGHUP); returns what was read, or why nothing changed.
+pub fn reload_prices(
+    meter: &Meter,
+    flags: &crate::config::Flags,
+    env: &std::collections::HashMap<String, String>,
+) -> Result<Vec<String>, String> {
+    let config = Config::load(flags, env).map_err(|e| e.to_string())?;
+    let loaded = pricing::load::load(&config.pricing).map_err(|e| e.to_string())?;
+    let mut notes = vec![format!("sources {}", loaded.table.sources().join(", "))];
+    notes.extend(loaded.notes);
+    meter.set_prices(loaded.table);
+    Ok(notes)
+}
+
+/// A dialer for one request of ours to `authority` (the price map's download), reached as the
+/// egress rules say: through the proxy and with the CAs an upstream there would get.
+pub fn dialer_for(
+    config: &Config,
+    scheme: &http::uri::Scheme,
+    authority: &http::uri::Authority,
+) -> Result<client::Dialer, StartError> {
+    let mut egress = config.egress.for_target(scheme, authority);
+    // One request per connection: HTTP/1.1 is all it needs.
+    egress.http2 = client::Http2::Off;
+    Dialers::default().dial(scheme, authority, &egress, config)
 }
 
 /// Spend per key id in the current hour, day, month and in total, read from the ledger.
@@ -155,7 +186,11 @@ impl AppState {
             max_keys: config.max_tracked_keys,
             max_models_per_key: config.max_models_per_key,
         };
-        let prices = PriceTable::with_configured(&config.pricing);
+        let prices = pricing::load::load(&config.pricing)?;
+        for note in &prices.notes {
+            tracing::info!("prices: {note}");
+        }
+        let prices = prices.table;
         let meter = match &config.ledger {
             Some(options) => Meter::persistent_within(prices, options, bounds)?,
             None => Meter::in_memory_within(prices, bounds),

@@ -99,7 +99,7 @@ fn every_commented_example_is_valid_when_uncommented() {
     assert_eq!(config.admin_token.unwrap().expose(), "change-me");
     let ledger = config.ledger.unwrap();
     assert_eq!(ledger.dir, Path::new("/var/lib/llm-meter"));
-    assert!(config.pricing.contains_key("my-fine-tune"));
+    assert!(config.pricing.prices.contains_key("my-fine-tune"));
     assert!(config.routes.iter().any(|r| r.name == "gemini"));
     let agent = &config.guard.keys[0];
     assert_eq!(agent.name, "agent-a");

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::ConfigError;
+use super::pricing::{ModelsEntry, PriceEntries};
 
 /// The raw shape of `proxy.toml`: every field optional, unknown fields rejected.
 #[derive(Debug, Default, Deserialize)]
@@ -47,7 +48,9 @@ pub(super) struct FileConfig {
     pub(super) otlp_headers: Option<BTreeMap<String, String>>,
     pub(super) otlp_metrics_interval: Option<String>,
     #[serde(default)]
-    pub(super) pricing: BTreeMap<String, PriceEntry>,
+    pub(super) pricing: BTreeMap<String, PriceEntries>,
+    pub(super) pricing_file: Option<PathBuf>,
+    pub(super) models: Option<ModelsEntry>,
     #[serde(default)]
     pub(super) upstreams: BTreeMap<String, UpstreamEntry>,
     pub(super) require_known_keys: Option<bool>,
@@ -106,6 +109,9 @@ pub(super) struct UpstreamEntry {
     pub(super) proxy: Option<String>,
     pub(super) ca_file: Option<PathBuf>,
     pub(super) http2: Option<Http2Entry>,
+    pub(super) pricing_multiplier: Option<f64>,
+    #[serde(default)]
+    pub(super) pricing: BTreeMap<String, PriceEntries>,
 }
 
 /// `http2 = true | false | "prior-knowledge"`.
@@ -116,16 +122,6 @@ pub(super) enum Http2Entry {
     Switch(bool),
     /// `"prior-knowledge"`, or another word that is refused.
     Word(String),
-}
-
-/// One `[pricing."MODEL"]` table, in USD per million tokens.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct PriceEntry {
-    pub(super) input_per_million: f64,
-    pub(super) output_per_million: f64,
-    pub(super) cached_input_per_million: Option<f64>,
-    pub(super) cache_write_per_million: Option<f64>,
 }
 
 /// Parses TOML, turning the parser's multi-line report into `file line N: `field`: message`.

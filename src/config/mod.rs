@@ -1,6 +1,6 @@
 //! Configuration: file, environment and flag layers merged into one validated `Config`; errors name the field.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -12,6 +12,7 @@ mod file;
 pub mod guard;
 pub mod ledger;
 pub mod otlp;
+pub mod pricing;
 mod serving;
 mod upstreams;
 pub mod websocket;
@@ -19,8 +20,7 @@ pub mod websocket;
 use upstreams::is_plain_name;
 pub use upstreams::{ApiFlavor, InjectStreamUsage, Route, Upstream};
 
-use crate::money::Price;
-use file::{FileConfig, PriceEntry, parse_file};
+use file::{FileConfig, parse_file};
 use guard::GuardFile;
 
 /// Default listen address: loopback only, so a key-carrying proxy is not exposed by accident.
@@ -65,6 +65,8 @@ pub mod env {
     pub const DATA_DIR: &str = "LLM_METER_DATA_DIR";
     /// `false` keeps totals in memory only.
     pub const PERSIST: &str = "LLM_METER_PERSIST";
+    /// A LiteLLM-format price map over the built-in table.
+    pub const PRICING_FILE: &str = "LLM_METER_PRICING_FILE";
     /// Base of per-user data directories (XDG); read to place the default data directory.
     pub const XDG_DATA_HOME: &str = "XDG_DATA_HOME";
     /// The user's home; the default data directory is under it when `XDG_DATA_HOME` is unset.
@@ -140,6 +142,8 @@ pub struct Flags {
     pub data_dir: Option<PathBuf>,
     /// `--no-persist`.
     pub no_persist: bool,
+    /// `--pricing-file`.
+    pub pricing_file: Option<PathBuf>,
 }
 
 /// Log line format.
@@ -226,8 +230,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Time in-flight requests get to finish after SIGINT/SIGTERM.
     pub shutdown_grace: Duration,
-    /// Prices set in the file (`[pricing."MODEL"]`), over the built-in table.
-    pub pricing: BTreeMap<String, Price>,
+    /// Prices: configured ones, aliases, the files read over the built-in table, per upstream.
+    pub pricing: pricing::Pricing,
     /// Where every request is written; `None` keeps totals in memory only.
     pub ledger: Option<ledger::Options>,
     /// Named keys, budgets, rate limits and alerts.
@@ -303,14 +307,9 @@ impl Config {
         let upstream = upstreams::main(&layer, flags, &file)?;
         let egress = egress::Rules::load(env, &file, &name)?;
         let own_egress = egress::own_settings(&file.upstreams, &name)?;
+        let pricing = pricing::settings(&layer, flags, &file, data_dir(&layer, flags, &file))?;
         let mut routes = upstreams::all(&layer, &upstream, std::mem::take(&mut file.upstreams))?;
         egress::resolve(&egress, &mut routes, &own_egress, &name);
-        let mut pricing = BTreeMap::new();
-        for (model, entry) in &file.pricing {
-            let field = format!("pricing.\"{model}\"");
-            let price = price_from(entry).map_err(|r| invalid(&field, &name, r))?;
-            pricing.insert(model.clone(), price);
-        }
         Ok(Self {
             listen: addresses.listen,
             admin_listen: addresses.admin_listen,
@@ -395,6 +394,17 @@ pub fn default_threads() -> usize {
 }
 
 /// `$XDG_DATA_HOME/llm-meter`, else `$HOME/.local/share/llm-meter` (the XDG default).
+/// The data directory as flag, environment, file or default give it, when one is known.
+fn data_dir(layer: &Layers<'_>, flags: &Flags, file: &FileConfig) -> Option<PathBuf> {
+    flags
+        .data_dir
+        .clone()
+        .or_else(|| layer.env.get(env::DATA_DIR).map(PathBuf::from))
+        .or_else(|| file.data_dir.clone())
+        .or_else(|| default_data_dir(layer.env))
+        .filter(|dir| !dir.as_os_str().is_empty())
+}
+
 fn default_data_dir(env: &HashMap<String, String>) -> Option<PathBuf> {
     let absolute = |name: &str| env.get(name).map(PathBuf::from).filter(|p| p.is_absolute());
     absolute(env::XDG_DATA_HOME)
@@ -436,29 +446,6 @@ fn parse_duration(value: &str) -> Result<Duration, String> {
         return Err("must be longer than zero".into());
     }
     Ok(duration)
-}
-
-fn price_from(entry: &PriceEntry) -> Result<Price, String> {
-    let check = |name: &str, v: f64| {
-        if v.is_finite() && (0.0..=1_000_000.0).contains(&v) {
-            Ok(v)
-        } else {
-            Err(format!(
-                "{name} must be a number of USD from 0 to 1000000, got {v}"
-            ))
-        }
-    };
-    let input = check("input_per_million", entry.input_per_million)?;
-    let output = check("output_per_million", entry.output_per_million)?;
-    let cached = check(
-        "cached_input_per_million",
-        entry.cached_input_per_million.unwrap_or(input),
-    )?;
-    let write = check(
-        "cache_write_per_million",
-        entry.cache_write_per_million.unwrap_or(input),
-    )?;
-    Ok(Price::per_million(input, output, cached, write))
 }
 
 #[cfg(test)]
@@ -682,8 +669,58 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            c.pricing.get("my-model"),
-            Some(&Price::per_million(2.0, 8.0, 0.5, 2.0))
+            c.pricing.prices["my-model"][0].price,
+            crate::money::Price::per_million(2.0, 8.0, 0.5, 2.0)
+        );
+    }
+
+    #[test]
+    fn dated_prices_aliases_and_upstream_prices_are_read() {
+        let c = load(
+            Some(
+                r#"
+                [[pricing."m"]]
+                input_per_million = 1.0
+                output_per_million = 2.0
+                since = 2026-01-01
+                [[pricing."m"]]
+                input_per_million = 3.0
+                output_per_million = 4.0
+                since = 2026-06-01
+                [models]
+                alias = { "my-deploy" = "gpt-4o" }
+                [upstreams.azure]
+                url = "https://example.openai.azure.com/openai"
+                pricing_multiplier = 1.1
+                [upstreams.azure.pricing."gpt-4o"]
+                input_per_million = 5.0
+                output_per_million = 6.0
+                "#,
+            ),
+            &[(env::PRICING_FILE, "/tmp/prices.json")],
+            &Flags::default(),
+        )
+        .unwrap();
+        let since: Vec<_> = c.pricing.prices["m"].iter().map(|p| p.since).collect();
+        assert_eq!(since, [Some(1_767_225_600), Some(1_780_272_000)]);
+        assert_eq!(c.pricing.aliases["my-deploy"], "gpt-4o");
+        let azure = &c.pricing.upstreams["azure"];
+        assert_eq!(azure.multiplier_ppm, Some(1_100_000));
+        assert!(azure.prices.contains_key("gpt-4o"));
+        assert_eq!(
+            c.pricing.file.as_deref(),
+            Some(Path::new("/tmp/prices.json"))
+        );
+        let undated_twice = load(
+            Some("[[pricing.m]]\ninput_per_million = 1.0\noutput_per_million = 1.0\n[[pricing.m]]\ninput_per_million = 1.0\noutput_per_million = 1.0\n"),
+            &[],
+            &Flags::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            undated_twice.contains("each needs `since`"),
+            "{undated_twice}"
         );
     }
 }

@@ -17,7 +17,7 @@ use crate::attribution::Attribution;
 use crate::key::Identity;
 use crate::usage::{Flavor, Usage};
 use ledger::{Ledger, LedgerError, Row};
-use pricing::{NanoUsd, Price, PriceTable};
+use pricing::{NanoUsd, PriceTable, Resolved};
 
 /// Model name recorded when neither the response nor the request named one.
 pub const UNKNOWN_MODEL: &str = "unknown";
@@ -125,6 +125,8 @@ pub struct Record<'a> {
     /// The part of `usage` that was audio: counted as tokens, but left out of the cost (no
     /// price has audio rates), and the request flagged unpriced when there is any.
     pub audio: Usage,
+    /// The service tier the response reported.
+    pub service_tier: crate::usage::ServiceTier,
     /// The user, session and tags it is for: ledger columns, never in-memory totals.
     pub attribution: &'a Attribution,
 }
@@ -149,18 +151,22 @@ impl<'a> Record<'a> {
             is_estimated: false,
             upstream: crate::config::OPENAI,
             audio: Usage::default(),
+            service_tier: crate::usage::ServiceTier::Standard,
             attribution: &NO_ATTRIBUTION,
         }
     }
 }
 
 /// The result of recording: what the request cost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Priced {
     /// The cost; zero when unpriced.
     pub cost: NanoUsd,
     /// False when the model had no price (and there were tokens to price).
     pub is_priced: bool,
+    /// Which price it took: its source, entry, and the tier or long-context rate when not the
+    /// standard one (`built-in 2026-12-06: gemini-2.5-pro, above 200k`).
+    pub source: Option<Arc<str>>,
 }
 
 /// Where the live totals of the current period are kept.
@@ -261,13 +267,17 @@ pub struct KeySnapshot {
 pub struct Meter {
     store: Box<dyn Store>,
     ledger: Option<Ledger>,
-    prices: PriceTable,
-    /// Model name to price as resolved the first time, so snapshot suffixes are stripped once.
-    resolved: RwLock<HashMap<String, Option<Price>, foldhash::fast::RandomState>>,
+    prices: RwLock<Arc<PriceTable>>,
+    /// Upstream, then model name, to its price as resolved the first time, so names are
+    /// normalized once.
+    resolved: RwLock<ResolvedCache>,
     warned_unpriced: Mutex<HashSet<String>>,
     /// Requests being estimated on a blocking thread, not yet recorded: `close` waits for them.
     estimating: Arc<AtomicUsize>,
 }
+
+type ResolvedCache = HashMap<Box<str>, ModelCache, foldhash::fast::RandomState>;
+type ModelCache = HashMap<Box<str>, Option<Resolved>, foldhash::fast::RandomState>;
 
 /// Marks one estimate in progress until dropped.
 pub struct Estimating(Arc<AtomicUsize>);
@@ -290,7 +300,7 @@ impl Meter {
         Self {
             store,
             ledger: None,
-            prices,
+            prices: RwLock::new(Arc::new(prices)),
             resolved: RwLock::new(HashMap::default()),
             warned_unpriced: Mutex::new(HashSet::new()),
             estimating: Arc::new(AtomicUsize::new(0)),
@@ -335,7 +345,7 @@ impl Meter {
     /// Prices one request and adds it to the totals; never fails.
     pub fn record(&self, record: &Record<'_>) -> Priced {
         let usage = record.usage.unwrap_or_default();
-        let priced = self.price(record.model, &usage, &record.audio);
+        let priced = self.price(record, &usage);
         let flags = Flags {
             is_error: record.is_error,
             is_unpriced: !priced.is_priced,
@@ -347,7 +357,7 @@ impl Meter {
             record.model,
             record.upstream,
             &counts,
-            &mut |period| self.append_row(record, period, usage, priced, flags),
+            &mut |period| self.append_row(record, period, usage, &priced, flags),
         );
         priced
     }
@@ -358,7 +368,7 @@ impl Meter {
         record: &Record<'_>,
         period: u64,
         usage: Usage,
-        priced: Priced,
+        priced: &Priced,
         flags: Flags,
     ) {
         let Some(ledger) = &self.ledger else {
@@ -390,47 +400,80 @@ impl Meter {
         });
     }
 
-    /// What `usage` of `model` costs, `audio` of it left out (and then unpriced); warns once
-    /// per model without a price.
-    fn price(&self, model: &str, usage: &Usage, audio: &Usage) -> Priced {
+    /// What `usage` of the record's model costs on its upstream, at the price in force now, in
+    /// the tier it reports; `audio` of it is left out (and then the record is unpriced). Warns
+    /// once per model without a price.
+    fn price(&self, record: &Record<'_>, usage: &Usage) -> Priced {
+        let audio = &record.audio;
         let has_audio = audio.total_tokens() > 0;
-        match self.price_of(model) {
-            Some(price) if has_audio => {
-                self.warn_unpriced_audio(model);
+        let resolved = self.resolution(record.upstream, record.model);
+        let charged = resolved.and_then(|resolved| {
+            let at = if resolved.is_undated() {
+                0
+            } else {
+                OffsetDateTime::now_utc().unix_timestamp()
+            };
+            resolved.charge(&usage.without(audio), record.service_tier, at)
+        });
+        match charged {
+            Some((charge, label)) => {
+                if has_audio {
+                    self.warn_unpriced_audio(record.model);
+                }
                 Priced {
-                    cost: price.cost(&usage.without(audio)),
-                    is_priced: false,
+                    cost: charge.cost,
+                    is_priced: !has_audio,
+                    source: Some(Arc::from(label)),
                 }
             }
-            Some(price) => Priced {
-                cost: price.cost(usage),
-                is_priced: true,
-            },
             // A request with no tokens costs nothing whatever the model: nothing to be unsure of.
             None if usage.total_tokens() == 0 => Priced {
                 cost: NanoUsd(0),
                 is_priced: true,
+                source: None,
             },
             None => {
-                self.warn_unpriced(model);
+                self.warn_unpriced(record.model);
                 Priced {
                     cost: NanoUsd(0),
                     is_priced: false,
+                    source: None,
                 }
             }
         }
     }
 
-    fn price_of(&self, model: &str) -> Option<Price> {
-        if let Some(price) = self.resolved.read().get(model) {
-            return *price;
+    /// What prices `model` on `upstream`, resolved once per pair (up to `RESOLVED_CAP` pairs).
+    fn resolution(&self, upstream: &str, model: &str) -> Option<Resolved> {
+        if let Some(models) = self.resolved.read().get(upstream)
+            && let Some(resolved) = models.get(model)
+        {
+            return resolved.clone();
         }
-        let price = self.prices.resolve(model).copied();
-        let mut resolved = self.resolved.write();
-        if resolved.len() < RESOLVED_CAP {
-            resolved.insert(model.to_owned(), price);
+        // Resolved under the cache's lock, so a reload (`set_prices`) between the two cannot
+        // leave a name resolved against the old table in the cache.
+        let mut cache = self.resolved.write();
+        let resolved = self.prices.read().resolve(upstream, model);
+        let cached: usize = cache.values().map(HashMap::len).sum();
+        if cached < RESOLVED_CAP {
+            cache
+                .entry(upstream.into())
+                .or_default()
+                .insert(model.into(), resolved.clone());
         }
-        price
+        resolved
+    }
+
+    /// The prices in force.
+    pub fn prices(&self) -> Arc<PriceTable> {
+        Arc::clone(&self.prices.read())
+    }
+
+    /// Prices requests recorded from now on with `table` (a reload, on SIGHUP).
+    pub fn set_prices(&self, table: PriceTable) {
+        let mut cache = self.resolved.write();
+        *self.prices.write() = Arc::new(table);
+        cache.clear();
     }
 
     /// Warns once per process that audio tokens are left out of costs.

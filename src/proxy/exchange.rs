@@ -137,7 +137,7 @@ impl Finished {
     }
 
     /// Counts the request in the metrics.
-    fn count(&self, priced: Priced, is_estimated: bool) {
+    fn count(&self, priced: &Priced, is_estimated: bool) {
         self.metrics.record(&Sample {
             upstream: &self.upstream.name,
             model: &self.model,
@@ -159,7 +159,7 @@ impl Finished {
     }
 
     /// Hands the request's span to the exporter (one queue push), when export is on.
-    fn trace(&mut self, priced: Priced, is_estimated: bool) {
+    fn trace(&mut self, priced: &Priced, is_estimated: bool) {
         let Some(traced) = self.traced.take() else {
             return;
         };
@@ -221,10 +221,11 @@ impl Finished {
             is_estimated,
             upstream: &self.upstream.name,
             audio: self.extracted.audio,
+            service_tier: crate::usage::ServiceTier::Standard,
             attribution: &self.attribution,
         });
-        self.count(priced, is_estimated);
-        self.trace(priced, is_estimated);
+        self.count(&priced, is_estimated);
+        self.trace(&priced, is_estimated);
         let usage = self.extracted.usage.unwrap_or_default();
         self.guard.on_record(
             self.key,
@@ -250,6 +251,7 @@ impl Finished {
             error,
             ..
         } = self;
+        let price = priced.source.clone();
         // The closure owns what the line needs, so the line can wait for the response.
         crate::deferred::after_response(move || {
             tracing::info!(
@@ -266,6 +268,7 @@ impl Finished {
                 estimated = is_estimated,
                 cost_usd = priced.cost.as_usd(),
                 priced = priced.is_priced,
+                price = price.as_deref(),
                 upstream_ms = millis(upstream_latency.unwrap_or_default()),
                 duration_ms = millis(duration),
                 outcome,
