@@ -44,6 +44,81 @@ pub enum Command {
     Report(ReportArgs),
     /// Write the ledger's rows to stdout as CSV or JSON lines (no key material).
     Export(ExportArgs),
+    /// Show how model names are priced (entry, rates, source, tiers); `prices update`
+    /// downloads the current LiteLLM price map into the data directory.
+    Prices(PricesArgs),
+}
+
+/// `llm-meter prices [MODEL…]` and `llm-meter prices update`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct PricesArgs {
+    /// Download the price map.
+    #[command(subcommand)]
+    pub action: Option<PricesAction>,
+
+    /// Model names, as clients send them.
+    #[arg(value_name = "MODEL")]
+    pub models: Vec<String>,
+
+    /// The upstream the names are priced on (its multiplier and own prices apply).
+    #[arg(long, value_name = "NAME", default_value = "openai")]
+    pub upstream: String,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// The files prices are read from.
+    #[command(flatten)]
+    pub files: PriceFileArgs,
+}
+
+/// What `prices` does besides explaining.
+#[derive(Debug, Subcommand)]
+pub enum PricesAction {
+    /// Download the current LiteLLM price map, check it, keep the previous copy, and print
+    /// what changed; a running llm-meter takes it on SIGHUP or restart.
+    Update(PricesUpdateArgs),
+}
+
+/// `llm-meter prices update`.
+#[derive(Debug, Args)]
+pub struct PricesUpdateArgs {
+    /// Where to download from.
+    #[arg(long, value_name = "URL", default_value = crate::api::prices::DEFAULT_URL)]
+    pub url: String,
+
+    /// The files prices are read from.
+    #[command(flatten)]
+    pub files: PriceFileArgs,
+}
+
+/// Where the settings and price files are.
+#[derive(Debug, Default, Args)]
+pub struct PriceFileArgs {
+    /// Config file [env: LLM_METER_CONFIG] [default: ./proxy.toml when it exists].
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Data directory, where `prices update` saves prices.json [env: LLM_METER_DATA_DIR].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// A LiteLLM-format price map read over the built-in prices [env: LLM_METER_PRICING_FILE].
+    #[arg(long, value_name = "PATH")]
+    pub pricing_file: Option<PathBuf>,
+}
+
+impl PriceFileArgs {
+    fn flags(&self) -> Flags {
+        Flags {
+            config: self.config.clone(),
+            data_dir: self.data_dir.clone(),
+            pricing_file: self.pricing_file.clone(),
+            ..Flags::default()
+        }
+    }
 }
 
 /// `llm-meter [serve]`: every option of the server.
@@ -86,6 +161,11 @@ pub struct ServeArgs {
     /// [env: LLM_METER_PERSIST=false].
     #[arg(long)]
     pub no_persist: bool,
+
+    /// A LiteLLM-format price map read over the built-in prices
+    /// [env: LLM_METER_PRICING_FILE].
+    #[arg(long, value_name = "PATH")]
+    pub pricing_file: Option<PathBuf>,
 }
 
 /// `llm-meter healthcheck`: where the server listens.
@@ -269,6 +349,11 @@ impl Cli {
                 Command::Report(ReportArgs { ledger, .. })
                 | Command::Export(ExportArgs { ledger, .. }),
             ) => ledger.flags(),
+            Some(Command::Prices(PricesArgs {
+                action: Some(PricesAction::Update(update)),
+                ..
+            })) => update.files.flags(),
+            Some(Command::Prices(args)) => args.files.flags(),
         }
     }
 }
@@ -284,6 +369,7 @@ impl ServeArgs {
             threads: self.threads.clone(),
             data_dir: self.data_dir.clone(),
             no_persist: self.no_persist,
+            pricing_file: self.pricing_file.clone(),
         }
     }
 }

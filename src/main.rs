@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use llm_meter::api::remote;
-use llm_meter::cli::{Cli, Command};
+use llm_meter::cli::{Cli, Command, PricesAction, PricesArgs};
 use llm_meter::config::Config;
 use llm_meter::{AppState, api};
 
@@ -36,7 +36,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let config = match Config::load(&cli.flags(), &llm_meter_env()) {
+    let (flags, env) = (cli.flags(), llm_meter_env());
+    let config = match Config::load(&flags, &env) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("llm-meter: config error: {err}");
@@ -54,7 +55,17 @@ fn main() -> ExitCode {
                     .map(|()| String::new()),
             )
         }
-        Some(Command::Serve(_)) | None => serve(config),
+        Some(Command::Prices(PricesArgs {
+            action: Some(PricesAction::Update(update)),
+            ..
+        })) => print(api::prices::update(&config, &update.url)),
+        Some(Command::Prices(args)) => print(api::prices::explain(
+            &config,
+            &args.upstream,
+            &args.models,
+            args.json,
+        )),
+        Some(Command::Serve(_)) | None => serve(config, Reload { flags, env }),
     }
 }
 
@@ -66,7 +77,7 @@ fn llm_meter_env() -> HashMap<String, String> {
         .collect()
 }
 
-fn serve(config: Config) -> ExitCode {
+fn serve(config: Config, reload: Reload) -> ExitCode {
     let _log_guard = match llm_meter::logs::init(config.log_format) {
         Ok(guard) => guard,
         Err(err) => {
@@ -136,6 +147,7 @@ fn serve(config: Config) -> ExitCode {
         let shutdown = shutdown_signal();
         println!("llm-meter listening on http://{addr}{own}, forwarding {routes}; {ledger}");
         let meter = std::sync::Arc::clone(&state.meter);
+        reload_prices_on_hangup(&meter, reload);
         let listeners = llm_meter::server::Listeners {
             main: listener,
             admin,
@@ -211,6 +223,52 @@ fn stats(config: &Config, watch: bool) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// What a reload reads the settings from again: the flags and environment given at start.
+struct Reload {
+    flags: llm_meter::config::Flags,
+    env: HashMap<String, String>,
+}
+
+/// On SIGHUP, reads the settings and price files again and prices requests from then on with
+/// them; when they cannot be read, says why and keeps the prices in force.
+fn reload_prices_on_hangup(meter: &std::sync::Arc<llm_meter::meter::Meter>, reload: Reload) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        let meter = std::sync::Arc::clone(meter);
+        let reload = std::sync::Arc::new(reload);
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "lives as long as the process; nothing to wait for at shutdown"
+        )]
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                let meter = std::sync::Arc::clone(&meter);
+                let reload = std::sync::Arc::clone(&reload);
+                // Files are read and parsed off the runtime's thread.
+                let done = tokio::task::spawn_blocking(move || {
+                    llm_meter::app::reload_prices(&meter, &reload.flags, &reload.env)
+                })
+                .await;
+                match done {
+                    Ok(Ok(notes)) => {
+                        tracing::info!("prices reloaded on SIGHUP: {}", notes.join("; "))
+                    }
+                    Ok(Err(err)) => tracing::warn!(
+                        "prices not reloaded on SIGHUP, the previous ones stay: {err}"
+                    ),
+                    Err(err) => tracing::warn!("prices not reloaded on SIGHUP: {err}"),
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (meter, reload);
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM (docker stop). The handlers are installed when this

@@ -316,6 +316,7 @@ fn each_command_lists_only_its_own_options() {
         "--threads",
         "--data-dir",
         "--no-persist",
+        "--pricing-file",
         "--help",
     ];
     assert_eq!(

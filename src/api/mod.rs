@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod dashboard;
 pub mod history;
+pub mod prices;
 pub mod remote;
 pub mod report;
 pub mod stats;
@@ -143,6 +144,12 @@ pub enum CommandError {
     /// The JSON could not be rendered.
     #[error("cannot render the report: {0}")]
     Json(#[from] serde_json::Error),
+    /// A price file named in the settings cannot be used.
+    #[error(transparent)]
+    PriceFile(#[from] crate::meter::pricing::load::LoadError),
+    /// The price map could not be downloaded, checked or saved.
+    #[error("{0}")]
+    Prices(String),
 }
 
 /// The path of the health check, open to every peer on every listener.
