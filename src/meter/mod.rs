@@ -4,13 +4,13 @@ pub mod ledger;
 pub mod memory;
 pub mod pricing;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::ops::AddAssign;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 use time::OffsetDateTime;
 
 use crate::attribution::Attribution;
@@ -264,7 +264,6 @@ pub struct Meter {
     prices: PriceTable,
     /// Model name to price as resolved the first time, so snapshot suffixes are stripped once.
     resolved: RwLock<HashMap<String, Option<Price>, foldhash::fast::RandomState>>,
-    warned_unpriced: Mutex<HashSet<String>>,
     /// Requests being estimated on a blocking thread, not yet recorded: `close` waits for them.
     estimating: Arc<AtomicUsize>,
 }
@@ -292,7 +291,6 @@ impl Meter {
             ledger: None,
             prices,
             resolved: RwLock::new(HashMap::default()),
-            warned_unpriced: Mutex::new(HashSet::new()),
             estimating: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -390,18 +388,15 @@ impl Meter {
         });
     }
 
-    /// What `usage` of `model` costs, `audio` of it left out (and then unpriced); warns once
-    /// per model without a price.
+    /// What `usage` of `model` costs, `audio` of it left out (and then unpriced). The proxy
+    /// alerts on unpriced requests (once per model and day, through the guard): not here.
     fn price(&self, model: &str, usage: &Usage, audio: &Usage) -> Priced {
         let has_audio = audio.total_tokens() > 0;
         match self.price_of(model) {
-            Some(price) if has_audio => {
-                self.warn_unpriced_audio(model);
-                Priced {
-                    cost: price.cost(&usage.without(audio)),
-                    is_priced: false,
-                }
-            }
+            Some(price) if has_audio => Priced {
+                cost: price.cost(&usage.without(audio)),
+                is_priced: false,
+            },
             Some(price) => Priced {
                 cost: price.cost(usage),
                 is_priced: true,
@@ -411,13 +406,10 @@ impl Meter {
                 cost: NanoUsd(0),
                 is_priced: true,
             },
-            None => {
-                self.warn_unpriced(model);
-                Priced {
-                    cost: NanoUsd(0),
-                    is_priced: false,
-                }
-            }
+            None => Priced {
+                cost: NanoUsd(0),
+                is_priced: false,
+            },
         }
     }
 
@@ -433,31 +425,10 @@ impl Meter {
         price
     }
 
-    /// Warns once per process that audio tokens are left out of costs.
-    fn warn_unpriced_audio(&self, model: &str) {
-        static WARNED: std::sync::Once = std::sync::Once::new();
-        WARNED.call_once(|| {
-            tracing::warn!(
-                model,
-                "response has audio tokens, which no price covers: they are counted as tokens, left out of the cost, and the request is counted in unpriced_requests"
-            );
-        });
-    }
-
-    fn warn_unpriced(&self, model: &str) {
-        let mut warned = self.warned_unpriced.lock();
-        // Model names come from clients: the set of those warned about is bounded too.
-        if warned.len() >= RESOLVED_CAP {
-            return;
-        }
-        if !warned.contains(model) {
-            warned.insert(model.to_owned());
-            drop(warned);
-            tracing::warn!(
-                model,
-                "model has no price: its tokens are counted, its cost is not (add it under [pricing] in proxy.toml)"
-            );
-        }
+    /// True when `model` has a price (its audio tokens aside): an unpriced request of a priced
+    /// model is unpriced for its audio.
+    pub fn has_price(&self, model: &str) -> bool {
+        self.price_of(model).is_some()
     }
 
     /// The current totals.
