@@ -88,7 +88,10 @@ async fn unpriced_models_count_tokens_and_are_flagged_not_free() {
     assert_eq!(entry["unpriced_requests"], 2);
     assert_eq!(stats["totals"]["unpriced_requests"], 2);
     let text = proxy.get_text("/stats?format=text").await;
-    assert!(text.contains("(+2 unpriced requests)"), "{text}");
+    assert!(
+        text.contains("cost: unknown (2 unpriced requests)"),
+        "{text}"
+    );
 }
 
 /// The built-in table's entry `entry`, as the repository's data/prices.json has it.

@@ -319,6 +319,12 @@ async fn realtime_usage_is_recorded_per_response_with_audio_tokens_flagged_unpri
     assert_eq!(rows[0]["unpriced"], true);
     // The text part only: 59 uncached × $4/M + 60 cached × $0.4/M + 30 out × $16/M.
     assert_eq!(rows[0]["cost_nano_usd"], 740_000);
+    // The model has a price: the alert is about its audio.
+    let alerts = proxy.get_json("/alerts").await;
+    let alerts = alerts["alerts"].as_array().unwrap();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["kind"], "unpriced_audio");
+    assert_eq!(alerts[0]["scope"], "gpt-realtime");
     assert_eq!(mock.heads.lock()[0].0, path);
     proxy.stop().await;
     mock.stop().await;

@@ -161,12 +161,12 @@ pub fn render(heading: &str, groups: &[Group], mut lines: Vec<UsageLine>) -> Str
     match totals.unpriced_requests {
         0 => {}
         1 => out.push_str(
-            "1 request was to a model without a price: its tokens are counted, its cost is not\n",
+            "1 request was to a model without a price: its tokens are counted, its cost is not (COST: unknown, or +? after the part that is known)\n",
         ),
         n => {
             let _ = writeln!(
                 out,
-                "{n} requests were to models without a price: their tokens are counted, their cost is not"
+                "{n} requests were to models without a price: their tokens are counted, their cost is not (COST: unknown, or +? after the part that is known)"
             );
         }
     }
@@ -241,9 +241,22 @@ fn numbers(c: &Counts) -> Vec<String> {
         thousands(c.prompt_tokens),
         thousands(c.cached_tokens),
         thousands(c.completion_tokens),
-        c.cost.to_string(),
+        cost(c),
     ]
 }
+
+/// A cost cell: `$0.0122`; with unpriced requests in it, `unknown` when nothing of it is known,
+/// else `$0.0122+?` (the known part, and more not priced). Never a bare `$0.00` for them.
+fn cost(c: &Counts) -> String {
+    match (c.unpriced_requests, c.cost.0) {
+        (0, _) => c.cost.to_string(),
+        (_, 0) => UNKNOWN.to_owned(),
+        _ => format!("{}+?", c.cost),
+    }
+}
+
+/// The cost cell of requests none of whose cost is known.
+const UNKNOWN: &str = "unknown";
 
 /// `1234567` as `1,234,567`.
 fn thousands(n: u64) -> String {
@@ -262,6 +275,26 @@ fn thousands(n: u64) -> String {
 mod tests {
     use super::*;
     use time::format_description::well_known::Rfc3339;
+
+    #[test]
+    fn unpriced_cost_cells_are_unknown_or_marked_as_a_lower_bound() {
+        let known = Counts {
+            cost: crate::money::NanoUsd(12_200_000),
+            ..Counts::default()
+        };
+        assert_eq!(cost(&known), "$0.0122");
+        assert_eq!(cost(&Counts::default()), "$0.00");
+        let none_known = Counts {
+            unpriced_requests: 3,
+            ..Counts::default()
+        };
+        assert_eq!(cost(&none_known), "unknown");
+        let partly = Counts {
+            unpriced_requests: 1,
+            ..known
+        };
+        assert_eq!(cost(&partly), "$0.0122+?");
+    }
 
     #[test]
     fn numbers_get_thousands_separators() {

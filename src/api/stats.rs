@@ -233,19 +233,27 @@ pub fn summary_line(c: &Counts) -> String {
         count(c.errors, "error"),
         c.prompt_tokens,
         c.completion_tokens,
-        c.cost
+        cost(c)
     );
-    if c.unpriced_requests > 0 {
-        let _ = write!(
-            line,
-            " (+{})",
-            count(c.unpriced_requests, "unpriced request")
-        );
-    }
     if c.estimated_requests > 0 {
         let _ = write!(line, " ({} estimated)", c.estimated_requests);
     }
     line
+}
+
+/// A cost as text views write it: `$0.0122`; with unpriced requests in it, what is known and
+/// that the rest is not, never a bare `$0.00`: `unknown (3 unpriced requests)`, or
+/// `$0.0122 + unknown (3 unpriced requests)`.
+pub fn cost(c: &Counts) -> String {
+    let unknown = format!(
+        "unknown ({})",
+        count(c.unpriced_requests, "unpriced request")
+    );
+    match (c.unpriced_requests, c.cost.0) {
+        (0, _) => c.cost.to_string(),
+        (_, 0) => unknown,
+        _ => format!("{} + {unknown}", c.cost),
+    }
 }
 
 /// The text view: one line per key (with what is left of a named key's budgets), then the totals.
@@ -372,6 +380,34 @@ mod tests {
         assert_eq!(count(0, "request"), "0 requests");
         assert_eq!(count(1, "request"), "1 request");
         assert_eq!(count(2, "unpriced request"), "2 unpriced requests");
+    }
+
+    #[test]
+    fn unpriced_spend_is_written_unknown_never_a_bare_zero() {
+        let priced = Counts {
+            cost: NanoUsd(12_200_000),
+            ..Counts::default()
+        };
+        assert_eq!(cost(&priced), "$0.0122");
+        assert_eq!(cost(&Counts::default()), "$0.00");
+        let all_unpriced = Counts {
+            unpriced_requests: 3,
+            ..Counts::default()
+        };
+        assert_eq!(cost(&all_unpriced), "unknown (3 unpriced requests)");
+        let mixed = Counts {
+            unpriced_requests: 1,
+            ..priced
+        };
+        assert_eq!(cost(&mixed), "$0.0122 + unknown (1 unpriced request)");
+        let line = summary_line(&Counts {
+            estimated_requests: 2,
+            ..mixed
+        });
+        assert!(
+            line.ends_with("| cost: $0.0122 + unknown (1 unpriced request) (2 estimated)"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
-//! Alerts: budget thresholds crossed and anomalies, each one a warning log line, an entry in
-//! `/alerts`, and a POST to each configured webhook (as JSON, or one line for Slack or Discord),
-//! made by a background task per webhook that retries with backoff and never holds up a request
-//! or another webhook.
+//! Alerts: budget thresholds crossed, anomalies and unpriced models, each one a warning log
+//! line, an entry in `/alerts`, and a POST to each configured webhook (as JSON, or one line for
+//! Slack or Discord), made by a background task per webhook that retries with backoff and never
+//! holds up a request or another webhook.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -32,10 +32,13 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Alert {
     /// When it fired (RFC 3339).
     pub at: String,
-    /// `budget_threshold`, `large_request` or `hourly_spend`.
+    /// `budget_threshold`, `large_request`, `hourly_spend`, `unpriced_model` or `unpriced_audio`.
     pub kind: &'static str,
-    /// The key name, or `global`.
+    /// The key name, or `global`; the model, for an unpriced one.
     pub scope: String,
+    /// The upstream the request went to (unpriced models: a price may be the upstream's own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
     /// `daily`, `monthly`, `total` (budget alerts), `hourly` (spend anomaly).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub period: Option<&'static str>,
@@ -62,6 +65,7 @@ impl Alert {
             at: at.to_string(),
             kind,
             scope: scope.to_owned(),
+            upstream: None,
             period: None,
             threshold_percent: None,
             limit_usd: None,
@@ -174,6 +178,7 @@ impl Alerts {
         tracing::warn!(
             kind = alert.kind,
             scope = alert.scope,
+            upstream = alert.upstream.as_deref(),
             period = alert.period,
             threshold_percent = alert.threshold_percent,
             "alert: {}",

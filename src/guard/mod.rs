@@ -1,5 +1,5 @@
 //! Admission control: named and virtual keys, budgets per key and global, per-minute rate
-//! limits, alerts at budget thresholds and on anomalies.
+//! limits, alerts at budget thresholds, on anomalies and on unpriced models.
 //!
 //! A request is checked before it is forwarded (`Guard::admit`); its cost and tokens are added
 //! when it is recorded (`Guard::on_record`), the moment the meter counts it. Spend is counted in
@@ -11,6 +11,7 @@ pub mod overrides;
 pub mod period;
 pub mod rate;
 mod refusal;
+pub mod unpriced;
 mod view;
 
 use std::collections::HashMap;
@@ -60,6 +61,8 @@ pub struct Guard {
     large_request_tokens: u64,
     clock: Arc<dyn Clock>,
     alerts: Alerts,
+    /// The unpriced models alerted today.
+    unpriced: unpriced::Seen,
     /// Where runtime budget changes are kept (`budgets.json`); `None` without persistence.
     overrides: Option<PathBuf>,
 }
@@ -122,6 +125,7 @@ impl Guard {
             large_request_tokens: settings.large_request_tokens,
             clock,
             alerts,
+            unpriced: unpriced::Seen::default(),
             overrides,
         }
     }
@@ -301,6 +305,16 @@ impl Guard {
                 prompt_tokens: Some(prompt_tokens),
                 ..Alert::new(now, "large_request", scope, message)
             });
+        }
+    }
+
+    /// Alerts that `part` of a recorded request of `model` on `upstream` had no price: the first
+    /// time in the UTC day (see `unpriced::PER_DAY` for the bound).
+    pub fn on_unpriced(&self, upstream: &str, model: &str, part: unpriced::Part) {
+        let now = self.clock.now();
+        if self.unpriced.is_first_today(now, upstream, model, part) {
+            self.alerts
+                .fire(unpriced::alert(now, upstream, model, part));
         }
     }
 

@@ -4,13 +4,13 @@ pub mod ledger;
 pub mod memory;
 pub mod pricing;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::ops::AddAssign;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 use time::OffsetDateTime;
 
 use crate::attribution::Attribution;
@@ -271,7 +271,6 @@ pub struct Meter {
     /// Upstream, then model name, to its price as resolved the first time, so names are
     /// normalized once.
     resolved: RwLock<ResolvedCache>,
-    warned_unpriced: Mutex<HashSet<String>>,
     /// Requests being estimated on a blocking thread, not yet recorded: `close` waits for them.
     estimating: Arc<AtomicUsize>,
 }
@@ -302,7 +301,6 @@ impl Meter {
             ledger: None,
             prices: RwLock::new(Arc::new(prices)),
             resolved: RwLock::new(HashMap::default()),
-            warned_unpriced: Mutex::new(HashSet::new()),
             estimating: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -401,8 +399,8 @@ impl Meter {
     }
 
     /// What `usage` of the record's model costs on its upstream, at the price in force now, in
-    /// the tier it reports; `audio` of it is left out (and then the record is unpriced). Warns
-    /// once per model without a price.
+    /// the tier it reports; `audio` of it is left out (and then the record is unpriced). The proxy
+    /// alerts on unpriced requests (once per model and day, through the guard): not here.
     fn price(&self, record: &Record<'_>, usage: &Usage) -> Priced {
         let audio = &record.audio;
         let has_audio = audio.total_tokens() > 0;
@@ -417,9 +415,6 @@ impl Meter {
         });
         match charged {
             Some((charge, label)) => {
-                if has_audio {
-                    self.warn_unpriced_audio(record.model);
-                }
                 Priced {
                     cost: charge.cost,
                     is_priced: !has_audio,
@@ -432,14 +427,11 @@ impl Meter {
                 is_priced: true,
                 source: None,
             },
-            None => {
-                self.warn_unpriced(record.model);
-                Priced {
-                    cost: NanoUsd(0),
-                    is_priced: false,
-                    source: None,
-                }
-            }
+            None => Priced {
+                cost: NanoUsd(0),
+                is_priced: false,
+                source: None,
+            },
         }
     }
 
@@ -476,31 +468,10 @@ impl Meter {
         cache.clear();
     }
 
-    /// Warns once per process that audio tokens are left out of costs.
-    fn warn_unpriced_audio(&self, model: &str) {
-        static WARNED: std::sync::Once = std::sync::Once::new();
-        WARNED.call_once(|| {
-            tracing::warn!(
-                model,
-                "response has audio tokens, which no price covers: they are counted as tokens, left out of the cost, and the request is counted in unpriced_requests"
-            );
-        });
-    }
-
-    fn warn_unpriced(&self, model: &str) {
-        let mut warned = self.warned_unpriced.lock();
-        // Model names come from clients: the set of those warned about is bounded too.
-        if warned.len() >= RESOLVED_CAP {
-            return;
-        }
-        if !warned.contains(model) {
-            warned.insert(model.to_owned());
-            drop(warned);
-            tracing::warn!(
-                model,
-                "model has no price: its tokens are counted, its cost is not (add it under [pricing] in proxy.toml)"
-            );
-        }
+    /// True when `model` has a price (its audio tokens aside): an unpriced request of a priced
+    /// model is unpriced for its audio.
+    pub fn has_price(&self, upstream: &str, model: &str) -> bool {
+        self.resolution(upstream, model).is_some()
     }
 
     /// The current totals.

@@ -10,7 +10,7 @@ use http::{Method, StatusCode};
 
 use super::tap::Outcome;
 use crate::attribution::Attribution;
-use crate::guard::{Guard, KeyRef};
+use crate::guard::{Guard, KeyRef, unpriced};
 use crate::key::Identity;
 use crate::meter::{Meter, Priced, Record, UNKNOWN_MODEL};
 use crate::metrics::{Metrics, Operation, Outcome as MetricsOutcome, Sample, key_label};
@@ -193,6 +193,19 @@ impl Finished {
         });
     }
 
+    /// Alerts (through the guard, once per model and UTC day) that the request had no price:
+    /// its model's, or, for a priced model, its audio tokens'.
+    fn alert_unpriced(&self) {
+        let has_audio = self.extracted.audio.total_tokens() > 0;
+        let part = if has_audio && self.meter.has_price(&self.upstream.name, &self.model) {
+            unpriced::Part::Audio
+        } else {
+            unpriced::Part::Model
+        };
+        self.guard
+            .on_unpriced(&self.upstream.name, &self.model, part);
+    }
+
     /// Records the request and writes its one log line (after the response when recorded while
     /// hyper serves it: see `deferred`). Returns what it cost.
     fn record(mut self, is_estimated: bool) -> Priced {
@@ -226,6 +239,9 @@ impl Finished {
         });
         self.count(&priced, is_estimated);
         self.trace(&priced, is_estimated);
+        if !priced.is_priced {
+            self.alert_unpriced();
+        }
         let usage = self.extracted.usage.unwrap_or_default();
         self.guard.on_record(
             self.key,

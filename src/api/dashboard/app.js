@@ -95,10 +95,11 @@ function table(id, heads, rows) {
   $(id).replaceChildren(head, ...body);
 }
 
-// A spend with unpriced requests in it is a lower bound, never a plain "$0".
+// A spend with unpriced requests in it is unknown, or a lower bound: never a plain "$0" (as in
+// /stats?format=text).
 function spend(cost, unpriced) {
   if (!unpriced) return usd(cost);
-  return (Number(cost) || 0) === 0 ? "unpriced" : usd(cost) + " + unpriced";
+  return (Number(cost) || 0) === 0 ? "unknown" : usd(cost) + " + unknown";
 }
 
 function note(id, heads, text) {
