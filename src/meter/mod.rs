@@ -332,6 +332,11 @@ impl Meter {
         self.ledger.as_ref()
     }
 
+    /// The prices requests are recorded at (an estimate quotes from them too).
+    pub fn prices(&self) -> &PriceTable {
+        &self.prices
+    }
+
     /// Prices one request and adds it to the totals; never fails.
     pub fn record(&self, record: &Record<'_>) -> Priced {
         let usage = record.usage.unwrap_or_default();
