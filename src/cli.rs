@@ -2,7 +2,7 @@
 //!
 //! Each command takes only the options it uses: serving takes them all, at the top level (no
 //! command) or after `serve`; `report` and `export` take where the ledger is; `healthcheck`
-//! and `stats` take where the server listens.
+//! and `stats` take where the server listens; `estimate` takes only the config file.
 
 use std::path::PathBuf;
 
@@ -44,6 +44,9 @@ pub enum Command {
     Report(ReportArgs),
     /// Write the ledger's rows to stdout as CSV or JSON lines (no key material).
     Export(ExportArgs),
+    /// Print what a request body will cost before it is sent: input tokens, price, cost range
+    /// (offline: the tokenizer counts; POST /estimate on a running server can ask Anthropic).
+    Estimate(EstimateArgs),
     /// Show how model names are priced (entry, rates, source, tiers); `prices update`
     /// downloads the current LiteLLM price map into the data directory.
     Prices(PricesArgs),
@@ -262,6 +265,32 @@ pub struct ExportArgs {
     pub filters: Vec<String>,
 }
 
+/// `llm-meter estimate`.
+#[derive(Debug, Args)]
+pub struct EstimateArgs {
+    /// The request body (JSON, as it would be sent to the provider); `-` reads stdin.
+    #[arg(value_name = "FILE")]
+    pub file: String,
+    /// The API it is for [default: told from the body: contents -> gemini, messages with a
+    /// top-level system or a claude model -> messages, input -> responses or embeddings,
+    /// prompt -> completions, else chat].
+    #[arg(long, value_parser = apis())]
+    pub api: Option<String>,
+    /// The upstream it would go to, by name [default: the first that speaks its API].
+    #[arg(long, value_name = "NAME")]
+    pub upstream: Option<String>,
+    /// The model, over the body's (Gemini's requests name it in their path, not their body).
+    #[arg(long, value_name = "MODEL")]
+    pub model: Option<String>,
+    /// Print the JSON POST /estimate answers instead of the summary.
+    #[arg(long)]
+    pub json: bool,
+    /// Config file, for its upstreams and prices [env: LLM_METER_CONFIG] [default:
+    /// ./proxy.toml when it exists].
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
 // The values are checked here, so that a bad one is a usage error (exit 2, like a bad flag);
 // the commands read them again.
 
@@ -273,6 +302,10 @@ fn periods() -> PossibleValuesParser {
         PossibleValue::new("month"),
         PossibleValue::new("all"),
     ])
+}
+
+fn apis() -> PossibleValuesParser {
+    PossibleValuesParser::new(crate::api::estimate::APIS.map(|(name, _)| name))
 }
 
 fn export_formats() -> PossibleValuesParser {
@@ -328,6 +361,19 @@ impl ExportArgs {
     }
 }
 
+impl EstimateArgs {
+    /// What the command asks the estimate for.
+    pub fn command(&self) -> crate::api::estimate::Command {
+        crate::api::estimate::Command {
+            file: self.file.clone(),
+            api: self.api.clone(),
+            upstream: self.upstream.clone(),
+            model: self.model.clone(),
+            is_json: self.json,
+        }
+    }
+}
+
 impl Cli {
     /// The flag layer of the configuration, from the options of the command given.
     pub fn flags(&self) -> Flags {
@@ -343,6 +389,10 @@ impl Cli {
                 config: args.config.clone(),
                 listen: args.listen.clone(),
                 admin_listen: args.admin_listen.clone(),
+                ..Flags::default()
+            },
+            Some(Command::Estimate(args)) => Flags {
+                config: args.config.clone(),
                 ..Flags::default()
             },
             Some(

@@ -40,6 +40,9 @@ pub enum ProxyError {
     /// A query parameter of our own endpoints is invalid.
     #[error("{0}")]
     BadQuery(String),
+    /// A request given to `/estimate` cannot be estimated (not JSON, or no metered route).
+    #[error("cannot estimate this request: {0}")]
+    CannotEstimate(String),
     /// The admin endpoint was called without the right admin token.
     #[error("this endpoint requires `Authorization: Bearer <admin_token>`")]
     Unauthorized,
@@ -122,6 +125,7 @@ impl ProxyError {
             Self::NotLoopback => (StatusCode::FORBIDDEN, "loopback_only"),
             Self::BodyStalled(_) => (StatusCode::REQUEST_TIMEOUT, "request_body_timeout"),
             Self::BadQuery(_) => (StatusCode::BAD_REQUEST, "invalid_query"),
+            Self::CannotEstimate(_) => (StatusCode::BAD_REQUEST, "cannot_estimate"),
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "invalid_admin_token"),
             Self::NoAdminToken => (StatusCode::FORBIDDEN, "admin_token_not_configured"),
             Self::UnknownKeyName(_) => (StatusCode::NOT_FOUND, "unknown_key_name"),

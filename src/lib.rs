@@ -20,7 +20,8 @@
 //!    `/export`, the `report` and `export` commands), lists alerts and named keys, changes
 //!    budgets (`/admin/keys`), renders `metrics` (`/metrics`, counted per request by
 //!    `proxy::exchange`), serves the dashboard (`/`, a page drawn from those endpoints by its
-//!    embedded script), and answers `/healthz`.
+//!    embedded script), estimates what a request will cost before it is sent (`/estimate`, the
+//!    `estimate` command), and answers `/healthz`.
 //!
 //! `otlp` pushes a GenAI span per metered request (handed over by `proxy::exchange` through a
 //! bounded queue) and the `metrics` series to an OpenTelemetry collector, from a background task.

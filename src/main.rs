@@ -48,6 +48,7 @@ fn main() -> ExitCode {
         Some(Command::Healthcheck(_)) => healthcheck(&config),
         Some(Command::Stats(args)) => stats(&config, args.watch),
         Some(Command::Report(args)) => print(api::report::run(&config, &args.request())),
+        Some(Command::Estimate(args)) => print(api::estimate::run(&config, &args.command())),
         Some(Command::Export(args)) => {
             let stdout = std::io::stdout();
             print(

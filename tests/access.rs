@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 const TOKEN: &str = "admin-secret-token";
 
 /// Every own endpoint, as (method, path); the list a new endpoint must join.
-const OWN: [(&str, &str); 11] = [
+const OWN: [(&str, &str); 12] = [
     ("GET", "/stats"),
     ("GET", "/stats?format=text"),
     ("GET", "/stats?since=24h"),
@@ -30,6 +30,7 @@ const OWN: [(&str, &str); 11] = [
     ("PUT", "/admin/keys/worker/budget"),
     ("GET", "/not-an-endpoint"),
     ("HEAD", "/stats"),
+    ("POST", "/estimate"),
 ];
 
 /// The proxy, and its data directory (removed when dropped).
@@ -65,6 +66,9 @@ async fn call(
         .request(method.clone(), format!("http://{addr}{path}"));
     if method == Method::PUT {
         request = request.json(&json!({"daily_usd": 3.0}));
+    }
+    if path == "/estimate" {
+        request = request.json(&chat_request("gpt-4o", false));
     }
     if let Some(token) = token {
         request = request.bearer_auth(token);

@@ -29,7 +29,10 @@ fn million_in(_: &Received) -> Reply {
 }
 
 fn run(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
-    let output = binary_command(dir).args(args).output().expect("the binary runs");
+    let output = binary_command(dir)
+        .args(args)
+        .output()
+        .expect("the binary runs");
     (
         output.status.success(),
         String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -1,8 +1,9 @@
-//! Our own endpoints: `/stats`, `/stats/reset`, `/healthz`, history, admin, the dashboard;
-//! provider endpoints live in `proxy`.
+//! Our own endpoints: `/stats`, `/stats/reset`, `/healthz`, history, admin, the dashboard,
+//! estimates; provider endpoints live in `proxy`.
 
 pub mod admin;
 pub mod dashboard;
+pub mod estimate;
 pub mod history;
 pub mod prices;
 pub mod remote;
@@ -108,6 +109,8 @@ pub fn router(state: AppState) -> Router {
         .route("/export", get(history::export))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route(estimate::PATH, post(estimate::answer))
+        .route("/estimate/{*provider_path}", post(estimate::answer))
         .route("/alerts", get(admin::alerts))
         .route("/admin/keys", get(admin::keys))
         .route("/admin/keys/{name}/budget", put(admin::set_budget))
@@ -150,6 +153,17 @@ pub enum CommandError {
     /// The price map could not be downloaded, checked or saved.
     #[error("{0}")]
     Prices(String),
+    /// A file the command reads could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file, as given.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The request given to `estimate` cannot be estimated.
+    #[error("cannot estimate: {0}")]
+    Estimate(String),
 }
 
 /// The path of the health check, open to every peer on every listener.
@@ -158,6 +172,7 @@ pub const HEALTHZ: &str = "/healthz";
 /// Who may call our own endpoints: with an admin token set, every one but `/healthz` needs it
 /// (reads included: the meter shows who spends what); without one, reads are open and changes
 /// are taken from loopback peers only. One rule for every endpoint, those added later too.
+/// `POST /estimate` is a read: it changes nothing.
 ///
 /// The token comes as `Authorization: Bearer <token>`; reads also take it as the password of
 /// `Authorization: Basic` (any user name), which is how a browser shows the dashboard: the 401
@@ -173,7 +188,8 @@ pub fn access(
     if path == HEALTHZ {
         return Ok(());
     }
-    let is_read = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
+    let is_read =
+        matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) || is_estimate(path);
     if let Some(token) = &state.config.admin_token {
         let given = headers
             .get(header::AUTHORIZATION)
@@ -191,6 +207,12 @@ pub fn access(
         tracing::warn!(%peer, path, "refused a change from a peer off loopback: no admin token is set");
         Err(ProxyError::NotLoopback)
     }
+}
+
+/// True for `/estimate` and the paths under it: posted, but changing nothing, so a read.
+fn is_estimate(path: &str) -> bool {
+    path.strip_prefix(estimate::PATH)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// The token in an `Authorization` value: a bearer token, or (for reads) a Basic password.

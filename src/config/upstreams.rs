@@ -12,7 +12,7 @@ use super::{
 use crate::error::InvalidValue;
 
 /// Our own endpoints: no upstream prefix may shadow them.
-const RESERVED_PATHS: [&str; 8] = [
+const RESERVED_PATHS: [&str; 9] = [
     "/stats",
     "/usage",
     "/export",
@@ -21,6 +21,7 @@ const RESERVED_PATHS: [&str; 8] = [
     "/alerts",
     "/metrics",
     "/dashboard",
+    "/estimate",
 ];
 /// Where requests are forwarded: scheme and authority plus the base path they are appended to.
 #[derive(Debug, Clone, PartialEq, Eq)]

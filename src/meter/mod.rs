@@ -414,13 +414,11 @@ impl Meter {
             resolved.charge(&usage.without(audio), record.service_tier, at)
         });
         match charged {
-            Some((charge, label)) => {
-                Priced {
-                    cost: charge.cost,
-                    is_priced: !has_audio,
-                    source: Some(Arc::from(label)),
-                }
-            }
+            Some((charge, label)) => Priced {
+                cost: charge.cost,
+                is_priced: !has_audio,
+                source: Some(Arc::from(label)),
+            },
             // A request with no tokens costs nothing whatever the model: nothing to be unsure of.
             None if usage.total_tokens() == 0 => Priced {
                 cost: NanoUsd(0),
@@ -456,7 +454,7 @@ impl Meter {
         resolved
     }
 
-    /// The prices in force.
+    /// The prices requests are recorded at (an estimate quotes from them too).
     pub fn prices(&self) -> Arc<PriceTable> {
         Arc::clone(&self.prices.read())
     }

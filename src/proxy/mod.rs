@@ -1,6 +1,7 @@
 //! Forwarding: each upstream's prefix to its base URL, with the request rewritten and the
 //! response tapped only where metering needs it.
 
+pub mod ask;
 pub mod cost;
 pub mod exchange;
 pub mod pool;
@@ -139,12 +140,7 @@ pub async fn forward(state: Context<'_>, upstream: usize, request: Request) -> R
             return refused.response;
         }
     };
-    // A virtual key: the real key goes upstream, the client's never does.
-    if let (Some(named), Some(source)) = (key, source)
-        && let Some(real) = guard.upstream_key(named)
-    {
-        key::replace(&mut parts, source, real.expose());
-    }
+    put_upstream_key(guard, key, source, &mut parts);
     let mut exchange = Exchange {
         meter: Arc::clone(state.meter),
         metrics: Arc::clone(state.metrics),
@@ -238,6 +234,20 @@ fn admit(
     };
     admitted.map_err(Refused::new)?;
     Ok(attribution)
+}
+
+/// A virtual key: the real key goes upstream, the client's never does.
+fn put_upstream_key(
+    guard: &Guard,
+    key: Option<KeyRef>,
+    source: Option<key::KeySource>,
+    parts: &mut http::request::Parts,
+) {
+    if let (Some(named), Some(source)) = (key, source)
+        && let Some(real) = guard.upstream_key(named)
+    {
+        key::replace(parts, source, real.expose());
+    }
 }
 
 /// Who is calling: the caller's identity, its named key if it has one, and where its key was.
@@ -471,12 +481,24 @@ async fn exchange_once(
     request: Request,
     exchange: &mut Exchange,
 ) -> Result<http::Response<Incoming>, ProxyError> {
-    let config = &state.config;
     let sent = Instant::now();
     exchange
         .until_sent
         .get_or_insert_with(|| sent.duration_since(exchange.started));
-    let response = tokio::time::timeout(config.response_timeout, runtime.pools.send(request))
+    let response = send_within(state.config, route, runtime, request).await?;
+    exchange.upstream_latency = Some(sent.elapsed());
+    Ok(response)
+}
+
+/// Sends one request through the upstream's pool, waiting for its head no longer than the
+/// response timeout.
+async fn send_within(
+    config: &Config,
+    route: &Route,
+    runtime: &UpstreamState,
+    request: Request,
+) -> Result<http::Response<Incoming>, ProxyError> {
+    tokio::time::timeout(config.response_timeout, runtime.pools.send(request))
         .await
         .map_err(|_| ProxyError::UpstreamTimeout {
             upstream: route.upstream.to_string(),
@@ -485,9 +507,7 @@ async fn exchange_once(
                 humantime::format_duration(config.response_timeout)
             ),
         })?
-        .map_err(|e| upstream::classify_error(&e, config, &route.upstream))?;
-    exchange.upstream_latency = Some(sent.elapsed());
-    Ok(response)
+        .map_err(|e| upstream::classify_error(&e, config, &route.upstream))
 }
 
 /// Reads an error body to look into it (bounded in size and time); what could not be read is left out.
