@@ -86,6 +86,11 @@ fn every_commented_example_is_valid_when_uncommented() {
         "output_per_million",
         "cached_input_per_million",
         "cache_write_per_million",
+        "cache_write_1h_per_million",
+        "since",
+        "pricing_file",
+        "alias",
+        "pricing_multiplier",
     ] {
         assert!(
             uncommented
@@ -100,6 +105,11 @@ fn every_commented_example_is_valid_when_uncommented() {
     let ledger = config.ledger.unwrap();
     assert_eq!(ledger.dir, Path::new("/var/lib/llm-meter"));
     assert!(config.pricing.prices.contains_key("my-fine-tune"));
+    assert_eq!(config.pricing.aliases["my-gpt4o-deploy"], "gpt-4o");
+    assert_eq!(
+        config.pricing.upstreams["openrouter"].multiplier_ppm,
+        Some(1_050_000)
+    );
     assert!(config.routes.iter().any(|r| r.name == "gemini"));
     let agent = &config.guard.keys[0];
     assert_eq!(agent.name, "agent-a");
