@@ -92,6 +92,10 @@ pub struct PricesUpdateArgs {
     #[arg(long, value_name = "URL", default_value = crate::api::prices::DEFAULT_URL)]
     pub url: String,
 
+    /// Save the file even when it lists fewer than half the models of the prices in use.
+    #[arg(long)]
+    pub force: bool,
+
     /// The files prices are read from.
     #[command(flatten)]
     pub files: PriceFileArgs,

@@ -59,7 +59,7 @@ fn main() -> ExitCode {
         Some(Command::Prices(PricesArgs {
             action: Some(PricesAction::Update(update)),
             ..
-        })) => print(api::prices::update(&config, &update.url)),
+        })) => print(api::prices::update(&config, &update.url, update.force)),
         Some(Command::Prices(args)) => print(api::prices::explain(
             &config,
             &args.upstream,
@@ -146,9 +146,11 @@ fn serve(config: Config, reload: Reload) -> ExitCode {
             |l| format!("ledger {}", l.path().display()),
         );
         let shutdown = shutdown_signal();
+        // Installed before the start-up line, as the shutdown handlers are: a SIGHUP sent as
+        // soon as it is out must reload, not end the process.
+        reload_prices_on_hangup(&state.meter, reload);
         println!("llm-meter listening on http://{addr}{own}, forwarding {routes}; {ledger}");
         let meter = std::sync::Arc::clone(&state.meter);
-        reload_prices_on_hangup(&meter, reload);
         let listeners = llm_meter::server::Listeners {
             main: listener,
             admin,

@@ -115,7 +115,11 @@ async fn prices_update_downloads_checks_keeps_the_previous_copy_and_says_what_ch
     let dir = tempfile::tempdir().unwrap();
     let server = Mock::start(|_: &Received| Reply::json(200, &price_map(2.0, 8.0))).await;
     let url = server.url().replace("/v1", "/model_prices.json");
-    let (ok, stdout, stderr) = run(dir.path(), &["prices", "update", "--url", &url]);
+    // Two models where the built-in table has thousands: refused unless forced.
+    let (ok, _, stderr) = run(dir.path(), &["prices", "update", "--url", &url]);
+    assert!(!ok && stderr.contains("--force"), "{stderr}");
+    assert!(!dir.path().join("data").join("prices.json").exists());
+    let (ok, stdout, stderr) = run(dir.path(), &["prices", "update", "--force", "--url", &url]);
     assert!(ok, "{stderr}");
     assert!(
         stdout.starts_with("2 models, 1 price changed: gpt-4o input 2.5 -> 1, output 10 -> 1"),
@@ -177,7 +181,7 @@ async fn a_running_proxy_takes_downloaded_prices_on_sighup() {
 
     let server = Mock::start(|_: &Received| Reply::json(200, &price_map(5.0, 8.0))).await;
     let url = server.url().replace("/v1", "/p.json");
-    assert!(run(dir.path(), &["prices", "update", "--url", &url]).0);
+    assert!(run(dir.path(), &["prices", "update", "--force", "--url", &url]).0);
     let hup = std::process::Command::new("kill")
         .args(["-HUP", &binary.pid().to_string()])
         .status()

@@ -262,3 +262,73 @@ since = 2999-01-01
         (listed_rates("gpt-4o").0 * 1e15).round() as u64
     );
 }
+
+#[tokio::test]
+async fn an_anthropic_one_hour_cache_write_is_billed_at_its_own_rate() {
+    let mock = Mock::start(|_: &common::Received| {
+        Reply::json(
+            200,
+            &serde_json::json!({"id": "msg_1h", "type": "message", "role": "assistant",
+                "model": "claude-sonnet-4-5", "content": [{"type": "text", "text": "ok"}],
+                "stop_reason": "end_turn",
+                "usage": {"input_tokens": 10, "cache_creation_input_tokens": 300,
+                    "cache_creation": {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 200},
+                    "cache_read_input_tokens": 0, "output_tokens": 10}}),
+        )
+    })
+    .await;
+    let toml = format!("[upstreams.anthropic]\nurl = \"{}\"\n", mock.url());
+    let proxy = Proxy::start_with("http://127.0.0.1:9/v1", &toml).await;
+    let response = proxy
+        .client
+        .post(proxy.url("/anthropic/v1/messages"))
+        .header("x-api-key", "sk-ant-one-hour")
+        .header("anthropic-version", "2023-06-01")
+        .json(
+            &serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let stats = proxy.stats_after(1).await;
+    let entry = listed("claude-sonnet-4-5");
+    let rate = |field: &str| entry[field].as_f64().expect(field);
+    let one_hour = rate("cache_creation_input_token_cost_above_1hr");
+    assert!(one_hour > rate("cache_creation_input_token_cost"));
+    let expected = 10.0 * rate("input_cost_per_token")
+        + 100.0 * rate("cache_creation_input_token_cost")
+        + 200.0 * one_hour
+        + 10.0 * rate("output_cost_per_token");
+    assert_eq!(
+        stats["totals"]["cost_nano_usd"],
+        (expected * 1e9).round() as u64
+    );
+    assert_eq!(stats["totals"]["cache_write_tokens"], 300);
+    assert_eq!(stats["totals"]["cache_write_1h_tokens"], 200);
+}
+
+#[tokio::test]
+async fn a_response_in_the_priority_tier_is_billed_at_its_rates() {
+    let mock = Mock::start(|r: &common::Received| {
+        let model = r.json()["model"].as_str().expect("a model").to_owned();
+        let mut body = chat_completion(&model, "x", 1_000_000, 0);
+        body["service_tier"] = "priority".into();
+        Reply::json(200, &body)
+    })
+    .await;
+    let proxy = Proxy::start(&mock.url()).await;
+    proxy
+        .chat_through("sk-priority", &chat_request("gpt-4o", false))
+        .await;
+    let stats = proxy.stats_after(1).await;
+    let priority = listed("gpt-4o")["input_cost_per_token_priority"]
+        .as_f64()
+        .expect("gpt-4o has a priority rate");
+    assert!(priority > listed_rates("gpt-4o").0);
+    assert_eq!(
+        stats["totals"]["cost_nano_usd"],
+        (priority * 1e15).round() as u64
+    );
+}

@@ -87,14 +87,21 @@ fn explain_text(out: &mut String, table: &PriceTable, upstream: &str, model: &st
             ppm as f64 / 1e6
         );
     }
-    for dated in resolved.versions.iter() {
-        let since = dated.since.map_or_else(String::new, |s| {
-            jiff::Timestamp::from_second(s)
-                .map(|t| format!(" since {}", t.strftime("%Y-%m-%d %H:%M UTC")))
-                .unwrap_or_default()
-        });
-        let _ = writeln!(out, "  {}{since}, USD per million tokens:", dated.source);
-        price_lines(out, &dated.price);
+    let mut level = Some(&resolved);
+    while let Some(current) = level {
+        if !std::ptr::eq(current, &resolved) {
+            let _ = writeln!(out, "  before those, entry {}:", current.entry);
+        }
+        for dated in current.versions.iter() {
+            let since = dated.since.map_or_else(String::new, |s| {
+                jiff::Timestamp::from_second(s)
+                    .map(|t| format!(" since {}", t.strftime("%Y-%m-%d %H:%M UTC")))
+                    .unwrap_or_default()
+            });
+            let _ = writeln!(out, "  {}{since}, USD per million tokens:", dated.source);
+            price_lines(out, &dated.price);
+        }
+        level = current.before.as_deref();
     }
     out.push('\n');
 }
@@ -135,7 +142,17 @@ fn explain_json(table: &PriceTable, upstream: &str, model: &str) -> serde_json::
     let Some(resolved) = table.resolve(upstream, model) else {
         return serde_json::json!({ "model": model, "upstream": upstream, "priced": false });
     };
-    let versions: Vec<_> = resolved.versions.iter().map(dated_json).collect();
+    let mut versions = Vec::new();
+    let mut level = Some(&resolved);
+    while let Some(current) = level {
+        versions.extend(
+            current
+                .versions
+                .iter()
+                .map(|d| dated_json(&current.entry, d)),
+        );
+        level = current.before.as_deref();
+    }
     serde_json::json!({
         "model": model,
         "upstream": upstream,
@@ -151,7 +168,7 @@ fn explain_json(table: &PriceTable, upstream: &str, model: &str) -> serde_json::
     })
 }
 
-fn dated_json(dated: &Dated) -> serde_json::Value {
+fn dated_json(entry: &str, dated: &Dated) -> serde_json::Value {
     let ladder = |ladder: Option<&Ladder>| {
         ladder.map(|l| {
             serde_json::json!({
@@ -165,6 +182,7 @@ fn dated_json(dated: &Dated) -> serde_json::Value {
     };
     let price = &dated.price;
     serde_json::json!({
+        "entry": entry,
         "source": &*dated.source,
         "since": dated.since,
         "standard": ladder(Some(&price.standard)),
@@ -187,9 +205,10 @@ pub fn rates_json(rates: &Rates) -> serde_json::Value {
     })
 }
 
-/// Downloads the price map at `url`, checks it, keeps the previous copy beside it, writes it
-/// where the proxy reads it at start and on SIGHUP, and says what changed.
-pub fn update(config: &Config, url: &str) -> Result<String, CommandError> {
+/// Downloads the price map at `url`, checks it (a price map, and unless `force` at least half
+/// as many models as the prices in use), keeps the previous copy beside it, writes it where the
+/// proxy reads it at start and on SIGHUP, and says what changed.
+pub fn update(config: &Config, url: &str, force: bool) -> Result<String, CommandError> {
     let target = config.pricing.downloaded.clone().ok_or_else(|| {
         CommandError::Prices(
             "no data directory is known (give --data-dir, or set HOME or XDG_DATA_HOME)".into(),
@@ -199,6 +218,13 @@ pub fn update(config: &Config, url: &str) -> Result<String, CommandError> {
     let map = litellm::parse(&body)
         .map_err(|e| CommandError::Prices(format!("{url} is not usable: {e}")))?;
     let before = previous_map(&target);
+    let known = before.as_ref().map_or(0, |b| b.models.len());
+    if !force && map.models.len() * 2 < known {
+        return Err(CommandError::Prices(format!(
+            "{url} lists {} models, the prices in use {known}: not saved (a truncated or wrong file?); --force saves it anyway",
+            map.models.len()
+        )));
+    }
     let previous = save(&target, &body)?;
     let mut out = String::new();
     let _ = writeln!(out, "{}", changes(before.as_ref(), &map));
@@ -290,20 +316,26 @@ fn change_text(name: &str, old: &Price, new: &Price) -> String {
     }
 }
 
-/// Writes `body` to `target` through a temporary file, the current copy kept as
-/// `prices.json.previous`; returns that copy's path when there was one.
+/// Writes `body` to `target` through a temporary file flushed to disk and renamed over it, so
+/// a reload or restart at any moment reads the old file or the new one whole; the old one is
+/// kept as `prices.json.previous`. Returns that copy's path when there was one.
 fn save(target: &Path, body: &[u8]) -> Result<Option<PathBuf>, CommandError> {
+    use std::io::Write as _;
     let fail = |what: &str, path: &Path, e: std::io::Error| {
         CommandError::Prices(format!("cannot {what} {}: {e}", path.display()))
     };
     if let Some(dir) = target.parent() {
         std::fs::create_dir_all(dir).map_err(|e| fail("create", dir, e))?;
     }
-    let temporary = target.with_extension("json.download");
-    std::fs::write(&temporary, body).map_err(|e| fail("write", &temporary, e))?;
+    let temporary = target.with_extension(format!("json.{}.download", std::process::id()));
+    let mut file = std::fs::File::create(&temporary).map_err(|e| fail("write", &temporary, e))?;
+    file.write_all(body)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| fail("write", &temporary, e))?;
     let previous = target.with_extension("json.previous");
     let kept = if target.exists() {
-        std::fs::rename(target, &previous).map_err(|e| fail("keep", target, e))?;
+        // A copy, not a move: the current file stays in place until the rename replaces it.
+        std::fs::copy(target, &previous).map_err(|e| fail("keep a copy of", target, e))?;
         Some(previous)
     } else {
         None

@@ -270,13 +270,20 @@ pub struct Meter {
     prices: RwLock<Arc<PriceTable>>,
     /// Upstream, then model name, to its price as resolved the first time, so names are
     /// normalized once.
-    resolved: RwLock<ResolvedCache>,
+    resolved: RwLock<Resolutions>,
     /// Requests being estimated on a blocking thread, not yet recorded: `close` waits for them.
     estimating: Arc<AtomicUsize>,
 }
 
-type ResolvedCache = HashMap<Box<str>, ModelCache, foldhash::fast::RandomState>;
 type ModelCache = HashMap<Box<str>, Option<Resolved>, foldhash::fast::RandomState>;
+
+/// Names resolved against the table of one generation (a reload starts the next).
+#[derive(Default)]
+struct Resolutions {
+    generation: u64,
+    pairs: HashMap<Box<str>, ModelCache, foldhash::fast::RandomState>,
+    count: usize,
+}
 
 /// Marks one estimate in progress until dropped.
 pub struct Estimating(Arc<AtomicUsize>);
@@ -300,7 +307,7 @@ impl Meter {
             store,
             ledger: None,
             prices: RwLock::new(Arc::new(prices)),
-            resolved: RwLock::new(HashMap::default()),
+            resolved: RwLock::new(Resolutions::default()),
             estimating: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -402,6 +409,15 @@ impl Meter {
     /// the tier it reports; `audio` of it is left out (and then the record is unpriced). The proxy
     /// alerts on unpriced requests (once per model and day, through the guard): not here.
     fn price(&self, record: &Record<'_>, usage: &Usage) -> Priced {
+        // A request with no tokens costs nothing whatever the model: nothing to be unsure of,
+        // and its name (often a failed request's) is not looked up.
+        if usage.total_tokens() == 0 {
+            return Priced {
+                cost: NanoUsd(0),
+                is_priced: true,
+                source: None,
+            };
+        }
         let audio = &record.audio;
         let has_audio = audio.total_tokens() > 0;
         let resolved = self.resolution(record.upstream, record.model);
@@ -419,12 +435,6 @@ impl Meter {
                 is_priced: !has_audio,
                 source: Some(Arc::from(label)),
             },
-            // A request with no tokens costs nothing whatever the model: nothing to be unsure of.
-            None if usage.total_tokens() == 0 => Priced {
-                cost: NanoUsd(0),
-                is_priced: true,
-                source: None,
-            },
             None => Priced {
                 cost: NanoUsd(0),
                 is_priced: false,
@@ -433,23 +443,32 @@ impl Meter {
         }
     }
 
-    /// What prices `model` on `upstream`, resolved once per pair (up to `RESOLVED_CAP` pairs).
+    /// What prices `model` on `upstream`, resolved once per pair. Past `RESOLVED_CAP` pairs
+    /// the cache starts over: names come from clients, and a flood of made-up ones must neither
+    /// grow it nor keep real ones out of it for good.
     fn resolution(&self, upstream: &str, model: &str) -> Option<Resolved> {
-        if let Some(models) = self.resolved.read().get(upstream)
-            && let Some(resolved) = models.get(model)
-        {
-            return resolved.clone();
-        }
-        // Resolved under the cache's lock, so a reload (`set_prices`) between the two cannot
-        // leave a name resolved against the old table in the cache.
+        let generation = {
+            let cache = self.resolved.read();
+            if let Some(resolved) = cache.pairs.get(upstream).and_then(|m| m.get(model)) {
+                return resolved.clone();
+            }
+            cache.generation
+        };
+        // Resolved with no lock held; cached only if no reload came in between (the
+        // generation is read before the table, and a reload changes both under the lock).
+        let resolved = self.prices().resolve(upstream, model);
         let mut cache = self.resolved.write();
-        let resolved = self.prices.read().resolve(upstream, model);
-        let cached: usize = cache.values().map(HashMap::len).sum();
-        if cached < RESOLVED_CAP {
+        if cache.generation == generation {
+            if cache.count >= RESOLVED_CAP {
+                cache.pairs.clear();
+                cache.count = 0;
+            }
             cache
+                .pairs
                 .entry(upstream.into())
                 .or_default()
                 .insert(model.into(), resolved.clone());
+            cache.count += 1;
         }
         resolved
     }
@@ -463,7 +482,9 @@ impl Meter {
     pub fn set_prices(&self, table: PriceTable) {
         let mut cache = self.resolved.write();
         *self.prices.write() = Arc::new(table);
-        cache.clear();
+        cache.generation += 1;
+        cache.pairs.clear();
+        cache.count = 0;
     }
 
     /// True when `model` has a price (its audio tokens aside): an unpriced request of a priced

@@ -50,7 +50,7 @@ pub fn quote(
     // No upstream: the shared prices alone (no upstream is named "").
     let resolved = prices.resolve(upstream.unwrap_or(""), model)?;
     let now = jiff::Timestamp::now().as_second();
-    let dated = resolved.at(now)?;
+    let (resolved, dated) = resolved.at(now)?;
     let (ladder, tier) = dated.price.ladder(ServiceTier::Standard);
     let (rates, above) = ladder.step(input_tokens);
     let ppm = u128::from(resolved.multiplier_ppm.unwrap_or(1_000_000));
@@ -96,7 +96,7 @@ mod tests {
                 provider: None,
             }],
         };
-        PriceTable::new(&[layer], BTreeMap::new(), BTreeMap::new())
+        PriceTable::new(&[], layer, BTreeMap::new(), BTreeMap::new())
     }
 
     #[test]
@@ -116,7 +116,7 @@ mod tests {
         let resolved = prices.resolve("openai", "gpt-4o").unwrap();
         assert_eq!(
             quote.cost(1234, 567),
-            resolved.at(0).unwrap().price.cost(&usage)
+            resolved.at(0).unwrap().1.price.cost(&usage)
         );
     }
 

@@ -18,6 +18,10 @@ use crate::usage::ServiceTier;
 /// Largest price map read: LiteLLM's own is a few MiB.
 pub const MAX_BYTES: u64 = 64 << 20;
 
+/// The modes whose requests llm-meter meters (scripts/price_table.py keeps the same); an entry
+/// of another mode is skipped, one with no mode is read.
+const METERED_MODES: &[&str] = &["chat", "responses", "completion", "embedding", "realtime"];
+
 /// Problems listed one by one; past it they are only counted.
 const PROBLEMS_SHOWN: usize = 5;
 
@@ -136,6 +140,14 @@ pub fn parse(text: &[u8]) -> Result<PriceMap, MapError> {
         let Value::Object(fields) = entry else {
             continue;
         };
+        // Image, audio, rerank and other models bill by what llm-meter does not meter.
+        if fields
+            .get("mode")
+            .and_then(Value::as_str)
+            .is_some_and(|mode| !METERED_MODES.contains(&mode))
+        {
+            continue;
+        }
         match read_entry(&fields) {
             Ok(Some(entry)) => {
                 map.models.insert(name, entry);
@@ -222,13 +234,29 @@ impl Explicit {
         }
     }
 
-    /// A class's rate at a threshold in a tier. What the map leaves out comes, in order, from
-    /// the tier's base rate, the standard tier's rate at that threshold, its base rate.
+    /// A class's rate at a threshold in a tier. What the map leaves out: a tier's rate above a
+    /// threshold is the standard rate above it scaled as the tier scales the base rate (a batch
+    /// discount applies to long prompts too); else, in order, the standard rate at that
+    /// threshold, the tier's base rate, the standard base rate.
     fn rate(&self, class: Class, threshold: u64, tier: ServiceTier) -> Option<PicoPerToken> {
+        let get = |n: u64, t: ServiceTier| self.0.get(&(class, n, t)).copied();
         let std = ServiceTier::Standard;
-        [(threshold, tier), (0, tier), (threshold, std), (0, std)]
+        if let Some(rate) = get(threshold, tier) {
+            return Some(rate);
+        }
+        if threshold > 0
+            && tier != std
+            && let (Some(tier_base), Some(std_above), Some(std_base)) =
+                (get(0, tier), get(threshold, std), get(0, std))
+            && std_base > 0
+        {
+            let scaled = (u128::from(std_above) * u128::from(tier_base) + u128::from(std_base / 2))
+                / u128::from(std_base);
+            return u64::try_from(scaled).ok();
+        }
+        [(threshold, std), (0, tier), (0, std)]
             .into_iter()
-            .find_map(|(n, t)| self.0.get(&(class, n, t)).copied())
+            .find_map(|(n, t)| get(n, t))
     }
 
     /// All classes at a threshold in a tier. A class the map prices nowhere costs what the
@@ -321,10 +349,11 @@ mod tests {
             (priority.base.input, priority.base.output),
             (2_250_000, 10_000_000)
         );
-        // Above the threshold, the priority tier's own input rate, the standard long output.
+        // Above the threshold: the standard long rate scaled as priority scales the base
+        // (2.5 x 2.25 / 1.25 = 4.5), and the standard long output (priority lists no output).
         assert_eq!(
             (priority.above[0].1.input, priority.above[0].1.output),
-            (2_250_000, 15_000_000)
+            (4_500_000, 15_000_000)
         );
         assert_eq!(price.max_output_tokens, Some(65535));
     }

@@ -96,7 +96,7 @@ pub fn load(pricing: &Pricing) -> Result<Loaded, LoadError> {
         let map = read_map(path)?;
         layers.push(file_layer("pricing_file", path, map, &mut notes));
     }
-    layers.push(configured_layer("proxy.toml", &pricing.prices));
+    let configured = configured_layer("proxy.toml", &pricing.prices);
     let upstreams = pricing
         .upstreams
         .iter()
@@ -109,7 +109,7 @@ pub fn load(pricing: &Pricing) -> Result<Loaded, LoadError> {
             (name.clone(), own)
         })
         .collect();
-    let table = PriceTable::new(&layers, pricing.aliases.clone(), upstreams);
+    let table = PriceTable::new(&layers, configured, pricing.aliases.clone(), upstreams);
     Ok(Loaded { table, notes })
 }
 

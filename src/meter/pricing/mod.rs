@@ -119,7 +119,17 @@ impl Names {
             }
         }
         let mut index: HashMap<String, Best> = HashMap::new();
-        for (name, (_, preference)) in &models {
+        // A maker's or cloud's id with a region or route in it (`azure/eu/gpt-4o`,
+        // `bedrock/us-gov-east-1/…`) prices its own exact name only: its rates are the
+        // region's, not the model's list price.
+        let is_regional = |name: &str| {
+            name.matches('/').count() > 1
+                && name
+                    .split('/')
+                    .next()
+                    .is_some_and(|first| names::preference(first).is_some())
+        };
+        for (name, (_, preference)) in models.iter().filter(|(name, _)| !is_regional(name)) {
             for (depth, form) in names::forms(name).into_iter().enumerate() {
                 let best = index.entry(form).or_default();
                 let slot = if preference.is_some() {
@@ -201,7 +211,8 @@ pub struct UpstreamPrices {
     pub prices: Layer,
 }
 
-/// What prices a model on an upstream: the entry, its dated prices and the multiplier.
+/// What prices a model on an upstream: the entry, its dated prices and the multiplier, and
+/// what prices it when none of those is in force yet (the files under a dated proxy.toml price).
 #[derive(Debug, Clone)]
 pub struct Resolved {
     /// The id of the entry that prices it.
@@ -212,20 +223,28 @@ pub struct Resolved {
     pub versions: Arc<[Dated]>,
     /// The upstream's multiplier, in parts per million, when one applies.
     pub multiplier_ppm: Option<u64>,
+    /// What prices the name before the first of `versions` takes effect.
+    pub before: Option<Arc<Resolved>>,
 }
 
 impl Resolved {
-    /// The price in force at `at`: the latest taking effect at or before it.
-    pub fn at(&self, at: UnixSeconds) -> Option<&Dated> {
-        self.versions
+    /// The price in force at `at`: the latest of `versions` taking effect at or before it,
+    /// else what priced the name before them; with the resolution it belongs to.
+    pub fn at(&self, at: UnixSeconds) -> Option<(&Self, &Dated)> {
+        match self
+            .versions
             .iter()
             .rev()
             .find(|d| d.since.is_none_or(|since| since <= at))
+        {
+            Some(dated) => Some((self, dated)),
+            None => self.before.as_deref()?.at(at),
+        }
     }
 
-    /// True when every price of the entry is in force always (no clock needed to choose).
+    /// True when one price is in force always (no clock needed to choose).
     pub fn is_undated(&self) -> bool {
-        self.versions.len() == 1 && self.versions[0].since.is_none()
+        self.versions.first().is_some_and(|d| d.since.is_none()) && self.versions.len() == 1
     }
 
     /// The cost of `usage` in `tier` at the price in force at `at`, and a label saying which
@@ -237,16 +256,16 @@ impl Resolved {
         tier: crate::usage::ServiceTier,
         at: UnixSeconds,
     ) -> Option<(Charge, String)> {
-        let dated = self.at(at)?;
+        let (resolved, dated) = self.at(at)?;
         let mut charge = dated.price.charge(usage, tier);
-        let mut label = format!("{}: {}", dated.source, self.entry);
+        let mut label = format!("{}: {}", dated.source, resolved.entry);
         if let Some(above) = charge.above {
             label.push_str(&format!(", above {}k", above / 1000));
         }
         if charge.tier != crate::usage::ServiceTier::Standard {
             label.push_str(&format!(", {}", charge.tier.as_str()));
         }
-        if let Some(ppm) = self.multiplier_ppm {
+        if let Some(ppm) = resolved.multiplier_ppm {
             let scaled = (u128::from(charge.cost.0) * u128::from(ppm) + 500_000) / 1_000_000;
             charge.cost = NanoUsd(u64::try_from(scaled).unwrap_or(u64::MAX));
             label.push_str(&format!(", x{}", ppm_text(ppm)));
@@ -270,7 +289,10 @@ fn ppm_text(ppm: u64) -> String {
 /// Every price llm-meter knows, and how names find them.
 #[derive(Debug, Clone, Default)]
 pub struct PriceTable {
-    shared: Names,
+    /// `[pricing."MODEL"]` in proxy.toml.
+    configured: Names,
+    /// The files: built-in, downloaded, `pricing_file`.
+    files: Names,
     aliases: BTreeMap<String, String>,
     upstreams: HashMap<String, (Option<u64>, Names)>,
     /// The labels of the layers, lowest first (for `prices` and the start-up line).
@@ -278,16 +300,22 @@ pub struct PriceTable {
 }
 
 impl PriceTable {
-    /// A table from layers (lowest precedence first: an undated price of a model replaces the
-    /// earlier layers' prices of it; a dated one is added to them), `[models] alias` names, and
-    /// per-upstream prices.
+    /// A table from the files' layers (lowest precedence first: an undated price of a model
+    /// replaces the earlier layers' prices of it; a dated one is added to them), the prices
+    /// configured in proxy.toml, `[models] alias` names, and per-upstream prices.
     pub fn new(
-        layers: &[Layer],
+        files: &[Layer],
+        configured: Layer,
         aliases: BTreeMap<String, String>,
         upstreams: BTreeMap<String, UpstreamPrices>,
     ) -> Self {
+        let mut sources: Vec<String> = files.iter().map(|l| l.source.clone()).collect();
+        if !configured.prices.is_empty() {
+            sources.push(configured.source.clone());
+        }
         Self {
-            shared: Names::build(layers),
+            configured: Names::build(std::slice::from_ref(&configured)),
+            files: Names::build(files),
             aliases,
             upstreams: upstreams
                 .into_iter()
@@ -296,13 +324,18 @@ impl PriceTable {
                     (name, (own.multiplier_ppm, names))
                 })
                 .collect(),
-            sources: layers.iter().map(|l| l.source.clone()).collect(),
+            sources,
         }
     }
 
     /// The built-in table alone.
     pub fn builtin() -> Self {
-        Self::new(&[builtin_layer()], BTreeMap::new(), BTreeMap::new())
+        Self::new(
+            &[builtin_layer()],
+            Layer::default(),
+            BTreeMap::new(),
+            BTreeMap::new(),
+        )
     }
 
     /// The labels of the table's layers, lowest precedence first.
@@ -311,25 +344,31 @@ impl PriceTable {
     }
 
     /// What prices `model` on `upstream`: its alias's entry, else the upstream's own prices,
-    /// else the shared ones (times the upstream's multiplier); each tried by exact name, then
-    /// by the forms of the name.
+    /// else the prices configured in proxy.toml, else the files' (the last two times the
+    /// upstream's multiplier); each by exact name, then by the forms of the name. A user's
+    /// `[pricing."gpt-4o"]` thus prices `gpt-4o-2024-08-06` too, the name responses report.
     pub fn resolve(&self, upstream: &str, model: &str) -> Option<Resolved> {
         let (model, aliased) = match self.aliases.get(model) {
             Some(target) => (target.as_str(), true),
             None => (model, false),
         };
         let own = self.upstreams.get(upstream);
-        let (found, multiplier_ppm) = match own.and_then(|(_, names)| names.find(model)) {
-            Some(found) => (found, None),
-            None => (self.shared.find(model)?, own.and_then(|(ppm, _)| *ppm)),
+        let multiplier_ppm = own.and_then(|(ppm, _)| *ppm);
+        let resolved = |names: &Names, multiplier_ppm, before: Option<Resolved>| {
+            names.find(model).map(|(entry, prices, found_by)| Resolved {
+                entry: Arc::from(entry),
+                found_by: if aliased { Match::Alias } else { found_by },
+                versions: Arc::clone(&prices.versions),
+                multiplier_ppm,
+                before: before.clone().map(Arc::new),
+            })
         };
-        let (entry, prices, found_by) = found;
-        Some(Resolved {
-            entry: Arc::from(entry),
-            found_by: if aliased { Match::Alias } else { found_by },
-            versions: Arc::clone(&prices.versions),
-            multiplier_ppm,
-        })
+        let files = resolved(&self.files, multiplier_ppm, None);
+        let configured = resolved(&self.configured, multiplier_ppm, files.clone()).or(files);
+        match own {
+            Some((_, names)) => resolved(names, None, configured.clone()).or(configured),
+            None => configured,
+        }
     }
 }
 

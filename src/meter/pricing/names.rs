@@ -58,6 +58,12 @@ const BEDROCK_VENDORS: &[&str] = &[
     "writer",
     "twelvelabs",
     "stability",
+    "moonshotai",
+    "minimax",
+    "nvidia",
+    "xai",
+    "google",
+    "zai",
 ];
 
 /// `us.anthropic.claude-3-5-sonnet-20241022-v2:0` → `claude-3-5-sonnet-20241022`.
@@ -74,7 +80,8 @@ fn without_bedrock(name: &str) -> &str {
     if !BEDROCK_VENDORS.contains(&vendor) {
         return name;
     }
-    // `-v2:0`, `-v1`, `:0`: the version of the Bedrock model, not of the model.
+    // `:0`, and `-v2` after a date: the version of the Bedrock model, not of the model
+    // (`claude-v2` and `llama3-70b-instruct-v1` keep theirs).
     let model = model.rsplit_once(':').map_or(model, |(base, n)| {
         if n.bytes().all(|b| b.is_ascii_digit()) {
             base
@@ -83,9 +90,19 @@ fn without_bedrock(name: &str) -> &str {
         }
     });
     match model.rsplit_once("-v") {
-        Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => base,
+        Some((base, n))
+            if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && ends_with_date(base) =>
+        {
+            base
+        }
         _ => model,
     }
+}
+
+/// True when `name` ends with `-YYYYMMDD`.
+fn ends_with_date(name: &str) -> bool {
+    name.rsplit_once('-')
+        .is_some_and(|(_, d)| d.len() == 8 && d.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// `claude-3.5-sonnet` → `claude-3-5-sonnet`: a dot between digits becomes a dash.
@@ -109,7 +126,11 @@ fn strip_snapshot_suffix(name: &str) -> Option<&str> {
         return Some(base);
     }
     if let Some((base, _)) = name.rsplit_once('@') {
-        return Some(base);
+        // Vertex writes a model's own version before the date: `claude-3-5-sonnet-v2@20241022`.
+        return Some(match base.rsplit_once("-v") {
+            Some((model, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => model,
+            _ => base,
+        });
     }
     let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
     let is_tag = |s: &str| s == "preview" || s == "exp";
@@ -181,6 +202,10 @@ mod tests {
             ["claude-3-5-sonnet-20241022", "claude-3-5-sonnet"]
         );
         assert_eq!(forms("claude-sonnet-4-5@20250929"), ["claude-sonnet-4-5"]);
+        assert_eq!(
+            forms("claude-3-5-sonnet-v2@20241022"),
+            ["claude-3-5-sonnet"]
+        );
         assert_eq!(forms("mistral-large-latest"), ["mistral-large"]);
         assert_eq!(forms("gpt-4o-2024-08-06"), ["gpt-4o"]);
         assert_eq!(forms("GPT-4o"), ["gpt-4o"]);
@@ -198,11 +223,16 @@ mod tests {
 
     #[test]
     fn bedrock_decorations_go_only_when_the_vendor_is_one() {
-        assert_eq!(without_bedrock("anthropic.claude-v2:1"), "claude");
+        assert_eq!(without_bedrock("anthropic.claude-v2:1"), "claude-v2");
         assert_eq!(
             without_bedrock("meta.llama3-70b-instruct-v1:0"),
-            "llama3-70b-instruct"
+            "llama3-70b-instruct-v1"
         );
+        assert_eq!(
+            without_bedrock("anthropic.claude-3-5-sonnet-20241022-v2:0"),
+            "claude-3-5-sonnet-20241022"
+        );
+        assert_eq!(without_bedrock("xai.grok-4-fast"), "grok-4-fast");
         assert_eq!(without_bedrock("gpt-4.1"), "gpt-4.1");
         assert_eq!(without_bedrock("eu.claude"), "eu.claude");
     }

@@ -5,7 +5,7 @@ use crate::usage::{ServiceTier, Usage};
 
 fn price_of(t: &PriceTable, model: &str) -> Option<Arc<Price>> {
     t.resolve("openai", model)
-        .and_then(|r| r.at(0).map(|d| Arc::clone(&d.price)))
+        .and_then(|r| r.at(0).map(|(_, d)| Arc::clone(&d.price)))
 }
 
 fn entry_of(t: &PriceTable, model: &str) -> Option<String> {
@@ -113,27 +113,42 @@ fn a_reported_tier_takes_its_rates_and_an_unlisted_one_the_standard() {
 #[test]
 fn later_layers_win_and_dated_prices_apply_from_their_date() {
     let t = PriceTable::new(
-        &[
-            layer("built-in", &[("m", None, 1.0)]),
-            layer(
-                "proxy.toml",
-                &[("m", Some(1000), 2.0), ("m", Some(2000), 3.0)],
-            ),
-        ],
+        &[layer("built-in", &[("m", None, 1.0)])],
+        layer(
+            "proxy.toml",
+            &[("m", Some(1000), 2.0), ("m", Some(2000), 3.0)],
+        ),
         BTreeMap::new(),
         BTreeMap::new(),
     );
     let r = t.resolve("openai", "m").unwrap();
-    let input_at = |at| r.at(at).unwrap().price.standard.base.input;
+    let input_at = |at| r.at(at).unwrap().1.price.standard.base.input;
     assert_eq!(input_at(999), 1_000_000);
     assert_eq!(input_at(1000), 2_000_000);
     assert_eq!(input_at(5000), 3_000_000);
-    assert_eq!(&*r.at(5000).unwrap().source, "proxy.toml");
+    assert_eq!(&*r.at(5000).unwrap().1.source, "proxy.toml");
+    // A configured price covers the names responses report (`m-2024-08-06`), over the files'
+    // own entry for that snapshot.
+    let t = PriceTable::new(
+        &[layer(
+            "built-in",
+            &[("m", None, 1.0), ("m-2024-08-06", None, 9.0)],
+        )],
+        layer("proxy.toml", &[("m", None, 2.0)]),
+        BTreeMap::new(),
+        BTreeMap::new(),
+    );
+    let snapshot = t.resolve("openai", "m-2024-08-06").unwrap();
+    assert_eq!(
+        snapshot.at(0).unwrap().1.price.standard.base.input,
+        2_000_000
+    );
     let undated = PriceTable::new(
         &[
             layer("a", &[("m", Some(10), 1.0)]),
             layer("b", &[("m", None, 5.0)]),
         ],
+        Layer::default(),
         BTreeMap::new(),
         BTreeMap::new(),
     );
@@ -152,6 +167,7 @@ fn aliases_upstream_prices_and_multipliers_apply() {
     let aliases = BTreeMap::from([("my-deploy".to_owned(), "m".to_owned())]);
     let t = PriceTable::new(
         &[layer("built-in", &[("m", None, 1.0)])],
+        Layer::default(),
         aliases,
         upstreams,
     );
@@ -165,4 +181,21 @@ fn aliases_upstream_prices_and_multipliers_apply() {
     let own = t.resolve("azure", "special").unwrap();
     assert_eq!(own.multiplier_ppm, None);
     assert!(t.resolve("openai", "special").is_none());
+}
+
+#[test]
+fn regional_ids_never_price_another_name() {
+    let t = PriceTable::builtin();
+    for name in [
+        "o1-mini",
+        "openai/o1-mini",
+        "gpt-4o-realtime-preview",
+        "claude-3-haiku-20240307",
+    ] {
+        let entry = entry_of(&t, name).unwrap_or_default();
+        assert!(entry.matches('/').count() <= 1, "{name} priced as {entry}");
+    }
+    for name in ["claude-3-5-sonnet-v2@20241022", "grok-4-fast"] {
+        assert!(entry_of(&t, name).is_some(), "{name} has no price");
+    }
 }
