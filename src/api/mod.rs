@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod dashboard;
 pub mod estimate;
+pub mod export;
 pub mod history;
 pub mod prices;
 pub mod remote;
