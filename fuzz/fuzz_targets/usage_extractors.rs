@@ -27,6 +27,7 @@ fn check(flavor: Flavor, how: &str, extracted: &Extracted) {
         input_tokens,
         cached_input_tokens,
         cache_write_tokens,
+        cache_write_1h_tokens,
         output_tokens,
         reasoning_tokens,
     } = usage;
@@ -34,6 +35,7 @@ fn check(flavor: Flavor, how: &str, extracted: &Extracted) {
         ("input_tokens", input_tokens),
         ("cached_input_tokens", cached_input_tokens),
         ("cache_write_tokens", cache_write_tokens),
+        ("cache_write_1h_tokens", cache_write_1h_tokens),
         ("output_tokens", output_tokens),
         ("reasoning_tokens", reasoning_tokens),
     ] {
@@ -45,6 +47,10 @@ fn check(flavor: Flavor, how: &str, extracted: &Extracted) {
     assert!(
         reasoning_tokens <= output_tokens,
         "{flavor:?} {how}: reasoning {reasoning_tokens} is more than the output {output_tokens}"
+    );
+    assert!(
+        cache_write_1h_tokens <= cache_write_tokens,
+        "{flavor:?} {how}: 1-hour cache writes {cache_write_1h_tokens} are more than all cache writes {cache_write_tokens}"
     );
     // Sums the meter makes must not overflow.
     let _ = usage.total_tokens();

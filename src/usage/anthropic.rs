@@ -6,6 +6,7 @@
 //! | `input_tokens`        | `input_tokens` (cache tokens are NOT in it)          |
 //! | `cached_input_tokens` | `cache_read_input_tokens`                            |
 //! | `cache_write_tokens`  | `cache_creation_input_tokens`, else the sum of `cache_creation.ephemeral_*_input_tokens` |
+//! | `cache_write_1h_tokens` | `cache_creation.ephemeral_1h_input_tokens`, cut to `cache_write_tokens` (0 when absent) |
 //! | `output_tokens`       | `output_tokens`                                      |
 //! | `reasoning_tokens`    | 0: thinking is billed as output and not counted apart |
 
@@ -14,7 +15,7 @@ use serde_json::value::RawValue;
 
 use super::{
     Count, Counted, Extracted, Usage, Warning, details, has_usage_value, id_of, model_of, object,
-    sse, usage_object,
+    part_of, sse, usage_object,
 };
 
 /// The message object's fields we read.
@@ -79,6 +80,8 @@ struct Partial {
     output: Option<u64>,
     cache_read: Option<u64>,
     cache_write: Option<u64>,
+    /// The part of `cache_write` with a 1-hour TTL.
+    cache_write_1h: Option<u64>,
 }
 
 impl Partial {
@@ -88,13 +91,17 @@ impl Partial {
         self.output = newer.output.or(self.output);
         self.cache_read = newer.cache_read.or(self.cache_read);
         self.cache_write = newer.cache_write.or(self.cache_write);
+        self.cache_write_1h = newer.cache_write_1h.or(self.cache_write_1h);
     }
 
     fn usage(self) -> Usage {
+        let cache_write = self.cache_write.unwrap_or(0);
         Usage {
             input_tokens: self.input.unwrap_or(0),
             cached_input_tokens: self.cache_read.unwrap_or(0),
-            cache_write_tokens: self.cache_write.unwrap_or(0),
+            cache_write_tokens: cache_write,
+            // A later event may restate the total alone, smaller than the split it gave first.
+            cache_write_1h_tokens: self.cache_write_1h.unwrap_or(0).min(cache_write),
             output_tokens: self.output.unwrap_or(0),
             reasoning_tokens: 0,
         }
@@ -114,6 +121,7 @@ fn partial_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Partial> 
     let w = warnings;
     let usage: WireUsage<'_> = usage_object(raw.get(), "usage", w)?;
     let split: CacheCreation = details(usage.cache_creation, "usage.cache_creation", w);
+    let long = present(split.ephemeral_1h_input_tokens, LONG_FIELD, w);
     let cache_write = present(
         usage.cache_creation_input_tokens,
         "usage.cache_creation_input_tokens",
@@ -125,13 +133,12 @@ fn partial_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Partial> 
             "usage.cache_creation.ephemeral_5m_input_tokens",
             w,
         );
-        let long = present(
-            split.ephemeral_1h_input_tokens,
-            "usage.cache_creation.ephemeral_1h_input_tokens",
-            w,
-        );
         (short.is_some() || long.is_some()).then(|| short.unwrap_or(0) + long.unwrap_or(0))
     });
+    // With the split given, the total is there too (given, or summed from it).
+    let cache_write_1h = long
+        .zip(cache_write)
+        .map(|(long, total)| part_of(long, total, LONG_FIELD, w));
     Some(Partial {
         input: present(usage.input_tokens, "usage.input_tokens", w),
         output: present(usage.output_tokens, "usage.output_tokens", w),
@@ -141,8 +148,12 @@ fn partial_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Partial> 
             w,
         ),
         cache_write,
+        cache_write_1h,
     })
 }
+
+/// The 1-hour part of the cache writes, as warnings name it.
+const LONG_FIELD: &str = "usage.cache_creation.ephemeral_1h_input_tokens";
 
 /// Reads model, id and usage from a complete (non-streaming) message.
 pub fn parse_body(body: &[u8]) -> Extracted {
@@ -242,6 +253,7 @@ mod tests {
                 input_tokens: 12,
                 cached_input_tokens: 2000,
                 cache_write_tokens: 100,
+                cache_write_1h_tokens: 0,
                 output_tokens: 6,
                 reasoning_tokens: 0,
             }
@@ -256,7 +268,98 @@ mod tests {
         let got = parse_body(
             br#"{"model":"m","usage":{"input_tokens":1,"output_tokens":2,"cache_creation":{"ephemeral_5m_input_tokens":30,"ephemeral_1h_input_tokens":40}}}"#,
         );
-        assert_eq!(got.usage.unwrap().cache_write_tokens, 70);
+        let usage = got.usage.unwrap();
+        assert_eq!(usage.cache_write_tokens, 70);
+        assert_eq!(usage.cache_write_1h_tokens, 40);
+    }
+
+    #[test]
+    fn one_hour_cache_writes_are_the_split_part_of_a_given_total() {
+        let got = parse_body(
+            br#"{"model":"m","usage":{"input_tokens":1,"output_tokens":2,"cache_creation_input_tokens":300,"cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":200}}}"#,
+        );
+        let usage = got.usage.unwrap();
+        assert_eq!(
+            (usage.cache_write_tokens, usage.cache_write_1h_tokens),
+            (300, 200)
+        );
+        // All cache writes stay in the prompt once, the 1-hour ones among them.
+        assert_eq!(usage.prompt_tokens(), 301);
+        assert!(got.warnings.is_empty(), "{:?}", got.warnings);
+    }
+
+    #[test]
+    fn a_total_without_its_split_has_no_one_hour_writes() {
+        let got = parse_body(
+            br#"{"model":"m","usage":{"input_tokens":1,"output_tokens":2,"cache_creation_input_tokens":300}}"#,
+        );
+        let usage = got.usage.unwrap();
+        assert_eq!(
+            (usage.cache_write_tokens, usage.cache_write_1h_tokens),
+            (300, 0)
+        );
+    }
+
+    #[test]
+    fn one_hour_writes_past_the_total_are_cut_to_it_with_a_warning() {
+        let got = parse_body(
+            br#"{"model":"m","usage":{"input_tokens":1,"cache_creation_input_tokens":50,"cache_creation":{"ephemeral_1h_input_tokens":80}}}"#,
+        );
+        let usage = got.usage.unwrap();
+        assert_eq!(
+            (usage.cache_write_tokens, usage.cache_write_1h_tokens),
+            (50, 50)
+        );
+        assert_eq!(
+            got.warnings,
+            [Warning {
+                field: LONG_FIELD,
+                problem: "exceeds the total it is part of"
+            }]
+        );
+    }
+
+    /// `stream_events` whose start reports cache writes of 100 (5 minutes) and 200 (1 hour).
+    fn stream_with_one_hour_writes() -> Vec<String> {
+        let mut events = stream_events(15);
+        events[0] = events[0].replace(
+            "\"cache_creation_input_tokens\":7,",
+            "\"cache_creation_input_tokens\":300,\"cache_creation\":{\"ephemeral_5m_input_tokens\":100,\"ephemeral_1h_input_tokens\":200},",
+        );
+        events
+    }
+
+    #[test]
+    fn a_stream_keeps_its_one_hour_writes_at_every_split() {
+        let whole = stream_with_one_hour_writes().concat();
+        let bytes = whole.as_bytes();
+        let expected = run(&[bytes]);
+        let usage = expected.usage.unwrap();
+        assert_eq!(
+            (usage.cache_write_tokens, usage.cache_write_1h_tokens),
+            (300, 200)
+        );
+        for i in 0..=bytes.len() {
+            let (a, b) = bytes.split_at(i);
+            assert_eq!(run(&[a, b]), expected, "split at {i}");
+        }
+    }
+
+    #[test]
+    fn a_delta_restating_the_cache_writes_alone_keeps_their_one_hour_part() {
+        let mut events = stream_with_one_hour_writes();
+        events[6] = "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{},\"usage\":{\"cache_creation_input_tokens\":300,\"output_tokens\":12}}\n\n".to_owned();
+        let usage = run(&[events.concat().as_bytes()]).usage.unwrap();
+        assert_eq!(
+            (usage.cache_write_tokens, usage.cache_write_1h_tokens),
+            (300, 200)
+        );
+        events[6] = "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{},\"usage\":{\"cache_creation_input_tokens\":300,\"cache_creation\":{\"ephemeral_5m_input_tokens\":250,\"ephemeral_1h_input_tokens\":50},\"output_tokens\":12}}\n\n".to_owned();
+        let usage = run(&[events.concat().as_bytes()]).usage.unwrap();
+        assert_eq!(
+            (usage.cache_write_tokens, usage.cache_write_1h_tokens),
+            (300, 50)
+        );
     }
 
     /// A stream as the Messages API sends it (`event:` lines, a ping, text deltas).
@@ -294,6 +397,7 @@ mod tests {
                 input_tokens: 25,
                 cached_input_tokens: 1000,
                 cache_write_tokens: 7,
+                cache_write_1h_tokens: 0,
                 output_tokens: 15,
                 reasoning_tokens: 0,
             })

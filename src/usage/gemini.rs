@@ -92,6 +92,7 @@ pub fn usage_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Usage> 
         input_tokens: prompt - cached + tool_prompt,
         cached_input_tokens: cached,
         cache_write_tokens: 0,
+        cache_write_1h_tokens: 0,
         output_tokens: output,
         reasoning_tokens: thoughts.min(output),
     })
@@ -180,6 +181,7 @@ mod tests {
                 input_tokens: 8,
                 cached_input_tokens: 0,
                 cache_write_tokens: 0,
+                cache_write_1h_tokens: 0,
                 output_tokens: 37,
                 reasoning_tokens: 25,
             })

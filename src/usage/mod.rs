@@ -47,6 +47,9 @@ pub struct Usage {
     pub cached_input_tokens: u64,
     /// Input written to the provider's cache, billed at the cache-write price.
     pub cache_write_tokens: u64,
+    /// The part of `cache_write_tokens` written to be kept an hour (Anthropic's 1-hour cache
+    /// TTL, billed at a higher rate than the default 5 minutes); informational, like reasoning.
+    pub cache_write_1h_tokens: u64,
     /// All output, reasoning included.
     pub output_tokens: u64,
     /// The part of the output that was reasoning (informational).
@@ -74,6 +77,9 @@ impl Usage {
             cache_write_tokens: self
                 .cache_write_tokens
                 .saturating_sub(part.cache_write_tokens),
+            cache_write_1h_tokens: self
+                .cache_write_1h_tokens
+                .saturating_sub(part.cache_write_1h_tokens),
             output_tokens: self.output_tokens.saturating_sub(part.output_tokens),
             reasoning_tokens: self.reasoning_tokens.saturating_sub(part.reasoning_tokens),
         }

@@ -202,6 +202,7 @@ fn usage_of(json: &str, warnings: &mut Vec<Warning>) -> Option<Usage> {
         input_tokens: prompt - cached - write,
         cached_input_tokens: cached,
         cache_write_tokens: write,
+        cache_write_1h_tokens: 0,
         output_tokens: completion,
         reasoning_tokens: reasoning,
     })
@@ -301,6 +302,7 @@ mod tests {
                 input_tokens: 32,
                 cached_input_tokens: 10,
                 cache_write_tokens: 0,
+                cache_write_1h_tokens: 0,
                 output_tokens: 15,
                 reasoning_tokens: 5,
             })

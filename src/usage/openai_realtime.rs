@@ -138,6 +138,7 @@ fn usage_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Usage> {
         input_tokens: input - cached,
         cached_input_tokens: cached,
         cache_write_tokens: 0,
+        cache_write_1h_tokens: 0,
         output_tokens: output,
         reasoning_tokens: 0,
     })
@@ -197,6 +198,7 @@ mod tests {
                 input_tokens: 68,
                 cached_input_tokens: 64,
                 cache_write_tokens: 0,
+                cache_write_1h_tokens: 0,
                 output_tokens: 121,
                 reasoning_tokens: 0,
             })

@@ -119,6 +119,7 @@ pub fn usage_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Usage> 
         input_tokens: input - cached,
         cached_input_tokens: cached,
         cache_write_tokens: 0,
+        cache_write_1h_tokens: 0,
         output_tokens: output,
         reasoning_tokens: reasoning,
     })
@@ -183,6 +184,7 @@ mod tests {
                 input_tokens: 30,
                 cached_input_tokens: 6,
                 cache_write_tokens: 0,
+                cache_write_1h_tokens: 0,
                 output_tokens: 87,
                 reasoning_tokens: 12,
             })

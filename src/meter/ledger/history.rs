@@ -464,6 +464,7 @@ fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
             input_tokens: n(8)?,
             cached_input_tokens: n(9)?,
             cache_write_tokens: n(10)?,
+            cache_write_1h_tokens: 0,
             output_tokens: n(11)?,
             reasoning_tokens: n(12)?,
         },

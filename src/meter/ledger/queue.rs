@@ -55,6 +55,7 @@ pub(super) fn push_row(buf: &mut Vec<u8>, row: &Row<&str>) {
         u.input_tokens,
         u.cached_input_tokens,
         u.cache_write_tokens,
+        u.cache_write_1h_tokens,
         u.output_tokens,
         u.reasoning_tokens,
         row.cost.0,
@@ -124,7 +125,7 @@ impl<'a> Entries<'a> {
     fn row(&mut self) -> Option<Row<&'a str>> {
         let flags = *self.take(1)?.first()?;
         let status = u16::from_le_bytes(self.take(2)?.try_into().ok()?);
-        let mut n = [0u64; 9];
+        let mut n = [0u64; 10];
         for slot in &mut n {
             *slot = self.u64()?;
         }
@@ -134,6 +135,7 @@ impl<'a> Entries<'a> {
             input,
             cached,
             cache_write,
+            cache_write_1h,
             output,
             reasoning,
             cost,
@@ -164,6 +166,7 @@ impl<'a> Entries<'a> {
                 input_tokens: input,
                 cached_input_tokens: cached,
                 cache_write_tokens: cache_write,
+                cache_write_1h_tokens: cache_write_1h,
                 output_tokens: output,
                 reasoning_tokens: reasoning,
             },
@@ -231,6 +234,7 @@ mod tests {
                 input_tokens: 1,
                 cached_input_tokens: 2,
                 cache_write_tokens: 3,
+                cache_write_1h_tokens: 2,
                 output_tokens: 4,
                 reasoning_tokens: 5,
             },
