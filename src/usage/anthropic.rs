@@ -9,13 +9,16 @@
 //! | `cache_write_1h_tokens` | `cache_creation.ephemeral_1h_input_tokens`, cut to `cache_write_tokens` (0 when absent) |
 //! | `output_tokens`       | `output_tokens`                                      |
 //! | `reasoning_tokens`    | 0: thinking is billed as output and not counted apart |
+//!
+//! `Extracted::service_tier` is `usage.service_tier` (`standard`, `priority`, `batch`), in a
+//! stream the last one given.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{
-    Count, Counted, Extracted, Usage, Warning, details, has_usage_value, id_of, model_of, object,
-    part_of, sse, usage_object,
+    Count, Counted, Extracted, ServiceTier, Usage, Warning, details, has_usage_value, id_of,
+    model_of, object, part_of, sse, tier_of, usage_object,
 };
 
 /// The message object's fields we read.
@@ -51,6 +54,8 @@ struct WireUsage<'a> {
     cache_read_input_tokens: Count,
     #[serde(borrow, default)]
     cache_creation: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    service_tier: Option<&'a RawValue>,
 }
 
 impl Counted for WireUsage<'_> {
@@ -82,6 +87,7 @@ struct Partial {
     cache_write: Option<u64>,
     /// The part of `cache_write` with a 1-hour TTL.
     cache_write_1h: Option<u64>,
+    tier: Option<ServiceTier>,
 }
 
 impl Partial {
@@ -92,6 +98,7 @@ impl Partial {
         self.cache_read = newer.cache_read.or(self.cache_read);
         self.cache_write = newer.cache_write.or(self.cache_write);
         self.cache_write_1h = newer.cache_write_1h.or(self.cache_write_1h);
+        self.tier = newer.tier.or(self.tier);
     }
 
     fn usage(self) -> Usage {
@@ -149,6 +156,7 @@ fn partial_from(raw: &RawValue, warnings: &mut Vec<Warning>) -> Option<Partial> 
         ),
         cache_write,
         cache_write_1h,
+        tier: tier_of(usage.service_tier.map(RawValue::get)),
     })
 }
 
@@ -163,10 +171,11 @@ pub fn parse_body(body: &[u8]) -> Extracted {
     };
     out.model = model_of(envelope.model.map(RawValue::get), &mut out.warnings);
     out.response_id = id_of(envelope.id.map(RawValue::get));
-    out.usage = envelope
+    let partial = envelope
         .usage
-        .and_then(|u| partial_from(u, &mut out.warnings))
-        .map(Partial::usage);
+        .and_then(|u| partial_from(u, &mut out.warnings));
+    out.usage = partial.map(Partial::usage);
+    out.service_tier = partial.and_then(|p| p.tier).unwrap_or_default();
     out
 }
 
@@ -227,6 +236,7 @@ impl Stream {
     pub fn finish(self) -> Extracted {
         let mut out = self.extracted;
         out.usage = self.counts.map(Partial::usage);
+        out.service_tier = self.counts.and_then(|c| c.tier).unwrap_or_default();
         out.is_output_provisional = self.counts.is_some() && !self.has_final_output;
         out
     }
@@ -343,6 +353,49 @@ mod tests {
             let (a, b) = bytes.split_at(i);
             assert_eq!(run(&[a, b]), expected, "split at {i}");
         }
+    }
+
+    #[test]
+    fn a_message_reports_its_service_tier() {
+        assert_eq!(
+            parse_body(PLAIN.as_bytes()).service_tier,
+            ServiceTier::Standard
+        );
+        let priority = PLAIN.replace("\"standard\"", "\"priority\"");
+        assert_eq!(
+            parse_body(priority.as_bytes()).service_tier,
+            ServiceTier::Priority
+        );
+        let batch = PLAIN.replace("\"standard\"", "\"batch\"");
+        assert_eq!(
+            parse_body(batch.as_bytes()).service_tier,
+            ServiceTier::Batch
+        );
+    }
+
+    #[test]
+    fn a_stream_reports_the_last_service_tier_given_at_every_split() {
+        let mut events = stream_events(15);
+        events[0] = events[0].replace(
+            "\"output_tokens\":1}",
+            "\"output_tokens\":1,\"service_tier\":\"priority\"}",
+        );
+        let whole = events.concat();
+        let bytes = whole.as_bytes();
+        let expected = run(&[bytes]);
+        assert_eq!(expected.service_tier, ServiceTier::Priority);
+        for i in 0..=bytes.len() {
+            let (a, b) = bytes.split_at(i);
+            assert_eq!(run(&[a, b]), expected, "split at {i}");
+        }
+        // A delta that names another tier has the last word.
+        events[6] = events[6].replace(
+            "{\"output_tokens\":15}",
+            "{\"output_tokens\":15,\"service_tier\":\"standard\"}",
+        );
+        let got = run(&[events.concat().as_bytes()]);
+        assert_eq!(got.service_tier, ServiceTier::Standard);
+        assert_eq!(got.usage.unwrap().output_tokens, 15);
     }
 
     #[test]

@@ -13,6 +13,10 @@
 //! | `output_tokens`       | `completion_tokens` (reasoning included)              |
 //! | `reasoning_tokens`    | `completion_tokens_details.reasoning_tokens`          |
 //!
+//! Besides the counts, `Extracted::service_tier` is the response's top-level `service_tier`
+//! (`tier.rs` maps the names). Every chunk of a stream repeats it: it is read from those the
+//! extractor parses anyway (the first, and those with usage), the last one not `null` winning.
+//!
 //! An absent or `null` field counts as 0. A field of the wrong type, negative, fractional or
 //! absurdly large (over `MAX_TOKENS`) is ignored (counted as 0) and reported as a `Warning`.
 //! A response with no `usage` object at all yields no `Usage`: the request is still counted.
@@ -27,7 +31,10 @@ pub mod openai_chat;
 pub mod openai_realtime;
 pub mod openai_responses;
 pub mod sse;
+pub mod tier;
 pub mod tokenizer;
+
+pub use tier::ServiceTier;
 
 use std::sync::LazyLock;
 
@@ -288,6 +295,8 @@ pub struct Extracted {
     pub model: Option<String>,
     /// The response's id (`chatcmpl-…`), if any.
     pub response_id: Option<String>,
+    /// The service tier the response says it was served at (`Standard` when it did not say).
+    pub service_tier: ServiceTier,
     /// Fields that were present but ignored.
     pub warnings: Vec<Warning>,
     /// The output count is a provisional one: the stream was cut before the provider's final
@@ -507,6 +516,11 @@ fn part_of(part: u64, whole: u64, field: &'static str, warnings: &mut Vec<Warnin
     } else {
         part
     }
+}
+
+/// The tier a raw `service_tier` value names, if it names one (see `ServiceTier::from_json`).
+fn tier_of(raw: Option<&str>) -> Option<ServiceTier> {
+    raw.and_then(ServiceTier::from_json)
 }
 
 /// Notes what one response object (or stream event) says: a model replaces the one known, the

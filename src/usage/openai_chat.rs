@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 
 use super::{
     Count, Counted, Extracted, Usage, Warning, details, has_usage_value, id_of, model_of, object,
-    part_of, sse, usage_object,
+    part_of, sse, tier_of, usage_object,
 };
 
 /// A searcher built once: building one per event would cost more than the search.
@@ -25,6 +25,8 @@ struct Envelope<'a> {
     model: Option<&'a RawValue>,
     #[serde(borrow)]
     usage: Option<&'a RawValue>,
+    #[serde(borrow)]
+    service_tier: Option<&'a RawValue>,
     #[serde(default)]
     choices: Choices,
 }
@@ -120,26 +122,33 @@ struct CompletionDetails {
 /// Reads model and usage from a complete (non-streaming) response body.
 pub fn parse_body(body: &[u8]) -> Extracted {
     let mut out = Extracted::default();
-    let [id, model, usage] =
-        match crate::json::top_level(body, [b"id", b"model", b"usage"]).and_then(as_text) {
-            Some(found) => found,
-            None => {
-                let Some(envelope) = object::<Envelope<'_>>(body, &mut out.warnings) else {
-                    return out;
-                };
-                [envelope.id, envelope.model, envelope.usage].map(|v| v.map(RawValue::get))
-            }
-        };
+    let keys = [b"id".as_slice(), b"model", b"usage", b"service_tier"];
+    let [id, model, usage, tier] = match crate::json::top_level(body, keys).and_then(as_text) {
+        Some(found) => found,
+        None => {
+            let Some(envelope) = object::<Envelope<'_>>(body, &mut out.warnings) else {
+                return out;
+            };
+            [
+                envelope.id,
+                envelope.model,
+                envelope.usage,
+                envelope.service_tier,
+            ]
+            .map(|v| v.map(RawValue::get))
+        }
+    };
     out.model = model_of(model, &mut out.warnings);
     out.response_id = id_of(id);
     out.usage = usage.and_then(|u| usage_of(u, &mut out.warnings));
+    out.service_tier = tier_of(tier).unwrap_or_default();
     out
 }
 
 /// Scanned values as text, `null` as absent (as serde's `Option` reads it); `None` when one is
 /// not UTF-8, for serde to decide.
-fn as_text(found: [Option<&[u8]>; 3]) -> Option<[Option<&str>; 3]> {
-    let mut text = [None; 3];
+fn as_text<const N: usize>(found: [Option<&[u8]>; N]) -> Option<[Option<&str>; N]> {
+    let mut text = [None; N];
     for (slot, value) in text.iter_mut().zip(found) {
         *slot = match value {
             None | Some(b"null") => None,
@@ -249,6 +258,9 @@ impl Stream {
         if out.response_id.is_none() {
             out.response_id = id_of(chunk.id.map(RawValue::get));
         }
+        if let Some(tier) = tier_of(chunk.service_tier.map(RawValue::get)) {
+            out.service_tier = tier;
+        }
         let Some(raw) = chunk.usage else {
             return Event::Other;
         };
@@ -270,11 +282,16 @@ impl Stream {
             id: Option<&'a RawValue>,
             #[serde(borrow)]
             model: Option<&'a RawValue>,
+            #[serde(borrow)]
+            service_tier: Option<&'a RawValue>,
         }
         if let Ok(chunk) = serde_json::from_slice::<ModelOnly<'_>>(data) {
             self.extracted.model =
                 model_of(chunk.model.map(RawValue::get), &mut self.extracted.warnings);
             self.extracted.response_id = id_of(chunk.id.map(RawValue::get));
+            if let Some(tier) = tier_of(chunk.service_tier.map(RawValue::get)) {
+                self.extracted.service_tier = tier;
+            }
         }
     }
 
@@ -287,6 +304,7 @@ impl Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::usage::ServiceTier;
     use bytes::Bytes;
 
     const PLAIN: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-2024-08-06","choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":42,"completion_tokens":15,"total_tokens":57,"prompt_tokens_details":{"cached_tokens":10,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":5,"audio_tokens":0}}}"#;
@@ -364,6 +382,51 @@ mod tests {
         "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"total_tokens\":11}}\n\n",
         "data: [DONE]\n\n",
     );
+
+    #[test]
+    fn a_plain_body_reports_its_service_tier() {
+        for (tier, expected) in [
+            ("\"priority\"", ServiceTier::Priority),
+            ("\"flex\"", ServiceTier::Flex),
+            ("\"default\"", ServiceTier::Standard),
+            ("null", ServiceTier::Standard),
+        ] {
+            let body = PLAIN.replacen('{', &format!("{{\"service_tier\":{tier},"), 1);
+            assert_eq!(parse_body(body.as_bytes()).service_tier, expected, "{tier}");
+            // The same body where the scan gives up (a key written with an escape): serde reads it.
+            let escaped = body.replacen("\"id\"", "\"i\\u0064\"", 1);
+            let got = parse_body(escaped.as_bytes());
+            assert_eq!(got.service_tier, expected, "{escaped}");
+            assert!(got.usage.is_some());
+        }
+        assert_eq!(
+            parse_body(PLAIN.as_bytes()).service_tier,
+            ServiceTier::Standard
+        );
+    }
+
+    #[test]
+    fn a_stream_reports_the_last_service_tier_of_the_chunks_it_reads() {
+        let stream = STREAM.replace(
+            "\"object\":\"chat.completion.chunk\",",
+            "\"object\":\"chat.completion.chunk\",\"service_tier\":\"priority\",",
+        );
+        let bytes = stream.as_bytes();
+        let (expected, _) = run_stream(&[bytes]);
+        assert_eq!(expected.service_tier, ServiceTier::Priority);
+        for i in 0..=bytes.len() {
+            let (a, b) = bytes.split_at(i);
+            assert_eq!(run_stream(&[a, b]).0, expected, "split at {i}");
+        }
+        // A usage chunk that says `null` keeps what the first chunk said.
+        let last = stream.rfind("\"service_tier\":\"priority\"").unwrap();
+        let mut nulled = stream.clone();
+        nulled.replace_range(last..last + 25, "\"service_tier\":null");
+        assert_eq!(
+            run_stream(&[nulled.as_bytes()]).0.service_tier,
+            ServiceTier::Priority
+        );
+    }
 
     fn run_stream(chunks: &[&[u8]]) -> (Extracted, Vec<Event>) {
         let mut framer = sse::Framer::new(sse::DEFAULT_EVENT_CAP);

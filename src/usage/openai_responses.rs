@@ -7,6 +7,9 @@
 //! | `cached_input_tokens` | `input_tokens_details.cached_tokens`            |
 //! | `output_tokens`       | `output_tokens` (reasoning included)            |
 //! | `reasoning_tokens`    | `output_tokens_details.reasoning_tokens`        |
+//!
+//! `Extracted::service_tier` is the response object's `service_tier`: in a stream, that of the
+//! last event read (`response.created`, then the terminal event that carries the usage).
 
 use std::sync::LazyLock;
 
@@ -16,7 +19,7 @@ use serde_json::value::RawValue;
 
 use super::{
     Count, Counted, Extracted, Usage, Warning, details, has_usage_value, note, object, part_of,
-    sse, usage_object,
+    sse, tier_of, usage_object,
 };
 
 /// The stream's first event names the model and id, so a cut stream still has them.
@@ -32,6 +35,8 @@ struct Envelope<'a> {
     model: Option<&'a RawValue>,
     #[serde(borrow)]
     usage: Option<&'a RawValue>,
+    #[serde(borrow)]
+    service_tier: Option<&'a RawValue>,
 }
 
 /// A stream event: the response object rides in `response`.
@@ -86,6 +91,9 @@ fn read(envelope: &Envelope<'_>, out: &mut Extracted) {
         (envelope.model, envelope.id, envelope.usage),
         usage_from,
     );
+    if let Some(tier) = tier_of(envelope.service_tier.map(RawValue::get)) {
+        out.service_tier = tier;
+    }
 }
 
 /// Maps a Responses `usage` object to the record; `None` for `null`, and with a warning for a
@@ -170,6 +178,7 @@ impl Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::usage::ServiceTier;
 
     const PLAIN: &str = r#"{"id":"resp_67cc","object":"response","created_at":1741476542,"status":"completed","model":"gpt-4.1-2025-04-14","output":[{"type":"message","id":"msg_1","status":"completed","role":"assistant","content":[{"type":"output_text","text":"In a peaceful grove \"usage\": {","annotations":[]}]}],"usage":{"input_tokens":36,"input_tokens_details":{"cached_tokens":6},"output_tokens":87,"output_tokens_details":{"reasoning_tokens":12},"total_tokens":123}}"#;
 
@@ -253,6 +262,43 @@ data: {{"type":"response.completed","sequence_number":3,"response":{{"id":"resp_
             let (a, b) = bytes.split_at(i);
             assert_eq!(run(&[a, b]), expected, "split at {i}");
         }
+    }
+
+    #[test]
+    fn a_plain_response_reports_its_service_tier() {
+        let body = PLAIN.replacen('{', "{\"service_tier\":\"flex\",", 1);
+        assert_eq!(parse_body(body.as_bytes()).service_tier, ServiceTier::Flex);
+        assert_eq!(
+            parse_body(PLAIN.as_bytes()).service_tier,
+            ServiceTier::Standard
+        );
+    }
+
+    #[test]
+    fn a_stream_reports_the_service_tier_of_its_terminal_event_at_every_split() {
+        let mut events = stream_events(true);
+        events[0] = events[0].replace("\"usage\":null", "\"service_tier\":\"auto\",\"usage\":null");
+        events[3] = events[3].replace("\"output\":[]", "\"service_tier\":\"flex\",\"output\":[]");
+        let whole = events.concat();
+        let bytes = whole.as_bytes();
+        let expected = run(&[bytes]);
+        assert_eq!(expected.service_tier, ServiceTier::Flex);
+        for i in 0..=bytes.len() {
+            let (a, b) = bytes.split_at(i);
+            assert_eq!(run(&[a, b]), expected, "split at {i}");
+        }
+        // Cut before its end: what `response.created` said.
+        let cut = run(&[events[..3].concat().as_bytes()]);
+        assert_eq!(cut.service_tier, ServiceTier::Standard);
+    }
+
+    #[test]
+    fn a_websocket_message_reports_its_service_tier() {
+        let mut stream = Stream::default();
+        stream.on_data(
+            br#"{"type":"response.completed","response":{"id":"resp_1","model":"m","service_tier":"priority","usage":{"input_tokens":3,"output_tokens":1}}}"#,
+        );
+        assert_eq!(stream.finish().service_tier, ServiceTier::Priority);
     }
 
     #[test]
