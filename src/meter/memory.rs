@@ -92,6 +92,7 @@ struct Stripe {
     completion_tokens: AtomicU64,
     cached_tokens: AtomicU64,
     cache_write_tokens: AtomicU64,
+    cache_write_1h_tokens: AtomicU64,
     reasoning_tokens: AtomicU64,
     cost_nano_usd: AtomicU64,
     unpriced_requests: AtomicU64,
@@ -128,6 +129,11 @@ impl Stripe {
         self.cached_tokens.fetch_add(c.cached_tokens, Relaxed);
         self.cache_write_tokens
             .fetch_add(c.cache_write_tokens, Relaxed);
+        // Most requests write no 1-hour cache: skip the atomic add, as for estimates below.
+        if c.cache_write_1h_tokens > 0 {
+            self.cache_write_1h_tokens
+                .fetch_add(c.cache_write_1h_tokens, Relaxed);
+        }
         self.reasoning_tokens.fetch_add(c.reasoning_tokens, Relaxed);
         self.cost_nano_usd.fetch_add(c.cost.0, Relaxed);
         self.unpriced_requests
@@ -148,6 +154,7 @@ impl Stripe {
             total_tokens: 0,
             cached_tokens: self.cached_tokens.load(Relaxed),
             cache_write_tokens: self.cache_write_tokens.load(Relaxed),
+            cache_write_1h_tokens: self.cache_write_1h_tokens.load(Relaxed),
             reasoning_tokens: self.reasoning_tokens.load(Relaxed),
             cost: NanoUsd(self.cost_nano_usd.load(Relaxed)),
             unpriced_requests: self.unpriced_requests.load(Relaxed),

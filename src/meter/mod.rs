@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 
 use crate::attribution::Attribution;
 use crate::key::Identity;
-use crate::usage::{Flavor, Usage};
+use crate::usage::{Flavor, ServiceTier, Usage};
 use ledger::{Ledger, LedgerError, Row};
 use pricing::{NanoUsd, PriceTable, Resolved};
 
@@ -39,6 +39,8 @@ pub struct Counts {
     pub cached_tokens: u64,
     /// Input tokens written to the provider's cache.
     pub cache_write_tokens: u64,
+    /// The part of `cache_write_tokens` written for an hour (Anthropic's 1-hour TTL).
+    pub cache_write_1h_tokens: u64,
     /// Output tokens spent reasoning.
     pub reasoning_tokens: u64,
     /// Cost at the prices in force when each request was recorded.
@@ -58,6 +60,7 @@ impl AddAssign<&Counts> for Counts {
         self.total_tokens += other.total_tokens;
         self.cached_tokens += other.cached_tokens;
         self.cache_write_tokens += other.cache_write_tokens;
+        self.cache_write_1h_tokens += other.cache_write_1h_tokens;
         self.reasoning_tokens += other.reasoning_tokens;
         self.cost.0 += other.cost.0;
         self.unpriced_requests += other.unpriced_requests;
@@ -76,6 +79,7 @@ impl Counts {
             total_tokens: usage.total_tokens(),
             cached_tokens: usage.cached_input_tokens,
             cache_write_tokens: usage.cache_write_tokens,
+            cache_write_1h_tokens: usage.cache_write_1h_tokens,
             reasoning_tokens: usage.reasoning_tokens,
             cost,
             unpriced_requests: u64::from(flags.is_unpriced),
@@ -125,8 +129,8 @@ pub struct Record<'a> {
     /// The part of `usage` that was audio: counted as tokens, but left out of the cost (no
     /// price has audio rates), and the request flagged unpriced when there is any.
     pub audio: Usage,
-    /// The service tier the response reported.
-    pub service_tier: crate::usage::ServiceTier,
+    /// The service tier the response reported (`Standard` when it said none).
+    pub service_tier: ServiceTier,
     /// The user, session and tags it is for: ledger columns, never in-memory totals.
     pub attribution: &'a Attribution,
 }
@@ -151,7 +155,7 @@ impl<'a> Record<'a> {
             is_estimated: false,
             upstream: crate::config::OPENAI,
             audio: Usage::default(),
-            service_tier: crate::usage::ServiceTier::Standard,
+            service_tier: ServiceTier::Standard,
             attribution: &NO_ATTRIBUTION,
         }
     }

@@ -234,7 +234,7 @@ impl Finished {
             is_estimated,
             upstream: &self.upstream.name,
             audio: self.extracted.audio,
-            service_tier: crate::usage::ServiceTier::Standard,
+            service_tier: self.extracted.service_tier,
             attribution: &self.attribution,
         });
         self.count(&priced, is_estimated);

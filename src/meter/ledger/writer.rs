@@ -658,6 +658,7 @@ pub fn counts_from(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Counts>
         total_tokens: prompt + output,
         cached_tokens: cached,
         cache_write_tokens: cache_write,
+        cache_write_1h_tokens: 0,
         reasoning_tokens: get(6)?,
         cost: NanoUsd(get(7)?),
         unpriced_requests: get(8)?,
