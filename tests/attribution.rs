@@ -577,11 +577,17 @@ async fn websocket_responses_carry_the_upgrades_attribution_which_the_upstream_n
     assert_eq!(exported[0]["input_tokens"], 100);
 }
 
-/// Turns the ledger in `dir` back into a schema-2 ledger: no attribution columns.
+/// Turns the ledger in `dir` back into a schema-2 ledger: no attribution columns (nor the
+/// later ones).
 fn downgrade_to_schema_2(dir: &std::path::Path) {
     let conn = rusqlite::Connection::open(dir.join("ledger.sqlite3")).unwrap();
     conn.execute_batch(
         "DROP VIEW request_rows;
+         ALTER TABLE requests DROP COLUMN cache_write_1h_tokens;
+         ALTER TABLE requests DROP COLUMN service_tier;
+         ALTER TABLE requests DROP COLUMN price;
+         ALTER TABLE totals DROP COLUMN cache_write_1h_tokens;
+         ALTER TABLE upstream_totals DROP COLUMN cache_write_1h_tokens;
          ALTER TABLE requests DROP COLUMN user;
          ALTER TABLE requests DROP COLUMN session;
          ALTER TABLE requests DROP COLUMN tags;

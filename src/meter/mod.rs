@@ -406,6 +406,9 @@ impl Meter {
             user: attribution.user.as_deref(),
             session: attribution.session.as_deref(),
             tags: tags.as_deref(),
+            service_tier: (record.service_tier != ServiceTier::Standard)
+                .then(|| record.service_tier.as_str()),
+            price: priced.source.as_deref(),
         });
     }
 

@@ -95,6 +95,8 @@ pub fn ledger_row(
         user: None,
         session: None,
         tags: None,
+        service_tier: None,
+        price: None,
     }
 }
 

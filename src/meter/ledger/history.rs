@@ -295,10 +295,10 @@ pub struct UsageLine {
     pub partial_requests: u64,
 }
 
-/// The counter columns, summed, in the order `counts_from` reads them.
+/// The counter columns, summed, in the order `counts_from` reads them, then the partial rows.
 const SUMS: &str = "count(*), sum(error), sum(input_tokens), sum(cached_tokens),
     sum(cache_write_tokens), sum(output_tokens), sum(reasoning_tokens), sum(cost_nano_usd),
-    sum(unpriced), sum(estimated), sum(partial)";
+    sum(unpriced), sum(estimated), sum(cache_write_1h_tokens), sum(partial)";
 
 /// A read-only view of a ledger.
 pub struct Reader {
@@ -432,7 +432,7 @@ impl Reader {
                 "SELECT at, period, key_id, key_label, model, flavor, status, streamed,
                     input_tokens, cached_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
                     cost_nano_usd, latency_us, response_id, error, unpriced, estimated, partial,
-                    upstream, user, session, tags
+                    upstream, user, session, tags, cache_write_1h_tokens, service_tier, price
                  FROM request_rows WHERE {conditions} ORDER BY at"
             ))
             .map_err(|e| self.fail(&e))?;
@@ -464,7 +464,7 @@ fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
             input_tokens: n(8)?,
             cached_input_tokens: n(9)?,
             cache_write_tokens: n(10)?,
-            cache_write_1h_tokens: 0,
+            cache_write_1h_tokens: n(24)?,
             output_tokens: n(11)?,
             reasoning_tokens: n(12)?,
         },
@@ -481,6 +481,8 @@ fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         user: r.get(21)?,
         session: r.get(22)?,
         tags: r.get(23)?,
+        service_tier: r.get(25)?,
+        price: r.get(26)?,
     })
 }
 
@@ -532,7 +534,7 @@ fn line_from(groups: &[Group], r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageL
         groups.len() + 1
     };
     line.counts = counts_from(r, at)?;
-    line.partial_requests = count(r.get::<_, i64>(at + 10)?);
+    line.partial_requests = count(r.get::<_, i64>(at + super::writer::COUNTERS.len())?);
     Ok(line)
 }
 

@@ -147,6 +147,10 @@ pub struct Row<S = String> {
     pub session: Option<S>,
     /// Its tags, as a JSON object of strings (`{"team":"search"}`).
     pub tags: Option<S>,
+    /// The service tier the response reported (`priority`); `None` for the standard one.
+    pub service_tier: Option<S>,
+    /// A label of the price it was priced at; `None` when unpriced, or when none was said.
+    pub price: Option<S>,
 }
 
 impl<S: AsRef<str>> Row<S> {
@@ -173,6 +177,8 @@ impl<S: AsRef<str>> Row<S> {
             user: self.user.as_ref().map(AsRef::as_ref),
             session: self.session.as_ref().map(AsRef::as_ref),
             tags: self.tags.as_ref().map(AsRef::as_ref),
+            service_tier: self.service_tier.as_ref().map(AsRef::as_ref),
+            price: self.price.as_ref().map(AsRef::as_ref),
         }
     }
 

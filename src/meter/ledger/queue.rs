@@ -75,6 +75,8 @@ pub(super) fn push_row(buf: &mut Vec<u8>, row: &Row<&str>) {
         row.user.unwrap_or_default(),
         row.session.unwrap_or_default(),
         row.tags.unwrap_or_default(),
+        row.service_tier.unwrap_or_default(),
+        row.price.unwrap_or_default(),
     ] {
         push_text(buf, text);
     }
@@ -151,6 +153,8 @@ impl<'a> Entries<'a> {
         let user = present(self.text()?);
         let session = present(self.text()?);
         let tags = present(self.text()?);
+        let service_tier = present(self.text()?);
+        let price = present(self.text()?);
         let is = |bit: u8| flags & bit != 0;
         Some(Row {
             at: from_micros(at.cast_signed()),
@@ -180,6 +184,8 @@ impl<'a> Entries<'a> {
             user,
             session,
             tags,
+            service_tier,
+            price,
         })
     }
 }
@@ -248,6 +254,8 @@ mod tests {
             user: response_id.map(|_| "alice".to_owned()),
             session: None,
             tags: response_id.map(|_| r#"{"team":"search"}"#.to_owned()),
+            service_tier: response_id.map(|_| "priority".to_owned()),
+            price: response_id.map(|_| "built-in 2025-11".to_owned()),
         }
     }
 

@@ -141,6 +141,30 @@ const MIGRATIONS: &[&str] = &[
         JOIN names f ON f.id = r.flavor
         LEFT JOIN names u ON u.id = r.upstream;
     ",
+    // 4: Anthropic's 1-hour cache writes (a part of cache_write_tokens, 0 before), the service
+    // tier the response reported (NULL: standard, as every row before), and a label of the
+    // price used (NULL: unpriced, or not said, as every row before). Text in the row, as
+    // attribution is: a tier is rare, and a reprice rewrites labels with costs.
+    "
+    ALTER TABLE requests ADD COLUMN cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE requests ADD COLUMN service_tier TEXT;
+    ALTER TABLE requests ADD COLUMN price TEXT;
+    ALTER TABLE totals ADD COLUMN cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE upstream_totals ADD COLUMN cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0;
+    DROP VIEW request_rows;
+    CREATE VIEW request_rows AS
+        SELECT r.at, r.period, k.key_id, k.label AS key_label, m.name AS model,
+            coalesce(u.name, 'openai') AS upstream,
+            f.name AS flavor, r.status, r.streamed, r.input_tokens, r.cached_tokens,
+            r.cache_write_tokens, r.output_tokens, r.reasoning_tokens, r.cost_nano_usd,
+            r.latency_us, r.response_id, r.error, r.unpriced, r.estimated, r.partial,
+            r.user, r.session, r.tags, r.cache_write_1h_tokens, r.service_tier, r.price
+        FROM requests r
+        JOIN keys k ON k.id = r.key
+        JOIN names m ON m.id = r.model
+        JOIN names f ON f.id = r.flavor
+        LEFT JOIN names u ON u.id = r.upstream;
+    ",
 ];
 
 /// The schema version this build writes and reads.
@@ -325,6 +349,51 @@ mod tests {
             )
             .unwrap();
         assert_eq!(row, ("openai".to_owned(), None, None, None));
+    }
+
+    #[test]
+    fn a_version_3_ledger_is_migrated_with_no_one_hour_writes_tier_or_price() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite3");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&format!(
+                "{}
+                 {}
+                 {}
+                 PRAGMA application_id = {APPLICATION_ID};
+                 PRAGMA user_version = 3;
+                 INSERT INTO periods VALUES (1, 0);
+                 INSERT INTO keys VALUES (1, 'k1', 'sk-…1');
+                 INSERT INTO names VALUES (1, 'claude-sonnet-4-5'), (2, 'anthropic_messages'), (3, 'anthropic');
+                 INSERT INTO requests VALUES (5, 1, 1, 1, 2, 200, 0, 10, 0, 300, 5, 0, 75, NULL, NULL, 0, 0, 0, 0, 3, 'alice', NULL, NULL);
+                 INSERT INTO totals VALUES (1, 'k1', 'sk-…1', 'claude-sonnet-4-5', 1, 0, 10, 0, 300, 5, 0, 75, 0, 0);
+                 INSERT INTO upstream_totals VALUES (1, 'anthropic', 1, 0, 10, 0, 300, 5, 0, 75, 0, 0);",
+                MIGRATIONS[0], MIGRATIONS[1], MIGRATIONS[2]
+            ))
+            .unwrap();
+        }
+        let conn = open(&path, Access::Write).unwrap();
+        let (_, version, _) = identify(&conn).unwrap();
+        assert_eq!(version, VERSION);
+        let row: (i64, i64, Option<String>, Option<String>, String) = conn
+            .query_row(
+                "SELECT cache_write_tokens, cache_write_1h_tokens, service_tier, price, user FROM request_rows",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .unwrap();
+        assert_eq!(row, (300, 0, None, None, "alice".to_owned()));
+        for table in ["totals", "upstream_totals"] {
+            let (write, write_1h): (i64, i64) = conn
+                .query_row(
+                    &format!("SELECT cache_write_tokens, cache_write_1h_tokens FROM {table}"),
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap();
+            assert_eq!((write, write_1h), (300, 0), "{table}");
+        }
     }
 
     #[test]

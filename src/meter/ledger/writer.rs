@@ -408,7 +408,7 @@ fn upsert_sql(table: &str, values: &str, conflict: &str) -> String {
 }
 
 /// The counter columns of both totals tables, in the order `counts_from` reads them.
-pub const COUNTERS: [&str; 10] = [
+pub const COUNTERS: [&str; 11] = [
     "requests",
     "errors",
     "input_tokens",
@@ -419,6 +419,7 @@ pub const COUNTERS: [&str; 10] = [
     "cost_nano_usd",
     "unpriced",
     "estimated",
+    "cache_write_1h_tokens",
 ];
 
 /// Binds `COUNTERS` after `base` parameters.
@@ -439,6 +440,7 @@ fn bind_counts(
         c.cost.0,
         c.unpriced_requests,
         c.estimated_requests,
+        c.cache_write_1h_tokens,
     ]
     .into_iter()
     .enumerate()
@@ -449,7 +451,7 @@ fn bind_counts(
 }
 
 /// Columns of `requests`, bound per row.
-const COLUMNS: usize = 23;
+const COLUMNS: usize = 26;
 
 /// A row's time (its rowid) and the numbers of its key, model, upstream and flavor.
 struct Refs {
@@ -523,7 +525,7 @@ fn insert_sql(rows: usize) -> String {
         "INSERT INTO requests (at, period, key, model, flavor, status, streamed,
             input_tokens, cached_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
             cost_nano_usd, latency_us, response_id, error, unpriced, estimated, partial, upstream,
-            user, session, tags)
+            user, session, tags, cache_write_1h_tokens, service_tier, price)
          VALUES {}",
         values.join(", ")
     )
@@ -565,6 +567,9 @@ fn bind_row(
     insert.raw_bind_parameter(base + 21, row.user)?;
     insert.raw_bind_parameter(base + 22, row.session)?;
     insert.raw_bind_parameter(base + 23, row.tags)?;
+    insert.raw_bind_parameter(base + 24, int(u.cache_write_1h_tokens))?;
+    insert.raw_bind_parameter(base + 25, row.service_tier)?;
+    insert.raw_bind_parameter(base + 26, row.price)?;
     Ok(())
 }
 
@@ -641,8 +646,7 @@ pub(super) fn restore(conn: &mut Connection) -> rusqlite::Result<Restored> {
     })
 }
 
-/// Reads the counter columns `requests, errors, input, cached, cache_write, output, reasoning,
-/// cost, unpriced` starting at column `at`.
+/// Reads the counter columns (`COUNTERS`, in their order) starting at column `at`.
 pub fn counts_from(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Counts> {
     let get = |i: usize| -> rusqlite::Result<u64> { Ok(count(r.get::<_, i64>(at + i)?)) };
     let input = get(2)?;
@@ -658,7 +662,7 @@ pub fn counts_from(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Counts>
         total_tokens: prompt + output,
         cached_tokens: cached,
         cache_write_tokens: cache_write,
-        cache_write_1h_tokens: 0,
+        cache_write_1h_tokens: get(10)?,
         reasoning_tokens: get(6)?,
         cost: NanoUsd(get(7)?),
         unpriced_requests: get(8)?,
@@ -693,36 +697,74 @@ mod tests {
         (writer, shared)
     }
 
+    /// A request of no tokens, recorded now.
+    fn row() -> Row<&'static str> {
+        Row {
+            at: super::super::now(),
+            period: 1,
+            key_id: "0123456789abcdef",
+            key_label: "sk-…cdef",
+            model: "gpt-4o",
+            upstream: "openai",
+            flavor: "openai_chat",
+            status: 200,
+            is_streaming: false,
+            usage: Usage::default(),
+            cost: NanoUsd(1),
+            latency: None,
+            response_id: None,
+            is_error: false,
+            is_unpriced: false,
+            is_estimated: false,
+            is_partial: false,
+            user: None,
+            session: None,
+            tags: None,
+            service_tier: None,
+            price: None,
+        }
+    }
+
     fn queue_rows(shared: &Arc<Shared>, n: u64) {
         for _ in 0..n {
-            shared.push(|bytes| {
-                queue::push_row(
-                    bytes,
-                    &Row {
-                        at: super::super::now(),
-                        period: 1,
-                        key_id: "0123456789abcdef",
-                        key_label: "sk-…cdef",
-                        model: "gpt-4o",
-                        upstream: "openai",
-                        flavor: "openai_chat",
-                        status: 200,
-                        is_streaming: false,
-                        usage: Usage::default(),
-                        cost: NanoUsd(1),
-                        latency: None,
-                        response_id: None,
-                        is_error: false,
-                        is_unpriced: false,
-                        is_estimated: false,
-                        is_partial: false,
-                        user: None,
-                        session: None,
-                        tags: None,
-                    },
-                );
-            });
+            shared.push(|bytes| queue::push_row(bytes, &row()));
         }
+    }
+
+    #[test]
+    fn one_hour_writes_tier_and_price_are_stored_read_back_and_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, shared) = idle_writer(dir.path());
+        let written = Row {
+            model: "claude-sonnet-4-5",
+            upstream: "anthropic",
+            usage: Usage {
+                input_tokens: 10,
+                cache_write_tokens: 300,
+                cache_write_1h_tokens: 200,
+                ..Usage::default()
+            },
+            service_tier: Some("priority"),
+            price: Some("built-in 2025-11"),
+            ..row()
+        };
+        shared.push(|bytes| queue::push_row(bytes, &written));
+        let mut writer = writer.lock();
+        assert!(writer.round(false));
+        let reader = super::super::history::Reader::open(dir.path()).unwrap();
+        let mut read = Vec::new();
+        reader
+            .for_each_row(&super::super::history::Filter::default(), |r| {
+                read.push(r.clone());
+                true
+            })
+            .unwrap();
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].borrowed(), written);
+        let restored = restore(&mut writer.conn).unwrap();
+        assert_eq!(restored.totals[0].2.cache_write_1h_tokens, 200);
+        assert_eq!(restored.totals[0].2.cache_write_tokens, 300);
+        assert_eq!(restored.upstreams[0].1.cache_write_1h_tokens, 200);
     }
 
     /// Runs only the normal-priority thread (as if the background one never got the CPU) until
