@@ -145,18 +145,18 @@ async fn export_has_user_session_and_tags_columns_and_takes_the_filters() {
     let csv = proxy.get_text("/export?format=csv&user=alice").await;
     let lines: Vec<&str> = csv.lines().collect();
     assert!(
-        lines[0].ends_with(",upstream,user,session,tags"),
+        lines[0].ends_with(",upstream,user,session,tags,cache_write_1h_tokens,service_tier,price"),
         "{}",
         lines[0]
     );
     assert_eq!(lines.len(), 3);
     assert!(
-        lines[1].ends_with(",openai,alice,s1,\"run=42,team=search\""),
+        lines[1].ends_with(",openai,alice,s1,\"run=42,team=search\",0,standard,"),
         "{}",
         lines[1]
     );
     assert!(
-        lines[2].ends_with(",openai,alice,s2,team=search"),
+        lines[2].ends_with(",openai,alice,s2,team=search,0,standard,"),
         "{}",
         lines[2]
     );

@@ -148,6 +148,16 @@ fn assert_entry_equals(scrape: &Scrape, key: &str, model: &str, entry: &Value) {
         count(entry, "reasoning_tokens"),
         "{at}"
     );
+    assert_eq!(
+        tokens("cache_write"),
+        count(entry, "cache_write_tokens"),
+        "{at}"
+    );
+    assert_eq!(
+        tokens("cache_write_1h"),
+        count(entry, "cache_write_1h_tokens"),
+        "{at}"
+    );
     let cost = sum(scrape, "llm_meter_cost_usd_total", &labels);
     assert!(
         (cost - count(entry, "cost_usd")).abs() < 1e-12,

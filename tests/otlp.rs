@@ -274,6 +274,8 @@ async fn each_metered_request_becomes_a_genai_span_with_exact_tokens_and_cost() 
     assert_eq!(text(a, "llm_meter.tags.team"), "search");
     assert!(!flag(a, "llm_meter.estimated"));
     assert!(!flag(a, "llm_meter.partial"));
+    assert_eq!(text(a, "llm_meter.service_tier"), "standard");
+    assert_eq!(int(a, "llm_meter.usage.cache_write_1h_tokens"), 0);
     assert!(value(a, "error.type").is_none());
     assert!(!format!("{span:?}").contains(KEY));
     proxy.stop().await;

@@ -11,6 +11,7 @@ use crate::error::InvalidValue;
 use crate::meter::ledger::Row;
 use crate::meter::ledger::history::{Filter, Reader};
 use crate::meter::pricing::NanoUsd;
+use crate::usage::ServiceTier;
 
 /// Export file formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +50,7 @@ impl Format {
 }
 
 /// The export columns, in order (new ones are added at the end, so scripts keep working).
-const COLUMNS: [&str; 27] = [
+const COLUMNS: [&str; 30] = [
     "time",
     "key_id",
     "key",
@@ -77,6 +78,9 @@ const COLUMNS: [&str; 27] = [
     "user",
     "session",
     "tags",
+    "cache_write_1h_tokens",
+    "service_tier",
+    "price",
 ];
 
 /// Writes the rows `filter` takes in `format` (CSV with a header line).
@@ -125,7 +129,7 @@ fn csv_line(row: &Row, line: &mut String) {
     let u = &row.usage;
     let _ = write!(
         line,
-        "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\r\n",
+        "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\r\n",
         rfc3339(row.at),
         csv_field(&row.key_id),
         csv_field(&row.key_label),
@@ -153,7 +157,17 @@ fn csv_line(row: &Row, line: &mut String) {
         csv_field(row.user.as_deref().unwrap_or_default()),
         csv_field(row.session.as_deref().unwrap_or_default()),
         csv_field(&tags_text(row.tags.as_deref())),
+        u.cache_write_1h_tokens,
+        csv_field(service_tier(row)),
+        csv_field(row.price.as_deref().unwrap_or_default()),
     );
+}
+
+/// The row's service tier: the ledger keeps none for the standard one.
+fn service_tier(row: &Row) -> &str {
+    row.service_tier
+        .as_deref()
+        .unwrap_or(ServiceTier::Standard.as_str())
 }
 
 /// Stored tags as the header writes them (`run=42,team=search`): values hold no comma.
@@ -230,6 +244,9 @@ struct RowView<'a> {
     session: Option<&'a str>,
     /// The stored JSON object as it is.
     tags: Option<&'a serde_json::value::RawValue>,
+    cache_write_1h_tokens: u64,
+    service_tier: &'a str,
+    price: Option<&'a str>,
 }
 
 fn json_line(row: &Row, line: &mut String) {
@@ -265,6 +282,9 @@ fn json_line(row: &Row, line: &mut String) {
             .tags
             .as_deref()
             .and_then(|t| serde_json::from_str(t).ok()),
+        cache_write_1h_tokens: u.cache_write_1h_tokens,
+        service_tier: service_tier(row),
+        price: row.price.as_deref(),
     };
     // Serializing plain fields cannot fail; an empty line would be the only trace if it did.
     if let Ok(json) = serde_json::to_string(&view) {

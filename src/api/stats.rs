@@ -24,6 +24,8 @@ pub struct CountsView {
     total_tokens: u64,
     cached_tokens: u64,
     cache_write_tokens: u64,
+    /// The part of `cache_write_tokens` written for an hour (Anthropic's 1-hour cache TTL).
+    cache_write_1h_tokens: u64,
     reasoning_tokens: u64,
     #[serde(serialize_with = "serialize_usd")]
     cost_usd: NanoUsd,
@@ -44,6 +46,7 @@ impl From<&Counts> for CountsView {
             total_tokens: c.total_tokens,
             cached_tokens: c.cached_tokens,
             cache_write_tokens: c.cache_write_tokens,
+            cache_write_1h_tokens: c.cache_write_1h_tokens,
             reasoning_tokens: c.reasoning_tokens,
             cost_usd: c.cost,
             cost_nano_usd: c.cost.0,

@@ -212,7 +212,7 @@ impl Scrape {
         }
         let mut family = encoder.encode_descriptor(
             "llm_meter_tokens",
-            "Tokens by type: input (uncached), cached_input, cache_write, output (reasoning included), reasoning.",
+            "Tokens by type: input (uncached), cached_input, cache_write, output (reasoning included), reasoning, cache_write_1h (a part of cache_write).",
             None,
             MetricType::Counter,
         )?;

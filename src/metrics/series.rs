@@ -35,13 +35,16 @@ pub const OVERHEAD_BOUNDS: [f64; 14] = [
     0.1, 0.5, 1.28,
 ];
 
-/// Token types, in the order of `Entry::tokens`, as the `type` label gives them.
-pub const TOKEN_TYPES: [&str; 5] = [
+/// Token types, in the order of `Entry::tokens`, as the `type` label gives them. The first four
+/// add up to a request's tokens; `reasoning` is a part of `output`, and `cache_write_1h` a part
+/// of `cache_write` (Anthropic's 1-hour cache writes), each shown again on its own.
+pub const TOKEN_TYPES: [&str; 6] = [
     "input",
     "cached_input",
     "cache_write",
     "output",
     "reasoning",
+    "cache_write_1h",
 ];
 
 /// A histogram with 14 finite bounds and the `+Inf` one: counts per bucket (not cumulative)
@@ -82,7 +85,7 @@ pub struct Totals {
     /// Requests per outcome, in the order of `Outcome::ALL`.
     pub requests: [u64; 3],
     /// Tokens per type, in the order of `TOKEN_TYPES`.
-    pub tokens: [u64; 5],
+    pub tokens: [u64; 6],
     /// Cost in nano-dollars.
     pub cost_nano_usd: u64,
     /// Requests whose tokens were estimated.
@@ -136,6 +139,7 @@ impl Totals {
                 usage.cache_write_tokens,
                 usage.output_tokens,
                 usage.reasoning_tokens,
+                usage.cache_write_1h_tokens,
             ];
             for (total, n) in self.tokens.iter_mut().zip(tokens) {
                 *total += n;

@@ -206,7 +206,12 @@ fn attributes(span: &Span, operation: &str, request_model: Option<&str>) -> Vec<
             "llm_meter.usage.reasoning_tokens",
             usage.reasoning_tokens,
         ));
+        out.push(int(
+            "llm_meter.usage.cache_write_1h_tokens",
+            usage.cache_write_1h_tokens,
+        ));
     }
+    out.push(string("llm_meter.service_tier", span.service_tier.as_str()));
     out.push(double("llm_meter.cost_usd", usd(span.cost.0)));
     out.push(boolean("llm_meter.priced", span.is_priced));
     out.push(string("llm_meter.key", span.key.as_str()));
@@ -333,7 +338,7 @@ fn counters(recorded: &Recorded, times: (u64, u64)) -> Vec<Metric> {
         ),
         sum(
             "llm_meter.tokens",
-            "Tokens, by type: input, cached_input, cache_write, output, reasoning.",
+            "Tokens, by type: input, cached_input, cache_write, output, reasoning (a part of output), cache_write_1h (a part of cache_write).",
             "{token}",
             tokens,
         ),

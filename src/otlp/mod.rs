@@ -28,7 +28,7 @@ use crate::config::otlp::Settings;
 use crate::metrics::{Metrics, Operation};
 use crate::money::NanoUsd;
 use crate::tasks::Tasks;
-use crate::usage::{Flavor, Usage};
+use crate::usage::{Flavor, ServiceTier, Usage};
 pub use trace::Parent;
 
 /// Spans waiting for the exporter; past it new ones are dropped (and counted).
@@ -83,6 +83,8 @@ pub struct Span {
     pub status: u16,
     /// Why it failed (`error.type`), when it did.
     pub error_type: Option<String>,
+    /// The service tier its response reported.
+    pub service_tier: ServiceTier,
 }
 
 impl Span {
@@ -338,6 +340,7 @@ mod tests {
             is_streaming: false,
             status: 200,
             error_type: None,
+            service_tier: ServiceTier::Standard,
         }
     }
 

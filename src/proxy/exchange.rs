@@ -190,6 +190,7 @@ impl Finished {
             is_streaming: self.is_streaming,
             status: code,
             error_type,
+            service_tier: self.extracted.service_tier,
         });
     }
 
