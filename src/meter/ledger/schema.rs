@@ -283,28 +283,39 @@ mod tests {
         drop(open(&path, Access::Write).unwrap());
     }
 
-    #[test]
-    fn a_version_1_ledger_is_migrated_with_its_rows_under_the_openai_upstream() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.sqlite3");
+    /// A ledger in `dir` at schema `version` holding period 1, key `k1` and `rows` (SQL), opened
+    /// by the writer: migrated to the latest schema.
+    fn migrated_from(dir: &Path, version: usize, rows: &str) -> Connection {
+        let path = dir.join("ledger.sqlite3");
         {
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(&format!(
                 "{}
                  PRAGMA application_id = {APPLICATION_ID};
-                 PRAGMA user_version = 1;
+                 PRAGMA user_version = {version};
                  INSERT INTO periods VALUES (1, 0);
                  INSERT INTO keys VALUES (1, 'k1', 'sk-…1');
-                 INSERT INTO names VALUES (1, 'gpt-4o'), (2, 'openai_chat');
-                 INSERT INTO requests VALUES (5, 1, 1, 1, 2, 200, 0, 10, 0, 0, 5, 0, 75, NULL, NULL, 0, 0, 0, 0);
-                 INSERT INTO totals VALUES (1, 'k1', 'sk-…1', 'gpt-4o', 1, 0, 10, 0, 0, 5, 0, 75, 0);",
-                MIGRATIONS[0]
+                 {rows}",
+                MIGRATIONS[..version].join("\n")
             ))
             .unwrap();
         }
         let conn = open(&path, Access::Write).unwrap();
-        let (_, version, _) = identify(&conn).unwrap();
-        assert_eq!(version, VERSION);
+        let (_, migrated, _) = identify(&conn).unwrap();
+        assert_eq!(migrated, VERSION);
+        conn
+    }
+
+    #[test]
+    fn a_version_1_ledger_is_migrated_with_its_rows_under_the_openai_upstream() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = migrated_from(
+            dir.path(),
+            1,
+            "INSERT INTO names VALUES (1, 'gpt-4o'), (2, 'openai_chat');
+             INSERT INTO requests VALUES (5, 1, 1, 1, 2, 200, 0, 10, 0, 0, 5, 0, 75, NULL, NULL, 0, 0, 0, 0);
+             INSERT INTO totals VALUES (1, 'k1', 'sk-…1', 'gpt-4o', 1, 0, 10, 0, 0, 5, 0, 75, 0);",
+        );
         let upstream: String = conn
             .query_row("SELECT upstream FROM request_rows", [], |r| r.get(0))
             .unwrap();
@@ -322,25 +333,12 @@ mod tests {
     #[test]
     fn a_version_2_ledger_is_migrated_with_its_rows_unattributed() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.sqlite3");
-        {
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(&format!(
-                "{}
-                 {}
-                 PRAGMA application_id = {APPLICATION_ID};
-                 PRAGMA user_version = 2;
-                 INSERT INTO periods VALUES (1, 0);
-                 INSERT INTO keys VALUES (1, 'k1', 'sk-…1');
-                 INSERT INTO names VALUES (1, 'gpt-4o'), (2, 'openai_chat'), (3, 'openai');
-                 INSERT INTO requests VALUES (5, 1, 1, 1, 2, 200, 0, 10, 0, 0, 5, 0, 75, NULL, NULL, 0, 0, 0, 0, 3);",
-                MIGRATIONS[0], MIGRATIONS[1]
-            ))
-            .unwrap();
-        }
-        let conn = open(&path, Access::Write).unwrap();
-        let (_, version, _) = identify(&conn).unwrap();
-        assert_eq!(version, VERSION);
+        let conn = migrated_from(
+            dir.path(),
+            2,
+            "INSERT INTO names VALUES (1, 'gpt-4o'), (2, 'openai_chat'), (3, 'openai');
+             INSERT INTO requests VALUES (5, 1, 1, 1, 2, 200, 0, 10, 0, 0, 5, 0, 75, NULL, NULL, 0, 0, 0, 0, 3);",
+        );
         let row: (String, Option<String>, Option<String>, Option<String>) = conn
             .query_row(
                 "SELECT upstream, user, session, tags FROM request_rows",
@@ -354,28 +352,14 @@ mod tests {
     #[test]
     fn a_version_3_ledger_is_migrated_with_no_one_hour_writes_tier_or_price() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.sqlite3");
-        {
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(&format!(
-                "{}
-                 {}
-                 {}
-                 PRAGMA application_id = {APPLICATION_ID};
-                 PRAGMA user_version = 3;
-                 INSERT INTO periods VALUES (1, 0);
-                 INSERT INTO keys VALUES (1, 'k1', 'sk-…1');
-                 INSERT INTO names VALUES (1, 'claude-sonnet-4-5'), (2, 'anthropic_messages'), (3, 'anthropic');
-                 INSERT INTO requests VALUES (5, 1, 1, 1, 2, 200, 0, 10, 0, 300, 5, 0, 75, NULL, NULL, 0, 0, 0, 0, 3, 'alice', NULL, NULL);
-                 INSERT INTO totals VALUES (1, 'k1', 'sk-…1', 'claude-sonnet-4-5', 1, 0, 10, 0, 300, 5, 0, 75, 0, 0);
-                 INSERT INTO upstream_totals VALUES (1, 'anthropic', 1, 0, 10, 0, 300, 5, 0, 75, 0, 0);",
-                MIGRATIONS[0], MIGRATIONS[1], MIGRATIONS[2]
-            ))
-            .unwrap();
-        }
-        let conn = open(&path, Access::Write).unwrap();
-        let (_, version, _) = identify(&conn).unwrap();
-        assert_eq!(version, VERSION);
+        let conn = migrated_from(
+            dir.path(),
+            3,
+            "INSERT INTO names VALUES (1, 'claude-sonnet-4-5'), (2, 'anthropic_messages'), (3, 'anthropic');
+             INSERT INTO requests VALUES (5, 1, 1, 1, 2, 200, 0, 10, 0, 300, 5, 0, 75, NULL, NULL, 0, 0, 0, 0, 3, 'alice', NULL, NULL);
+             INSERT INTO totals VALUES (1, 'k1', 'sk-…1', 'claude-sonnet-4-5', 1, 0, 10, 0, 300, 5, 0, 75, 0, 0);
+             INSERT INTO upstream_totals VALUES (1, 'anthropic', 1, 0, 10, 0, 300, 5, 0, 75, 0, 0);",
+        );
         let row: (i64, i64, Option<String>, Option<String>, String) = conn
             .query_row(
                 "SELECT cache_write_tokens, cache_write_1h_tokens, service_tier, price, user FROM request_rows",
