@@ -50,6 +50,29 @@ pub enum Command {
     /// Show how model names are priced (entry, rates, source, tiers); `prices update`
     /// downloads the current LiteLLM price map into the data directory.
     Prices(PricesArgs),
+    /// Recompute the ledger's stored costs from their tokens with today's prices; prints old
+    /// and new totals per model, then writes them in one transaction (--dry-run: nothing).
+    Reprice(RepriceArgs),
+}
+
+/// `llm-meter reprice`.
+#[derive(Debug, Args)]
+pub struct RepriceArgs {
+    /// Where the ledger is.
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
+    /// First time repriced: RFC 3339 time, date (2026-11-25) or span back (24h, 7d) [default: the first row].
+    #[arg(long, value_parser = time)]
+    pub since: Option<String>,
+    /// End (exclusive), same forms as --since [default: now].
+    #[arg(long, value_parser = time)]
+    pub until: Option<String>,
+    /// Print what would change; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// A LiteLLM-format price map read over the built-in prices [env: LLM_METER_PRICING_FILE].
+    #[arg(long, value_name = "PATH")]
+    pub pricing_file: Option<PathBuf>,
 }
 
 /// `llm-meter prices [MODEL…]` and `llm-meter prices update`.
@@ -408,6 +431,10 @@ impl Cli {
                 ..
             })) => update.files.flags(),
             Some(Command::Prices(args)) => args.files.flags(),
+            Some(Command::Reprice(args)) => Flags {
+                pricing_file: args.pricing_file.clone(),
+                ..args.ledger.flags()
+            },
         }
     }
 }

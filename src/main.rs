@@ -66,6 +66,12 @@ fn main() -> ExitCode {
             &args.models,
             args.json,
         )),
+        Some(Command::Reprice(args)) => print(api::reprice::run(
+            &config,
+            args.since.as_deref(),
+            args.until.as_deref(),
+            args.dry_run,
+        )),
         Some(Command::Serve(_)) | None => serve(config, Reload { flags, env }),
     }
 }

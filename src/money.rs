@@ -164,7 +164,7 @@ impl Rates {
 
     /// Cost of `usage` at these rates in pico-dollars, before rounding.
     fn pico(&self, usage: &Usage) -> u128 {
-        let write_1h = 0_u64; // MERGE: usage.cache_write_1h_tokens.min(usage.cache_write_tokens)
+        let write_1h = usage.cache_write_1h_tokens.min(usage.cache_write_tokens);
         u128::from(usage.input_tokens) * u128::from(self.input)
             + u128::from(usage.cached_input_tokens) * u128::from(self.cached_input)
             + u128::from(usage.cache_write_tokens - write_1h) * u128::from(self.cache_write)

@@ -9,6 +9,7 @@ pub mod history;
 pub mod prices;
 pub mod remote;
 pub mod report;
+pub mod reprice;
 pub mod stats;
 
 pub use remote::probe_health;

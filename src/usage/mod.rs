@@ -93,42 +93,6 @@ impl Usage {
     }
 }
 
-/// The service tier a response says it was billed in.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ServiceTier {
-    /// The default tier (OpenAI's `default`, `auto`, `scale`; Anthropic's `standard`).
-    #[default]
-    Standard,
-    /// OpenAI's and Google's `flex`: slower, cheaper.
-    Flex,
-    /// `priority`: faster, dearer.
-    Priority,
-    /// A batch request (Anthropic's `batch`).
-    Batch,
-}
-
-impl ServiceTier {
-    /// The name in records and views.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Standard => "standard",
-            Self::Flex => "flex",
-            Self::Priority => "priority",
-            Self::Batch => "batch",
-        }
-    }
-
-    /// The tier a provider's `service_tier` value names; unknown values are the standard tier.
-    pub fn from_provider(value: &str) -> Self {
-        match value {
-            "flex" => Self::Flex,
-            "priority" => Self::Priority,
-            "batch" | "batches" => Self::Batch,
-            _ => Self::Standard,
-        }
-    }
-}
-
 /// How a route's responses report usage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flavor {

@@ -11,7 +11,7 @@
 //! one. A response that names no tier (or `null`) was served at `Standard` too.
 
 /// A provider's service tier, as its response reports it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ServiceTier {
     /// The default tier, and any tier we do not know.
     #[default]

@@ -96,7 +96,7 @@ mod tests {
                 provider: None,
             }],
         };
-        PriceTable::new(&[], layer, BTreeMap::new(), BTreeMap::new())
+        PriceTable::new(&[], &layer, BTreeMap::new(), BTreeMap::new())
     }
 
     #[test]

@@ -11,6 +11,7 @@
 pub mod history;
 pub mod integrity;
 mod queue;
+pub mod reprice;
 pub mod schema;
 mod writer;
 

@@ -142,13 +142,14 @@ const MIGRATIONS: &[&str] = &[
         LEFT JOIN names u ON u.id = r.upstream;
     ",
     // 4: Anthropic's 1-hour cache writes (a part of cache_write_tokens, 0 before), the service
-    // tier the response reported (NULL: standard, as every row before), and a label of the
-    // price used (NULL: unpriced, or not said, as every row before). Text in the row, as
-    // attribution is: a tier is rare, and a reprice rewrites labels with costs.
+    // tier the response reported (NULL: standard, as every row before; text in the row, as
+    // attribution is: a tier other than standard is rare), and the price used, by number in
+    // `names` as models are (NULL: unpriced, or not said, as every row before): a handful of
+    // labels label every row, and a reprice rewrites them with the costs.
     "
     ALTER TABLE requests ADD COLUMN cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE requests ADD COLUMN service_tier TEXT;
-    ALTER TABLE requests ADD COLUMN price TEXT;
+    ALTER TABLE requests ADD COLUMN price INTEGER REFERENCES names;
     ALTER TABLE totals ADD COLUMN cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE upstream_totals ADD COLUMN cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0;
     DROP VIEW request_rows;
@@ -158,12 +159,13 @@ const MIGRATIONS: &[&str] = &[
             f.name AS flavor, r.status, r.streamed, r.input_tokens, r.cached_tokens,
             r.cache_write_tokens, r.output_tokens, r.reasoning_tokens, r.cost_nano_usd,
             r.latency_us, r.response_id, r.error, r.unpriced, r.estimated, r.partial,
-            r.user, r.session, r.tags, r.cache_write_1h_tokens, r.service_tier, r.price
+            r.user, r.session, r.tags, r.cache_write_1h_tokens, r.service_tier, p.name AS price
         FROM requests r
         JOIN keys k ON k.id = r.key
         JOIN names m ON m.id = r.model
         JOIN names f ON f.id = r.flavor
-        LEFT JOIN names u ON u.id = r.upstream;
+        LEFT JOIN names u ON u.id = r.upstream
+        LEFT JOIN names p ON p.id = r.price;
     ",
 ];
 

@@ -335,6 +335,7 @@ fn commit(
                         model: ids.name(&tx, row.model)?,
                         upstream: ids.name(&tx, row.upstream)?,
                         flavor: ids.name(&tx, row.flavor)?,
+                        price: row.price.map(|label| ids.name(&tx, label)).transpose()?,
                     };
                     chunk.push((refs, row));
                     if chunk.len() == ROWS_PER_INSERT {
@@ -453,13 +454,15 @@ fn bind_counts(
 /// Columns of `requests`, bound per row.
 const COLUMNS: usize = 26;
 
-/// A row's time (its rowid) and the numbers of its key, model, upstream and flavor.
+/// A row's time (its rowid) and the numbers of its key, model, upstream, flavor and price.
 struct Refs {
     at: i64,
     key: i64,
     model: i64,
     upstream: i64,
     flavor: i64,
+    /// The price label, stored once in `names`: a few distinct labels label every row.
+    price: Option<i64>,
 }
 
 /// Numbers of the keys and names already in the ledger, so most rows need no lookup.
@@ -569,7 +572,7 @@ fn bind_row(
     insert.raw_bind_parameter(base + 23, row.tags)?;
     insert.raw_bind_parameter(base + 24, int(u.cache_write_1h_tokens))?;
     insert.raw_bind_parameter(base + 25, row.service_tier)?;
-    insert.raw_bind_parameter(base + 26, row.price)?;
+    insert.raw_bind_parameter(base + 26, refs.price)?;
     Ok(())
 }
 

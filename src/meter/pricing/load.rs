@@ -109,7 +109,7 @@ pub fn load(pricing: &Pricing) -> Result<Loaded, LoadError> {
             (name.clone(), own)
         })
         .collect();
-    let table = PriceTable::new(&layers, configured, pricing.aliases.clone(), upstreams);
+    let table = PriceTable::new(&layers, &configured, pricing.aliases.clone(), upstreams);
     Ok(Loaded { table, notes })
 }
 

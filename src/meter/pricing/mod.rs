@@ -305,7 +305,7 @@ impl PriceTable {
     /// configured in proxy.toml, `[models] alias` names, and per-upstream prices.
     pub fn new(
         files: &[Layer],
-        configured: Layer,
+        configured: &Layer,
         aliases: BTreeMap<String, String>,
         upstreams: BTreeMap<String, UpstreamPrices>,
     ) -> Self {
@@ -314,7 +314,7 @@ impl PriceTable {
             sources.push(configured.source.clone());
         }
         Self {
-            configured: Names::build(std::slice::from_ref(&configured)),
+            configured: Names::build(std::slice::from_ref(configured)),
             files: Names::build(files),
             aliases,
             upstreams: upstreams
@@ -332,7 +332,7 @@ impl PriceTable {
     pub fn builtin() -> Self {
         Self::new(
             &[builtin_layer()],
-            Layer::default(),
+            &Layer::default(),
             BTreeMap::new(),
             BTreeMap::new(),
         )

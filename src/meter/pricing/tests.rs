@@ -114,7 +114,7 @@ fn a_reported_tier_takes_its_rates_and_an_unlisted_one_the_standard() {
 fn later_layers_win_and_dated_prices_apply_from_their_date() {
     let t = PriceTable::new(
         &[layer("built-in", &[("m", None, 1.0)])],
-        layer(
+        &layer(
             "proxy.toml",
             &[("m", Some(1000), 2.0), ("m", Some(2000), 3.0)],
         ),
@@ -134,7 +134,7 @@ fn later_layers_win_and_dated_prices_apply_from_their_date() {
             "built-in",
             &[("m", None, 1.0), ("m-2024-08-06", None, 9.0)],
         )],
-        layer("proxy.toml", &[("m", None, 2.0)]),
+        &layer("proxy.toml", &[("m", None, 2.0)]),
         BTreeMap::new(),
         BTreeMap::new(),
     );
@@ -148,7 +148,7 @@ fn later_layers_win_and_dated_prices_apply_from_their_date() {
             layer("a", &[("m", Some(10), 1.0)]),
             layer("b", &[("m", None, 5.0)]),
         ],
-        Layer::default(),
+        &Layer::default(),
         BTreeMap::new(),
         BTreeMap::new(),
     );
@@ -167,7 +167,7 @@ fn aliases_upstream_prices_and_multipliers_apply() {
     let aliases = BTreeMap::from([("my-deploy".to_owned(), "m".to_owned())]);
     let t = PriceTable::new(
         &[layer("built-in", &[("m", None, 1.0)])],
-        Layer::default(),
+        &Layer::default(),
         aliases,
         upstreams,
     );
