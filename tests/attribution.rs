@@ -151,12 +151,12 @@ async fn export_has_user_session_and_tags_columns_and_takes_the_filters() {
     );
     assert_eq!(lines.len(), 3);
     assert!(
-        lines[1].ends_with(",openai,alice,s1,\"run=42,team=search\",0,standard,"),
+        lines[1].contains(",openai,alice,s1,\"run=42,team=search\",0,standard,built-in 20"),
         "{}",
         lines[1]
     );
     assert!(
-        lines[2].ends_with(",openai,alice,s2,team=search,0,standard,"),
+        lines[2].contains(",openai,alice,s2,team=search,0,standard,built-in 20"),
         "{}",
         lines[2]
     );
