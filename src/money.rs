@@ -406,6 +406,21 @@ mod tests {
     }
 
     #[test]
+    fn one_hour_cache_writes_take_their_own_rate_and_the_rest_the_five_minute_one() {
+        let mut rates = Rates::per_million(3.0, 15.0, 0.3, 3.75);
+        rates.cache_write_1h = pico_per_token(6.0);
+        let price = Price::flat(rates);
+        let mut u = usage(0, 0, 0);
+        u.cache_write_tokens = 300;
+        u.cache_write_1h_tokens = 200;
+        // 100 x 3.75 + 200 x 6 = 1575 millionths of a dollar.
+        assert_eq!(price.cost(&u), NanoUsd(1_575_000));
+        // A 1-hour part larger than the whole is cut to it.
+        u.cache_write_1h_tokens = 500;
+        assert_eq!(price.cost(&u), NanoUsd(1_800_000));
+    }
+
+    #[test]
     fn sums_of_many_small_costs_do_not_drift() {
         let price = Price::per_million(0.15, 0.60, 0.075, 0.15);
         let one = price.cost(&usage(10, 0, 10));
