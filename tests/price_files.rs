@@ -5,7 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Binary, Mock, Received, Reply, binary_command, chat_completion, chat_request};
+use common::{
+    Binary, Mock, Received, Reply, binary_command, chat_completion, chat_request, run_to_end,
+};
 use serde_json::{Value, json};
 
 /// A LiteLLM-format map pricing `house-model` at `input` and `output` USD per million.
@@ -26,18 +28,6 @@ fn price_map(input: f64, output: f64) -> Value {
 
 fn million_in(_: &Received) -> Reply {
     Reply::json(200, &chat_completion("house-model", "x", 1_000_000, 0))
-}
-
-fn run(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
-    let output = binary_command(dir)
-        .args(args)
-        .output()
-        .expect("the binary runs");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 async fn cost_of(binary: &Binary, model: &str) -> Value {
@@ -94,7 +84,7 @@ fn a_pricing_file_that_is_not_a_price_map_stops_the_start_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("broken.json");
     std::fs::write(&file, "{\"not\": ").unwrap();
-    let (ok, _, stderr) = run(
+    let (ok, _, stderr) = run_to_end(
         dir.path(),
         &[
             "--listen",
@@ -116,10 +106,11 @@ async fn prices_update_downloads_checks_keeps_the_previous_copy_and_says_what_ch
     let server = Mock::start(|_: &Received| Reply::json(200, &price_map(2.0, 8.0))).await;
     let url = server.url().replace("/v1", "/model_prices.json");
     // Two models where the built-in table has thousands: refused unless forced.
-    let (ok, _, stderr) = run(dir.path(), &["prices", "update", "--url", &url]);
+    let (ok, _, stderr) = run_to_end(dir.path(), &["prices", "update", "--url", &url]);
     assert!(!ok && stderr.contains("--force"), "{stderr}");
     assert!(!dir.path().join("data").join("prices.json").exists());
-    let (ok, stdout, stderr) = run(dir.path(), &["prices", "update", "--force", "--url", &url]);
+    let (ok, stdout, stderr) =
+        run_to_end(dir.path(), &["prices", "update", "--force", "--url", &url]);
     assert!(ok, "{stderr}");
     assert!(
         stdout.starts_with("2 models, 1 price changed: gpt-4o input 2.5 -> 1, output 10 -> 1"),
@@ -133,7 +124,7 @@ async fn prices_update_downloads_checks_keeps_the_previous_copy_and_says_what_ch
     // A second update keeps the first as the previous copy and lists the change.
     let server = Mock::start(|_: &Received| Reply::json(200, &price_map(3.0, 8.0))).await;
     let url = server.url().replace("/v1", "/model_prices.json");
-    let (ok, stdout, _) = run(dir.path(), &["prices", "update", "--url", &url]);
+    let (ok, stdout, _) = run_to_end(dir.path(), &["prices", "update", "--url", &url]);
     assert!(ok);
     assert!(
         stdout.starts_with("2 models, 1 price changed: house-model input 2 -> 3,"),
@@ -153,14 +144,14 @@ async fn prices_update_downloads_checks_keeps_the_previous_copy_and_says_what_ch
     // What is not a price map is refused, and the saved copy stays.
     let bad = Mock::start(|_: &Received| Reply::json(200, &json!({"hello": "world"}))).await;
     let url = bad.url().replace("/v1", "/x.json");
-    let (ok, _, stderr) = run(dir.path(), &["prices", "update", "--url", &url]);
+    let (ok, _, stderr) = run_to_end(dir.path(), &["prices", "update", "--url", &url]);
     assert!(!ok);
     assert!(stderr.contains("not usable"), "{stderr}");
     let missing = Mock::start(|_: &Received| Reply::json(404, &json!({}))).await;
     let url = missing.url().replace("/v1", "/x.json");
-    let (ok, _, stderr) = run(dir.path(), &["prices", "update", "--url", &url]);
+    let (ok, _, stderr) = run_to_end(dir.path(), &["prices", "update", "--url", &url]);
     assert!(!ok && stderr.contains("404"), "{stderr}");
-    let (_, shown, _) = run(dir.path(), &["prices", "house-model"]);
+    let (_, shown, _) = run_to_end(dir.path(), &["prices", "house-model"]);
     assert!(shown.contains("input 3, output 8"), "{shown}");
 }
 
@@ -181,7 +172,7 @@ async fn a_running_proxy_takes_downloaded_prices_on_sighup() {
 
     let server = Mock::start(|_: &Received| Reply::json(200, &price_map(5.0, 8.0))).await;
     let url = server.url().replace("/v1", "/p.json");
-    assert!(run(dir.path(), &["prices", "update", "--force", "--url", &url]).0);
+    assert!(run_to_end(dir.path(), &["prices", "update", "--force", "--url", &url]).0);
     let hup = std::process::Command::new("kill")
         .args(["-HUP", &binary.pid().to_string()])
         .status()
@@ -208,7 +199,7 @@ async fn a_running_proxy_takes_downloaded_prices_on_sighup() {
 #[test]
 fn prices_shows_how_each_name_resolves() {
     let dir = tempfile::tempdir().unwrap();
-    let (ok, stdout, stderr) = run(
+    let (ok, stdout, stderr) = run_to_end(
         dir.path(),
         &["prices", "claude-sonnet-4-5@20250929", "no-such-model-xyz"],
     );
@@ -222,7 +213,7 @@ fn prices_shows_how_each_name_resolves() {
     assert!(stdout.contains("built-in 20"), "{stdout}");
     assert!(stdout.contains(">200k"), "{stdout}");
     assert!(stdout.contains("no-such-model-xyz\n  no price"), "{stdout}");
-    let (ok, json, _) = run(dir.path(), &["prices", "--json", "mistral-large-latest"]);
+    let (ok, json, _) = run_to_end(dir.path(), &["prices", "--json", "mistral-large-latest"]);
     assert!(ok);
     let shown: Value = serde_json::from_str(&json).unwrap();
     assert_eq!(shown[0]["entry"], "mistral/mistral-large-latest");
@@ -231,6 +222,6 @@ fn prices_shows_how_each_name_resolves() {
         shown[0]["prices"][0]["standard"]["base"]["input_per_million"],
         0.5
     );
-    let (ok, summary, _) = run(dir.path(), &["prices"]);
+    let (ok, summary, _) = run_to_end(dir.path(), &["prices"]);
     assert!(ok && summary.contains("built-in 20"), "{summary}");
 }

@@ -8,23 +8,12 @@ use std::time::Duration;
 
 use common::{
     Binary, Mock, Received, Reply, binary_command, chat_completion, chat_request, json_lines,
+    run_to_end,
 };
 
 fn answer(r: &Received) -> Reply {
     let model = r.json()["model"].as_str().expect("a model").to_owned();
     Reply::json(200, &chat_completion(&model, "x", 1_000_000, 0))
-}
-
-fn run(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
-    let output = binary_command(dir)
-        .args(args)
-        .output()
-        .expect("the binary runs");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 #[tokio::test]
@@ -51,7 +40,7 @@ async fn reprice_prices_rows_that_were_unpriced_and_a_restart_shows_them() {
         "[pricing.\"house-later\"]\ninput_per_million = 4.0\noutput_per_million = 4.0\n",
     )
     .unwrap();
-    let (ok, dry, stderr) = run(dir.path(), &["reprice", "--dry-run"]);
+    let (ok, dry, stderr) = run_to_end(dir.path(), &["reprice", "--dry-run"]);
     assert!(ok, "{stderr}");
     assert!(
         dry.contains("2 rows that were unpriced now have a price."),
@@ -63,17 +52,17 @@ async fn reprice_prices_rows_that_were_unpriced_and_a_restart_shows_them() {
         house.contains("$8.00") && house.contains("+$8.00"),
         "{house}"
     );
-    let (_, csv, _) = run(dir.path(), &["export", "--format", "jsonl"]);
+    let (_, csv, _) = run_to_end(dir.path(), &["export", "--format", "jsonl"]);
     assert!(
         json_lines(&csv)
             .iter()
             .all(|r| r["model"] != "house-later" || r["unpriced"] == true)
     );
 
-    let (ok, wrote, stderr) = run(dir.path(), &["reprice", "--since", "2020-01-01"]);
+    let (ok, wrote, stderr) = run_to_end(dir.path(), &["reprice", "--since", "2020-01-01"]);
     assert!(ok, "{stderr}");
     assert!(wrote.contains("Written in one transaction."), "{wrote}");
-    let (_, rows, _) = run(dir.path(), &["export", "--format", "jsonl"]);
+    let (_, rows, _) = run_to_end(dir.path(), &["export", "--format", "jsonl"]);
     let rows = json_lines(&rows);
     let house: Vec<_> = rows
         .iter()
@@ -86,7 +75,7 @@ async fn reprice_prices_rows_that_were_unpriced_and_a_restart_shows_them() {
         assert_eq!(row["price"], "proxy.toml: house-later");
     }
     // Repricing again changes nothing.
-    let (_, again, _) = run(dir.path(), &["reprice"]);
+    let (_, again, _) = run_to_end(dir.path(), &["reprice"]);
     assert!(
         again.contains("0 rows that were unpriced now have a price."),
         "{again}"
@@ -107,7 +96,7 @@ async fn reprice_prices_rows_that_were_unpriced_and_a_restart_shows_them() {
 #[test]
 fn reprice_without_a_ledger_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    let (ok, _, stderr) = run(dir.path(), &["reprice"]);
+    let (ok, _, stderr) = run_to_end(dir.path(), &["reprice"]);
     assert!(!ok);
     assert!(stderr.contains("ledger"), "{stderr}");
 }

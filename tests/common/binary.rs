@@ -58,6 +58,16 @@ pub fn binary_command(dir: &std::path::Path) -> std::process::Command {
     command
 }
 
+/// Runs the binary in `dir` with `args` to its end: (exit success, stdout, stderr).
+pub fn run_to_end(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let output = binary_command(dir).args(args).output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 impl Binary {
     /// POSTs a chat completion with a bearer key and reads the whole answer.
     pub async fn chat_through(&self, key: &str, body: &Value) -> Bytes {

@@ -17,7 +17,7 @@ mod tls;
     reason = "each test file uses a different part of the harness"
 )]
 pub use self::{
-    binary::{Binary, binary_command, peak_rss_kib},
+    binary::{Binary, binary_command, peak_rss_kib, run_to_end},
     egress_proxy::{Asked, Behaviour, EgressProxy},
     fixtures::{
         chat_completion, chat_request, chat_stream, json_lines, key_id, ledger_row, totals_of,
