@@ -33,6 +33,9 @@ BASES = (
     "input_cost_per_token_cache_hit",
     "input_cost_per_token",
     "output_cost_per_token",
+    "cache_read_input_audio_token_cost",
+    "input_cost_per_audio_token",
+    "output_cost_per_audio_token",
 )
 RATE = re.compile(
     r"^(?P<base>" + "|".join(BASES) + r")(_above_\d+k_tokens)?(_(flex|priority|batches))?$"

@@ -130,6 +130,20 @@ pub struct Rates {
     pub cache_write: PicoPerToken,
     /// Input written to the cache for an hour (Anthropic's `ttl: "1h"`).
     pub cache_write_1h: PicoPerToken,
+    /// Audio tokens' own rates (the Realtime API's), when the price has them: without them a
+    /// response with audio is priced for its text and flagged unpriced.
+    pub audio: Option<AudioRates>,
+}
+
+/// What one audio token costs (the Realtime API bills audio apart from text).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AudioRates {
+    /// Uncached audio input.
+    pub input: PicoPerToken,
+    /// Audio input read from the cache.
+    pub cached_input: PicoPerToken,
+    /// Audio output.
+    pub output: PicoPerToken,
 }
 
 impl Rates {
@@ -142,6 +156,7 @@ impl Rates {
             cached_input: pico_per_token(cached_input),
             cache_write,
             cache_write_1h: cache_write,
+            audio: None,
         }
     }
 
@@ -228,6 +243,9 @@ pub struct Charge {
     pub tier: ServiceTier,
     /// The long-context threshold the prompt crossed, when it did.
     pub above: Option<u64>,
+    /// False when the request had audio tokens and the price no audio rates: its cost is then
+    /// its text's alone.
+    pub is_audio_priced: bool,
 }
 
 impl Price {
@@ -262,20 +280,31 @@ impl Price {
 
     /// Cost of one request in `tier`: each token class at its rate, the whole request at the
     /// long-context rates once its prompt crosses a threshold, rounded once.
-    pub fn charge(&self, usage: &Usage, tier: ServiceTier) -> Charge {
+    /// `audio` is the part of `usage` that was audio, at the audio rates when the price has
+    /// them.
+    pub fn charge(&self, usage: &Usage, audio: &Usage, tier: ServiceTier) -> Charge {
         let (ladder, tier) = self.ladder(tier);
         let (rates, above) = ladder.step(usage.prompt_tokens());
-        let nano = (rates.pico(usage) + 500) / 1000;
+        let has_audio = audio.total_tokens() > 0;
+        let mut pico = rates.pico(&usage.without(audio));
+        if has_audio && let Some(a) = rates.audio {
+            pico += u128::from(audio.input_tokens) * u128::from(a.input)
+                + u128::from(audio.cached_input_tokens) * u128::from(a.cached_input)
+                + u128::from(audio.output_tokens) * u128::from(a.output);
+        }
+        let nano = (pico + 500) / 1000;
         Charge {
             cost: NanoUsd(u64::try_from(nano).unwrap_or(u64::MAX)),
             tier,
             above,
+            is_audio_priced: !has_audio || rates.audio.is_some(),
         }
     }
 
     /// Cost of one standard-tier request.
     pub fn cost(&self, usage: &Usage) -> NanoUsd {
-        self.charge(usage, ServiceTier::Standard).cost
+        self.charge(usage, &Usage::default(), ServiceTier::Standard)
+            .cost
     }
 }
 

@@ -331,6 +331,41 @@ async fn realtime_usage_is_recorded_per_response_with_audio_tokens_flagged_unpri
 }
 
 #[tokio::test]
+async fn realtime_audio_is_priced_at_the_audio_rates_the_price_map_lists() {
+    let mock = WsMock::start(Api::Realtime).await;
+    // No configured price: the built-in table's gpt-realtime, which lists audio rates.
+    let proxy = Proxy::start_with(&mock.url(), "").await;
+    let key = "sk-ws-realtime-audio-00000000";
+    let mut ws = open(proxy.addr, "/v1/realtime?model=gpt-realtime", key)
+        .await
+        .unwrap();
+    let _created = ws.next().await.unwrap().unwrap();
+    let rt_create =
+        json!({"type": "response.create", "response": {"modalities": ["audio", "text"]}});
+    respond(&mut ws, &rt_create, "response.done").await;
+    ws.close(None).await.unwrap();
+
+    let stats = proxy.stats_after(1).await;
+    let entry = Proxy::model_of(&stats, &key_id(key), "gpt-realtime");
+    assert_eq!(entry["unpriced_requests"], 0, "audio is priced");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/data/prices.json");
+    let table: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let rate = |field: &str| table["models"]["gpt-realtime"][field].as_f64().unwrap();
+    // Text: 59 uncached, 60 cached in, 30 out; audio: 9 uncached, 4 cached in, 91 out.
+    let expected = 59.0 * rate("input_cost_per_token")
+        + 60.0 * rate("cache_read_input_token_cost")
+        + 30.0 * rate("output_cost_per_token")
+        + 9.0 * rate("input_cost_per_audio_token")
+        + 4.0 * rate("cache_read_input_audio_token_cost")
+        + 91.0 * rate("output_cost_per_audio_token");
+    assert_eq!(entry["cost_nano_usd"], (expected * 1e9).round() as u64);
+    let alerts = proxy.get_json("/alerts").await;
+    assert_eq!(alerts["alerts"].as_array().unwrap().len(), 0);
+    proxy.stop().await;
+    mock.stop().await;
+}
+
+#[tokio::test]
 async fn a_budget_spent_mid_connection_closes_both_sides_with_a_policy_violation() {
     let mock = WsMock::start(Api::Responses).await;
     let toml = format!("{PRICES}[budget]\ntotal_usd = 0.0001\n");

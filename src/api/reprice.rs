@@ -35,8 +35,12 @@ pub fn run(
     let table = load::load(&config.pricing)?.table;
     let price = |row: &Stored<'_>| {
         let resolved = table.resolve(row.upstream, row.model)?;
-        let (charge, label) =
-            resolved.charge(&row.usage, row.service_tier, row.at.unix_timestamp())?;
+        let (charge, label) = resolved.charge(
+            &row.usage,
+            &crate::usage::Usage::default(),
+            row.service_tier,
+            row.at.unix_timestamp(),
+        )?;
         Some((charge.cost, label))
     };
     let summary = reprice::reprice(&ledger.dir, range, dry_run, &price)?;

@@ -126,8 +126,8 @@ pub struct Record<'a> {
     pub is_estimated: bool,
     /// The name of the upstream it went to (`openai`, `anthropic`, or a declared one).
     pub upstream: &'a str,
-    /// The part of `usage` that was audio: counted as tokens, but left out of the cost (no
-    /// price has audio rates), and the request flagged unpriced when there is any.
+    /// The part of `usage` that was audio: priced at the price's audio rates, or, when it has
+    /// none, left out of the cost and the request flagged unpriced.
     pub audio: Usage,
     /// The service tier the response reported (`Standard` when it said none).
     pub service_tier: ServiceTier,
@@ -413,8 +413,9 @@ impl Meter {
     }
 
     /// What `usage` of the record's model costs on its upstream, at the price in force now, in
-    /// the tier it reports; `audio` of it is left out (and then the record is unpriced). The proxy
-    /// alerts on unpriced requests (once per model and day, through the guard): not here.
+    /// the tier it reports; its `audio` part at the audio rates, or, when the price has none,
+    /// left out and the record unpriced. The proxy alerts on unpriced requests (once per model
+    /// and day, through the guard): not here.
     fn price(&self, record: &Record<'_>, usage: &Usage) -> Priced {
         // A request with no tokens costs nothing whatever the model: nothing to be unsure of,
         // and its name (often a failed request's) is not looked up.
@@ -425,8 +426,6 @@ impl Meter {
                 source: None,
             };
         }
-        let audio = &record.audio;
-        let has_audio = audio.total_tokens() > 0;
         let resolved = self.resolution(record.upstream, record.model);
         let charged = resolved.and_then(|resolved| {
             let at = if resolved.is_undated() {
@@ -434,12 +433,12 @@ impl Meter {
             } else {
                 OffsetDateTime::now_utc().unix_timestamp()
             };
-            resolved.charge(&usage.without(audio), record.service_tier, at)
+            resolved.charge(usage, &record.audio, record.service_tier, at)
         });
         match charged {
             Some((charge, label)) => Priced {
                 cost: charge.cost,
-                is_priced: !has_audio,
+                is_priced: charge.is_audio_priced,
                 source: Some(Arc::from(label)),
             },
             None => Priced {

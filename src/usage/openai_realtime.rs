@@ -10,7 +10,8 @@
 //! | `audio` (output)      | `output_token_details.audio_tokens`                       |
 //!
 //! Audio tokens are counted in the input and output like any token; their part is kept apart
-//! (`Extracted::audio`) because they cost more than text and no configured price says how much.
+//! (`Extracted::audio`) because they cost more than text, at the audio rates of a price that has
+//! them.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;

@@ -4,15 +4,17 @@
 //!
 //! A rate field is a base name, then optionally a long-context threshold, then optionally a
 //! tier: `input_cost_per_token`, `cache_read_input_token_cost_above_200k_tokens`,
-//! `output_cost_per_token_priority`, `input_cost_per_token_above_272k_tokens_flex`. Other fields
-//! (images, audio, search, `_ultrafast`, ...) are ignored, as are entries with no token price.
+//! `output_cost_per_token_priority`, `input_cost_per_token_above_272k_tokens_flex`; audio tokens
+//! have theirs (`input_cost_per_audio_token`, `output_cost_per_audio_token`,
+//! `cache_read_input_audio_token_cost`). Other fields (images, search, `_ultrafast`, ...) are
+//! ignored, as are entries with no token price.
 //! `scripts/price_table.py` cuts a copy to the same grammar for the built-in table.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Map, Value};
 
-use crate::money::{Ladder, PicoPerToken, Price, Rates, pico_from_usd_per_token};
+use crate::money::{AudioRates, Ladder, PicoPerToken, Price, Rates, pico_from_usd_per_token};
 use crate::usage::ServiceTier;
 
 /// Largest price map read: LiteLLM's own is a few MiB.
@@ -71,6 +73,9 @@ enum Class {
     CacheHit,
     CacheWrite,
     CacheWrite1h,
+    AudioInput,
+    AudioCached,
+    AudioOutput,
 }
 
 /// Base names, longest first where one starts another.
@@ -84,6 +89,9 @@ const BASES: &[(&str, Class)] = &[
     ("input_cost_per_token_cache_hit", Class::CacheHit),
     ("input_cost_per_token", Class::Input),
     ("output_cost_per_token", Class::Output),
+    ("cache_read_input_audio_token_cost", Class::AudioCached),
+    ("input_cost_per_audio_token", Class::AudioInput),
+    ("output_cost_per_audio_token", Class::AudioOutput),
 ];
 
 const TIERS: &[(&str, ServiceTier)] = &[
@@ -259,21 +267,45 @@ impl Explicit {
             .find_map(|(n, t)| get(n, t))
     }
 
+    /// Audio rates, when the map gives an audio input or output rate: a missing one is the
+    /// text rate of its class (cached audio: the audio input rate).
+    fn audio(
+        &self,
+        threshold: u64,
+        tier: ServiceTier,
+        text_input: PicoPerToken,
+        text_output: PicoPerToken,
+    ) -> Option<AudioRates> {
+        let rate = |class| self.rate(class, threshold, tier);
+        let (input, output) = (rate(Class::AudioInput), rate(Class::AudioOutput));
+        if input.is_none() && output.is_none() {
+            return None;
+        }
+        let input = input.unwrap_or(text_input);
+        Some(AudioRates {
+            input,
+            cached_input: rate(Class::AudioCached).unwrap_or(input),
+            output: output.unwrap_or(text_output),
+        })
+    }
+
     /// All classes at a threshold in a tier. A class the map prices nowhere costs what the
     /// cheaper class it refines costs: cache reads and writes the input rate, one-hour writes
     /// the five-minute rate.
     fn rates(&self, threshold: u64, tier: ServiceTier) -> Rates {
         let rate = |class| self.rate(class, threshold, tier);
         let input = rate(Class::Input).unwrap_or(0);
+        let output = rate(Class::Output).unwrap_or(0);
         let cache_write = rate(Class::CacheWrite).unwrap_or(input);
         Rates {
             input,
-            output: rate(Class::Output).unwrap_or(0),
+            output,
             cached_input: rate(Class::Cached)
                 .or_else(|| rate(Class::CacheHit))
                 .unwrap_or(input),
             cache_write,
             cache_write_1h: rate(Class::CacheWrite1h).unwrap_or(cache_write),
+            audio: self.audio(threshold, tier, input, output),
         }
     }
 }
@@ -305,10 +337,13 @@ mod tests {
             rate_field("output_cost_per_token_batches"),
             Some((Class::Output, 0, ServiceTier::Batch))
         );
+        assert_eq!(
+            rate_field("input_cost_per_audio_token"),
+            Some((Class::AudioInput, 0, ServiceTier::Standard))
+        );
         for other in [
             "input_cost_per_token_ultrafast",
             "cache_creation_input_token_cost_above_12hr",
-            "input_cost_per_audio_token",
             "input_cost_per_token_above_k_tokens",
             "output_cost_per_image",
         ] {
@@ -329,6 +364,7 @@ mod tests {
                 cached_input: 1_250_000,
                 cache_write: 2_500_000,
                 cache_write_1h: 2_500_000,
+                audio: None,
             }
         );
         assert!(price.flex.is_none() && price.standard.above.is_empty());

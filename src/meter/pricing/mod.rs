@@ -247,17 +247,19 @@ impl Resolved {
         self.versions.first().is_some_and(|d| d.since.is_none()) && self.versions.len() == 1
     }
 
-    /// The cost of `usage` in `tier` at the price in force at `at`, and a label saying which
+    /// The cost of `usage` (of which `audio` was audio) in `tier` at the price in force at `at`,
+    /// and a label saying which
     /// price it took (`built-in 2026-12-06: gemini-2.5-pro, above 200k`); `None` when no price
     /// was in force then.
     pub fn charge(
         &self,
         usage: &crate::usage::Usage,
+        audio: &crate::usage::Usage,
         tier: crate::usage::ServiceTier,
         at: UnixSeconds,
     ) -> Option<(Charge, String)> {
         let (resolved, dated) = self.at(at)?;
-        let mut charge = dated.price.charge(usage, tier);
+        let mut charge = dated.price.charge(usage, audio, tier);
         let mut label = format!("{}: {}", dated.source, resolved.entry);
         if let Some(above) = charge.above {
             label.push_str(&format!(", above {}k", above / 1000));

@@ -88,8 +88,16 @@ fn unknown_models_have_no_price() {
 fn a_long_gemini_prompt_is_billed_whole_at_the_long_context_rate() {
     let t = PriceTable::builtin();
     let price = price_of(&t, "gemini-2.5-pro").unwrap();
-    let short = price.charge(&usage(100_000, 1000), ServiceTier::Standard);
-    let long = price.charge(&usage(250_000, 1000), ServiceTier::Standard);
+    let short = price.charge(
+        &usage(100_000, 1000),
+        &Usage::default(),
+        ServiceTier::Standard,
+    );
+    let long = price.charge(
+        &usage(250_000, 1000),
+        &Usage::default(),
+        ServiceTier::Standard,
+    );
     assert_eq!(short.above, None);
     assert_eq!(long.above, Some(200_000));
     let (_, rates) = price.standard.above[0];
@@ -101,12 +109,12 @@ fn a_long_gemini_prompt_is_billed_whole_at_the_long_context_rate() {
 fn a_reported_tier_takes_its_rates_and_an_unlisted_one_the_standard() {
     let t = PriceTable::builtin();
     let price = price_of(&t, "gpt-4o").unwrap();
-    let standard = price.charge(&usage(1000, 1000), ServiceTier::Standard);
-    let priority = price.charge(&usage(1000, 1000), ServiceTier::Priority);
+    let standard = price.charge(&usage(1000, 1000), &Usage::default(), ServiceTier::Standard);
+    let priority = price.charge(&usage(1000, 1000), &Usage::default(), ServiceTier::Priority);
     assert_eq!(priority.tier, ServiceTier::Priority);
     assert!(priority.cost > standard.cost);
     let embedding = price_of(&t, "text-embedding-3-small").unwrap();
-    let flex = embedding.charge(&usage(1000, 0), ServiceTier::Flex);
+    let flex = embedding.charge(&usage(1000, 0), &Usage::default(), ServiceTier::Flex);
     assert_eq!(flex.tier, ServiceTier::Standard);
 }
 
@@ -174,7 +182,12 @@ fn aliases_upstream_prices_and_multipliers_apply() {
     let r = t.resolve("azure", "my-deploy").unwrap();
     assert_eq!((&*r.entry, r.found_by), ("m", Match::Alias));
     let (charge, label) = r
-        .charge(&usage(1_000_000, 0), ServiceTier::Standard, 0)
+        .charge(
+            &usage(1_000_000, 0),
+            &Usage::default(),
+            ServiceTier::Standard,
+            0,
+        )
         .unwrap();
     assert_eq!(charge.cost, NanoUsd(1_050_000_000));
     assert_eq!(label, "built-in: m, x1.05");
