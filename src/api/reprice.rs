@@ -95,7 +95,7 @@ fn render(summary: &Summary, dry_run: bool) -> String {
     if summary.skipped > 0 {
         let _ = writeln!(
             out,
-            "{} unpriced Realtime rows left as they are (their audio tokens were not kept apart).",
+            "{} Realtime rows left as they are (the ledger keeps no count of their audio tokens).",
             summary.skipped
         );
     }

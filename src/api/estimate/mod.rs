@@ -111,10 +111,15 @@ impl Estimate {
             .upstream
             .and_then(|i| routes.get(i))
             .map(|r| r.name.clone());
-        let quote = read
-            .model
-            .as_deref()
-            .and_then(|model| quote(prices, upstream.as_deref(), model, input_tokens));
+        let quote = read.model.as_deref().and_then(|model| {
+            quote(
+                prices,
+                upstream.as_deref(),
+                model,
+                input_tokens,
+                read.service_tier,
+            )
+        });
         let model_limit = quote.as_ref().and_then(|q| q.max_output_tokens);
         let (max_output_tokens, max_output_tokens_source) = match read.max_output_tokens {
             Some(0) if read.flavor == Flavor::OpenAiEmbeddings => (Some(0), Some("no output")),

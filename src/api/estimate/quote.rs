@@ -38,20 +38,22 @@ impl Quote {
     }
 }
 
-/// The price `model` would be charged at on `upstream` now, in the standard tier, for a
-/// prompt of `input_tokens` (past a long-context threshold, the rates above it); `None` when no
-/// price is known. The upstream's multiplier is applied to the rates.
+/// The price `model` would be charged at on `upstream` now, in `tier` (the standard one when
+/// the price lists no such tier), for a prompt of `input_tokens` (past a long-context
+/// threshold, the rates above it); `None` when no price is known. The upstream's multiplier is
+/// applied to the rates.
 pub fn quote(
     prices: &PriceTable,
     upstream: Option<&str>,
     model: &str,
     input_tokens: u64,
+    tier: ServiceTier,
 ) -> Option<Quote> {
     // No upstream: the shared prices alone (no upstream is named "").
     let resolved = prices.resolve(upstream.unwrap_or(""), model)?;
     let now = jiff::Timestamp::now().as_second();
     let (resolved, dated) = resolved.at(now)?;
-    let (ladder, tier) = dated.price.ladder(ServiceTier::Standard);
+    let (ladder, tier) = dated.price.ladder(tier);
     let (rates, above) = ladder.step(input_tokens);
     let ppm = u128::from(resolved.multiplier_ppm.unwrap_or(1_000_000));
     // Pico-dollars per token are nano-dollars per thousand tokens: times 1,000 per million.
@@ -102,7 +104,14 @@ mod tests {
     #[test]
     fn a_quote_states_per_million_rates_and_costs_as_the_meter_does() {
         let prices = PriceTable::builtin();
-        let quote = quote(&prices, Some("openai"), "gpt-4o-2024-08-06", 0).unwrap();
+        let quote = quote(
+            &prices,
+            Some("openai"),
+            "gpt-4o-2024-08-06",
+            0,
+            ServiceTier::Standard,
+        )
+        .unwrap();
         assert_eq!(quote.input, NanoUsd(2_500_000_000));
         assert_eq!(quote.output, NanoUsd(10_000_000_000));
         assert_eq!(quote.cached_input, NanoUsd(1_250_000_000));
@@ -125,7 +134,7 @@ mod tests {
         // Half a nano-dollar per input token, a third of one per output token.
         let tiny = Price::per_million(0.0005, 0.000_333, 0.0, 0.0);
         let prices = with("tiny", tiny.clone());
-        let quote = quote(&prices, None, "tiny", 0).unwrap();
+        let quote = quote(&prices, None, "tiny", 0, ServiceTier::Standard).unwrap();
         for (input, output) in [(1, 0), (0, 1), (1, 1), (3, 7), (999, 1001)] {
             let usage = Usage {
                 input_tokens: input,
@@ -144,17 +153,36 @@ mod tests {
     #[test]
     fn a_configured_price_is_quoted_as_from_proxy_toml() {
         let prices = with("gpt-4o", Price::per_million(1.0, 2.0, 0.5, 1.0));
-        let quote = quote(&prices, None, "gpt-4o", 0).unwrap();
+        let quote = quote(&prices, None, "gpt-4o", 0, ServiceTier::Standard).unwrap();
         assert_eq!(quote.source, "proxy.toml: gpt-4o");
         assert_eq!(quote.output, NanoUsd(2_000_000_000));
-        assert_eq!(super::quote(&prices, None, "no-such-model", 0), None);
+        assert_eq!(
+            super::quote(&prices, None, "no-such-model", 0, ServiceTier::Standard),
+            None
+        );
+    }
+
+    #[test]
+    fn a_request_for_the_priority_tier_is_quoted_at_its_rates() {
+        let prices = PriceTable::builtin();
+        let standard = quote(&prices, None, "gpt-4o", 10, ServiceTier::Standard).unwrap();
+        let priority = quote(&prices, None, "gpt-4o", 10, ServiceTier::Priority).unwrap();
+        assert_eq!(priority.tier, "priority");
+        assert!(priority.input > standard.input);
     }
 
     #[test]
     fn a_long_prompt_is_quoted_at_the_long_context_rates() {
         let prices = PriceTable::builtin();
-        let short = quote(&prices, None, "gemini-2.5-pro", 1000).unwrap();
-        let long = quote(&prices, None, "gemini-2.5-pro", 250_000).unwrap();
+        let short = quote(&prices, None, "gemini-2.5-pro", 1000, ServiceTier::Standard).unwrap();
+        let long = quote(
+            &prices,
+            None,
+            "gemini-2.5-pro",
+            250_000,
+            ServiceTier::Standard,
+        )
+        .unwrap();
         assert!(long.input > short.input);
         assert!(long.source.ends_with(", above 200k"), "{}", long.source);
     }

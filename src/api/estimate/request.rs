@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::config::{ApiFlavor, Route};
-use crate::usage::Flavor;
 use crate::usage::estimate::prompt_tokens;
+use crate::usage::{Flavor, ServiceTier};
 
 /// What the path or the command line says of a request before its body is read.
 #[derive(Debug, Clone, Default)]
@@ -48,6 +48,8 @@ pub struct Read {
     pub model: Option<String>,
     /// The output limit it sets (`max_tokens` and its kin), if any.
     pub max_output_tokens: Option<u64>,
+    /// The service tier it asks for (OpenAI's `service_tier`); standard when it names none.
+    pub service_tier: ServiceTier,
     /// Its input tokens, counted by the tokenizer.
     pub input_tokens: u64,
     /// The body to ask `count_tokens` with (Anthropic Messages with a model, when asked for).
@@ -80,6 +82,7 @@ struct Fields<'a> {
     contents: Option<&'a RawValue>,
     max_tokens: Option<u64>,
     max_completion_tokens: Option<u64>,
+    service_tier: Option<String>,
     max_output_tokens: Option<u64>,
     #[serde(rename = "generationConfig", alias = "generation_config")]
     generation_config: Option<GenerationConfig>,
@@ -163,6 +166,10 @@ pub fn read(
         flavor,
         upstream,
         max_output_tokens: max_output_tokens(&fields, flavor),
+        service_tier: fields
+            .service_tier
+            .as_deref()
+            .map_or(ServiceTier::Standard, ServiceTier::from_name),
         input_tokens: prompt_tokens(flavor, model.as_deref().unwrap_or_default(), body),
         model,
         count_body,

@@ -53,8 +53,8 @@ pub struct ModelChange {
 pub struct Summary {
     /// Per model.
     pub by_model: BTreeMap<String, ModelChange>,
-    /// Realtime rows stored unpriced before schema 4, left as they are: their audio tokens
-    /// were not kept apart, so their cost cannot be recomputed.
+    /// Realtime rows, left as they are: the ledger keeps no count of their audio tokens, which
+    /// cost more than text, so their cost cannot be recomputed from what is stored.
     pub skipped: u64,
 }
 
@@ -143,7 +143,7 @@ fn recompute(
         let tier = row
             .get::<_, Option<String>>(14)?
             .map_or(ServiceTier::Standard, |t| ServiceTier::from_name(&t));
-        if was_unpriced && flavor == Flavor::OpenAiRealtime.as_str() {
+        if flavor == Flavor::OpenAiRealtime.as_str() {
             summary.skipped += 1;
             continue;
         }

@@ -83,8 +83,9 @@ struct Entry {
     preference: Option<usize>,
 }
 
-/// (form's position in the entry's forms, provider preference, entry id): lowest wins.
-type Rank = (usize, usize, String);
+/// (form's position in the entry's forms, provider preference, entry id, reversed): lowest
+/// wins, so among a provider's entries of one form the latest snapshot (`…-20250219`) does.
+type Rank = (usize, usize, std::cmp::Reverse<String>);
 
 #[derive(Debug, Clone, Default)]
 struct Best {
@@ -137,7 +138,11 @@ impl Names {
                 } else {
                     &mut best.other
                 };
-                let rank = (depth, preference.unwrap_or(0), name.clone());
+                let rank = (
+                    depth,
+                    preference.unwrap_or(0),
+                    std::cmp::Reverse(name.clone()),
+                );
                 if slot.as_ref().is_none_or(|current| rank < *current) {
                     *slot = Some(rank);
                 }
@@ -184,7 +189,7 @@ impl Names {
     }
 
     fn ranked(&self, form: &str, pick: impl Fn(&Best) -> Option<&Rank>) -> Option<(&str, &Entry)> {
-        let (_, _, name) = pick(self.index.get(form)?)?;
+        let (_, _, std::cmp::Reverse(name)) = pick(self.index.get(form)?)?;
         let (name, entry) = self.models.get_key_value(name)?;
         Some((name.as_str(), entry))
     }

@@ -148,8 +148,8 @@ fn strip_snapshot_suffix(name: &str) -> Option<&str> {
 }
 
 /// Providers whose entries price a name first, in this order: the model makers, then the
-/// clouds that resell them at list price. Other providers (resellers, hosts of open models) come after,
-/// in alphabetical order, and only once no form of the name matched one of these.
+/// clouds that resell them at list price. Other providers (resellers, hosts of open models)
+/// come after, and only once no form of the name matched one of these.
 const PREFERRED: &[&str] = &[
     // The makers, selling their own models.
     "openai",
@@ -184,7 +184,14 @@ const PREFERRED: &[&str] = &[
 
 /// Where a provider's entries rank: `Some(position)` for a preferred one, `None` for another.
 pub fn preference(provider: &str) -> Option<usize> {
-    PREFERRED.iter().position(|p| *p == provider)
+    let position = PREFERRED.iter().position(|p| *p == provider)?;
+    // One cloud's entry kinds rank as one (`bedrock` and `bedrock_converse` list the same
+    // models): the newest snapshot among them then decides.
+    let family = ["vertex_ai", "bedrock", "azure"]
+        .into_iter()
+        .find(|family| provider.starts_with(family))
+        .and_then(|family| PREFERRED.iter().position(|p| *p == family));
+    Some(family.unwrap_or(position))
 }
 
 #[cfg(test)]

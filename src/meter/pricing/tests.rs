@@ -208,6 +208,10 @@ fn regional_ids_never_price_another_name() {
         let entry = entry_of(&t, name).unwrap_or_default();
         assert!(entry.matches('/').count() <= 1, "{name} priced as {entry}");
     }
+    // Of a cloud's entries for one name, the latest snapshot (Bedrock lists Claude 3.7 Sonnet
+    // under two entry kinds, the older one at another price).
+    let sonnet = entry_of(&t, "claude-3-7-sonnet").unwrap();
+    assert!(sonnet.contains("20250219"), "{sonnet}");
     for name in ["claude-3-5-sonnet-v2@20241022", "grok-4-fast"] {
         assert!(entry_of(&t, name).is_some(), "{name} has no price");
     }
