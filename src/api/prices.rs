@@ -328,20 +328,28 @@ fn save(target: &Path, body: &[u8]) -> Result<Option<PathBuf>, CommandError> {
         std::fs::create_dir_all(dir).map_err(|e| fail("create", dir, e))?;
     }
     let temporary = target.with_extension(format!("json.{}.download", std::process::id()));
-    let mut file = std::fs::File::create(&temporary).map_err(|e| fail("write", &temporary, e))?;
-    file.write_all(body)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| fail("write", &temporary, e))?;
-    let previous = target.with_extension("json.previous");
-    let kept = if target.exists() {
-        // A copy, not a move: the current file stays in place until the rename replaces it.
-        std::fs::copy(target, &previous).map_err(|e| fail("keep a copy of", target, e))?;
-        Some(previous)
-    } else {
-        None
-    };
-    std::fs::rename(&temporary, target).map_err(|e| fail("write", target, e))?;
-    Ok(kept)
+    let saved = (|| {
+        let mut file =
+            std::fs::File::create(&temporary).map_err(|e| fail("write", &temporary, e))?;
+        file.write_all(body)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| fail("write", &temporary, e))?;
+        let previous = target.with_extension("json.previous");
+        let kept = if target.exists() {
+            // A copy, not a move: the current file stays in place until the rename replaces it.
+            std::fs::copy(target, &previous).map_err(|e| fail("keep a copy of", target, e))?;
+            Some(previous)
+        } else {
+            None
+        };
+        std::fs::rename(&temporary, target).map_err(|e| fail("write", target, e))?;
+        Ok(kept)
+    })();
+    if saved.is_err() {
+        // Nothing half-written is left behind.
+        let _ = std::fs::remove_file(&temporary);
+    }
+    saved
 }
 
 /// GETs `url` through the egress rules (proxy, trusted CAs) upstreams use; at most

@@ -1,6 +1,8 @@
 //! The `reprice` command: the ledger's stored costs recomputed with today's prices, the old and
 //! new totals printed per model, and the new costs written in one transaction.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use super::CommandError;
@@ -33,8 +35,15 @@ pub fn run(
             .transpose()?,
     };
     let table = load::load(&config.pricing)?.table;
+    // Names resolve once per (upstream, model), as in the meter: a range holds few of them.
+    let resolved = RefCell::new(HashMap::new());
     let price = |row: &Stored<'_>| {
-        let resolved = table.resolve(row.upstream, row.model)?;
+        let key = (row.upstream.to_owned(), row.model.to_owned());
+        let resolved = resolved
+            .borrow_mut()
+            .entry(key)
+            .or_insert_with(|| table.resolve(row.upstream, row.model))
+            .clone()?;
         let (charge, label) = resolved.charge(
             &row.usage,
             &crate::usage::Usage::default(),
@@ -89,7 +98,7 @@ fn render(summary: &Summary, dry_run: bool) -> String {
     if unpriced > 0 {
         let _ = writeln!(
             out,
-            "{unpriced} rows still have no price: their stored cost is kept."
+            "{unpriced} rows have no price now: their stored cost is kept."
         );
     }
     if summary.skipped > 0 {

@@ -66,17 +66,39 @@ struct Deltas {
     upstreams: HashMap<(i64, String), (i128, i64)>,
 }
 
-/// One row to rewrite.
+/// One row to rewrite: its time (rowid), stored cost (the guard that no one else changed it),
+/// new cost and price label (an index into `Labels`). Small, as a range may hold millions.
 struct Update {
     at: i64,
+    old: NanoUsd,
     cost: NanoUsd,
-    is_unpriced: bool,
-    label: Option<String>,
+    label: Option<u32>,
+}
+
+/// The distinct price labels of the updates: a handful for any number of rows.
+#[derive(Default)]
+struct Labels {
+    all: Vec<String>,
+    index: HashMap<String, u32>,
+}
+
+impl Labels {
+    fn intern(&mut self, label: String) -> Option<u32> {
+        if let Some(at) = self.index.get(&label) {
+            return Some(*at);
+        }
+        let at = u32::try_from(self.all.len()).ok()?;
+        self.index.insert(label.clone(), at);
+        self.all.push(label);
+        Some(at)
+    }
 }
 
 /// Recomputes the cost of the rows of `range` in the ledger in `dir` with `price`, and writes
-/// the results in one transaction unless `dry_run`. The transaction is taken before the rows
-/// are read, so a running server's writes wait for it and none are repriced from stale reads.
+/// the results in one transaction unless `dry_run`. Rows are read in a read transaction, which
+/// a running server's writer does not wait for; only the writes take the write lock, each row's
+/// guarded by its stored cost (a row changed meanwhile by another reprice fails the whole run),
+/// and the totals change by deltas, which add to whatever the server wrote meanwhile.
 pub fn reprice(
     dir: &Path,
     range: Range,
@@ -87,16 +109,21 @@ pub fn reprice(
     if !path.exists() {
         return Err(LedgerError::Missing(path));
     }
-    let mut conn = schema::open(&path, Access::Write)?;
     let fail = |e: rusqlite::Error| LedgerError::sqlite(&path, &e);
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(fail)?;
-    let (summary, updates, deltas) = recompute(&tx, range, price).map_err(fail)?;
+    // A dry run changes nothing, not even an old ledger's schema.
+    let access = if dry_run { Access::Read } else { Access::Write };
+    let mut conn = schema::open(&path, access)?;
+    let (summary, updates, labels, deltas) = {
+        let read = conn.transaction().map_err(fail)?;
+        recompute(&read, range, price).map_err(fail)?
+    };
     if dry_run {
         return Ok(summary);
     }
-    write(&tx, &updates, &deltas).map_err(fail)?;
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(fail)?;
+    write(&tx, &updates, &labels, &deltas).map_err(fail)?;
     tx.commit().map_err(fail)?;
     Ok(summary)
 }
@@ -105,7 +132,7 @@ fn recompute(
     conn: &Connection,
     range: Range,
     price: &dyn Fn(&Stored<'_>) -> Option<Repriced>,
-) -> rusqlite::Result<(Summary, Vec<Update>, Deltas)> {
+) -> rusqlite::Result<(Summary, Vec<Update>, Labels, Deltas)> {
     let (since, until) = (
         range.since.map_or(i64::MIN, super::micros),
         range.until.map_or(i64::MAX, super::micros),
@@ -124,6 +151,7 @@ fn recompute(
     let mut rows = statement.query(params![since, until])?;
     let mut summary = Summary::default();
     let mut updates = Vec::new();
+    let mut labels = Labels::default();
     let mut deltas = Deltas::default();
     while let Some(row) = rows.next()? {
         let n = |i: usize| row.get::<_, i64>(i).map(|v| u64::try_from(v).unwrap_or(0));
@@ -186,55 +214,71 @@ fn recompute(
         }
         updates.push(Update {
             at,
+            old,
             cost,
-            is_unpriced: false,
-            label: (!label.is_empty()).then_some(label),
+            label: if label.is_empty() {
+                None
+            } else {
+                labels.intern(label)
+            },
         });
     }
-    Ok((summary, updates, deltas))
+    Ok((summary, updates, labels, deltas))
 }
 
-fn write(conn: &Connection, updates: &[Update], deltas: &Deltas) -> rusqlite::Result<()> {
-    let mut labels: HashMap<&str, i64> = HashMap::new();
+fn write(
+    conn: &Connection,
+    updates: &[Update],
+    labels: &Labels,
+    deltas: &Deltas,
+) -> rusqlite::Result<()> {
     let mut name_id = conn.prepare(
         "INSERT INTO names (name) VALUES (?1)
          ON CONFLICT (name) DO UPDATE SET name = excluded.name RETURNING id",
     )?;
+    let label_ids = labels
+        .all
+        .iter()
+        .map(|label| name_id.query_row(params![label], |r| r.get::<_, i64>(0)))
+        .collect::<rusqlite::Result<Vec<i64>>>()?;
     let mut row = conn.prepare(
-        "UPDATE requests SET cost_nano_usd = ?2, unpriced = ?3, price = ?4 WHERE at = ?1",
+        "UPDATE requests SET cost_nano_usd = ?3, unpriced = 0, price = ?4
+         WHERE at = ?1 AND cost_nano_usd = ?2",
     )?;
     for update in updates {
-        let label = match update.label.as_deref() {
-            Some(label) => match labels.get(label) {
-                Some(id) => Some(*id),
-                None => {
-                    let id: i64 = name_id.query_row(params![label], |r| r.get(0))?;
-                    labels.insert(label, id);
-                    Some(id)
-                }
-            },
-            None => None,
-        };
-        row.execute(params![
+        let label = update
+            .label
+            .and_then(|at| label_ids.get(usize::try_from(at).ok()?).copied());
+        let changed = row.execute(params![
             update.at,
-            i64::try_from(update.cost.0).unwrap_or(i64::MAX),
-            update.is_unpriced,
+            clamp(i128::from(update.old.0)),
+            clamp(i128::from(update.cost.0)),
             label
         ])?;
+        if changed != 1 {
+            // Another reprice changed it since it was read: give the whole run up.
+            return Err(rusqlite::Error::StatementChangedRows(changed));
+        }
     }
     let mut totals = conn.prepare(
         "UPDATE totals SET cost_nano_usd = cost_nano_usd + ?4, unpriced = unpriced + ?5
          WHERE period = ?1 AND key_id = ?2 AND model = ?3",
     )?;
     for ((period, key_id, model), (cost, unpriced)) in &deltas.totals {
-        totals.execute(params![period, key_id, model, clamp(*cost), unpriced])?;
+        let changed = totals.execute(params![period, key_id, model, clamp(*cost), unpriced])?;
+        if changed != 1 {
+            return Err(rusqlite::Error::StatementChangedRows(changed));
+        }
     }
     let mut upstreams = conn.prepare(
         "UPDATE upstream_totals SET cost_nano_usd = cost_nano_usd + ?3, unpriced = unpriced + ?4
          WHERE period = ?1 AND upstream = ?2",
     )?;
     for ((period, upstream), (cost, unpriced)) in &deltas.upstreams {
-        upstreams.execute(params![period, upstream, clamp(*cost), unpriced])?;
+        let changed = upstreams.execute(params![period, upstream, clamp(*cost), unpriced])?;
+        if changed != 1 {
+            return Err(rusqlite::Error::StatementChangedRows(changed));
+        }
     }
     Ok(())
 }

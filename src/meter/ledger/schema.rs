@@ -144,8 +144,9 @@ const MIGRATIONS: &[&str] = &[
     // 4: Anthropic's 1-hour cache writes (a part of cache_write_tokens, 0 before), the service
     // tier the response reported (NULL: standard, as every row before; text in the row, as
     // attribution is: a tier other than standard is rare), and the price used, by number in
-    // `names` as models are (NULL: unpriced, or not said, as every row before): a handful of
-    // labels label every row, and a reprice rewrites them with the costs.
+    // `names` as models are (NULL: no price found, or not said, as every row before; a row
+    // unpriced for its audio alone names the price of its text): a handful of labels label
+    // every row, and a reprice rewrites them with the costs.
     "
     ALTER TABLE requests ADD COLUMN cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE requests ADD COLUMN service_tier TEXT;

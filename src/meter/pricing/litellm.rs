@@ -268,24 +268,18 @@ impl Explicit {
     }
 
     /// Audio rates, when the map gives an audio input or output rate: a missing one is the
-    /// text rate of its class (cached audio: the audio input rate).
-    fn audio(
-        &self,
-        threshold: u64,
-        tier: ServiceTier,
-        text_input: PicoPerToken,
-        text_output: PicoPerToken,
-    ) -> Option<AudioRates> {
+    /// text rate of its class (cached audio: the text cached rate, which is what OpenAI
+    /// publishes for the realtime models whose entries leave it out).
+    fn audio(&self, threshold: u64, tier: ServiceTier, text: &Rates) -> Option<AudioRates> {
         let rate = |class| self.rate(class, threshold, tier);
         let (input, output) = (rate(Class::AudioInput), rate(Class::AudioOutput));
         if input.is_none() && output.is_none() {
             return None;
         }
-        let input = input.unwrap_or(text_input);
         Some(AudioRates {
-            input,
-            cached_input: rate(Class::AudioCached).unwrap_or(input),
-            output: output.unwrap_or(text_output),
+            input: input.unwrap_or(text.input),
+            cached_input: rate(Class::AudioCached).unwrap_or(text.cached_input),
+            output: output.unwrap_or(text.output),
         })
     }
 
@@ -297,7 +291,7 @@ impl Explicit {
         let input = rate(Class::Input).unwrap_or(0);
         let output = rate(Class::Output).unwrap_or(0);
         let cache_write = rate(Class::CacheWrite).unwrap_or(input);
-        Rates {
+        let mut rates = Rates {
             input,
             output,
             cached_input: rate(Class::Cached)
@@ -305,8 +299,10 @@ impl Explicit {
                 .unwrap_or(input),
             cache_write,
             cache_write_1h: rate(Class::CacheWrite1h).unwrap_or(cache_write),
-            audio: self.audio(threshold, tier, input, output),
-        }
+            audio: None,
+        };
+        rates.audio = self.audio(threshold, tier, &rates);
+        rates
     }
 }
 

@@ -83,9 +83,11 @@ struct Entry {
     preference: Option<usize>,
 }
 
-/// (form's position in the entry's forms, provider preference, entry id, reversed): lowest
-/// wins, so among a provider's entries of one form the latest snapshot (`…-20250219`) does.
-type Rank = (usize, usize, std::cmp::Reverse<String>);
+/// Lowest wins: (form's position in the entry's forms, provider preference, scoped to a region,
+/// the snapshot's date reversed, entry id). Among a provider's entries of one form, one of no
+/// region before a regional one (`us.`, `us-gov.` cost more), then the latest snapshot
+/// (`…-20250219` over `…-20240620`), then the id.
+type Rank = (usize, usize, bool, std::cmp::Reverse<u32>, String);
 
 #[derive(Debug, Clone, Default)]
 struct Best {
@@ -120,17 +122,17 @@ impl Names {
             }
         }
         let mut index: HashMap<String, Best> = HashMap::new();
-        // A maker's or cloud's id with a region or route in it (`azure/eu/gpt-4o`,
+        // A maker's or cloud's id with a region or route in its path (`azure/eu/gpt-4o`,
         // `bedrock/us-gov-east-1/…`) prices its own exact name only: its rates are the
         // region's, not the model's list price.
-        let is_regional = |name: &str| {
+        let is_routed = |name: &str| {
             name.matches('/').count() > 1
                 && name
                     .split('/')
                     .next()
                     .is_some_and(|first| names::preference(first).is_some())
         };
-        for (name, (_, preference)) in models.iter().filter(|(name, _)| !is_regional(name)) {
+        for (name, (_, preference)) in models.iter().filter(|(name, _)| !is_routed(name)) {
             for (depth, form) in names::forms(name).into_iter().enumerate() {
                 let best = index.entry(form).or_default();
                 let slot = if preference.is_some() {
@@ -141,7 +143,9 @@ impl Names {
                 let rank = (
                     depth,
                     preference.unwrap_or(0),
-                    std::cmp::Reverse(name.clone()),
+                    names::is_regional(name),
+                    std::cmp::Reverse(names::snapshot_date(name)),
+                    name.clone(),
                 );
                 if slot.as_ref().is_none_or(|current| rank < *current) {
                     *slot = Some(rank);
@@ -189,7 +193,7 @@ impl Names {
     }
 
     fn ranked(&self, form: &str, pick: impl Fn(&Best) -> Option<&Rank>) -> Option<(&str, &Entry)> {
-        let (_, _, std::cmp::Reverse(name)) = pick(self.index.get(form)?)?;
+        let (_, _, _, _, name) = pick(self.index.get(form)?)?;
         let (name, entry) = self.models.get_key_value(name)?;
         Some((name.as_str(), entry))
     }

@@ -99,6 +99,66 @@ fn without_bedrock(name: &str) -> &str {
     }
 }
 
+/// True when an id is scoped to a region: a Bedrock inference profile (`us.`, `us-gov.`,
+/// `eu.anthropic.…`), or a region in its path (`bedrock_mantle/us-gov-west-1/…`).
+pub fn is_regional(id: &str) -> bool {
+    let mut segments: Vec<&str> = id.split('/').collect();
+    let last = segments.pop().unwrap_or_default();
+    let profile = last
+        .split_once('.')
+        .is_some_and(|(region, _)| BEDROCK_REGIONS.contains(&region));
+    // A path segment between the provider and the model naming a region: `eu`, `us-west-2`.
+    let in_path = segments.iter().skip(1).any(|segment| {
+        BEDROCK_REGIONS.contains(segment)
+            || segment.split('-').count() >= 3 && segment.ends_with(|c: char| c.is_ascii_digit())
+    });
+    profile || in_path
+}
+
+/// The snapshot date an id carries (`-20250219`, `@20250219`, `-2024-08-06`), as YYYYMMDD; 0
+/// when it has none.
+pub fn snapshot_date(id: &str) -> u32 {
+    let b = id.as_bytes();
+    let digits_at = |at: usize, n: usize| {
+        b.get(at..at + n)
+            .is_some_and(|s| s.iter().all(u8::is_ascii_digit))
+            && !b.get(at + n).is_some_and(u8::is_ascii_digit)
+    };
+    let mut best = 0;
+    let mut i = 0;
+    while i < b.len() {
+        let run = b[i..].iter().take_while(|c| c.is_ascii_digit()).count();
+        if run == 0 {
+            i += 1;
+            continue;
+        }
+        let date = if run == 8 {
+            Some(id[i..i + 8].to_owned())
+        } else if run == 4
+            && b.get(i + 4) == Some(&b'-')
+            && digits_at(i + 5, 2)
+            && b.get(i + 7) == Some(&b'-')
+            && digits_at(i + 8, 2)
+        {
+            Some(format!(
+                "{}{}{}",
+                &id[i..i + 4],
+                &id[i + 5..i + 7],
+                &id[i + 8..i + 10]
+            ))
+        } else {
+            None
+        };
+        if let Some(date) = date.filter(|d| d.starts_with("20"))
+            && let Ok(date) = date.parse::<u32>()
+        {
+            best = best.max(date);
+        }
+        i += run;
+    }
+    best
+}
+
 /// True when `name` ends with `-YYYYMMDD`.
 fn ends_with_date(name: &str) -> bool {
     name.rsplit_once('-')
@@ -226,6 +286,28 @@ mod tests {
         );
         assert!(forms("gpt-4.1").contains(&"gpt-4-1".to_owned()));
         assert!(forms("").is_empty());
+    }
+
+    #[test]
+    fn regional_ids_and_snapshot_dates_are_told() {
+        assert!(is_regional("us.anthropic.claude-3-7-sonnet-20250219-v1:0"));
+        assert!(is_regional("us-gov.meta.llama3"));
+        assert!(is_regional("bedrock_mantle/us-gov-west-1/google.gemma-4"));
+        assert!(is_regional("azure/eu/gpt-4o"));
+        assert!(!is_regional("anthropic.claude-3-7-sonnet-20250219-v1:0"));
+        assert!(!is_regional("vertex_ai/claude-3-5-sonnet@20240620"));
+        assert!(!is_regional("deepinfra/meta-llama/Llama-3.3-70B-Instruct"));
+        assert_eq!(
+            snapshot_date("anthropic.claude-3-7-sonnet-20250219-v1:0"),
+            20_250_219
+        );
+        assert_eq!(
+            snapshot_date("vertex_ai/claude-3-5-sonnet@20240620"),
+            20_240_620
+        );
+        assert_eq!(snapshot_date("gpt-4o-2024-08-06"), 20_240_806);
+        assert_eq!(snapshot_date("gpt-4o"), 0);
+        assert_eq!(snapshot_date("model-123456789"), 0);
     }
 
     #[test]
