@@ -11,7 +11,7 @@ use super::CommandError;
 use crate::config::Config;
 use crate::meter::pricing::litellm::{self, PriceMap};
 use crate::meter::pricing::load::{self, Loaded};
-use crate::meter::pricing::{Dated, Match, PriceTable, Rates, Resolved};
+use crate::meter::pricing::{Dated, Match, PriceTable, Rates, Resolved, ppm_text};
 use crate::money::{Ladder, Price};
 
 /// Where `prices update` downloads from unless `--url` says: LiteLLM's maintained file.
@@ -84,15 +84,14 @@ fn explain_text(out: &mut String, table: &PriceTable, upstream: &str, model: &st
         let _ = writeln!(
             out,
             "  times the upstream's pricing_multiplier {}",
-            ppm as f64 / 1e6
+            ppm_text(ppm)
         );
     }
-    let mut level = Some(&resolved);
-    while let Some(current) = level {
-        if !std::ptr::eq(current, &resolved) {
-            let _ = writeln!(out, "  before those, entry {}:", current.entry);
+    for (depth, level) in resolved.levels().enumerate() {
+        if depth > 0 {
+            let _ = writeln!(out, "  before those, entry {}:", level.entry);
         }
-        for dated in current.versions.iter() {
+        for dated in level.versions.iter() {
             let since = dated.since.map_or_else(String::new, |s| {
                 jiff::Timestamp::from_second(s)
                     .map(|t| format!(" since {}", t.strftime("%Y-%m-%d %H:%M UTC")))
@@ -101,7 +100,6 @@ fn explain_text(out: &mut String, table: &PriceTable, upstream: &str, model: &st
             let _ = writeln!(out, "  {}{since}, USD per million tokens:", dated.source);
             price_lines(out, &dated.price);
         }
-        level = current.before.as_deref();
     }
     out.push('\n');
 }
@@ -142,17 +140,10 @@ fn explain_json(table: &PriceTable, upstream: &str, model: &str) -> serde_json::
     let Some(resolved) = table.resolve(upstream, model) else {
         return serde_json::json!({ "model": model, "upstream": upstream, "priced": false });
     };
-    let mut versions = Vec::new();
-    let mut level = Some(&resolved);
-    while let Some(current) = level {
-        versions.extend(
-            current
-                .versions
-                .iter()
-                .map(|d| dated_json(&current.entry, d)),
-        );
-        level = current.before.as_deref();
-    }
+    let versions: Vec<_> = resolved
+        .levels()
+        .flat_map(|level| level.versions.iter().map(|d| dated_json(&level.entry, d)))
+        .collect();
     serde_json::json!({
         "model": model,
         "upstream": upstream,

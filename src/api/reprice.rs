@@ -50,7 +50,7 @@ pub fn run(
             row.service_tier,
             row.at.unix_timestamp(),
         )?;
-        Some((charge.cost, label))
+        Some((charge.cost, label.to_string()))
     };
     let summary = reprice::reprice(&ledger.dir, range, dry_run, &price)?;
     Ok(render(&summary, dry_run))

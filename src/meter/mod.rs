@@ -439,7 +439,7 @@ impl Meter {
             Some((charge, label)) => Priced {
                 cost: charge.cost,
                 is_priced: charge.is_audio_priced,
-                source: Some(Arc::from(label)),
+                source: Some(label),
             },
             None => Priced {
                 cost: NanoUsd(0),

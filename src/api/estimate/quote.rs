@@ -61,13 +61,10 @@ pub fn quote(
         let nano = u128::from(pico) * 1000 * ppm / 1_000_000;
         NanoUsd(u64::try_from(nano).unwrap_or(u64::MAX))
     };
-    let mut source = format!("{}: {}", dated.source, resolved.entry);
-    if let Some(above) = above {
-        source.push_str(&format!(", above {}k", above / 1000));
-    }
-    if let Some(ppm) = resolved.multiplier_ppm {
-        source.push_str(&format!(", x{}", ppm as f64 / 1e6));
-    }
+    // The tier is said apart (`Quote::tier`), not in the label.
+    let source = dated
+        .label_as_applied(above, ServiceTier::Standard, resolved.multiplier_ppm)
+        .to_string();
     Some(Quote {
         input: per_million(rates.input),
         output: per_million(rates.output),

@@ -26,6 +26,39 @@ pub struct Dated {
     pub price: Arc<Price>,
     /// Where it came from: `built-in 2026-12-06`, `pricing_file 2026-12-01`, `proxy.toml`.
     pub source: Arc<str>,
+    /// Its source and entry (`built-in 2026-12-06: gpt-4o`), made once, not per request.
+    pub label: Arc<str>,
+}
+
+impl Dated {
+    /// The label of this price as one request took it: shared when no long-context step,
+    /// service tier or multiplier applied, else with those said
+    /// (`built-in 2026-12-06: gemini-2.5-pro, above 200k, priority, x1.05`).
+    pub fn label_as_applied(
+        &self,
+        above: Option<u64>,
+        tier: crate::usage::ServiceTier,
+        multiplier_ppm: Option<u64>,
+    ) -> Arc<str> {
+        use std::fmt::Write as _;
+        if above.is_none()
+            && tier == crate::usage::ServiceTier::Standard
+            && multiplier_ppm.is_none()
+        {
+            return Arc::clone(&self.label);
+        }
+        let mut label = self.label.to_string();
+        if let Some(above) = above {
+            let _ = write!(label, ", above {}k", above / 1000);
+        }
+        if tier != crate::usage::ServiceTier::Standard {
+            let _ = write!(label, ", {}", tier.as_str());
+        }
+        if let Some(ppm) = multiplier_ppm {
+            let _ = write!(label, ", x{}", ppm_text(ppm));
+        }
+        Arc::from(label)
+    }
 }
 
 /// Prices from one source, for `PriceTable::new`.
@@ -105,6 +138,7 @@ impl Names {
                     since: p.since,
                     price: Arc::new(p.price.clone()),
                     source: Arc::clone(&source),
+                    label: Arc::from(format!("{source}: {}", p.model)),
                 };
                 // A configured price has no provider: it is the user's, and preferred.
                 let preference = p.provider.as_deref().map_or(Some(0), names::preference);
@@ -257,36 +291,33 @@ impl Resolved {
     }
 
     /// The cost of `usage` (of which `audio` was audio) in `tier` at the price in force at `at`,
-    /// and a label saying which
-    /// price it took (`built-in 2026-12-06: gemini-2.5-pro, above 200k`); `None` when no price
-    /// was in force then.
+    /// and a label saying which price it took (`built-in 2026-12-06: gemini-2.5-pro, above
+    /// 200k`); `None` when no price was in force then.
     pub fn charge(
         &self,
         usage: &crate::usage::Usage,
         audio: &crate::usage::Usage,
         tier: crate::usage::ServiceTier,
         at: UnixSeconds,
-    ) -> Option<(Charge, String)> {
+    ) -> Option<(Charge, Arc<str>)> {
         let (resolved, dated) = self.at(at)?;
         let mut charge = dated.price.charge(usage, audio, tier);
-        let mut label = format!("{}: {}", dated.source, resolved.entry);
-        if let Some(above) = charge.above {
-            label.push_str(&format!(", above {}k", above / 1000));
-        }
-        if charge.tier != crate::usage::ServiceTier::Standard {
-            label.push_str(&format!(", {}", charge.tier.as_str()));
-        }
         if let Some(ppm) = resolved.multiplier_ppm {
             let scaled = (u128::from(charge.cost.0) * u128::from(ppm) + 500_000) / 1_000_000;
             charge.cost = NanoUsd(u64::try_from(scaled).unwrap_or(u64::MAX));
-            label.push_str(&format!(", x{}", ppm_text(ppm)));
         }
+        let label = dated.label_as_applied(charge.above, charge.tier, resolved.multiplier_ppm);
         Some((charge, label))
+    }
+
+    /// This resolution, then what priced the name before it, and so on.
+    pub fn levels(&self) -> impl Iterator<Item = &Self> {
+        std::iter::successors(Some(self), |level| level.before.as_deref())
     }
 }
 
-/// `1050000` → `1.05`.
-fn ppm_text(ppm: u64) -> String {
+/// A multiplier in parts per million as written in proxy.toml: `1050000` → `1.05`.
+pub fn ppm_text(ppm: u64) -> String {
     let whole = ppm / 1_000_000;
     let fraction = format!("{:06}", ppm % 1_000_000);
     let fraction = fraction.trim_end_matches('0');

@@ -190,7 +190,7 @@ fn aliases_upstream_prices_and_multipliers_apply() {
         )
         .unwrap();
     assert_eq!(charge.cost, NanoUsd(1_050_000_000));
-    assert_eq!(label, "built-in: m, x1.05");
+    assert_eq!(&*label, "built-in: m, x1.05");
     let own = t.resolve("azure", "special").unwrap();
     assert_eq!(own.multiplier_ppm, None);
     assert!(t.resolve("openai", "special").is_none());
