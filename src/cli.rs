@@ -58,9 +58,9 @@ pub enum Command {
 /// `llm-meter reprice`.
 #[derive(Debug, Args)]
 pub struct RepriceArgs {
-    /// Where the ledger is.
+    /// Where the ledger and price files are.
     #[command(flatten)]
-    pub ledger: LedgerArgs,
+    pub files: PriceFileArgs,
     /// First time repriced: RFC 3339 time, date (2026-11-25) or span back (24h, 7d) [default: the first row].
     #[arg(long, value_parser = time)]
     pub since: Option<String>,
@@ -70,9 +70,6 @@ pub struct RepriceArgs {
     /// Print what would change; write nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// A LiteLLM-format price map read over the built-in prices [env: LLM_METER_PRICING_FILE].
-    #[arg(long, value_name = "PATH")]
-    pub pricing_file: Option<PathBuf>,
 }
 
 /// `llm-meter prices [MODEL…]` and `llm-meter prices update`.
@@ -124,16 +121,13 @@ pub struct PricesUpdateArgs {
     pub files: PriceFileArgs,
 }
 
-/// Where the settings and price files are.
-#[derive(Debug, Default, Args)]
+/// Where the settings and price files are: the config file and data directory, and a
+/// `pricing_file`.
+#[derive(Debug, Args)]
 pub struct PriceFileArgs {
-    /// Config file [env: LLM_METER_CONFIG] [default: ./proxy.toml when it exists].
-    #[arg(long, value_name = "PATH")]
-    pub config: Option<PathBuf>,
-
-    /// Data directory, where `prices update` saves prices.json [env: LLM_METER_DATA_DIR].
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
+    /// The config file and data directory.
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
 
     /// A LiteLLM-format price map read over the built-in prices [env: LLM_METER_PRICING_FILE].
     #[arg(long, value_name = "PATH")]
@@ -143,10 +137,8 @@ pub struct PriceFileArgs {
 impl PriceFileArgs {
     fn flags(&self) -> Flags {
         Flags {
-            config: self.config.clone(),
-            data_dir: self.data_dir.clone(),
             pricing_file: self.pricing_file.clone(),
-            ..Flags::default()
+            ..self.ledger.flags()
         }
     }
 }
@@ -238,7 +230,7 @@ pub struct LedgerArgs {
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
 
-    /// Directory of the ledger [env: LLM_METER_DATA_DIR]
+    /// Data directory: the ledger, and the prices `prices update` saves [env: LLM_METER_DATA_DIR]
     /// [default: $XDG_DATA_HOME/llm-meter or ~/.local/share/llm-meter].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -431,10 +423,7 @@ impl Cli {
                 ..
             })) => update.files.flags(),
             Some(Command::Prices(args)) => args.files.flags(),
-            Some(Command::Reprice(args)) => Flags {
-                pricing_file: args.pricing_file.clone(),
-                ..args.ledger.flags()
-            },
+            Some(Command::Reprice(args)) => args.files.flags(),
         }
     }
 }

@@ -314,7 +314,7 @@ impl Price {
     clippy::cast_sign_loss,
     reason = "callers keep prices within 0..=1e6 per million, so the product fits u64"
 )]
-fn pico_per_token(usd_per_million: f64) -> PicoPerToken {
+pub fn pico_per_token(usd_per_million: f64) -> PicoPerToken {
     (usd_per_million * 1e6).round() as u64
 }
 

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::file::{FileConfig, UpstreamEntry};
 use super::{ConfigError, Flags, Layers, env, invalid};
-use crate::money::{Price, Rates};
+use crate::money::{Price, Rates, pico_per_token};
 
 /// The file `llm-meter prices update` writes in the data directory, read at start over the
 /// built-in table.
@@ -237,7 +237,7 @@ fn configured_from(entry: &PriceEntry) -> Result<Configured, String> {
     let mut rates = Rates::per_million(input, output, cached, write);
     if let Some(write_1h) = entry.cache_write_1h_per_million {
         let write_1h = check("cache_write_1h_per_million", write_1h)?;
-        rates.cache_write_1h = Rates::per_million(write_1h, 0.0, 0.0, 0.0).input;
+        rates.cache_write_1h = pico_per_token(write_1h);
     }
     let since = entry.since.as_ref().map(since_from).transpose()?;
     Ok(Configured {

@@ -82,21 +82,25 @@ fn without_bedrock(name: &str) -> &str {
     }
     // `:0`, and `-v2` after a date: the version of the Bedrock model, not of the model
     // (`claude-v2` and `llama3-70b-instruct-v1` keep theirs).
-    let model = model.rsplit_once(':').map_or(model, |(base, n)| {
-        if n.bytes().all(|b| b.is_ascii_digit()) {
-            base
-        } else {
-            model
-        }
-    });
-    match model.rsplit_once("-v") {
-        Some((base, n))
-            if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && ends_with_date(base) =>
-        {
-            base
-        }
-        _ => model,
-    }
+    let model = model
+        .rsplit_once(':')
+        .filter(|(_, n)| is_number(n))
+        .map_or(model, |(base, _)| base);
+    without_version(model)
+        .filter(|base| ends_with_date(base))
+        .unwrap_or(model)
+}
+
+/// `name` without a trailing model version `-v2`, when it has one.
+fn without_version(name: &str) -> Option<&str> {
+    name.rsplit_once("-v")
+        .filter(|(_, n)| is_number(n))
+        .map(|(base, _)| base)
+}
+
+/// True for one or more ASCII digits and nothing else.
+fn is_number(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// True when an id is scoped to a region: a Bedrock inference profile (`us.`, `us-gov.`,
@@ -162,7 +166,7 @@ pub fn snapshot_date(id: &str) -> u32 {
 /// True when `name` ends with `-YYYYMMDD`.
 fn ends_with_date(name: &str) -> bool {
     name.rsplit_once('-')
-        .is_some_and(|(_, d)| d.len() == 8 && d.bytes().all(|b| b.is_ascii_digit()))
+        .is_some_and(|(_, d)| d.len() == 8 && is_number(d))
 }
 
 /// `claude-3.5-sonnet` → `claude-3-5-sonnet`: a dot between digits becomes a dash.
@@ -187,12 +191,9 @@ fn strip_snapshot_suffix(name: &str) -> Option<&str> {
     }
     if let Some((base, _)) = name.rsplit_once('@') {
         // Vertex writes a model's own version before the date: `claude-3-5-sonnet-v2@20241022`.
-        return Some(match base.rsplit_once("-v") {
-            Some((model, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => model,
-            _ => base,
-        });
+        return Some(without_version(base).unwrap_or(base));
     }
-    let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+    let digits = |s: &str, n: usize| s.len() == n && is_number(s);
     let is_tag = |s: &str| s == "preview" || s == "exp";
     // Dated groups go at once: `-2024-08-06`, `-preview-05-20`.
     let parts: Vec<&str> = name.rsplitn(4, '-').collect();
