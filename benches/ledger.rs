@@ -32,6 +32,7 @@ fn main() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let options = Options {
         dir: dir.path().to_owned(),
+        url: None,
         flush_interval: Duration::from_millis(100),
         max_pending_rows: 100_000,
     };

@@ -188,6 +188,11 @@ pub struct ServeArgs {
     /// [env: LLM_METER_PRICING_FILE].
     #[arg(long, value_name = "PATH")]
     pub pricing_file: Option<PathBuf>,
+
+    /// Keep the ledger in PostgreSQL (postgres://user@host/db), shared by every replica given
+    /// the same URL, instead of the SQLite file [env: LLM_METER_LEDGER_URL].
+    #[arg(long, value_name = "URL")]
+    pub ledger_url: Option<String>,
 }
 
 /// `llm-meter healthcheck`: where the server listens.
@@ -242,6 +247,9 @@ pub struct ReportArgs {
     /// Where the ledger is.
     #[command(flatten)]
     pub ledger: LedgerArgs,
+    /// The PostgreSQL ledger, when it is kept there [env: LLM_METER_LEDGER_URL].
+    #[arg(long, value_name = "URL")]
+    pub ledger_url: Option<String>,
     /// The calendar period: week starts on Monday, days at 00:00 UTC.
     #[arg(long, default_value = "today", value_parser = periods())]
     pub period: String,
@@ -270,6 +278,9 @@ pub struct ExportArgs {
     /// Where the ledger is.
     #[command(flatten)]
     pub ledger: LedgerArgs,
+    /// The PostgreSQL ledger, when it is kept there [env: LLM_METER_LEDGER_URL].
+    #[arg(long, value_name = "URL")]
+    pub ledger_url: Option<String>,
     /// The file format.
     #[arg(long, default_value = "csv", value_parser = export_formats())]
     pub format: String,
@@ -415,9 +426,16 @@ impl Cli {
                 ..Flags::default()
             },
             Some(
-                Command::Report(ReportArgs { ledger, .. })
-                | Command::Export(ExportArgs { ledger, .. }),
-            ) => ledger.flags(),
+                Command::Report(ReportArgs {
+                    ledger, ledger_url, ..
+                })
+                | Command::Export(ExportArgs {
+                    ledger, ledger_url, ..
+                }),
+            ) => Flags {
+                ledger_url: ledger_url.clone(),
+                ..ledger.flags()
+            },
             Some(Command::Prices(PricesArgs {
                 action: Some(PricesAction::Update(update)),
                 ..
@@ -440,6 +458,7 @@ impl ServeArgs {
             data_dir: self.data_dir.clone(),
             no_persist: self.no_persist,
             pricing_file: self.pricing_file.clone(),
+            ledger_url: self.ledger_url.clone(),
         }
     }
 }

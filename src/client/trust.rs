@@ -109,6 +109,16 @@ impl TlsClients {
     }
 }
 
+/// A TLS client configuration of `trust` without ALPN, for connections that are not HTTP (the
+/// PostgreSQL ledger's).
+pub fn plain_config(trust: &Trust) -> Result<rustls::ClientConfig, TrustError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(root_store(trust)?)
+        .with_no_client_auth())
+}
+
 /// The roots `trust` names, read now.
 fn root_store(trust: &Trust) -> Result<RootCertStore, TrustError> {
     let mut store = RootCertStore::empty();

@@ -32,6 +32,7 @@ pub(super) struct FileConfig {
     pub(super) shutdown_grace: Option<String>,
     pub(super) data_dir: Option<PathBuf>,
     pub(super) persist: Option<bool>,
+    pub(super) ledger_url: Option<String>,
     pub(super) flush_interval: Option<String>,
     pub(super) max_pending_rows: Option<usize>,
     pub(super) on_client_disconnect: Option<String>,

@@ -9,10 +9,66 @@ use super::{
     env, invalid, parse_bool, parse_duration,
 };
 
+/// A PostgreSQL URL for the ledger; its password never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LedgerUrl {
+    url: super::Secret,
+    shown: String,
+}
+
+impl LedgerUrl {
+    /// Checks a `postgres://` (or `postgresql://`) URL.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let value = value.trim();
+        let Some((scheme, rest)) = value.split_once("://") else {
+            return Err("expected a postgres://user@host/database URL".into());
+        };
+        if scheme != "postgres" && scheme != "postgresql" {
+            return Err(format!("expected a postgres:// URL, got a {scheme}:// one"));
+        }
+        value
+            .parse::<postgres::Config>()
+            .map_err(|e| format!("not a usable PostgreSQL URL: {e}"))?;
+        // What prints: the password (and any query, which may hold one) masked.
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let authority = match authority.rsplit_once('@') {
+            Some((user, host)) => match user.split_once(':') {
+                Some((name, _)) => format!("{name}:***@{host}"),
+                None => format!("{user}@{host}"),
+            },
+            None => authority.to_owned(),
+        };
+        let path = path.split('?').next().unwrap_or_default();
+        Ok(Self {
+            url: super::Secret(value.to_owned()),
+            shown: format!("{scheme}://{authority}/{path}"),
+        })
+    }
+
+    /// The URL itself, to connect with only.
+    pub fn expose(&self) -> &str {
+        self.url.expose()
+    }
+
+    /// The URL without its password or query, for logs and `/stats`.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+}
+
+impl std::fmt::Debug for LedgerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
 /// How the ledger writes.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The directory holding the database and its lock file.
+    /// The PostgreSQL database the ledger is kept in instead of the SQLite file in `dir`.
+    pub url: Option<LedgerUrl>,
+    /// The directory holding the database and its lock file (with `url`: `budgets.json` is not
+    /// kept there, the database holds budgets changed at run time).
     pub dir: PathBuf,
     /// Longest time a recorded row waits before it is committed.
     pub flush_interval: Duration,
@@ -40,7 +96,27 @@ pub(super) fn options(
     } else {
         file.persist.unwrap_or(true)
     };
+    let url = match (
+        &flags.ledger_url,
+        layer.env.get(env::LEDGER_URL),
+        &file.ledger_url,
+    ) {
+        (Some(url), _, _) => Some((url.as_str(), "--ledger-url")),
+        (None, Some(url), _) => Some((url.as_str(), env::LEDGER_URL)),
+        (None, None, Some(url)) => Some((url.as_str(), name)),
+        (None, None, None) => None,
+    }
+    .filter(|(url, _)| !url.trim().is_empty())
+    .map(|(url, from)| LedgerUrl::parse(url).map_err(|r| invalid("ledger_url", from, r)))
+    .transpose()?;
     if !persist {
+        if url.is_some() {
+            return Err(invalid(
+                "ledger_url",
+                name,
+                "a ledger URL needs persistence: drop --no-persist (persist = false)",
+            ));
+        }
         return Ok(None);
     }
     let dir = match (
@@ -80,8 +156,33 @@ pub(super) fn options(
         return Err(invalid("max_pending_rows", name, "must be at least 1"));
     }
     Ok(Some(Options {
+        url,
         dir,
         flush_interval,
         max_pending_rows,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ledger_url_shows_no_password_and_no_query() {
+        let url =
+            LedgerUrl::parse("postgres://meter:s3cret@db.internal:5433/ledger?sslmode=require")
+                .unwrap();
+        assert_eq!(url.shown(), "postgres://meter:***@db.internal:5433/ledger");
+        assert_eq!(format!("{url:?}"), url.shown());
+        assert!(url.expose().contains("s3cret"));
+        let plain = LedgerUrl::parse("postgresql://meter@db/ledger").unwrap();
+        assert_eq!(plain.shown(), "postgresql://meter@db/ledger");
+        for bad in [
+            "mysql://u@h/db",
+            "db.internal/ledger",
+            "postgres://u@h/db?sslmode=verify-full",
+        ] {
+            assert!(LedgerUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
 }

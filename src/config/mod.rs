@@ -67,6 +67,8 @@ pub mod env {
     pub const PERSIST: &str = "LLM_METER_PERSIST";
     /// A LiteLLM-format price map over the built-in table.
     pub const PRICING_FILE: &str = "LLM_METER_PRICING_FILE";
+    /// A PostgreSQL URL: the ledger is kept there instead of the SQLite file.
+    pub const LEDGER_URL: &str = "LLM_METER_LEDGER_URL";
     /// Base of per-user data directories (XDG); read to place the default data directory.
     pub const XDG_DATA_HOME: &str = "XDG_DATA_HOME";
     /// The user's home; the default data directory is under it when `XDG_DATA_HOME` is unset.
@@ -144,6 +146,8 @@ pub struct Flags {
     pub no_persist: bool,
     /// `--pricing-file`.
     pub pricing_file: Option<PathBuf>,
+    /// `--ledger-url`.
+    pub ledger_url: Option<String>,
 }
 
 /// Log line format.

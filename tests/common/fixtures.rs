@@ -108,6 +108,7 @@ pub fn write_ledger(
     use llm_meter::meter::ledger::{Ledger, Options};
     let (ledger, _) = Ledger::open(&Options {
         dir: dir.to_owned(),
+        url: None,
         flush_interval: Duration::from_millis(10),
         max_pending_rows: usize::MAX,
     })

@@ -10,7 +10,7 @@ use time::format_description::well_known::Rfc3339;
 use time::{Date, OffsetDateTime, Time};
 
 use super::writer::{count, counts_from};
-use super::{FILE_NAME, LedgerError, Row, from_micros, micros, schema};
+use super::{FILE_NAME, LedgerError, Options, Row, from_micros, micros, pg, schema};
 use crate::error::InvalidValue;
 use crate::key::Identity;
 use crate::meter::{Counts, Snapshot};
@@ -50,7 +50,7 @@ impl Range {
         Ok(range)
     }
 
-    fn bounds(&self) -> (i64, i64) {
+    pub(super) fn bounds(&self) -> (i64, i64) {
         (
             self.since.map_or(i64::MIN, micros),
             self.until.map_or(i64::MAX, micros),
@@ -158,16 +158,16 @@ impl Group {
         }
     }
 
-    fn columns(&self) -> Cow<'static, str> {
+    pub(super) fn columns(&self, dialect: Dialect) -> Cow<'static, str> {
         match self {
             Self::Day => "at / 86400000000".into(),
             Self::Hour => "at / 3600000000".into(),
             Self::Model => "model".into(),
             Self::Key => "key_id".into(),
             Self::Upstream => "upstream".into(),
-            Self::User => "user".into(),
+            Self::User => "\"user\"".into(),
             Self::Session => "session".into(),
-            Self::Tag(name) => tag_column(name).into(),
+            Self::Tag(name) => tag_column(name, dialect).into(),
             // Names are `[a-z0-9_.-]`: the first `=` ends the name.
             Self::AnyTag => "each_tag.key || '=' || each_tag.value".into(),
         }
@@ -176,8 +176,74 @@ impl Group {
 
 /// The SQL of one tag's value. The name is checked (`check_tag_name`: `[a-z0-9_.-]` only), so
 /// it can be written into the JSON path, quoted so that a `.` in it is not a step.
-fn tag_column(name: &str) -> String {
-    format!("json_extract(tags, '$.\"{name}\"')")
+fn tag_column(name: &str, dialect: Dialect) -> String {
+    match dialect {
+        Dialect::Sqlite => format!("json_extract(tags, '$.\"{name}\"')"),
+        Dialect::Postgres => format!("tags->>'{name}'"),
+    }
+}
+
+/// Which SQL a query is written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// The `n`th parameter (from 1).
+    pub(super) fn param(self, n: usize) -> String {
+        match self {
+            Self::Sqlite => format!("?{n}"),
+            Self::Postgres => format!("${n}"),
+        }
+    }
+}
+
+/// A query parameter, bound by each backend its own way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Param {
+    Int(i64),
+    Text(String),
+}
+
+impl From<Param> for rusqlite::types::Value {
+    fn from(param: Param) -> Self {
+        match param {
+            Param::Int(n) => n.into(),
+            Param::Text(text) => text.into(),
+        }
+    }
+}
+
+/// The cells of a result row, read alike from SQLite and PostgreSQL (whose integer columns
+/// are read as 64-bit: queries cast them).
+pub(super) trait Cells {
+    type Error;
+    fn int(&self, i: usize) -> Result<i64, Self::Error>;
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, Self::Error>;
+    fn text(&self, i: usize) -> Result<String, Self::Error>;
+    fn opt_text(&self, i: usize) -> Result<Option<String>, Self::Error>;
+    /// A stored count (never negative when we wrote it).
+    fn count(&self, i: usize) -> Result<u64, Self::Error> {
+        Ok(count(self.int(i)?))
+    }
+}
+
+impl Cells for rusqlite::Row<'_> {
+    type Error = rusqlite::Error;
+    fn int(&self, i: usize) -> rusqlite::Result<i64> {
+        self.get(i)
+    }
+    fn opt_int(&self, i: usize) -> rusqlite::Result<Option<i64>> {
+        self.get(i)
+    }
+    fn text(&self, i: usize) -> rusqlite::Result<String> {
+        self.get(i)
+    }
+    fn opt_text(&self, i: usize) -> rusqlite::Result<Option<String>> {
+        self.get(i)
+    }
 }
 
 fn check_tag_name(name: &str) -> Result<(), InvalidValue> {
@@ -245,27 +311,38 @@ impl Filter {
         }
     }
 
-    /// The SQL condition on `request_rows` and its parameters, numbered from 1.
-    fn sql(&self) -> (String, Vec<rusqlite::types::Value>) {
+    /// The SQL condition on the rows and its parameters, numbered from 1: the time range
+    /// (`at >= since AND at < until`), then each condition.
+    pub(super) fn sql(&self, dialect: Dialect) -> (String, Vec<Param>) {
         let (since, until) = self.range.bounds();
-        let mut conditions = String::from("at >= ?1 AND at < ?2");
-        let mut params = vec![since.into(), until.into()];
+        let mut conditions = format!("at >= {} AND at < {}", dialect.param(1), dialect.param(2));
+        let mut params = vec![Param::Int(since), Param::Int(until)];
+        self.push_equal(dialect, &mut conditions, &mut params);
+        (conditions, params)
+    }
+
+    /// Adds ` AND column = $n` for each condition (not the range) to `conditions`.
+    pub(super) fn push_equal(
+        &self,
+        dialect: Dialect,
+        conditions: &mut String,
+        params: &mut Vec<Param>,
+    ) {
         let columns = [
             ("key_id", &self.key_id),
             ("model", &self.model),
-            ("user", &self.user),
+            ("\"user\"", &self.user),
             ("session", &self.session),
         ];
-        let tags = self.tags.iter().map(|(n, v)| (tag_column(n), v));
+        let tags = self.tags.iter().map(|(n, v)| (tag_column(n, dialect), v));
         let equal = columns
             .into_iter()
             .filter_map(|(c, v)| Some((Cow::Borrowed(c), v.as_ref()?)))
             .chain(tags.map(|(c, v)| (Cow::Owned(c), v)));
         for (column, value) in equal {
-            params.push(value.clone().into());
-            conditions.push_str(&format!(" AND {column} = ?{}", params.len()));
+            params.push(Param::Text(value.clone()));
+            conditions.push_str(&format!(" AND {column} = {}", dialect.param(params.len())));
         }
-        (conditions, params)
     }
 }
 
@@ -300,10 +377,18 @@ const SUMS: &str = "count(*), sum(error), sum(input_tokens), sum(cached_tokens),
     sum(cache_write_tokens), sum(output_tokens), sum(reasoning_tokens), sum(cost_nano_usd),
     sum(unpriced), sum(estimated), sum(cache_write_1h_tokens), sum(partial)";
 
-/// A read-only view of a ledger.
-pub struct Reader {
-    conn: Connection,
-    path: PathBuf,
+/// The columns of a row, in the order `row_from` reads them.
+pub(super) const ROW_COLUMNS: &str = "at, period, key_id, key_label, model, flavor, status,
+    streamed, input_tokens, cached_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
+    cost_nano_usd, latency_us, response_id, error, unpriced, estimated, partial, upstream,
+    \"user\", session, tags, cache_write_1h_tokens, service_tier, price";
+
+/// A read-only view of a ledger: the SQLite file, or the PostgreSQL database.
+pub struct Reader(Backend);
+
+enum Backend {
+    Sqlite { conn: Connection, path: PathBuf },
+    Postgres(pg::read::Reader),
 }
 
 impl Reader {
@@ -315,37 +400,39 @@ impl Reader {
     /// Opens the ledger file itself.
     pub fn open_file(path: &Path) -> Result<Self, LedgerError> {
         let conn = schema::open(path, schema::Access::Read)?;
-        Ok(Self {
+        Ok(Self(Backend::Sqlite {
             conn,
             path: path.to_owned(),
-        })
+        }))
     }
 
-    fn fail(&self, err: &rusqlite::Error) -> LedgerError {
-        LedgerError::sqlite(&self.path, err)
+    /// Opens the ledger the options name: the PostgreSQL database when a URL is given, else
+    /// the file in the data directory.
+    pub fn open_ledger(options: &Options) -> Result<Self, LedgerError> {
+        match &options.url {
+            Some(url) => Ok(Self::postgres(pg::Db::new(url)?.pool()?)),
+            None => Self::open(&options.dir),
+        }
+    }
+
+    /// A reader of the PostgreSQL ledger, taking connections from `pool`.
+    pub fn postgres(pool: pg::Pool) -> Self {
+        Self(Backend::Postgres(pg::read::Reader::new(pool)))
     }
 
     /// The totals per key and model of the rows in `range`, shaped like `/stats`.
     pub fn totals(&self, range: Range) -> Result<Snapshot, LedgerError> {
-        let lines = self.usage(
-            &[Group::Key, Group::Model],
-            &Filter {
-                range,
-                ..Filter::default()
-            },
-        )?;
+        let filter = Filter {
+            range,
+            ..Filter::default()
+        };
+        let lines = self.usage(&[Group::Key, Group::Model], &filter)?;
         let since = match range.since {
             Some(since) => since,
             None => self.first_time()?.unwrap_or_else(OffsetDateTime::now_utc),
         };
         let upstreams = self
-            .usage(
-                &[Group::Upstream],
-                &Filter {
-                    range,
-                    ..Filter::default()
-                },
-            )?
+            .usage(&[Group::Upstream], &filter)?
             .into_iter()
             .filter_map(|line| Some((line.upstream?, line.counts)))
             .collect();
@@ -359,37 +446,39 @@ impl Reader {
     }
 
     fn first_time(&self) -> Result<Option<OffsetDateTime>, LedgerError> {
-        self.conn
-            .query_row("SELECT min(at) FROM requests", [], |r| {
-                r.get::<_, Option<i64>>(0)
-            })
-            .map(|at| at.map(from_micros))
-            .map_err(|e| self.fail(&e))
+        let at = match &self.0 {
+            Backend::Sqlite { conn, path } => conn
+                .query_row("SELECT min(at) FROM requests", [], |r| {
+                    r.get::<_, Option<i64>>(0)
+                })
+                .map_err(|e| LedgerError::sqlite(path, &e))?,
+            Backend::Postgres(reader) => reader.first_time()?,
+        };
+        Ok(at.map(from_micros))
     }
 
     /// Sums of the filtered rows per group, in group order.
     pub fn usage(&self, groups: &[Group], filter: &Filter) -> Result<Vec<UsageLine>, LedgerError> {
-        let (conditions, params) = filter.sql();
-        let by: Vec<Cow<'_, str>> = groups.iter().map(Group::columns).collect();
+        let (conn, path) = match &self.0 {
+            Backend::Sqlite { conn, path } => (conn, path),
+            Backend::Postgres(reader) => return reader.usage(groups, filter),
+        };
+        let fail = |e: rusqlite::Error| LedgerError::sqlite(path, &e);
+        let (conditions, params) = filter.sql(Dialect::Sqlite);
+        let by: Vec<Cow<'_, str>> = groups.iter().map(|g| g.columns(Dialect::Sqlite)).collect();
         let rows = if groups.contains(&Group::AnyTag) {
             "request_rows, json_each(request_rows.tags) AS each_tag"
         } else {
             "request_rows"
         };
-        let sql = if by.is_empty() {
-            format!("SELECT {SUMS} FROM {rows} WHERE {conditions} HAVING count(*) > 0")
-        } else {
-            let by = by.join(", ");
-            format!(
-                "SELECT {by}, max(key_label), {SUMS} FROM {rows} WHERE {conditions} GROUP BY {by} ORDER BY {by}"
-            )
-        };
-        let mut statement = self.conn.prepare(&sql).map_err(|e| self.fail(&e))?;
+        let sql = grouped_sql(&by, rows, &conditions, SUMS);
+        let mut statement = conn.prepare(&sql).map_err(fail)?;
+        let params = params.into_iter().map(rusqlite::types::Value::from);
         let lines = statement
             .query_map(rusqlite::params_from_iter(params), |r| line_from(groups, r))
-            .map_err(|e| self.fail(&e))?
+            .map_err(fail)?
             .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| self.fail(&e))?;
+            .map_err(fail)?;
         Ok(lines)
     }
 
@@ -399,6 +488,11 @@ impl Reader {
         &self,
         since: Option<i64>,
     ) -> Result<std::collections::HashMap<String, u64>, LedgerError> {
+        let (conn, path) = match &self.0 {
+            Backend::Sqlite { conn, path } => (conn, path),
+            Backend::Postgres(reader) => return reader.spend_by_key(since),
+        };
+        let fail = |e: rusqlite::Error| LedgerError::sqlite(path, &e);
         let sql = match since {
             Some(_) => {
                 "SELECT k.key_id, sum(r.cost_nano_usd) FROM requests r JOIN keys k ON k.id = r.key
@@ -408,14 +502,13 @@ impl Reader {
                 "SELECT key_id, sum(cost_nano_usd) FROM totals WHERE ?1 IS NOT NULL GROUP BY key_id"
             }
         };
-        let mut statement = self.conn.prepare(sql).map_err(|e| self.fail(&e))?;
+        let mut statement = conn.prepare(sql).map_err(fail)?;
         let rows = statement
             .query_map([since.unwrap_or(i64::MIN)], |r| {
                 Ok((r.get::<_, String>(0)?, count(r.get::<_, i64>(1)?)))
             })
-            .map_err(|e| self.fail(&e))?;
-        rows.collect::<rusqlite::Result<_>>()
-            .map_err(|e| self.fail(&e))
+            .map_err(fail)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(fail)
     }
 
     /// Calls `each` with every row that `filter` takes, oldest first, without loading them all;
@@ -425,22 +518,23 @@ impl Reader {
         filter: &Filter,
         mut each: impl FnMut(&Row) -> bool,
     ) -> Result<(), LedgerError> {
-        let (conditions, params) = filter.sql();
-        let mut statement = self
-            .conn
+        let (conn, path) = match &self.0 {
+            Backend::Sqlite { conn, path } => (conn, path),
+            Backend::Postgres(reader) => return reader.for_each_row(filter, each),
+        };
+        let fail = |e: rusqlite::Error| LedgerError::sqlite(path, &e);
+        let (conditions, params) = filter.sql(Dialect::Sqlite);
+        let mut statement = conn
             .prepare(&format!(
-                "SELECT at, period, key_id, key_label, model, flavor, status, streamed,
-                    input_tokens, cached_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
-                    cost_nano_usd, latency_us, response_id, error, unpriced, estimated, partial,
-                    upstream, user, session, tags, cache_write_1h_tokens, service_tier, price
-                 FROM request_rows WHERE {conditions} ORDER BY at"
+                "SELECT {ROW_COLUMNS} FROM request_rows WHERE {conditions} ORDER BY at"
             ))
-            .map_err(|e| self.fail(&e))?;
+            .map_err(fail)?;
+        let params = params.into_iter().map(rusqlite::types::Value::from);
         let mut rows = statement
             .query(rusqlite::params_from_iter(params))
-            .map_err(|e| self.fail(&e))?;
-        while let Some(r) = rows.next().map_err(|e| self.fail(&e))? {
-            let row = row_from(r).map_err(|e| self.fail(&e))?;
+            .map_err(fail)?;
+        while let Some(r) = rows.next().map_err(fail)? {
+            let row = row_from(r).map_err(fail)?;
             if !each(&row) {
                 break;
             }
@@ -449,45 +543,55 @@ impl Reader {
     }
 }
 
-fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
-    let n = |i: usize| -> rusqlite::Result<u64> { Ok(count(r.get::<_, i64>(i)?)) };
+/// `SELECT` of the `sums` of `rows` under `conditions`, grouped by `by` (a total without it).
+pub(super) fn grouped_sql(by: &[Cow<'_, str>], rows: &str, conditions: &str, sums: &str) -> String {
+    if by.is_empty() {
+        format!("SELECT {sums} FROM {rows} WHERE {conditions} HAVING count(*) > 0")
+    } else {
+        let by = by.join(", ");
+        format!(
+            "SELECT {by}, max(key_label), {sums} FROM {rows} WHERE {conditions} GROUP BY {by} ORDER BY {by}"
+        )
+    }
+}
+
+/// A row, from the columns of `ROW_COLUMNS`.
+pub(super) fn row_from<C: Cells>(r: &C) -> Result<Row, C::Error> {
     Ok(Row {
-        at: from_micros(r.get(0)?),
-        period: n(1)?,
-        key_id: r.get(2)?,
-        key_label: r.get(3)?,
-        model: r.get(4)?,
-        flavor: r.get(5)?,
-        status: r.get(6)?,
-        is_streaming: r.get(7)?,
+        at: from_micros(r.int(0)?),
+        period: r.count(1)?,
+        key_id: r.text(2)?,
+        key_label: r.text(3)?,
+        model: r.text(4)?,
+        flavor: r.text(5)?,
+        status: u16::try_from(r.int(6)?).unwrap_or(0),
+        is_streaming: r.int(7)? != 0,
         usage: Usage {
-            input_tokens: n(8)?,
-            cached_input_tokens: n(9)?,
-            cache_write_tokens: n(10)?,
-            cache_write_1h_tokens: n(24)?,
-            output_tokens: n(11)?,
-            reasoning_tokens: n(12)?,
+            input_tokens: r.count(8)?,
+            cached_input_tokens: r.count(9)?,
+            cache_write_tokens: r.count(10)?,
+            cache_write_1h_tokens: r.count(24)?,
+            output_tokens: r.count(11)?,
+            reasoning_tokens: r.count(12)?,
         },
-        cost: NanoUsd(n(13)?),
-        latency: r
-            .get::<_, Option<i64>>(14)?
-            .map(|us| Duration::from_micros(count(us))),
-        response_id: r.get(15)?,
-        is_error: r.get(16)?,
-        is_unpriced: r.get(17)?,
-        is_estimated: r.get(18)?,
-        is_partial: r.get(19)?,
-        upstream: r.get(20)?,
-        user: r.get(21)?,
-        session: r.get(22)?,
-        tags: r.get(23)?,
-        service_tier: r.get(25)?,
-        price: r.get(26)?,
+        cost: NanoUsd(r.count(13)?),
+        latency: r.opt_int(14)?.map(|us| Duration::from_micros(count(us))),
+        response_id: r.opt_text(15)?,
+        is_error: r.int(16)? != 0,
+        is_unpriced: r.int(17)? != 0,
+        is_estimated: r.int(18)? != 0,
+        is_partial: r.int(19)? != 0,
+        upstream: r.text(20)?,
+        user: r.opt_text(21)?,
+        session: r.opt_text(22)?,
+        tags: r.opt_text(23)?,
+        service_tier: r.opt_text(25)?,
+        price: r.opt_text(26)?,
     })
 }
 
 /// One line of `usage`: the grouped columns, then the label of its key, then the sums.
-fn line_from(groups: &[Group], r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageLine> {
+pub(super) fn line_from<C: Cells>(groups: &[Group], r: &C) -> Result<UsageLine, C::Error> {
     let mut line = UsageLine {
         bucket: None,
         model: None,
@@ -503,26 +607,26 @@ fn line_from(groups: &[Group], r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageL
     let label = if groups.is_empty() {
         None
     } else {
-        Some(r.get::<_, String>(groups.len())?)
+        Some(r.text(groups.len())?)
     };
     for (i, group) in groups.iter().enumerate() {
         match group {
-            Group::Day => line.bucket = Some(from_micros(r.get::<_, i64>(i)? * 86_400_000_000)),
-            Group::Hour => line.bucket = Some(from_micros(r.get::<_, i64>(i)? * 3_600_000_000)),
-            Group::Model => line.model = Some(r.get(i)?),
-            Group::Upstream => line.upstream = Some(r.get(i)?),
-            Group::User => line.user = r.get(i)?,
-            Group::Session => line.session = r.get(i)?,
-            Group::Tag(_) => line.tags.push(r.get(i)?),
+            Group::Day => line.bucket = Some(from_micros(r.int(i)? * 86_400_000_000)),
+            Group::Hour => line.bucket = Some(from_micros(r.int(i)? * 3_600_000_000)),
+            Group::Model => line.model = Some(r.text(i)?),
+            Group::Upstream => line.upstream = Some(r.text(i)?),
+            Group::User => line.user = r.opt_text(i)?,
+            Group::Session => line.session = r.opt_text(i)?,
+            Group::Tag(_) => line.tags.push(r.opt_text(i)?),
             Group::AnyTag => {
-                let pair: String = r.get(i)?;
+                let pair = r.text(i)?;
                 line.tag = pair
                     .split_once('=')
                     .map(|(name, value)| (name.to_owned(), value.to_owned()));
             }
             Group::Key => {
                 line.key = Some(Identity {
-                    id: r.get(i)?,
+                    id: r.text(i)?,
                     label: label.clone().unwrap_or_default(),
                 });
             }
@@ -534,7 +638,7 @@ fn line_from(groups: &[Group], r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageL
         groups.len() + 1
     };
     line.counts = counts_from(r, at)?;
-    line.partial_requests = count(r.get::<_, i64>(at + super::writer::COUNTERS.len())?);
+    line.partial_requests = r.count(at + super::writer::COUNTERS.len())?;
     Ok(line)
 }
 

@@ -22,6 +22,8 @@ pub enum Integrity {
     Ok,
     /// The first problems SQLite reported, on one line joined by `; ` (or why the check could not run).
     Failed(String),
+    /// The ledger is in PostgreSQL, which checks its own pages.
+    ByServer,
 }
 
 impl fmt::Display for Integrity {
@@ -31,6 +33,7 @@ impl fmt::Display for Integrity {
             Self::Checking => f.write_str("checking"),
             Self::Ok => f.write_str("ok"),
             Self::Failed(problems) => write!(f, "failed: {problems}"),
+            Self::ByServer => f.write_str("kept by the server"),
         }
     }
 }
@@ -69,6 +72,15 @@ impl Check {
             result,
             interrupt,
             thread: Mutex::new(thread),
+        }
+    }
+
+    /// No check: the database server keeps its own.
+    pub(super) fn by_server() -> Self {
+        Self {
+            result: Arc::new(Mutex::new(Integrity::ByServer)),
+            interrupt: Arc::new(Mutex::new(None)),
+            thread: Mutex::new(None),
         }
     }
 

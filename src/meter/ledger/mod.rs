@@ -10,6 +10,7 @@
 
 pub mod history;
 pub mod integrity;
+pub mod pg;
 mod queue;
 pub mod reprice;
 pub mod schema;
@@ -82,6 +83,14 @@ pub enum LedgerError {
         found: i32,
         /// Ours.
         known: i32,
+    },
+    /// PostgreSQL could not be reached or refused a statement.
+    #[error("ledger {url}: {reason}")]
+    Postgres {
+        /// The database, as shown (no password).
+        url: String,
+        /// Why.
+        reason: String,
     },
     /// SQLite failed.
     #[error("ledger {path}: {reason}")]
@@ -377,12 +386,18 @@ pub struct Ledger {
     lock: Mutex<Option<File>>,
     /// The corruption check started with the ledger.
     check: Check,
+    /// Connections to the PostgreSQL database, when the ledger is there.
+    pool: Option<pg::Pool>,
 }
 
 impl Ledger {
     /// Opens (creating or migrating) the ledger in `options.dir`, takes its lock, reads back the
-    /// current period's totals and starts the writer thread and the corruption check.
+    /// current period's totals and starts the writer thread and the corruption check; or, with
+    /// `options.url`, connects to PostgreSQL and migrates it (see `open_postgres`).
     pub fn open(options: &Options) -> Result<(Self, Restored), LedgerError> {
+        if let Some(url) = &options.url {
+            return Self::open_postgres(options, &pg::Db::new(url)?);
+        }
         let dir = &options.dir;
         std::fs::create_dir_all(dir).map_err(|e| LedgerError::Dir {
             path: dir.clone(),
@@ -395,9 +410,11 @@ impl Ledger {
         let last_at = writer::last_at(&conn).map_err(|e| LedgerError::sqlite(&path, &e))?;
         let shared = Arc::new(Shared::new());
         let writer = writer::Writer {
-            conn,
-            ids: writer::Ids::default(),
-            last_at,
+            store: Box::new(writer::Sqlite {
+                conn,
+                ids: writer::Ids::default(),
+                last_at,
+            }),
             shared: Arc::clone(&shared),
             flush_interval: options.flush_interval,
             max_pending_rows: options.max_pending_rows.max(1),
@@ -417,9 +434,63 @@ impl Ledger {
                 path,
                 lock: Mutex::new(Some(lock)),
                 check,
+                pool: None,
             },
             restored,
         ))
+    }
+
+    /// Opens the PostgreSQL ledger of `db` as one replica among others: no lock (replicas share
+    /// it), no file check, and nothing restored into `/stats`, which counts this process's own
+    /// requests (`/stats?scope=all` reads every replica's from the database).
+    pub fn open_postgres(options: &Options, db: &pg::Db) -> Result<(Self, Restored), LedgerError> {
+        let client = pg::off_runtime(|| pg::open(db))?;
+        let pool = db.pool()?;
+        let path = PathBuf::from(db.shown());
+        let shared = Arc::new(Shared::new());
+        let writer = writer::Writer {
+            store: Box::new(pg::Postgres::new(db.clone(), client)),
+            shared: Arc::clone(&shared),
+            flush_interval: options.flush_interval,
+            max_pending_rows: options.max_pending_rows.max(1),
+            path: path.clone(),
+            batch: writer::Batch::default(),
+            last_slow_warning: None,
+        };
+        let threads = writer::start(writer).map_err(|e| LedgerError::Postgres {
+            url: db.shown().to_owned(),
+            reason: format!("cannot start the writer thread: {e}"),
+        })?;
+        let restored = Restored {
+            period: 1,
+            since: now(),
+            totals: Vec::new(),
+            upstreams: Vec::new(),
+        };
+        Ok((
+            Self {
+                shared,
+                threads: Mutex::new(threads),
+                path,
+                lock: Mutex::new(None),
+                check: Check::by_server(),
+                pool: Some(pool),
+            },
+            restored,
+        ))
+    }
+
+    /// The PostgreSQL database, when the ledger is there.
+    pub fn db(&self) -> Option<&pg::Db> {
+        self.pool.as_ref().map(pg::Pool::db)
+    }
+
+    /// A reader of this ledger (beside the writer: SQLite readers never block it).
+    pub fn reader(&self) -> Result<history::Reader, LedgerError> {
+        match &self.pool {
+            Some(pool) => Ok(history::Reader::postgres(pool.clone())),
+            None => history::Reader::open_file(&self.path),
+        }
     }
 
     /// Queues a row (a copy into the queue's buffer); never blocks on the disk.
@@ -488,7 +559,7 @@ impl Ledger {
         drop(self.lock.lock().take());
     }
 
-    /// The database file.
+    /// The database file (with PostgreSQL, its URL as shown).
     pub fn path(&self) -> &Path {
         &self.path
     }

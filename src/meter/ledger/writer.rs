@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, TransactionBehavior, params};
 
+use super::history::Cells;
 use super::queue::{self, Entry};
 use super::{Restored, Row, Shared, from_micros, micros};
 use crate::key::Identity;
@@ -22,11 +23,34 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Backlog above which a slow disk is warned about (at most once a minute).
 const SLOW_BACKLOG: u64 = 10_000;
 
-pub(super) struct Writer {
+/// Where a batch is committed: the SQLite file, or PostgreSQL.
+pub(super) trait Store: Send {
+    /// Writes a batch of queued entries in one transaction. A batch that fails is given again,
+    /// grown by what was queued since (or with its oldest rows given up), so a store must not
+    /// keep anything of a failed attempt.
+    fn commit(&mut self, batch: &[u8]) -> Result<(), String>;
+}
+
+/// The SQLite file's store.
+pub(super) struct Sqlite {
     pub conn: Connection,
     pub ids: Ids,
     /// The last `at` written: each row's is made greater, so it can be the rowid.
     pub last_at: i64,
+}
+
+impl Store for Sqlite {
+    fn commit(&mut self, batch: &[u8]) -> Result<(), String> {
+        commit(&mut self.conn, batch, &mut self.last_at, &mut self.ids).map_err(|err| {
+            // Ids handed out in the rolled-back transaction no longer exist.
+            self.ids = Ids::default();
+            err.to_string()
+        })
+    }
+}
+
+pub(super) struct Writer {
+    pub store: Box<dyn Store>,
     pub shared: Arc<Shared>,
     pub flush_interval: Duration,
     pub max_pending_rows: usize,
@@ -68,12 +92,7 @@ impl Writer {
             return !is_closing;
         }
         let started = Instant::now();
-        match commit(
-            &mut self.conn,
-            &batch.bytes,
-            &mut self.last_at,
-            &mut self.ids,
-        ) {
+        match self.store.commit(&batch.bytes) {
             Ok(()) => {
                 let n = batch.len as u64;
                 batch.len = 0;
@@ -97,10 +116,7 @@ impl Writer {
                     tracing::warn!(path = %self.path.display(), pending_rows = pending, commit_ms = started.elapsed().as_millis(), "the ledger's disk is slower than the traffic: rows are waiting in memory");
                 }
             }
-            Err(err) => {
-                // Ids handed out in the rolled-back transaction no longer exist.
-                self.ids = Ids::default();
-                let reason = err.to_string();
+            Err(reason) => {
                 if !self.shared.is_failing.swap(true, Relaxed) {
                     tracing::error!(path = %self.path.display(), error = %reason, "cannot write to the ledger: forwarding goes on, rows wait in memory and are retried");
                 }
@@ -650,8 +666,8 @@ pub(super) fn restore(conn: &mut Connection) -> rusqlite::Result<Restored> {
 }
 
 /// Reads the counter columns (`COUNTERS`, in their order) starting at column `at`.
-pub fn counts_from(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Counts> {
-    let get = |i: usize| -> rusqlite::Result<u64> { Ok(count(r.get::<_, i64>(at + i)?)) };
+pub(super) fn counts_from<C: Cells>(r: &C, at: usize) -> Result<Counts, C::Error> {
+    let get = |i: usize| r.count(at + i);
     let input = get(2)?;
     let cached = get(3)?;
     let cache_write = get(4)?;
@@ -687,9 +703,11 @@ mod tests {
         restore(&mut conn).unwrap();
         let shared = Arc::new(Shared::new());
         let writer = Mutex::new(Writer {
-            conn,
-            ids: Ids::default(),
-            last_at: 0,
+            store: Box::new(Sqlite {
+                conn,
+                ids: Ids::default(),
+                last_at: 0,
+            }),
             shared: Arc::clone(&shared),
             flush_interval: Duration::from_millis(10),
             max_pending_rows: usize::MAX,
@@ -764,7 +782,9 @@ mod tests {
             .unwrap();
         assert_eq!(read.len(), 1);
         assert_eq!(read[0].borrowed(), written);
-        let restored = restore(&mut writer.conn).unwrap();
+        drop(writer);
+        let mut conn = schema::open(&dir.path().join(FILE_NAME), schema::Access::Write).unwrap();
+        let restored = restore(&mut conn).unwrap();
         assert_eq!(restored.totals[0].2.cache_write_1h_tokens, 200);
         assert_eq!(restored.totals[0].2.cache_write_tokens, 300);
         assert_eq!(restored.upstreams[0].1.cache_write_1h_tokens, 200);
