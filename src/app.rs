@@ -5,6 +5,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 use crate::client;
+use crate::cluster::Cluster;
 use crate::config::egress::Egress;
 use crate::config::{Config, Route};
 use crate::guard::alerts::Alerts;
@@ -40,6 +41,8 @@ pub struct Shared {
     pub tasks: Tasks,
     /// The OpenTelemetry exporter's queue, when `otlp_endpoint` is set.
     pub spans: Option<Arc<otlp::Spans>>,
+    /// The sync with other replicas, when the ledger is in PostgreSQL.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl Deref for AppState {
@@ -225,14 +228,25 @@ impl AppState {
             webhooks.push((webhook.clone(), dialer));
         }
         let alerts = Alerts::with_webhooks(webhooks, &tasks);
-        let data_dir = config.ledger.as_ref().map(|l| l.dir.as_path());
-        let guard = Guard::new(config.guard.clone(), clock, alerts, data_dir);
-        // Only budgets need the spend so far; without them the ledger is not read.
+        let db = meter.ledger().and_then(|l| l.db()).cloned();
+        // With a shared ledger, budgets changed at run time are kept in it, not budgets.json.
+        let data_dir = config
+            .ledger
+            .as_ref()
+            .filter(|_| db.is_none())
+            .map(|l| l.dir.as_path());
+        let guard = Arc::new(Guard::new(config.guard.clone(), clock, alerts, data_dir));
+        // Only budgets need the spend so far; without them the ledger is not read. A shared
+        // ledger's spend comes from every replica's, read by the first sync.
         if let Some(dir) = data_dir
             && guard.has_budgets()
         {
             guard.restore(&spend_from_ledger(dir, &guard)?);
         }
+        let cluster = match &db {
+            Some(db) => Some(Arc::new(Cluster::start(db, Arc::clone(&guard))?)),
+            None => None,
+        };
         // One set of series per worker (worker 0's also takes the records of estimates).
         let metrics = Arc::new(Metrics::new(config.metrics_max_series, config.threads));
         let spans = match &config.otlp {
@@ -247,9 +261,10 @@ impl AppState {
             meter,
             metrics,
             upstreams,
-            guard: Arc::new(guard),
+            guard,
             tasks,
             spans,
+            cluster,
         })))
     }
 }

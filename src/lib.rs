@@ -14,7 +14,8 @@
 //! 4. `usage` turns each flavor's usage (OpenAI, Anthropic, Gemini; plain JSON or SSE) into one
 //!    `Usage` record, or estimates it with a BPE tokenizer when the response reported none.
 //! 5. `meter` prices the record in integer nano-dollars and adds it to per-key, per-model and
-//!    per-upstream totals; `meter::ledger` writes every request to SQLite off the request path
+//!    per-upstream totals; `meter::ledger` writes every request to SQLite (or PostgreSQL,
+//!    `meter::ledger::pg`) off the request path
 //!    and restores the totals on start; `guard` adds its cost to the budgets and fires alerts.
 //! 6. `api` shows the totals (`/stats`), resets them, reads history from the ledger (`/usage`,
 //!    `/export`, the `report` and `export` commands), lists alerts and named keys, changes
@@ -25,6 +26,9 @@
 //!
 //! `otlp` pushes a GenAI span per metered request (handed over by `proxy::exchange` through a
 //! bounded queue) and the `metrics` series to an OpenTelemetry collector, from a background task.
+//!
+//! `cluster` syncs replicas that share a PostgreSQL ledger (`ledger_url`): each one's spend and
+//! rate-limit use, budgets changed at run time, and which replica sends an alert.
 //!
 //! `attribution` reads the user, session and tags a request names in llm-meter's own headers
 //! (removed before forwarding) or in its body.
@@ -47,7 +51,7 @@
 //! | 4 | `config`, `logs` | validated settings; the log writer they configure |
 //! | 5 | `meter` | totals in memory, the ledger, prices per model |
 //! | 6 | `guard`, `metrics`, `otlp` | admission: named keys, budgets, rate limits, alerts; the Prometheus series; their OpenTelemetry export |
-//! | 7 | `proxy` | forwarding: route, rewrite, upstream, tap, the exchange's record, WebSockets |
+//! | 7 | `proxy`, `cluster` | forwarding: route, rewrite, upstream, tap, the exchange's record, WebSockets; replicas sharing a PostgreSQL ledger's budgets, limits and alerts |
 //! | 8 | `app` | `AppState`: config, meter, guard and upstreams, built once |
 //! | 9 | `api` | our own endpoints and their router |
 //! | 10 | `server` | accept, workers, timeouts, dispatch on the canonical path |
@@ -60,6 +64,7 @@ pub mod app;
 pub mod attribution;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod deferred;
 pub mod error;

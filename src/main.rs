@@ -157,6 +157,7 @@ fn serve(config: Config, reload: Reload) -> ExitCode {
         reload_prices_on_hangup(&state.meter, reload);
         println!("llm-meter listening on http://{addr}{own}, forwarding {routes}; {ledger}");
         let meter = std::sync::Arc::clone(&state.meter);
+        let cluster = state.cluster.clone();
         let listeners = llm_meter::server::Listeners {
             main: listener,
             admin,
@@ -167,6 +168,10 @@ fn serve(config: Config, reload: Reload) -> ExitCode {
         // write out what was recorded.
         llm_meter::usage::estimate::hurry();
         meter.close();
+        // After the last rows: its final sync publishes this replica's spend to the others.
+        if let Some(cluster) = cluster {
+            cluster.stop();
+        }
         if let Err(err) = served {
             eprintln!("llm-meter: server error: {err}");
             return ExitCode::FAILURE;

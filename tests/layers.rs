@@ -37,6 +37,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("otlp", 6),
     // 7. forwarding
     ("proxy", 7),
+    ("cluster", 7),
     // 8. the state
     ("app", 8),
     // 9. our own endpoints

@@ -80,7 +80,20 @@ pub async fn set_budget(
             total: nano("total_usd", change.total_usd)?,
         })
     })();
-    match budget.and_then(|budget| state.guard.set_budget(&name, budget)) {
+    // Saving writes a file, or the shared ledger's table: off the serving thread.
+    let guard = std::sync::Arc::clone(&state.guard);
+    let scope = name.clone();
+    let saved = tokio::task::spawn_blocking(move || {
+        budget.and_then(|budget| guard.set_budget(&scope, budget))
+    })
+    .await
+    .unwrap_or_else(|err| {
+        Err(AdminError::Save {
+            path: "budgets".into(),
+            reason: err.to_string(),
+        })
+    });
+    match saved {
         Ok(()) => {
             tracing::info!(key = name, "budget changed");
             let view = state.guard.view();

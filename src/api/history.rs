@@ -75,7 +75,8 @@ pub async fn read<T: Send + 'static>(
                 "history read while the ledger is behind: the newest rows are not included yet"
             );
         }
-        let reader = Reader::open_file(ledger.path())
+        let reader = ledger
+            .reader()
             .map_err(|e| ProxyError::LedgerUnavailable(e.to_string()))?;
         read(reader).map_err(|e| ProxyError::LedgerUnavailable(e.to_string()))
     })
@@ -366,7 +367,7 @@ pub fn export_to(
                 reason,
             })?;
     }
-    let reader = Reader::open(&options.dir)?;
+    let reader = Reader::open_ledger(options)?;
     let mut out = io::BufWriter::with_capacity(EXPORT_CHUNK, out);
     match write_rows(&reader, &filter, format, &mut out).and_then(|()| out.flush()) {
         Ok(()) => Ok(()),

@@ -36,6 +36,9 @@ pub struct StatsQuery {
     limit: Option<String>,
     /// Shows only the key with this id or label.
     key: Option<String>,
+    /// `all`: every replica's totals, read from the shared ledger; `replica` (the default):
+    /// this process's.
+    scope: Option<String>,
     #[serde(flatten)]
     range: history::RangeQuery,
 }
@@ -53,12 +56,29 @@ pub async fn show(State(state): State<AppState>, Query(query): Query<StatsQuery>
             return ProxyError::BadQuery("limit must be a whole number".into()).into_response();
         }
     };
-    let (mut snapshot, until, ledger) = if query.range.is_given() {
+    let is_all = match query.scope.as_deref() {
+        None | Some("replica") => false,
+        Some("all") => true,
+        Some(_) => {
+            return ProxyError::BadQuery("scope must be all or replica".into()).into_response();
+        }
+    };
+    if is_all && state.meter.ledger().and_then(|l| l.db()).is_none() {
+        return ProxyError::BadQuery(
+            "scope=all reads the ledger replicas share: start llm-meter with ledger_url".into(),
+        )
+        .into_response();
+    }
+    let (mut snapshot, until, ledger) = if query.range.is_given() || is_all {
         let range = match query.range.parse() {
             Ok(range) => range,
             Err(err) => return err.into_response(),
         };
         match history::read(&state, move |reader| reader.totals(range)).await {
+            // Every replica's totals up to now: the budgets and ledger state still apply.
+            Ok(snapshot) if is_all && !query.range.is_given() => {
+                (snapshot, None, state.meter.ledger().map(|l| l.health()))
+            }
             Ok(snapshot) => (
                 snapshot,
                 Some(range.until.unwrap_or_else(time::OffsetDateTime::now_utc)),
@@ -90,6 +110,7 @@ pub async fn show(State(state): State<AppState>, Query(query): Query<StatsQuery>
                 .keys_total(keys_total)
                 .until(until)
                 .ledger(ledger.as_ref())
+                .shared(state.cluster.as_ref().map(|c| c.status()))
                 .budgets(budgets.as_ref()),
         )
         .into_response(),

@@ -53,7 +53,7 @@ pub fn run(config: &Config, args: &Request) -> Result<String, CommandError> {
     for condition in &args.filters {
         filter.add_written(condition).map_err(bad("--where"))?;
     }
-    let reader = Reader::open(&options.dir)?;
+    let reader = Reader::open_ledger(options)?;
     let mut lines = reader.usage(&groups, &filter)?;
     if args.format == "json" {
         order(&groups, &mut lines);

@@ -24,6 +24,15 @@ pub fn run(
         .ledger
         .as_ref()
         .ok_or(CommandError::NoLedger("reprice"))?;
+    if ledger.url.is_some() {
+        return Err(CommandError::BadOption {
+            option: "ledger_url",
+            reason: crate::error::InvalidValue(
+                "reprice rewrites the SQLite ledger only; a PostgreSQL ledger is not repriced yet"
+                    .into(),
+            ),
+        });
+    }
     let now = time::OffsetDateTime::now_utc();
     let bad = |option: &'static str| move |reason| CommandError::BadOption { option, reason };
     let range = Range {

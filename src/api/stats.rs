@@ -89,6 +89,21 @@ struct LedgerView<'a> {
     last_error: Option<&'a str>,
     /// The corruption check run at start: `checking`, `ok` or `failed: …`.
     integrity: String,
+    /// With a PostgreSQL ledger: the sync of budgets, limits and alerts with other replicas.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shared: Option<SharedView>,
+}
+
+/// The sync with other replicas in `/stats`.
+#[derive(Debug, Serialize)]
+struct SharedView {
+    /// This replica's id, as its rows in the database carry it (hex).
+    replica: String,
+    /// Milliseconds since the last sync that succeeded (they run every 100 ms).
+    last_sync_ms: Option<u64>,
+    /// Why the last sync failed, while it fails.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 /// The whole `/stats` JSON document.
@@ -191,7 +206,21 @@ impl<'a> StatsView<'a> {
                 failing: h.is_failing,
                 last_error: h.last_error.as_deref(),
                 integrity: h.integrity.to_string(),
+                shared: None,
             }));
+        }
+        self
+    }
+
+    /// Adds the sync with other replicas to the ledger's state, when there is one.
+    #[must_use]
+    pub fn shared(mut self, status: Option<crate::cluster::Status>) -> Self {
+        if let (Some(Some(ledger)), Some(status)) = (&mut self.ledger, status) {
+            ledger.shared = Some(SharedView {
+                replica: status.replica,
+                last_sync_ms: status.last_sync_ms,
+                error: status.error,
+            });
         }
         self
     }

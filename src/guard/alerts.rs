@@ -56,6 +56,11 @@ pub struct Alert {
     pub prompt_tokens: Option<u64>,
     /// One line for people.
     pub message: String,
+    /// What makes it the same alert on another replica (`budget_threshold/agent/daily/…/80`):
+    /// with a shared ledger, only the replica that claims it first sends it. `None` for alerts
+    /// of one request, which only one replica sees.
+    #[serde(skip)]
+    pub dedupe: Option<String>,
 }
 
 impl Alert {
@@ -72,6 +77,7 @@ impl Alert {
             spent_usd: None,
             prompt_tokens: None,
             message,
+            dedupe: None,
         }
     }
 
@@ -129,6 +135,9 @@ pub struct Alerts {
     /// One queue per webhook (by its host, for logs), so that a slow one holds up none of the
     /// others.
     webhooks: Vec<(String, mpsc::Sender<Alert>)>,
+    /// With a shared ledger: where alerts another replica may also fire go to be claimed
+    /// first (`deliver` sends those claimed).
+    gate: std::sync::OnceLock<Box<dyn Fn(Alert) + Send + Sync>>,
 }
 
 impl Alerts {
@@ -137,6 +146,7 @@ impl Alerts {
         Self {
             recent: Mutex::new(VecDeque::new()),
             webhooks: Vec::new(),
+            gate: std::sync::OnceLock::new(),
         }
     }
 
@@ -170,11 +180,29 @@ impl Alerts {
         Self {
             recent: Mutex::new(VecDeque::new()),
             webhooks,
+            gate: std::sync::OnceLock::new(),
         }
     }
 
-    /// Fires an alert: logged, listed, and handed to the webhook task without waiting.
+    /// Sends alerts that other replicas may fire too through `gate`, which claims each in the
+    /// shared ledger and delivers it only when this replica's claim wins. Set once.
+    pub fn set_gate(&self, gate: Box<dyn Fn(Alert) + Send + Sync>) {
+        if self.gate.set(gate).is_err() {
+            tracing::warn!("the alert gate is set already");
+        }
+    }
+
+    /// Fires an alert: logged, listed, and handed to the webhook task without waiting (or, with
+    /// a shared ledger, to the gate that claims it first).
     pub fn fire(&self, alert: Alert) {
+        match self.gate.get() {
+            Some(gate) if alert.dedupe.is_some() => gate(alert),
+            _ => self.deliver(alert),
+        }
+    }
+
+    /// Logs, lists and sends an alert.
+    pub fn deliver(&self, alert: Alert) {
         tracing::warn!(
             kind = alert.kind,
             scope = alert.scope,

@@ -28,11 +28,18 @@ impl Budget {
 pub(super) struct Spent {
     pub(super) window: Window,
     pub(super) nano: u64,
+    /// What the other replicas spent in this window, as last read from the shared ledger.
+    pub(super) remote: u64,
     /// The highest alert threshold already fired in this window (percent).
     pub(super) fired: u32,
 }
 
 impl Spent {
+    /// This replica's spend and the others'.
+    pub(super) fn total(&self) -> u64 {
+        self.nano.saturating_add(self.remote)
+    }
+
     /// When the window ends, as shown; `None` for the total, which never resets.
     pub(super) fn resets_at(&self, period: Period) -> Option<String> {
         (period != Period::Total).then(|| period::rfc3339(self.window.end))
@@ -70,6 +77,7 @@ impl Scope {
         let empty = Spent {
             window: Window { start: 0, end: 0 },
             nano: 0,
+            remote: 0,
             fired: 0,
         };
         Self {
@@ -92,6 +100,7 @@ impl ScopeState {
                 *spent = Spent {
                     window: period::window(period, now, tz),
                     nano: 0,
+                    remote: 0,
                     fired: 0,
                 };
             }
@@ -100,6 +109,7 @@ impl ScopeState {
             self.hour = Spent {
                 window: period::hour(now),
                 nano: 0,
+                remote: 0,
                 fired: 0,
             };
         }
@@ -112,7 +122,7 @@ impl ScopeState {
             .zip(self.spent)
             .find_map(|(period, spent)| {
                 let limit = self.budget.get(period)?;
-                (spent.nano >= limit.0).then_some((period, limit, spent))
+                (spent.total() >= limit.0).then_some((period, limit, spent))
             })
     }
 }

@@ -11,6 +11,7 @@ pub mod overrides;
 pub mod period;
 pub mod rate;
 mod refusal;
+pub mod shared;
 pub mod unpriced;
 mod view;
 
@@ -44,6 +45,9 @@ struct KeyState {
     scope: Scope,
     requests: Mutex<Option<Bucket>>,
     tokens: Mutex<Option<Bucket>>,
+    /// Requests admitted and tokens spent under its limits since start, which replicas
+    /// sharing a ledger tell one another.
+    used: [std::sync::atomic::AtomicU64; 2],
 }
 
 /// A named key, as the proxy sees it for one request.
@@ -65,6 +69,8 @@ pub struct Guard {
     unpriced: unpriced::Seen,
     /// Where runtime budget changes are kept (`budgets.json`); `None` without persistence.
     overrides: Option<PathBuf>,
+    /// With a shared ledger: saves a runtime budget change there instead.
+    budget_store: shared::BudgetStore,
 }
 
 /// Spend in the current windows, per key id, as read from the ledger on start.
@@ -100,6 +106,7 @@ impl Guard {
                     scope: Scope::new(&key.name, key.budget),
                     requests: Mutex::new(None),
                     tokens: Mutex::new(None),
+                    used: Default::default(),
                     settings: key,
                 }
             })
@@ -127,6 +134,7 @@ impl Guard {
             alerts,
             unpriced: unpriced::Seen::default(),
             overrides,
+            budget_store: shared::BudgetStore::default(),
         }
     }
 
@@ -257,6 +265,9 @@ impl Guard {
             |b| b.take_one(at),
             at,
         )?;
+        if key.settings.requests_per_minute.is_some() {
+            key.used[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -269,7 +280,7 @@ impl Guard {
                 scope: scope.name.clone(),
                 period,
                 limit,
-                spent: NanoUsd(spent.nano),
+                spent: NanoUsd(spent.total()),
                 resets_at: spent.resets_at(period),
             }),
         }
@@ -292,6 +303,7 @@ impl Guard {
             self.add_spend(&key.scope, cost, now);
             if let Some(bucket) = key.tokens.lock().as_mut() {
                 bucket.spend(total_tokens, now.as_microsecond());
+                key.used[1].fetch_add(total_tokens, std::sync::atomic::Ordering::Relaxed);
             }
         }
         if prompt_tokens > self.large_request_tokens {
@@ -330,10 +342,10 @@ impl Guard {
                     continue;
                 };
                 // Every threshold passed since the last alert fires, each once per period.
-                let reached = self.crossed(entry.nano, limit).unwrap_or(0);
+                let reached = self.crossed(entry.total(), limit).unwrap_or(0);
                 for &threshold in &self.thresholds {
                     if threshold > entry.fired && threshold <= reached {
-                        fired.push((period, threshold, limit, entry.nano));
+                        fired.push((period, threshold, limit, entry.total(), entry.window.start));
                     }
                 }
                 entry.fired = entry.fired.max(reached);
@@ -343,10 +355,11 @@ impl Guard {
             if let Some(daily) = budget.daily
                 && scope.name != GLOBAL
                 && state.hour.fired == 0
-                && state.hour.nano > daily.0 / 24
+                && state.hour.total() > daily.0 / 24
             {
                 state.hour.fired = 1;
-                let spent = state.hour.nano;
+                let spent = state.hour.total();
+                let hour = state.hour.window.start;
                 drop(state);
                 let message = format!(
                     "{} spent {} this hour, more than a 24th of its daily budget of {daily}",
@@ -357,11 +370,12 @@ impl Guard {
                     period: Some("hourly"),
                     limit_usd: Some(NanoUsd(daily.0 / 24).as_usd()),
                     spent_usd: Some(NanoUsd(spent).as_usd()),
+                    dedupe: Some(format!("hourly_spend/{hour}/{}", scope.name)),
                     ..Alert::new(now, "hourly_spend", &scope.name, message)
                 });
             }
         }
-        for (period, threshold, limit, spent) in fired {
+        for (period, threshold, limit, spent, window) in fired {
             let message = format!(
                 "{} reached {threshold}% of {} {} budget ({} of {limit})",
                 alerts::subject(&scope.name),
@@ -374,6 +388,11 @@ impl Guard {
                 threshold_percent: Some(threshold),
                 limit_usd: Some(limit.as_usd()),
                 spent_usd: Some(NanoUsd(spent).as_usd()),
+                dedupe: Some(format!(
+                    "budget_threshold/{}/{window}/{threshold}/{}",
+                    period.as_str(),
+                    scope.name
+                )),
                 ..Alert::new(now, "budget_threshold", &scope.name, message)
             });
         }

@@ -31,8 +31,21 @@ pub enum AdminError {
 }
 
 impl Guard {
-    /// Replaces the budgets of a named key (or `global`), and saves them in `budgets.json`.
+    /// Replaces the budgets of a named key (or `global`), and saves them in `budgets.json` (or,
+    /// with a shared ledger, there, for every replica).
     pub fn set_budget(&self, name: &str, budget: Budget) -> Result<(), AdminError> {
+        self.apply_budget(name, budget)?;
+        if let Some(store) = self.budget_store.get() {
+            return store(name, &budget).map_err(|reason| AdminError::Save {
+                path: "the shared ledger".into(),
+                reason,
+            });
+        }
+        self.save_overrides()
+    }
+
+    /// Replaces the budgets of a named key (or `global`) here only.
+    pub fn apply_budget(&self, name: &str, budget: Budget) -> Result<(), AdminError> {
         let scope = if name == GLOBAL {
             &self.global
         } else {
@@ -50,11 +63,11 @@ impl Guard {
             for (entry, period) in state.spent.iter_mut().zip(Period::ALL) {
                 entry.fired = budget
                     .get(period)
-                    .and_then(|limit| self.crossed(entry.nano, limit))
+                    .and_then(|limit| self.crossed(entry.total(), limit))
                     .unwrap_or(0);
             }
         }
-        self.save_overrides()
+        Ok(())
     }
 
     fn save_overrides(&self) -> Result<(), AdminError> {

@@ -10,6 +10,18 @@ pub struct Bucket {
     level: f64,
     /// When `level` was last brought up to date (µs).
     at: i64,
+    /// With replicas: this one's share of what is left.
+    share: Option<Share>,
+}
+
+/// The part of a shared bucket one replica may use until the next sync: what is left divided
+/// among the replicas using the key, refilled at their share of the rate. The shares add up
+/// to the bucket, so replicas admitting at once between two syncs never take more than it
+/// holds.
+#[derive(Debug, Clone, Copy)]
+struct Share {
+    level: f64,
+    replicas: f64,
 }
 
 impl Bucket {
@@ -24,6 +36,7 @@ impl Bucket {
             per_minute,
             level: per_minute,
             at: now,
+            share: None,
         }
     }
 
@@ -35,21 +48,60 @@ impl Bucket {
             )]
             let elapsed = (now - self.at) as f64 / 60_000_000.0;
             self.level = (self.level + elapsed * self.per_minute).min(self.per_minute);
+            if let Some(share) = &mut self.share {
+                let rate = self.per_minute / share.replicas;
+                share.level = (share.level + elapsed * rate).min(rate);
+            }
             self.at = now;
         }
     }
 
+    /// What may be used locally: the bucket, or this replica's share of it.
+    fn usable(&self) -> f64 {
+        self.share
+            .map_or(self.level, |share| share.level.min(self.level))
+    }
+
+    fn take(&mut self, n: f64) {
+        self.level -= n;
+        if let Some(share) = &mut self.share {
+            share.level -= n;
+        }
+    }
+
+    /// Takes what other replicas used since the last sync, and divides what is left among the
+    /// `replicas` now using this key (this one counted); one replica takes all.
+    pub fn sync(&mut self, used_elsewhere: u64, replicas: u32, now: i64) {
+        self.refill(now);
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "counts are far below 2^52 per minute"
+        )]
+        let used = used_elsewhere as f64;
+        self.level -= used;
+        self.share = (replicas > 1).then(|| Share {
+            level: self.level.max(0.0) / f64::from(replicas),
+            replicas: f64::from(replicas),
+        });
+    }
+
     /// How long until `level` reaches `needed`, at the refill rate.
     fn wait_for(&self, needed: f64) -> Duration {
-        let missing = (needed - self.level).max(0.0);
-        Duration::from_secs_f64(missing / self.per_minute * 60.0)
+        let (level, rate) = match self.share {
+            Some(share) if share.level < self.level => {
+                (share.level, self.per_minute / share.replicas)
+            }
+            _ => (self.level, self.per_minute),
+        };
+        let missing = (needed - level).max(0.0);
+        Duration::from_secs_f64(missing / rate * 60.0)
     }
 
     /// Takes one (a request) if there is one; else how long until there is.
     pub fn take_one(&mut self, now: i64) -> Result<(), Duration> {
         self.refill(now);
-        if self.level >= 1.0 {
-            self.level -= 1.0;
+        if self.usable() >= 1.0 {
+            self.take(1.0);
             Ok(())
         } else {
             Err(self.wait_for(1.0))
@@ -59,7 +111,7 @@ impl Bucket {
     /// Admits while the bucket is not in debt; else how long until it is not.
     pub fn check(&mut self, now: i64) -> Result<(), Duration> {
         self.refill(now);
-        if self.level > 0.0 {
+        if self.usable() > 0.0 {
             Ok(())
         } else {
             // Strictly positive again: a hair past the exact time.
@@ -76,7 +128,7 @@ impl Bucket {
             reason = "token counts are far below 2^52"
         )]
         let n = n as f64;
-        self.level -= n;
+        self.take(n);
     }
 }
 
@@ -97,6 +149,29 @@ mod tests {
         // One second later, one more request.
         bucket.take_one(SECOND).unwrap();
         assert!(bucket.take_one(SECOND).is_err());
+    }
+
+    #[test]
+    fn replicas_sharing_a_bucket_each_take_their_share_of_what_is_left() {
+        // Three replicas, each with a full bucket of 60: together they may not take 180.
+        let mut buckets = [Bucket::new(60, 0); 3];
+        for bucket in &mut buckets {
+            bucket.sync(0, 3, 0);
+        }
+        let taken: usize = buckets
+            .iter_mut()
+            .map(|b| (0..100).filter(|_| b.take_one(0).is_ok()).count())
+            .sum();
+        assert_eq!(taken, 60);
+        // At the next sync each learns of the others' 40: nothing is left.
+        for bucket in &mut buckets {
+            bucket.sync(40, 3, 0);
+            assert!(bucket.take_one(0).is_err());
+        }
+        // Alone again, one replica has the whole rate: one a second.
+        buckets[0].sync(0, 1, SECOND);
+        buckets[0].take_one(SECOND).unwrap();
+        assert!(buckets[0].take_one(SECOND).is_err());
     }
 
     #[test]

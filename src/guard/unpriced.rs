@@ -97,8 +97,10 @@ pub(super) fn alert(now: jiff::Timestamp, upstream: &str, model: &str, part: Par
             ),
         ),
     };
+    let day = now.as_second().div_euclid(86_400);
     Alert {
         upstream: Some(upstream.to_owned()),
+        dedupe: Some(format!("{kind}/{day}/{upstream}/{model}")),
         ..Alert::new(now, kind, model, message)
     }
 }

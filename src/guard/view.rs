@@ -41,8 +41,8 @@ impl Guard {
                 Some(BudgetLine {
                     period: period.as_str(),
                     limit_usd: limit.as_usd(),
-                    spent_usd: NanoUsd(spent.nano).as_usd(),
-                    remaining_usd: NanoUsd(limit.0.saturating_sub(spent.nano)).as_usd(),
+                    spent_usd: NanoUsd(spent.total()).as_usd(),
+                    remaining_usd: NanoUsd(limit.0.saturating_sub(spent.total())).as_usd(),
                     resets_at: spent.resets_at(period),
                 })
             })
