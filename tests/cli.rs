@@ -317,6 +317,7 @@ fn each_command_lists_only_its_own_options() {
         "--data-dir",
         "--no-persist",
         "--pricing-file",
+        "--ledger-url",
         "--help",
     ];
     assert_eq!(
@@ -329,6 +330,7 @@ fn each_command_lists_only_its_own_options() {
         [
             "--config",
             "--data-dir",
+            "--ledger-url",
             "--period",
             "--by",
             "--since",
@@ -343,6 +345,7 @@ fn each_command_lists_only_its_own_options() {
         [
             "--config",
             "--data-dir",
+            "--ledger-url",
             "--format",
             "--since",
             "--until",

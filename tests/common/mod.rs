@@ -9,6 +9,7 @@ mod binary;
 mod egress_proxy;
 mod fixtures;
 mod mock;
+mod postgres;
 mod proxy;
 mod tls;
 
@@ -24,6 +25,7 @@ pub use self::{
         write_ledger,
     },
     mock::{Chunk, Mock, Received, Reply, openai_like},
+    postgres::{OwnServer, TestDb, server_url, with_client},
     proxy::{Listening, Proxy, client, sse_data},
     tls::{H2_AND_HTTP1, HTTP1_ONLY, TestCa},
 };
