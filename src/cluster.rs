@@ -63,6 +63,10 @@ struct Round {
     budget_version: i64,
     /// Rounds run, for the occasional clean-up.
     rounds: u64,
+    /// Its own connection, made again after a failure (the pool is for readers).
+    client: Option<postgres::Client>,
+    /// The spend last written, not written again while it stays the same.
+    published: Vec<shared::Spend>,
 }
 
 impl Cluster {
@@ -92,6 +96,8 @@ impl Cluster {
             is_first: true,
             budget_version: 0,
             rounds: 0,
+            client: None,
+            published: Vec::new(),
         };
         pg::off_runtime(|| round.run())?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -196,25 +202,39 @@ impl Round {
     /// One round: publish, read, apply, claim.
     fn run(&mut self) -> Result<(), LedgerError> {
         let db = self.pool.db().clone();
-        let mut client = self.pool.get()?;
-        let now = crate::meter::ledger::micros(crate::meter::ledger::now());
+        let mut client = match self.client.take() {
+            Some(client) if !client.is_closed() => client,
+            _ => db.connect()?,
+        };
+        let result = self.run_with(&mut client, &db);
+        self.client = Some(client);
+        result
+    }
+
+    fn run_with(&mut self, client: &mut postgres::Client, db: &pg::Db) -> Result<(), LedgerError> {
         let fail = |e: postgres::Error| db.fail(&e);
-        shared::publish(
-            &mut client,
-            db.replica,
-            &self.guard.own_spend(),
-            &self.guard.own_rate_use(),
-            now,
-        )
-        .map_err(fail)?;
-        let others =
-            shared::others_spend(&mut client, db.replica, &self.guard.windows()).map_err(fail)?;
-        self.guard.set_others_spend(&others);
-        let rates =
-            shared::others_rates(&mut client, db.replica, now - RATES_WITHIN_US).map_err(fail)?;
-        self.apply_rates(&rates);
+        let now = crate::meter::ledger::micros(crate::meter::ledger::now());
+        // Only scopes with a budget are shared: with none (here), there is nothing to publish
+        // or read, until a budget set on another replica arrives below.
+        if self.guard.has_budgets() {
+            let spend = self.guard.own_spend();
+            if spend != self.published {
+                shared::publish_spend(client, db.replica, &spend, now).map_err(fail)?;
+                self.published = spend;
+            }
+            let others =
+                shared::others_spend(client, db.replica, &self.guard.windows()).map_err(fail)?;
+            self.guard.set_others_spend(&others);
+        }
+        let use_ = self.guard.own_rate_use();
+        if !use_.is_empty() {
+            shared::publish_rates(client, db.replica, &use_, now).map_err(fail)?;
+            let rates =
+                shared::others_rates(client, db.replica, now - RATES_WITHIN_US).map_err(fail)?;
+            self.apply_rates(&rates);
+        }
         let (budgets, version) =
-            shared::budgets_after(&mut client, self.budget_version).map_err(fail)?;
+            shared::budgets_after(client, self.budget_version).map_err(fail)?;
         for (name, budget) in budgets {
             if let Err(err) = self.guard.apply_budget(&name, budget) {
                 tracing::debug!(scope = name, error = %err, "a shared budget names no key of this replica");
@@ -223,7 +243,7 @@ impl Round {
         self.budget_version = version;
         self.rounds += 1;
         if self.rounds.is_multiple_of(FORGET_EVERY) {
-            shared::forget_old(&mut client, now).map_err(fail)?;
+            shared::forget_old(client, now).map_err(fail)?;
         }
         self.unclaimed.extend(self.alerts.try_iter());
         let excess = self.unclaimed.len().saturating_sub(MAX_UNCLAIMED);
@@ -236,7 +256,7 @@ impl Round {
         }
         while let Some(alert) = self.unclaimed.first() {
             let dedupe = alert.dedupe.as_deref().unwrap_or_default();
-            if shared::claim_alert(&mut client, dedupe, db.replica, now).map_err(fail)? {
+            if shared::claim_alert(client, dedupe, db.replica, now).map_err(fail)? {
                 self.guard.alerts().deliver(self.unclaimed.remove(0));
             } else {
                 self.unclaimed.remove(0);

@@ -44,6 +44,8 @@ usage: cargo bench --bench proxy [-- OPTIONS]
 
 With BENCH_BASELINE=PATH, the fourth target is the llm-meter binary at PATH (another build, with
 its ledger on) instead of this build with --no-persist: a before/after comparison in one run.
+With BENCH_LEDGER_URL=postgres://…, it is this build with its ledger in that PostgreSQL database
+(a scratch one: rows are added to it): the PostgreSQL ledger against the SQLite one.
 ";
 
 /// Reads the options; a flag it does not know or a value it cannot read ends the run with the
@@ -557,10 +559,21 @@ async fn orchestrate(options: &Options) {
             start_proxy(other, &upstream, &config, Some(baseline_data.path())),
             "baseline",
         ),
-        (None, false) => (
-            start_proxy(&binary, &upstream, &config, None),
-            "--no-persist",
-        ),
+        (None, false) => match std::env::var("BENCH_LEDGER_URL") {
+            Ok(url) => (
+                start_proxy(
+                    &binary,
+                    &upstream,
+                    &format!("ledger_url = {url:?}\n{config}"),
+                    Some(baseline_data.path()),
+                ),
+                "postgres ledger",
+            ),
+            Err(_) => (
+                start_proxy(&binary, &upstream, &config, None),
+                "--no-persist",
+            ),
+        },
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     let idle_rss = memory_mb(proxy.pid(), "VmRSS");

@@ -111,6 +111,9 @@ impl Db {
         let pool = r2d2::Pool::builder()
             .max_size(POOL_SIZE)
             .min_idle(Some(0))
+            // A broken connection fails its statement, which the caller reports or retries:
+            // a test query before every use would double the round trips.
+            .test_on_check_out(false)
             .connection_timeout(CONNECT_TIMEOUT)
             .build_unchecked(manager);
         Ok(Pool {

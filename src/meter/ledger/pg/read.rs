@@ -207,7 +207,7 @@ fn usage_sql(groups: &[Group], filter: &Filter) -> (String, Vec<Param>) {
         n + 4
     );
     filter.push_equal(d, &mut rows_where, &mut params);
-    let counters: Vec<&str> = ROLLUP_COUNTERS.iter().map(|(c, _)| *c).collect();
+    let counters = ROLLUP_COUNTERS;
     let sums: Vec<String> = counters
         .iter()
         .map(|c| format!("sum({c})::bigint"))

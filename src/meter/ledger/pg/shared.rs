@@ -37,43 +37,47 @@ fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Writes this replica's spend and rate use, replacing what it wrote before, in one
-/// transaction.
-pub fn publish(
+/// Writes this replica's spend, replacing what it wrote before for the same windows.
+pub fn publish_spend(
     client: &mut Client,
     replica: i64,
     spend: &[Spend],
+    now: i64,
+) -> Result<(), postgres::Error> {
+    let scopes: Vec<&str> = spend.iter().map(|s| s.scope.as_str()).collect();
+    let periods: Vec<&str> = spend.iter().map(|s| s.period).collect();
+    let starts: Vec<i64> = spend.iter().map(|s| s.window_start).collect();
+    let nanos: Vec<i64> = spend.iter().map(|s| int(s.nano)).collect();
+    client.execute(
+        "INSERT INTO spend (replica, scope, period, window_start, nano_usd, updated_at)
+         SELECT $1, s, p, w, n, $6 FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[]) AS t(s, p, w, n)
+         ON CONFLICT (replica, scope, period, window_start)
+         DO UPDATE SET nano_usd = excluded.nano_usd, updated_at = excluded.updated_at
+         WHERE spend.nano_usd <> excluded.nano_usd",
+        &[&replica, &scopes, &periods, &starts, &nanos, &now],
+    )?;
+    Ok(())
+}
+
+/// Writes this replica's use of rate limits (name, unit, used since start); written every
+/// round, its time tells the others this replica is live.
+pub fn publish_rates(
+    client: &mut Client,
+    replica: i64,
     rates: &[(String, &'static str, u64)],
     now: i64,
 ) -> Result<(), postgres::Error> {
-    let mut tx = client.transaction()?;
-    if !spend.is_empty() {
-        let scopes: Vec<&str> = spend.iter().map(|s| s.scope.as_str()).collect();
-        let periods: Vec<&str> = spend.iter().map(|s| s.period).collect();
-        let starts: Vec<i64> = spend.iter().map(|s| s.window_start).collect();
-        let nanos: Vec<i64> = spend.iter().map(|s| int(s.nano)).collect();
-        tx.execute(
-            "INSERT INTO spend (replica, scope, period, window_start, nano_usd, updated_at)
-             SELECT $1, s, p, w, n, $6 FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[]) AS t(s, p, w, n)
-             ON CONFLICT (replica, scope, period, window_start)
-             DO UPDATE SET nano_usd = excluded.nano_usd, updated_at = excluded.updated_at
-             WHERE spend.nano_usd <> excluded.nano_usd",
-            &[&replica, &scopes, &periods, &starts, &nanos, &now],
-        )?;
-    }
-    if !rates.is_empty() {
-        let keys: Vec<&str> = rates.iter().map(|r| r.0.as_str()).collect();
-        let units: Vec<&str> = rates.iter().map(|r| r.1).collect();
-        let used: Vec<i64> = rates.iter().map(|r| int(r.2)).collect();
-        tx.execute(
-            "INSERT INTO rate_use (replica, key_name, unit, used, updated_at)
-             SELECT $1, k, u, n, $5 FROM unnest($2::text[], $3::text[], $4::bigint[]) AS t(k, u, n)
-             ON CONFLICT (replica, key_name, unit)
-             DO UPDATE SET used = excluded.used, updated_at = excluded.updated_at",
-            &[&replica, &keys, &units, &used, &now],
-        )?;
-    }
-    tx.commit()
+    let keys: Vec<&str> = rates.iter().map(|r| r.0.as_str()).collect();
+    let units: Vec<&str> = rates.iter().map(|r| r.1).collect();
+    let used: Vec<i64> = rates.iter().map(|r| int(r.2)).collect();
+    client.execute(
+        "INSERT INTO rate_use (replica, key_name, unit, used, updated_at)
+         SELECT $1, k, u, n, $5 FROM unnest($2::text[], $3::text[], $4::bigint[]) AS t(k, u, n)
+         ON CONFLICT (replica, key_name, unit)
+         DO UPDATE SET used = excluded.used, updated_at = excluded.updated_at",
+        &[&replica, &keys, &units, &used, &now],
+    )?;
+    Ok(())
 }
 
 /// The other replicas' spend per scope in the given windows (period, start), summed.

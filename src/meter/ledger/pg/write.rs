@@ -1,5 +1,9 @@
 //! Batches into PostgreSQL: one statement inserts a batch's rows (as arrays, unnested) and adds
-//! the rows it actually inserted to the hourly rollup, so a retried batch adds nothing twice.
+//! their sums per hour, key, model and upstream to the hourly rollup, in one transaction. After
+//! a failure whose outcome is unknown (the connection broke during a commit), the next attempt
+//! first asks which of its rows are in, so a retried batch adds nothing twice.
+
+use std::collections::HashMap;
 
 use postgres::Client;
 
@@ -8,29 +12,38 @@ use crate::meter::ledger::queue::{self, Entry};
 use crate::meter::ledger::writer::Store;
 use crate::meter::ledger::{Row, micros};
 
-/// The rollup's counters, summed from the inserted rows, in the order of its columns.
-pub(super) const ROLLUP_COUNTERS: [(&str, &str); 12] = [
-    ("requests", "count(*)"),
-    ("errors", "sum(error)"),
-    ("input_tokens", "sum(input_tokens)"),
-    ("cached_tokens", "sum(cached_tokens)"),
-    ("cache_write_tokens", "sum(cache_write_tokens)"),
-    ("output_tokens", "sum(output_tokens)"),
-    ("reasoning_tokens", "sum(reasoning_tokens)"),
-    ("cost_nano_usd", "sum(cost_nano_usd)"),
-    ("unpriced", "sum(unpriced)"),
-    ("estimated", "sum(estimated)"),
-    ("cache_write_1h_tokens", "sum(cache_write_1h_tokens)"),
-    ("partial", "sum(partial)"),
+/// The rollup's counters, in the order of its columns (and of `counts_from`, then partial).
+pub(super) const ROLLUP_COUNTERS: [&str; 12] = [
+    "requests",
+    "errors",
+    "input_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "cost_nano_usd",
+    "unpriced",
+    "estimated",
+    "cache_write_1h_tokens",
+    "partial",
 ];
 
+const HOUR: i64 = 3_600_000_000;
+
 fn insert_sql() -> String {
-    let columns: Vec<&str> = ROLLUP_COUNTERS.iter().map(|(c, _)| *c).collect();
-    let sums: Vec<&str> = ROLLUP_COUNTERS.iter().map(|(_, s)| *s).collect();
-    let add: Vec<String> = columns
+    let counters = ROLLUP_COUNTERS.join(", ");
+    let arrays: Vec<String> = (0..ROLLUP_COUNTERS.len())
+        .map(|i| format!("${}::bigint[]", 34 + i))
+        .collect();
+    let names: Vec<String> = (0..ROLLUP_COUNTERS.len())
+        .map(|i| format!("c{i}"))
+        .collect();
+    let add: Vec<String> = ROLLUP_COUNTERS
         .iter()
         .map(|c| format!("{c} = usage_hourly.{c} + excluded.{c}"))
         .collect();
+    // A data-modifying CTE runs whether or not it is read: rows and sums in one statement, one
+    // round trip, one transaction.
     format!(
         "WITH ins AS (
             INSERT INTO requests (replica, at, period, key_id, key_label, model, upstream, flavor,
@@ -49,18 +62,69 @@ fn insert_sql() -> String {
                 $24::text[], $25::text[], $26::text[], $27::text[], $28::text[])
             AS r(at, period, key_id, key_label, model, upstream, flavor, status, streamed, input,
                 cached, cw, cw1h, output, reasoning, cost, latency, response_id, error, unpriced,
-                estimated, partial, usr, session, tags, tier, price)
-            ON CONFLICT DO NOTHING
-            RETURNING *)
-        INSERT INTO usage_hourly (replica, hour, key_id, model, upstream, key_label, {columns})
-        SELECT replica, at / 3600000000, key_id, model, upstream, max(key_label), {sums}
-        FROM ins GROUP BY replica, at / 3600000000, key_id, model, upstream
+                estimated, partial, usr, session, tags, tier, price))
+        INSERT INTO usage_hourly (replica, hour, key_id, model, upstream, key_label, {counters})
+        SELECT $1, s.* FROM unnest($29::bigint[], $30::text[], $31::text[], $32::text[],
+            $33::text[], {arrays}) AS s(hour, key_id, model, upstream, key_label, {names})
         ON CONFLICT (replica, hour, key_id, model, upstream) DO UPDATE
         SET key_label = excluded.key_label, {add}",
-        columns = columns.join(", "),
-        sums = sums.join(", "),
+        arrays = arrays.join(", "),
+        names = names.join(", "),
         add = add.join(", "),
     )
+}
+
+/// A batch's sums per hour, key, model and upstream, as columns.
+#[derive(Default)]
+struct Sums<'a> {
+    index: HashMap<(i64, &'a str, &'a str, &'a str), usize, foldhash::fast::RandomState>,
+    hour: Vec<i64>,
+    key_id: Vec<&'a str>,
+    model: Vec<&'a str>,
+    upstream: Vec<&'a str>,
+    key_label: Vec<&'a str>,
+    counters: [Vec<i64>; 12],
+}
+
+impl<'a> Sums<'a> {
+    fn add(&mut self, at: i64, row: &Row<&'a str>) {
+        let hour = at.div_euclid(HOUR);
+        let next = self.hour.len();
+        let i = *self
+            .index
+            .entry((hour, row.key_id, row.model, row.upstream))
+            .or_insert(next);
+        if i == next {
+            self.hour.push(hour);
+            self.key_id.push(row.key_id);
+            self.model.push(row.model);
+            self.upstream.push(row.upstream);
+            self.key_label.push(row.key_label);
+            for column in &mut self.counters {
+                column.push(0);
+            }
+        }
+        // The newest label of the key, as SQLite's totals keep it.
+        self.key_label[i] = row.key_label;
+        let u = &row.usage;
+        let values = [
+            1,
+            u64::from(row.is_error),
+            u.input_tokens,
+            u.cached_input_tokens,
+            u.cache_write_tokens,
+            u.output_tokens,
+            u.reasoning_tokens,
+            row.cost.0,
+            u64::from(row.is_unpriced),
+            u64::from(row.is_estimated),
+            u.cache_write_1h_tokens,
+            u64::from(row.is_partial),
+        ];
+        for (column, v) in self.counters.iter_mut().zip(values) {
+            column[i] = column[i].saturating_add(int(v));
+        }
+    }
 }
 
 /// A batch's rows as columns.
@@ -142,9 +206,11 @@ pub(in crate::meter::ledger) struct Postgres {
     db: Db,
     client: Option<Client>,
     sql: String,
-    /// The last `at` committed: each row's is made greater, so (replica, at) is unique and a
+    /// The last `at` committed: each row's is made greater, so (at, replica) is unique and a
     /// retried batch gets the same times.
     last_at: i64,
+    /// The last attempt failed, perhaps after its commit: the next asks what is in first.
+    is_uncertain: bool,
 }
 
 impl Postgres {
@@ -155,6 +221,7 @@ impl Postgres {
             client: Some(client),
             sql: insert_sql(),
             last_at: 0,
+            is_uncertain: false,
         }
     }
 }
@@ -170,62 +237,191 @@ fn connected<'c>(client: &'c mut Option<Client>, db: &Db) -> Result<&'c mut Clie
 
 impl Store for Postgres {
     fn commit(&mut self, batch: &[u8]) -> Result<(), String> {
+        let result = self.write(batch);
+        self.is_uncertain = result.is_err();
+        result
+    }
+}
+
+impl Postgres {
+    fn write(&mut self, batch: &[u8]) -> Result<(), String> {
+        let replica = self.db.replica;
+        let client = connected(&mut self.client, &self.db)?;
+        let first = self.last_at.saturating_add(1);
+        // After a failure, the rows of this batch already in (a commit whose answer was lost)
+        // are the ones up to the newest of this replica's from the batch's first time on.
+        let written = if self.is_uncertain {
+            client
+                .query_one(
+                    "SELECT coalesce(max(at), 0) FROM requests WHERE at >= $2 AND replica = $1",
+                    &[&replica, &first],
+                )
+                .and_then(|row| row.try_get::<_, i64>(0))
+                .map_err(|e| super::describe(&e))?
+        } else {
+            0
+        };
         let mut columns = Columns::default();
+        let mut sums = Sums::default();
         let mut at = self.last_at;
         for entry in queue::entries(batch) {
             // Periods are each replica's own `/stats` resets: the database needs no record.
             if let Entry::Row(row) = entry {
                 at = micros(row.at).max(at.saturating_add(1));
-                columns.push(at, &row);
+                if at > written {
+                    columns.push(at, &row);
+                    sums.add(at, &row);
+                }
             }
         }
-        if columns.at.is_empty() {
-            return Ok(());
+        if !columns.at.is_empty() {
+            execute(client, &self.sql, replica, &columns, &sums)
+                .map_err(|e| super::describe(&e))?;
         }
-        let replica = self.db.replica;
-        let c = &columns;
-        let [input, cached, cw, cw1h, output, reasoning, cost] = &c.numbers;
-        let [error, unpriced, estimated, partial] = &c.flags;
-        let result = connected(&mut self.client, &self.db)?.execute(
-            self.sql.as_str(),
-            &[
-                &replica,
-                &c.at,
-                &c.period,
-                &c.key_id,
-                &c.key_label,
-                &c.model,
-                &c.upstream,
-                &c.flavor,
-                &c.status,
-                &c.streamed,
-                input,
-                cached,
-                cw,
-                cw1h,
-                output,
-                reasoning,
-                cost,
-                &c.latency,
-                &c.response_id,
-                error,
-                unpriced,
-                estimated,
-                partial,
-                &c.user,
-                &c.session,
-                &c.tags,
-                &c.tier,
-                &c.price,
-            ],
+        // Only once committed: a failed batch is retried with the same times.
+        self.last_at = at;
+        Ok(())
+    }
+}
+
+/// The batch's one statement.
+fn execute(
+    client: &mut Client,
+    sql: &str,
+    replica: i64,
+    c: &Columns<'_>,
+    s: &Sums<'_>,
+) -> Result<u64, postgres::Error> {
+    let [input, cached, cw, cw1h, output, reasoning, cost] = &c.numbers;
+    let [error, unpriced, estimated, partial] = &c.flags;
+    let [s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11] = &s.counters;
+    client.execute(
+        sql,
+        &[
+            &replica,
+            &c.at,
+            &c.period,
+            &c.key_id,
+            &c.key_label,
+            &c.model,
+            &c.upstream,
+            &c.flavor,
+            &c.status,
+            &c.streamed,
+            input,
+            cached,
+            cw,
+            cw1h,
+            output,
+            reasoning,
+            cost,
+            &c.latency,
+            &c.response_id,
+            error,
+            unpriced,
+            estimated,
+            partial,
+            &c.user,
+            &c.session,
+            &c.tags,
+            &c.tier,
+            &c.price,
+            &s.hour,
+            &s.key_id,
+            &s.model,
+            &s.upstream,
+            &s.key_label,
+            s0,
+            s1,
+            s2,
+            s3,
+            s4,
+            s5,
+            s6,
+            s7,
+            s8,
+            s9,
+            s10,
+            s11,
+        ],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ledger::LedgerUrl;
+    use crate::meter::ledger::{now, queue};
+    use crate::money::NanoUsd;
+    use crate::usage::Usage;
+
+    fn row(model: &'static str) -> Row<&'static str> {
+        Row {
+            at: now(),
+            period: 1,
+            key_id: "0123456789abcdef",
+            key_label: "sk-…cdef",
+            model,
+            upstream: "openai",
+            flavor: "openai_chat",
+            status: 200,
+            is_streaming: false,
+            usage: Usage {
+                input_tokens: 10,
+                output_tokens: 3,
+                ..Usage::default()
+            },
+            cost: NanoUsd(7),
+            latency: None,
+            response_id: None,
+            is_error: false,
+            is_unpriced: false,
+            is_estimated: false,
+            is_partial: false,
+            user: None,
+            session: None,
+            tags: Some("{\"team\":\"a\"}"),
+            service_tier: None,
+            price: None,
+        }
+    }
+
+    #[test]
+    fn a_batch_retried_after_its_commit_was_not_acknowledged_adds_nothing_twice() {
+        let server = std::env::var("LLM_METER_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
+        let name = format!("llm_meter_unit_{}", std::process::id());
+        let mut admin = postgres::Client::connect(&format!("{server}/postgres"), postgres::NoTls)
+            .expect("the test server (LLM_METER_TEST_POSTGRES)");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+        let db = Db::new(&LedgerUrl::parse(&format!("{server}/{name}")).unwrap()).unwrap();
+        let mut store = Postgres::new(db.clone(), super::super::open(&db).unwrap());
+        let mut batch = Vec::new();
+        for model in ["gpt-4o", "gpt-4o", "gpt-4o-mini"] {
+            queue::push_row(&mut batch, &row(model));
+        }
+        store.commit(&batch).unwrap();
+        // The commit went in, but its answer was lost: the writer keeps the batch, grown by
+        // what was queued since, and tries again from the same time.
+        store.last_at = 0;
+        store.is_uncertain = true;
+        queue::push_row(&mut batch, &row("gpt-4o"));
+        store.commit(&batch).unwrap();
+        let mut client = db.connect().unwrap();
+        let mut count = |sql: &str| -> i64 { client.query_one(sql, &[]).unwrap().get(0) };
+        assert_eq!(count("SELECT count(*) FROM requests"), 4);
+        assert_eq!(count("SELECT sum(requests)::bigint FROM usage_hourly"), 4);
+        assert_eq!(count("SELECT sum(cost_nano_usd)::bigint FROM usage_hourly"), 28);
+        assert_eq!(
+            count("SELECT sum(requests)::bigint FROM usage_hourly WHERE model = 'gpt-4o'"),
+            3
         );
-        match result {
-            Ok(_) => {
-                // Only once committed: a failed batch is retried with the same times.
-                self.last_at = at;
-                Ok(())
-            }
-            Err(err) => Err(super::describe(&err)),
-        }
+        drop(client);
+        drop(store);
+        admin
+            .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+            .unwrap();
     }
 }

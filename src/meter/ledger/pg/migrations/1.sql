@@ -1,7 +1,8 @@
 -- The ledger's first schema on PostgreSQL. Times are unix microseconds (BIGINT), as in SQLite.
 
--- One row per metered request. (replica, at) is unique: each replica makes its rows' times
--- strictly increasing, so a batch retried after a lost acknowledgement inserts nothing twice.
+-- One row per metered request. (at, replica) is unique: each replica makes its rows' times
+-- strictly increasing. The key leads with the time, so it also serves ranges of rows (exports,
+-- filters on user, session or tags, the ends of a range): one index to keep up, not two.
 CREATE TABLE requests (
     replica BIGINT NOT NULL,
     at BIGINT NOT NULL,
@@ -31,13 +32,12 @@ CREATE TABLE requests (
     tags JSONB,
     service_tier TEXT,
     price TEXT,
-    PRIMARY KEY (replica, at)
+    PRIMARY KEY (at, replica)
 );
--- Ranges of raw rows (exports, filters on user, session or tags, the edges of a range).
-CREATE INDEX requests_at ON requests (at);
 
 -- Sums per replica, hour, key, model and upstream, written in the same statement as the rows
--- they sum: /usage by day, hour, model, key or upstream reads these, not the rows.
+-- they sum: /usage by day, hour, model, key or upstream reads these, not the rows. Each replica
+-- writes only its own rows, so replicas never wait on one another's locks.
 CREATE TABLE usage_hourly (
     replica BIGINT NOT NULL,
     hour BIGINT NOT NULL,
