@@ -1,11 +1,14 @@
-//! Batches into PostgreSQL: one statement inserts a batch's rows (as arrays, unnested) and adds
-//! their sums per hour, key, model and upstream to the hourly rollup, in one transaction. After
-//! a failure whose outcome is unknown (the connection broke during a commit), the next attempt
-//! first asks which of its rows are in, so a retried batch adds nothing twice.
+//! Batches into PostgreSQL: one transaction copies a batch's rows in (`COPY … FORMAT binary`, the
+//! cheapest way in for the server: a third of the CPU per row of an `INSERT` from arrays) and
+//! adds their sums per hour, key, model and upstream to the hourly rollup. After a failure whose
+//! outcome is unknown (the connection broke during a commit), the next attempt first asks which
+//! of its rows are in, so a retried batch adds nothing twice.
 
 use std::collections::HashMap;
 
 use postgres::Client;
+use postgres::binary_copy::BinaryCopyInWriter;
+use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 
 use super::Db;
 use crate::meter::ledger::queue::{self, Entry};
@@ -30,10 +33,72 @@ pub(super) const ROLLUP_COUNTERS: [&str; 12] = [
 
 const HOUR: i64 = 3_600_000_000;
 
-fn insert_sql() -> String {
+/// The columns a batch's rows are copied into, in the order `copy_row` writes them.
+const COPY_SQL: &str = "COPY requests (replica, at, period, key_id, key_label, model, upstream,
+    flavor, status, streamed, input_tokens, cached_tokens, cache_write_tokens,
+    cache_write_1h_tokens, output_tokens, reasoning_tokens, cost_nano_usd, latency_us,
+    response_id, error, unpriced, estimated, partial, \"user\", session, tags, service_tier,
+    price) FROM STDIN (FORMAT binary)";
+
+/// The types of `COPY_SQL`'s columns.
+const COPY_TYPES: [Type; 28] = [
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT4,
+    Type::INT4,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::TEXT,
+    Type::INT4,
+    Type::INT4,
+    Type::INT4,
+    Type::INT4,
+    Type::TEXT,
+    Type::TEXT,
+    Type::JSONB,
+    Type::TEXT,
+    Type::TEXT,
+];
+
+/// A JSON text sent as `jsonb` (its binary form is a version byte, then the text).
+#[derive(Debug)]
+struct Jsonb<'a>(&'a str);
+
+impl ToSql for Jsonb<'_> {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(&[1]);
+        out.extend_from_slice(self.0.as_bytes());
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB
+    }
+
+    to_sql_checked!();
+}
+
+/// Adds a batch's sums to the rollup: this replica's rows only, so no other writer waits.
+fn rollup_sql() -> String {
     let counters = ROLLUP_COUNTERS.join(", ");
     let arrays: Vec<String> = (0..ROLLUP_COUNTERS.len())
-        .map(|i| format!("${}::bigint[]", 34 + i))
+        .map(|i| format!("${}::bigint[]", 7 + i))
         .collect();
     let names: Vec<String> = (0..ROLLUP_COUNTERS.len())
         .map(|i| format!("c{i}"))
@@ -42,30 +107,10 @@ fn insert_sql() -> String {
         .iter()
         .map(|c| format!("{c} = usage_hourly.{c} + excluded.{c}"))
         .collect();
-    // A data-modifying CTE runs whether or not it is read: rows and sums in one statement, one
-    // round trip, one transaction.
     format!(
-        "WITH ins AS (
-            INSERT INTO requests (replica, at, period, key_id, key_label, model, upstream, flavor,
-                status, streamed, input_tokens, cached_tokens, cache_write_tokens,
-                cache_write_1h_tokens, output_tokens, reasoning_tokens, cost_nano_usd, latency_us,
-                response_id, error, unpriced, estimated, partial, \"user\", session, tags,
-                service_tier, price)
-            SELECT $1, r.at, r.period, r.key_id, r.key_label, r.model, r.upstream, r.flavor,
-                r.status, r.streamed, r.input, r.cached, r.cw, r.cw1h, r.output, r.reasoning,
-                r.cost, r.latency, r.response_id, r.error, r.unpriced, r.estimated, r.partial,
-                r.usr, r.session, r.tags::jsonb, r.tier, r.price
-            FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[],
-                $7::text[], $8::text[], $9::int[], $10::int[], $11::bigint[], $12::bigint[],
-                $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[], $17::bigint[],
-                $18::bigint[], $19::text[], $20::int[], $21::int[], $22::int[], $23::int[],
-                $24::text[], $25::text[], $26::text[], $27::text[], $28::text[])
-            AS r(at, period, key_id, key_label, model, upstream, flavor, status, streamed, input,
-                cached, cw, cw1h, output, reasoning, cost, latency, response_id, error, unpriced,
-                estimated, partial, usr, session, tags, tier, price))
-        INSERT INTO usage_hourly (replica, hour, key_id, model, upstream, key_label, {counters})
-        SELECT $1, s.* FROM unnest($29::bigint[], $30::text[], $31::text[], $32::text[],
-            $33::text[], {arrays}) AS s(hour, key_id, model, upstream, key_label, {names})
+        "INSERT INTO usage_hourly (replica, hour, key_id, model, upstream, key_label, {counters})
+        SELECT $1, s.* FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[],
+            $6::text[], {arrays}) AS s(hour, key_id, model, upstream, key_label, {names})
         ON CONFLICT (replica, hour, key_id, model, upstream) DO UPDATE
         SET key_label = excluded.key_label, {add}",
         arrays = arrays.join(", "),
@@ -127,73 +172,65 @@ impl<'a> Sums<'a> {
     }
 }
 
-/// A batch's rows as columns.
-#[derive(Default)]
-struct Columns<'a> {
-    at: Vec<i64>,
-    period: Vec<i64>,
-    key_id: Vec<&'a str>,
-    key_label: Vec<&'a str>,
-    model: Vec<&'a str>,
-    upstream: Vec<&'a str>,
-    flavor: Vec<&'a str>,
-    status: Vec<i32>,
-    streamed: Vec<i32>,
-    /// input, cached, cache write, 1-hour cache write, output, reasoning, cost.
-    numbers: [Vec<i64>; 7],
-    latency: Vec<Option<i64>>,
-    response_id: Vec<Option<&'a str>>,
-    /// error, unpriced, estimated, partial.
-    flags: [Vec<i32>; 4],
-    user: Vec<Option<&'a str>>,
-    session: Vec<Option<&'a str>>,
-    tags: Vec<Option<&'a str>>,
-    tier: Vec<Option<&'a str>>,
-    price: Vec<Option<&'a str>>,
-}
-
-impl<'a> Columns<'a> {
-    fn push(&mut self, at: i64, row: &Row<&'a str>) {
-        let u = &row.usage;
-        self.at.push(at);
-        self.period.push(int(row.period));
-        self.key_id.push(row.key_id);
-        self.key_label.push(row.key_label);
-        self.model.push(row.model);
-        self.upstream.push(row.upstream);
-        self.flavor.push(row.flavor);
-        self.status.push(i32::from(row.status));
-        self.streamed.push(i32::from(row.is_streaming));
-        for (column, n) in self.numbers.iter_mut().zip([
-            u.input_tokens,
-            u.cached_input_tokens,
-            u.cache_write_tokens,
-            u.cache_write_1h_tokens,
-            u.output_tokens,
-            u.reasoning_tokens,
-            row.cost.0,
-        ]) {
-            column.push(int(n));
-        }
-        self.latency.push(
-            row.latency
-                .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
-        );
-        self.response_id.push(row.response_id);
-        for (column, on) in self.flags.iter_mut().zip([
-            row.is_error,
-            row.is_unpriced,
-            row.is_estimated,
-            row.is_partial,
-        ]) {
-            column.push(i32::from(on));
-        }
-        self.user.push(row.user);
-        self.session.push(row.session);
-        self.tags.push(row.tags);
-        self.tier.push(row.service_tier);
-        self.price.push(row.price);
-    }
+/// Writes one row into the copy.
+fn copy_row(
+    copy: &mut BinaryCopyInWriter<'_>,
+    replica: i64,
+    at: i64,
+    row: &Row<&str>,
+) -> Result<(), postgres::Error> {
+    let u = &row.usage;
+    let latency = row
+        .latency
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+    let [input, cached, cw, cw1h, output, reasoning, cost] = [
+        u.input_tokens,
+        u.cached_input_tokens,
+        u.cache_write_tokens,
+        u.cache_write_1h_tokens,
+        u.output_tokens,
+        u.reasoning_tokens,
+        row.cost.0,
+    ]
+    .map(int);
+    let [error, unpriced, estimated, partial, streamed] = [
+        row.is_error,
+        row.is_unpriced,
+        row.is_estimated,
+        row.is_partial,
+        row.is_streaming,
+    ]
+    .map(i32::from);
+    copy.write(&[
+        &replica,
+        &at,
+        &int(row.period),
+        &row.key_id,
+        &row.key_label,
+        &row.model,
+        &row.upstream,
+        &row.flavor,
+        &i32::from(row.status),
+        &streamed,
+        &input,
+        &cached,
+        &cw,
+        &cw1h,
+        &output,
+        &reasoning,
+        &cost,
+        &latency,
+        &row.response_id,
+        &error,
+        &unpriced,
+        &estimated,
+        &partial,
+        &row.user,
+        &row.session,
+        &row.tags.map(Jsonb),
+        &row.service_tier,
+        &row.price,
+    ])
 }
 
 fn int(v: u64) -> i64 {
@@ -219,7 +256,7 @@ impl Postgres {
         Self {
             db,
             client: Some(client),
-            sql: insert_sql(),
+            sql: rollup_sql(),
             last_at: 0,
             is_uncertain: false,
         }
@@ -261,71 +298,44 @@ impl Postgres {
         } else {
             0
         };
-        let mut columns = Columns::default();
         let mut sums = Sums::default();
         let mut at = self.last_at;
+        let fail = |e: postgres::Error| super::describe(&e);
+        let mut tx = client.transaction().map_err(fail)?;
+        let mut copy = BinaryCopyInWriter::new(tx.copy_in(COPY_SQL).map_err(fail)?, &COPY_TYPES);
         for entry in queue::entries(batch) {
             // Periods are each replica's own `/stats` resets: the database needs no record.
             if let Entry::Row(row) = entry {
                 at = micros(row.at).max(at.saturating_add(1));
                 if at > written {
-                    columns.push(at, &row);
+                    copy_row(&mut copy, replica, at, &row).map_err(fail)?;
                     sums.add(at, &row);
                 }
             }
         }
-        if !columns.at.is_empty() {
-            execute(client, &self.sql, replica, &columns, &sums)
-                .map_err(|e| super::describe(&e))?;
+        copy.finish().map_err(fail)?;
+        if !sums.hour.is_empty() {
+            add_sums(&mut tx, &self.sql, replica, &sums).map_err(fail)?;
         }
+        tx.commit().map_err(fail)?;
         // Only once committed: a failed batch is retried with the same times.
         self.last_at = at;
         Ok(())
     }
 }
 
-/// The batch's one statement.
-fn execute(
-    client: &mut Client,
+/// Adds the batch's sums to the rollup.
+fn add_sums(
+    tx: &mut postgres::Transaction<'_>,
     sql: &str,
     replica: i64,
-    c: &Columns<'_>,
     s: &Sums<'_>,
 ) -> Result<u64, postgres::Error> {
-    let [input, cached, cw, cw1h, output, reasoning, cost] = &c.numbers;
-    let [error, unpriced, estimated, partial] = &c.flags;
     let [s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11] = &s.counters;
-    client.execute(
+    tx.execute(
         sql,
         &[
             &replica,
-            &c.at,
-            &c.period,
-            &c.key_id,
-            &c.key_label,
-            &c.model,
-            &c.upstream,
-            &c.flavor,
-            &c.status,
-            &c.streamed,
-            input,
-            cached,
-            cw,
-            cw1h,
-            output,
-            reasoning,
-            cost,
-            &c.latency,
-            &c.response_id,
-            error,
-            unpriced,
-            estimated,
-            partial,
-            &c.user,
-            &c.session,
-            &c.tags,
-            &c.tier,
-            &c.price,
             &s.hour,
             &s.key_id,
             &s.model,
@@ -413,7 +423,10 @@ mod tests {
         let mut count = |sql: &str| -> i64 { client.query_one(sql, &[]).unwrap().get(0) };
         assert_eq!(count("SELECT count(*) FROM requests"), 4);
         assert_eq!(count("SELECT sum(requests)::bigint FROM usage_hourly"), 4);
-        assert_eq!(count("SELECT sum(cost_nano_usd)::bigint FROM usage_hourly"), 28);
+        assert_eq!(
+            count("SELECT sum(cost_nano_usd)::bigint FROM usage_hourly"),
+            28
+        );
         assert_eq!(
             count("SELECT sum(requests)::bigint FROM usage_hourly WHERE model = 'gpt-4o'"),
             3
