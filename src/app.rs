@@ -228,12 +228,12 @@ impl AppState {
             webhooks.push((webhook.clone(), dialer));
         }
         let alerts = Alerts::with_webhooks(webhooks, &tasks);
-        let db = meter.ledger().and_then(|l| l.db()).cloned();
+        let pool = meter.ledger().and_then(|l| l.pool()).cloned();
         // With a shared ledger, budgets changed at run time are kept in it, not budgets.json.
         let data_dir = config
             .ledger
             .as_ref()
-            .filter(|_| db.is_none())
+            .filter(|_| pool.is_none())
             .map(|l| l.dir.as_path());
         let guard = Arc::new(Guard::new(config.guard.clone(), clock, alerts, data_dir));
         // Only budgets need the spend so far; without them the ledger is not read. A shared
@@ -243,8 +243,8 @@ impl AppState {
         {
             guard.restore(&spend_from_ledger(dir, &guard)?);
         }
-        let cluster = match &db {
-            Some(db) => Some(Arc::new(Cluster::start(db, Arc::clone(&guard))?)),
+        let cluster = match &pool {
+            Some(pool) => Some(Arc::new(Cluster::start(pool, Arc::clone(&guard))?)),
             None => None,
         };
         // One set of series per worker (worker 0's also takes the records of estimates).

@@ -1,4 +1,4 @@
-//! Replicas sharing a PostgreSQL ledger: a thread that, four times a second, publishes this
+//! Replicas sharing a PostgreSQL ledger: a thread that, ten times a second, publishes this
 //! replica's spend and rate-limit use, reads the others' into the guard, picks up budgets
 //! changed on any replica, and claims alerts so that each fires on one replica only.
 //!
@@ -58,8 +58,9 @@ struct Round {
     unclaimed: Vec<Alert>,
     /// Last use read per (replica, key, unit).
     seen: HashMap<(i64, String, String), u64>,
-    /// Whether the rate use read so far is a baseline (the first read) or news.
-    is_first: bool,
+    /// Per (key, unit): rounds left for which another replica counts as taking from it (two
+    /// after it was last seen taking).
+    busy: HashMap<(String, &'static str), u8>,
     budget_version: i64,
     /// Rounds run, for the occasional clean-up.
     rounds: u64,
@@ -73,8 +74,9 @@ impl Cluster {
     /// Connects `guard` to the other replicas of `db`: sets its alert gate and budget store,
     /// syncs once before returning (budgets and spend are shared from the first request), and
     /// starts the thread.
-    pub fn start(db: &pg::Db, guard: Arc<Guard>) -> Result<Self, LedgerError> {
-        let pool = db.pool()?;
+    pub fn start(pool: &Pool, guard: Arc<Guard>) -> Result<Self, LedgerError> {
+        let pool = pool.clone();
+        let db = pool.db().clone();
         let (tx, rx) = mpsc::channel();
         let tx = Mutex::new(tx);
         guard.alerts().set_gate(Box::new(move |alert| {
@@ -93,13 +95,20 @@ impl Cluster {
             alerts: rx,
             unclaimed: Vec::new(),
             seen: HashMap::new(),
-            is_first: true,
+            busy: HashMap::new(),
             budget_version: 0,
             rounds: 0,
             client: None,
             published: Vec::new(),
         };
-        pg::off_runtime(|| round.run())?;
+        pg::off_runtime(|| {
+            let result = round.run();
+            if result.is_err() {
+                // Closed here: a client dropped on the runtime's thread would panic.
+                round.client = None;
+            }
+            result
+        })?;
         let stop = Arc::new(AtomicBool::new(false));
         let last_ok = Arc::new(AtomicI64::new(0));
         let error = Arc::new(Mutex::new(None));
@@ -201,6 +210,7 @@ impl Round {
 
     /// One round: publish, read, apply, claim.
     fn run(&mut self) -> Result<(), LedgerError> {
+        self.take_alerts();
         let db = self.pool.db().clone();
         let mut client = match self.client.take() {
             Some(client) if !client.is_closed() => client,
@@ -214,23 +224,22 @@ impl Round {
     fn run_with(&mut self, client: &mut postgres::Client, db: &pg::Db) -> Result<(), LedgerError> {
         let fail = |e: postgres::Error| db.fail(&e);
         let now = crate::meter::ledger::micros(crate::meter::ledger::now());
-        // Only scopes with a budget are shared: with none (here), there is nothing to publish
-        // or read, until a budget set on another replica arrives below.
+        // Every scope's spend is published (when it changed), so a budget given later counts
+        // it; the others' is read only while some scope has a budget to check it against.
+        let spend = self.guard.own_spend();
+        if spend != self.published {
+            shared::publish_spend(client, db.replica, &spend, now).map_err(fail)?;
+            self.published = spend;
+        }
         if self.guard.has_budgets() {
-            let spend = self.guard.own_spend();
-            if spend != self.published {
-                shared::publish_spend(client, db.replica, &spend, now).map_err(fail)?;
-                self.published = spend;
-            }
             let others =
                 shared::others_spend(client, db.replica, &self.guard.windows()).map_err(fail)?;
             self.guard.set_others_spend(&others);
         }
         let use_ = self.guard.own_rate_use();
         if !use_.is_empty() {
-            shared::publish_rates(client, db.replica, &use_, now).map_err(fail)?;
-            let rates =
-                shared::others_rates(client, db.replica, now - RATES_WITHIN_US).map_err(fail)?;
+            shared::publish_rates(client, db.replica, &use_).map_err(fail)?;
+            let rates = shared::others_rates(client, db.replica, RATES_WITHIN_US).map_err(fail)?;
             self.apply_rates(&rates);
         }
         let (budgets, version) =
@@ -245,6 +254,26 @@ impl Round {
         if self.rounds.is_multiple_of(FORGET_EVERY) {
             shared::forget_old(client, now).map_err(fail)?;
         }
+        while let Some(alert) = self.unclaimed.first() {
+            let dedupe = alert.dedupe.as_deref().unwrap_or_default();
+            match shared::claim_alert(client, dedupe, db.replica, now) {
+                Ok(true) => self.guard.alerts().deliver(self.unclaimed.remove(0)),
+                Ok(false) => drop(self.unclaimed.remove(0)),
+                // The database refused this one claim (not the connection): sent unclaimed,
+                // rather than held up forever with every alert behind it.
+                Err(err) if err.as_db_error().is_some() => {
+                    tracing::warn!(error = %pg::describe(&err), "an alert could not be claimed in the shared ledger: sent by this replica anyway");
+                    self.guard.alerts().deliver(self.unclaimed.remove(0));
+                }
+                Err(err) => return Err(fail(err)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the alerts fired since the last round, keeping at most `MAX_UNCLAIMED` waiting
+    /// (the oldest are dropped past it), whether or not the database answers.
+    fn take_alerts(&mut self) {
         self.unclaimed.extend(self.alerts.try_iter());
         let excess = self.unclaimed.len().saturating_sub(MAX_UNCLAIMED);
         if excess > 0 {
@@ -254,19 +283,11 @@ impl Round {
             );
             self.unclaimed.drain(..excess);
         }
-        while let Some(alert) = self.unclaimed.first() {
-            let dedupe = alert.dedupe.as_deref().unwrap_or_default();
-            if shared::claim_alert(client, dedupe, db.replica, now).map_err(fail)? {
-                self.guard.alerts().deliver(self.unclaimed.remove(0));
-            } else {
-                self.unclaimed.remove(0);
-            }
-        }
-        Ok(())
     }
 
     /// Turns the others' use since start into what they used since the last round, per key
-    /// and unit, and tells the guard with how many replicas it shares each limit.
+    /// and unit, and tells the guard with how many replicas it shares each limit and whether
+    /// another one took from it in the last two rounds.
     fn apply_rates(&mut self, rates: &[shared::RateUse]) {
         // Per key and unit: used elsewhere since the last round, and by how many replicas.
         let mut used: HashMap<(&str, &str), (u64, u32)> = HashMap::new();
@@ -274,14 +295,15 @@ impl Round {
             let seen = self
                 .seen
                 .entry((rate.replica, rate.key.clone(), rate.unit.clone()))
-                .or_insert(if self.is_first { rate.used } else { 0 });
+                // First heard of (at start, or back after a silence): what it used so far is
+                // history, not news. At worst a replica's first round of use is missed.
+                .or_insert(rate.used);
             let delta = rate.used.saturating_sub(*seen);
             *seen = (*seen).max(rate.used);
             let entry = used.entry((&rate.key, &rate.unit)).or_default();
             entry.0 += delta;
             entry.1 += 1;
         }
-        self.is_first = false;
         let names: Vec<String> = self.guard.limited_keys().map(str::to_owned).collect();
         for name in &names {
             for unit in crate::guard::shared::UNITS {
@@ -289,10 +311,12 @@ impl Round {
                     .get(&(name.as_str(), unit))
                     .copied()
                     .unwrap_or_default();
+                let busy = self.busy.entry((name.clone(), unit)).or_insert(0);
+                *busy = if delta > 0 { 2 } else { busy.saturating_sub(1) };
                 // Every live replica may start taking at the same moment: each takes its share
                 // of what is left, busy or not. One alone still reaches the full rate: what it
                 // leaves grows until its share is the refill.
-                self.guard.sync_rate(name, unit, delta, live + 1);
+                self.guard.sync_rate(name, unit, delta, live + 1, *busy > 0);
             }
         }
         // Forget replicas no longer heard of (stopped more than `RATES_WITHIN_US` ago).

@@ -198,3 +198,31 @@ async fn every_replicas_totals_survive_a_restart_in_scope_all() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_name_postgres_cannot_store_is_stored_changed_not_stalling_the_ledger() {
+    let db = TestDb::create();
+    let mock = Mock::start(openai_like).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pg = start(dir.path(), &mock, Some(&db.url()));
+    // Valid JSON, but PostgreSQL refuses a NUL byte in any text.
+    let body = r#"{"model": "gpt-4o\u0000x", "messages": [{"role": "user", "content": "hi"}]}"#;
+    let response = client()
+        .post(pg.url("/v1/chat/completions"))
+        .bearer_auth("sk-pg-ledger-nul")
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    response.bytes().await.unwrap();
+    traffic(&pg).await;
+    let usage = get(&pg, "/usage?group_by=model").await;
+    assert_eq!(usage["totals"]["requests"], 6, "{usage}");
+    let stats = get(&pg, "/stats").await;
+    assert_eq!(stats["ledger"]["failing"], false, "{stats}");
+    assert_eq!(
+        db.number("SELECT count(*) FROM requests WHERE model = 'gpt-4o' || chr(65533) || 'x'"),
+        1
+    );
+}

@@ -24,6 +24,10 @@ use common::{
 };
 use serde_json::{Value, json};
 
+/// The tests here each run two or three servers under load: one at a time, so that their
+/// timing bounds hold on a small machine running the rest of the suite.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Every request costs exactly $0.01: 1,000 prompt tokens of a model priced at $10 a million.
 const COST_USD: f64 = 0.01;
 const ADMIN: &str = "admin-token-for-replicas";
@@ -155,20 +159,25 @@ async fn get_json(binary: &Binary, path: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_starting_together_count_every_request_exactly_once() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let db = TestDb::create();
     let mock = Mock::start(priced).await;
     let dir = tempfile::tempdir().unwrap();
-    let toml = config(&db.url(), &[]);
+    // The machine's server trusts loopback: the password is not checked, only never shown.
+    let url = db
+        .url()
+        .replace("postgres://postgres@", "postgres://postgres:hunter2@");
+    let toml = config(&url, &[]);
     let replicas = start_replicas(dir.path(), &toml, &mock, 3);
     assert_eq!(db.number("SELECT count(*) FROM llm_meter_migrations"), 1);
-    // The password-free URL is shown, the ledger is PostgreSQL.
+    let banner = &replicas[0].banner;
     assert!(
-        replicas[0]
-            .banner
-            .contains("ledger postgres://postgres@127.0.0.1"),
-        "{}",
-        replicas[0].banner
+        banner.contains("ledger postgres://postgres:***@127.0.0.1:5432/"),
+        "{banner}"
     );
+    assert!(!banner.contains("hunter2"), "{banner}");
+    let stats = get_json(&replicas[0], "/stats").await;
+    assert!(!stats.to_string().contains("hunter2"), "{stats}");
 
     let stop = Arc::new(AtomicBool::new(false));
     let loads: Vec<_> = replicas
@@ -247,8 +256,8 @@ async fn three_replicas_starting_together_count_every_request_exactly_once() {
         let (stopped, _, err) = replica.terminate();
         assert!(stopped, "{err}");
         assert!(
-            !err.contains("postgres://postgres:"),
-            "no password form is logged"
+            !err.contains("hunter2"),
+            "the password is never logged: {err}"
         );
     }
     assert_eq!(db.number("SELECT count(*) FROM requests"), answered);
@@ -256,6 +265,7 @@ async fn three_replicas_starting_together_count_every_request_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_one_dollar_budget_holds_across_replicas_and_each_alert_fires_once() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     const KEY: &str = "sk-replica-budget-0123456789";
     let db = TestDb::create();
     let mock = Mock::start(priced).await;
@@ -351,6 +361,7 @@ async fn a_one_dollar_budget_holds_across_replicas_and_each_alert_fires_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_budget_changed_on_one_replica_holds_on_the_others_within_a_second() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     const KEY: &str = "sk-replica-change-0123456789";
     let db = TestDb::create();
     let mock = Mock::start(priced).await;
@@ -400,6 +411,7 @@ async fn a_budget_changed_on_one_replica_holds_on_the_others_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn per_minute_limits_hold_across_replicas_within_ten_percent() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     const KEY: &str = "sk-replica-rate-0123456789";
     let db = TestDb::create();
     let mock = Mock::start(priced).await;
@@ -429,13 +441,14 @@ async fn per_minute_limits_hold_across_replicas_within_ten_percent() {
         "{admitted} admitted, more than 10 % over {allowed}"
     );
     assert!(
-        (admitted as f64) >= allowed * 0.75,
-        "{admitted} admitted: far under {allowed}"
+        (admitted as f64) >= allowed * 0.9,
+        "{admitted} admitted: more than 10 % under {allowed}"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_killed_loses_at_most_its_flush_window() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     const KILLED: &str = "sk-replica-killed-0123456789";
     const KEPT: &str = "sk-replica-kept-0123456789";
     let db = TestDb::create();
@@ -491,6 +504,7 @@ async fn a_replica_killed_loses_at_most_its_flush_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_stopped_and_started_under_load_loses_and_doubles_nothing() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let server = OwnServer::start();
     let db = TestDb::create_on(&server.url());
     let mock = Mock::start(priced).await;
@@ -536,10 +550,8 @@ async fn postgres_stopped_and_started_under_load_loses_and_doubles_nothing() {
     }
     let answered = i64::try_from(answered).unwrap();
     let rows = wait_for_rows(&db, answered);
-    let distinct = db.number("SELECT count(DISTINCT (replica, at)) FROM requests");
     eprintln!("PostgreSQL stopped 1.5 s under load: {answered} answered, {rows} rows");
     assert_eq!(rows, answered, "nothing lost, nothing doubled");
-    assert_eq!(distinct, rows);
     let summed = db.number("SELECT sum(requests)::bigint FROM usage_hourly");
     assert_eq!(summed, answered, "the rollup counts each row once");
 }

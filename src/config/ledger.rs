@@ -20,28 +20,18 @@ impl LedgerUrl {
     /// Checks a `postgres://` (or `postgresql://`) URL.
     pub fn parse(value: &str) -> Result<Self, String> {
         let value = value.trim();
-        let Some((scheme, rest)) = value.split_once("://") else {
+        let Some((scheme, _)) = value.split_once("://") else {
             return Err("expected a postgres://user@host/database URL".into());
         };
         if scheme != "postgres" && scheme != "postgresql" {
             return Err(format!("expected a postgres:// URL, got a {scheme}:// one"));
         }
-        value
+        let config = value
             .parse::<postgres::Config>()
             .map_err(|e| format!("not a usable PostgreSQL URL: {e}"))?;
-        // What prints: the password (and any query, which may hold one) masked.
-        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let authority = match authority.rsplit_once('@') {
-            Some((user, host)) => match user.split_once(':') {
-                Some((name, _)) => format!("{name}:***@{host}"),
-                None => format!("{user}@{host}"),
-            },
-            None => authority.to_owned(),
-        };
-        let path = path.split('?').next().unwrap_or_default();
         Ok(Self {
             url: super::Secret(value.to_owned()),
-            shown: format!("{scheme}://{authority}/{path}"),
+            shown: shown(scheme, &config),
         })
     }
 
@@ -54,6 +44,35 @@ impl LedgerUrl {
     pub fn shown(&self) -> &str {
         &self.shown
     }
+}
+
+/// The URL as shown: made from what the driver read, never cut out of the text (a password
+/// may hold a `/`, or sit in the query): user, `***` for a password, hosts, ports, database.
+fn shown(scheme: &str, config: &postgres::Config) -> String {
+    let user = match (config.get_user(), config.get_password()) {
+        (Some(user), Some(_)) => format!("{user}:***@"),
+        (Some(user), None) => format!("{user}@"),
+        (None, Some(_)) => ":***@".to_owned(),
+        (None, None) => String::new(),
+    };
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let host = match host {
+                postgres::config::Host::Tcp(name) => name.clone(),
+                postgres::config::Host::Unix(path) => path.display().to_string(),
+            };
+            match ports.get(i).or(ports.first()) {
+                Some(port) => format!("{host}:{port}"),
+                None => host,
+            }
+        })
+        .collect();
+    let database = config.get_dbname().unwrap_or_default();
+    format!("{scheme}://{user}{}/{database}", hosts.join(","))
 }
 
 impl std::fmt::Debug for LedgerUrl {
@@ -176,7 +195,17 @@ mod tests {
         assert_eq!(format!("{url:?}"), url.shown());
         assert!(url.expose().contains("s3cret"));
         let plain = LedgerUrl::parse("postgresql://meter@db/ledger").unwrap();
-        assert_eq!(plain.shown(), "postgresql://meter@db/ledger");
+        assert_eq!(plain.shown(), "postgresql://meter@db:5432/ledger");
+        // A password holding a `/`, or given in the query, is not shown either.
+        for (given, hidden) in [
+            ("postgres://u:pa/ss@h/db", "pa/ss"),
+            ("postgres://u@h?password=secret", "secret"),
+            ("postgres://u:p%40ss@h:1/db", "p%40ss"),
+        ] {
+            let url = LedgerUrl::parse(given).unwrap();
+            assert!(!url.shown().contains(hidden), "{given}: {}", url.shown());
+            assert!(url.shown().contains("u:***@h"), "{given}: {}", url.shown());
+        }
         for bad in [
             "mysql://u@h/db",
             "db.internal/ledger",

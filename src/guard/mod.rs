@@ -388,9 +388,11 @@ impl Guard {
                 threshold_percent: Some(threshold),
                 limit_usd: Some(limit.as_usd()),
                 spent_usd: Some(NanoUsd(spent).as_usd()),
+                // The limit is part of it: a budget changed fires its thresholds again.
                 dedupe: Some(format!(
-                    "budget_threshold/{}/{window}/{threshold}/{}",
+                    "budget_threshold/{}/{window}/{threshold}/{}/{}",
                     period.as_str(),
+                    limit.0,
                     scope.name
                 )),
                 ..Alert::new(now, "budget_threshold", &scope.name, message)

@@ -70,8 +70,13 @@ impl Bucket {
     }
 
     /// Takes what other replicas used since the last sync, and divides what is left among the
-    /// `replicas` now using this key (this one counted); one replica takes all.
-    pub fn sync(&mut self, used_elsewhere: u64, replicas: u32, now: i64) {
+    /// `replicas` sharing the key (this one counted); one replica takes all.
+    ///
+    /// While another replica is taking (`others_busy`), what this one sees is behind by what
+    /// that one took since it last said: the share then only shrinks to the fair part of what
+    /// is seen, and grows only by its refill. Once the others are idle, the view is whole and
+    /// the share is reset to the fair part, so a replica busy alone reaches the whole rate.
+    pub fn sync(&mut self, used_elsewhere: u64, replicas: u32, others_busy: bool, now: i64) {
         self.refill(now);
         #[expect(
             clippy::cast_precision_loss,
@@ -79,8 +84,12 @@ impl Bucket {
         )]
         let used = used_elsewhere as f64;
         self.level -= used;
+        let fair = self.level.max(0.0) / f64::from(replicas);
         self.share = (replicas > 1).then(|| Share {
-            level: self.level.max(0.0) / f64::from(replicas),
+            level: match self.share {
+                Some(share) if others_busy => share.level.min(fair),
+                _ => fair,
+            },
             replicas: f64::from(replicas),
         });
     }
@@ -156,20 +165,23 @@ mod tests {
         // Three replicas, each with a full bucket of 60: together they may not take 180.
         let mut buckets = [Bucket::new(60, 0); 3];
         for bucket in &mut buckets {
-            bucket.sync(0, 3, 0);
+            bucket.sync(0, 3, false, 0);
         }
         let taken: usize = buckets
             .iter_mut()
             .map(|b| (0..100).filter(|_| b.take_one(0).is_ok()).count())
             .sum();
         assert_eq!(taken, 60);
+        // A sync that has not yet heard of the others' 40 gives nothing more while they are busy.
+        buckets[0].sync(0, 3, true, 0);
+        assert!(buckets[0].take_one(0).is_err());
         // At the next sync each learns of the others' 40: nothing is left.
         for bucket in &mut buckets {
-            bucket.sync(40, 3, 0);
+            bucket.sync(40, 3, true, 0);
             assert!(bucket.take_one(0).is_err());
         }
         // Alone again, one replica has the whole rate: one a second.
-        buckets[0].sync(0, 1, SECOND);
+        buckets[0].sync(0, 1, false, SECOND);
         buckets[0].take_one(SECOND).unwrap();
         assert!(buckets[0].take_one(SECOND).is_err());
     }

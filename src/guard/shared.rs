@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 use std::sync::atomic::Ordering::Relaxed;
 
-use super::budget::{GLOBAL, Scope};
+use super::budget::Scope;
 use super::period::{self, Period};
 use super::{Budget, Guard};
 use crate::meter::ledger::pg::shared::Spend;
@@ -46,16 +46,15 @@ impl Guard {
         windows
     }
 
-    /// What this replica spent in the current windows, per scope with a budget.
+    /// What this replica spent in the current windows, per scope: every named key's, budget or
+    /// not, so a budget given later (in proxy.toml, then a restart, or by another replica)
+    /// counts what was spent before it.
     pub fn own_spend(&self) -> Vec<Spend> {
         let now = self.clock.now();
         let mut out = Vec::new();
         for scope in self.scopes() {
             let mut state = scope.state.lock();
             state.roll(now, &self.timezone);
-            if !state.budget.any() && scope.name != GLOBAL {
-                continue;
-            }
             let periods = Period::ALL.into_iter().map(Period::as_str).chain([HOURLY]);
             let spent = state.spent.iter().chain([&state.hour]);
             for (period, spent) in periods.zip(spent) {
@@ -111,9 +110,16 @@ impl Guard {
         out
     }
 
-    /// Takes what other replicas used of a key's limit since the last sync, and how many
-    /// replicas (this one counted) use it now.
-    pub fn sync_rate(&self, name: &str, unit: &str, used_elsewhere: u64, replicas: u32) {
+    /// Takes what other replicas used of a key's limit since the last sync, how many replicas
+    /// (this one counted) share it, and whether another one is taking from it now.
+    pub fn sync_rate(
+        &self,
+        name: &str,
+        unit: &str,
+        used_elsewhere: u64,
+        replicas: u32,
+        others_busy: bool,
+    ) {
         let Some(key) = self.keys.iter().find(|k| k.settings.name == name) else {
             return;
         };
@@ -127,7 +133,7 @@ impl Guard {
         bucket
             .lock()
             .get_or_insert_with(|| super::rate::Bucket::new(limit, now))
-            .sync(used_elsewhere, replicas, now);
+            .sync(used_elsewhere, replicas, others_busy, now);
     }
 
     /// Names of the keys with a per-minute limit.

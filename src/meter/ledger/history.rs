@@ -555,6 +555,40 @@ pub(super) fn grouped_sql(by: &[Cow<'_, str>], rows: &str, conditions: &str, sum
     }
 }
 
+/// Puts lines in SQLite's order of their groups: none first, text bytewise, whatever order
+/// the database returned them in (PostgreSQL puts NULL last and compares text by collation).
+pub(super) fn sort_lines(groups: &[Group], lines: &mut [UsageLine]) {
+    lines.sort_by(|a, b| {
+        let mut tags = 0;
+        for group in groups {
+            let order = match group {
+                Group::Day | Group::Hour => a.bucket.cmp(&b.bucket),
+                Group::Model => a.model.cmp(&b.model),
+                Group::Key => a
+                    .key
+                    .as_ref()
+                    .map(|k| &k.id)
+                    .cmp(&b.key.as_ref().map(|k| &k.id)),
+                Group::Upstream => a.upstream.cmp(&b.upstream),
+                Group::User => a.user.cmp(&b.user),
+                Group::Session => a.session.cmp(&b.session),
+                Group::Tag(_) => {
+                    tags += 1;
+                    a.tags.get(tags - 1).cmp(&b.tags.get(tags - 1))
+                }
+                Group::AnyTag => {
+                    let pair = |l: &UsageLine| l.tag.as_ref().map(|(n, v)| format!("{n}={v}"));
+                    pair(a).cmp(&pair(b))
+                }
+            };
+            if order.is_ne() {
+                return order;
+            }
+        }
+        std::cmp::Ordering::Equal
+    });
+}
+
 /// A row, from the columns of `ROW_COLUMNS`.
 pub(super) fn row_from<C: Cells>(r: &C) -> Result<Row, C::Error> {
     Ok(Row {

@@ -485,6 +485,11 @@ impl Ledger {
         self.pool.as_ref().map(pg::Pool::db)
     }
 
+    /// The PostgreSQL connections readers and the replicas' sync share, when the ledger is there.
+    pub fn pool(&self) -> Option<&pg::Pool> {
+        self.pool.as_ref()
+    }
+
     /// A reader of this ledger (beside the writer: SQLite readers never block it).
     pub fn reader(&self) -> Result<history::Reader, LedgerError> {
         match &self.pool {

@@ -1,8 +1,9 @@
 //! The ledger in PostgreSQL, shared by replicas: connections (TLS by rustls when the URL asks),
 //! numbered migrations run once under an advisory lock, and each process's replica id.
 //!
-//! Every replica writes its own rows, keyed by (replica, at) so a retried batch never doubles
-//! one, and its own hourly rollup rows; readers sum over replicas. Nothing here runs on a
+//! Every replica writes its own rows, keyed by (at, replica) with `at` strictly increasing per
+//! replica, so a retried batch can tell what of it went in; and its own hourly rollup rows.
+//! Readers sum over replicas. Nothing here runs on a
 //! request's path: the writer threads, history reads and the shared-state poller call it.
 
 pub mod read;
@@ -63,7 +64,14 @@ impl Db {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        config.keepalives_idle(Duration::from_secs(30));
+        // A silent network (a partition, a server gone without a reset) fails a statement within
+        // about 20 s, so the writer retries and the backlog bound applies, instead of waiting for
+        // the system's TCP timeouts (minutes).
+        config
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(2)
+            .tcp_user_timeout(Duration::from_secs(20));
         if config.get_application_name().is_none() {
             config.application_name("llm-meter");
         }

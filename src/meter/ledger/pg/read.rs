@@ -12,7 +12,7 @@ use postgres::types::ToSql;
 use super::Pool;
 use super::write::ROLLUP_COUNTERS;
 use crate::meter::ledger::history::{
-    Cells, Dialect, Filter, Group, Param, UsageLine, grouped_sql, line_from, row_from,
+    Cells, Dialect, Filter, Group, Param, UsageLine, grouped_sql, line_from, row_from, sort_lines,
 };
 use crate::meter::ledger::{LedgerError, Row};
 
@@ -94,9 +94,12 @@ impl Reader {
         let rows = client
             .query(sql.as_str(), &bound(&params))
             .map_err(|e| self.fail(&e))?;
-        rows.iter()
+        let mut lines = rows
+            .iter()
             .map(|r| line_from(groups, r).map_err(|e| self.fail(&e)))
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        sort_lines(groups, &mut lines);
+        Ok(lines)
     }
 
     /// Cost per key id of the rows from `since` (µs), or of all rows.
@@ -130,16 +133,21 @@ impl Reader {
         let sql =
             format!("SELECT {ROW_COLUMNS} FROM requests WHERE {conditions} ORDER BY at, replica");
         let mut client = self.pool.get()?;
-        let mut rows = client
-            .query_raw(sql.as_str(), bound(&params))
-            .map_err(|e| self.fail(&e))?;
-        while let Some(r) = rows.next().map_err(|e| self.fail(&e))? {
-            let row = row_from(&r).map_err(|e| self.fail(&e))?;
+        let fail = |e: postgres::Error| self.fail(&e);
+        let mut tx = client.transaction().map_err(fail)?;
+        // An export streams at its reader's pace and may take longer than the statement
+        // timeout every other statement has.
+        tx.batch_execute("SET LOCAL statement_timeout = 0")
+            .map_err(fail)?;
+        let mut rows = tx.query_raw(sql.as_str(), bound(&params)).map_err(fail)?;
+        while let Some(r) = rows.next().map_err(fail)? {
+            let row = row_from(&r).map_err(fail)?;
             if !each(&row) {
                 break;
             }
         }
-        Ok(())
+        drop(rows);
+        tx.commit().map_err(fail)
     }
 }
 

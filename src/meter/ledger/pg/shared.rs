@@ -59,23 +59,27 @@ pub fn publish_spend(
     Ok(())
 }
 
+/// The database's clock in microseconds: replicas' clocks may disagree, the server's is one.
+const SERVER_NOW: &str = "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint";
+
 /// Writes this replica's use of rate limits (name, unit, used since start); written every
-/// round, its time tells the others this replica is live.
+/// round, its time (the server's) tells the others this replica is live.
 pub fn publish_rates(
     client: &mut Client,
     replica: i64,
     rates: &[(String, &'static str, u64)],
-    now: i64,
 ) -> Result<(), postgres::Error> {
     let keys: Vec<&str> = rates.iter().map(|r| r.0.as_str()).collect();
     let units: Vec<&str> = rates.iter().map(|r| r.1).collect();
     let used: Vec<i64> = rates.iter().map(|r| int(r.2)).collect();
     client.execute(
-        "INSERT INTO rate_use (replica, key_name, unit, used, updated_at)
-         SELECT $1, k, u, n, $5 FROM unnest($2::text[], $3::text[], $4::bigint[]) AS t(k, u, n)
-         ON CONFLICT (replica, key_name, unit)
-         DO UPDATE SET used = excluded.used, updated_at = excluded.updated_at",
-        &[&replica, &keys, &units, &used, &now],
+        &format!(
+            "INSERT INTO rate_use (replica, key_name, unit, used, updated_at)
+             SELECT $1, k, u, n, {SERVER_NOW} FROM unnest($2::text[], $3::text[], $4::bigint[]) AS t(k, u, n)
+             ON CONFLICT (replica, key_name, unit)
+             DO UPDATE SET used = excluded.used, updated_at = excluded.updated_at"
+        ),
+        &[&replica, &keys, &units, &used],
     )?;
     Ok(())
 }
@@ -112,15 +116,18 @@ pub fn others_spend(
     Ok(out)
 }
 
-/// The other replicas' rate use written since `since` (µs).
+/// The other replicas' rate use written within `within` µs, by the server's clock.
 pub fn others_rates(
     client: &mut Client,
     replica: i64,
-    since: i64,
+    within: i64,
 ) -> Result<Vec<RateUse>, postgres::Error> {
     let rows = client.query(
-        "SELECT replica, key_name, unit, used FROM rate_use WHERE replica <> $1 AND updated_at >= $2",
-        &[&replica, &since],
+        &format!(
+            "SELECT replica, key_name, unit, used FROM rate_use
+             WHERE replica <> $1 AND updated_at >= {SERVER_NOW} - $2"
+        ),
+        &[&replica, &within],
     )?;
     rows.iter()
         .map(|row| {
@@ -144,7 +151,11 @@ pub fn save_budget(
     scope: &str,
     budget: &Budget,
 ) -> Result<(), postgres::Error> {
-    client.execute(
+    // Saves one at a time, so versions commit in the order they are taken: a reader that has
+    // seen version N has seen every version before it.
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock(7812739770201957747)", &[])?;
+    tx.execute(
         "INSERT INTO budgets (scope, daily, monthly, total, version)
          VALUES ($1, $2, $3, $4, nextval('budget_versions'))
          ON CONFLICT (scope) DO UPDATE SET daily = excluded.daily, monthly = excluded.monthly,
@@ -156,7 +167,7 @@ pub fn save_budget(
             &nano(budget.total),
         ],
     )?;
-    Ok(())
+    tx.commit()
 }
 
 /// Budgets saved after `version`, with the newest version seen.
@@ -192,9 +203,10 @@ pub fn claim_alert(
     replica: i64,
     now: i64,
 ) -> Result<bool, postgres::Error> {
+    let dedupe = super::write::text(dedupe);
     let inserted = client.execute(
         "INSERT INTO alerts_fired (dedupe, replica, at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-        &[&dedupe, &replica, &now],
+        &[&dedupe.as_ref(), &replica, &now],
     )?;
     Ok(inserted == 1)
 }

@@ -172,6 +172,16 @@ impl<'a> Sums<'a> {
     }
 }
 
+/// Text PostgreSQL takes: it refuses a NUL byte in any text, which a client can put in a model
+/// name (`"a\u0000b"` is valid JSON); one such row would fail its whole batch at every retry.
+pub(super) fn text(value: &str) -> std::borrow::Cow<'_, str> {
+    if value.contains('\0') {
+        value.replace('\0', "\u{FFFD}").into()
+    } else {
+        value.into()
+    }
+}
+
 /// Writes one row into the copy.
 fn copy_row(
     copy: &mut BinaryCopyInWriter<'_>,
@@ -201,15 +211,31 @@ fn copy_row(
         row.is_streaming,
     ]
     .map(i32::from);
+    let opt = |v: Option<&str>| v.map(|v| text(v).into_owned());
+    let (key_id, key_label, model, upstream, flavor) = (
+        text(row.key_id),
+        text(row.key_label),
+        text(row.model),
+        text(row.upstream),
+        text(row.flavor),
+    );
+    let (response_id, user, session, tier, price) = (
+        opt(row.response_id),
+        opt(row.user),
+        opt(row.session),
+        opt(row.service_tier),
+        opt(row.price),
+    );
+    let tags = opt(row.tags);
     copy.write(&[
         &replica,
         &at,
         &int(row.period),
-        &row.key_id,
-        &row.key_label,
-        &row.model,
-        &row.upstream,
-        &row.flavor,
+        &key_id.as_ref(),
+        &key_label.as_ref(),
+        &model.as_ref(),
+        &upstream.as_ref(),
+        &flavor.as_ref(),
         &i32::from(row.status),
         &streamed,
         &input,
@@ -220,16 +246,16 @@ fn copy_row(
         &reasoning,
         &cost,
         &latency,
-        &row.response_id,
+        &response_id,
         &error,
         &unpriced,
         &estimated,
         &partial,
-        &row.user,
-        &row.session,
-        &row.tags.map(Jsonb),
-        &row.service_tier,
-        &row.price,
+        &user,
+        &session,
+        &tags.as_deref().map(Jsonb),
+        &tier,
+        &price,
     ])
 }
 
@@ -332,15 +358,17 @@ fn add_sums(
     s: &Sums<'_>,
 ) -> Result<u64, postgres::Error> {
     let [s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11] = &s.counters;
+    let texts =
+        |column: &[&str]| -> Vec<String> { column.iter().map(|v| text(v).into_owned()).collect() };
     tx.execute(
         sql,
         &[
             &replica,
             &s.hour,
-            &s.key_id,
-            &s.model,
-            &s.upstream,
-            &s.key_label,
+            &texts(&s.key_id),
+            &texts(&s.model),
+            &texts(&s.upstream),
+            &texts(&s.key_label),
             s0,
             s1,
             s2,
