@@ -24,6 +24,8 @@ pub const SYNC_EVERY: Duration = Duration::from_millis(100);
 /// Rate use older than this is not read: its replica has stopped (live ones write it every
 /// round), and no longer takes a share of any limit.
 const RATES_WITHIN_US: i64 = 10_000_000;
+/// Rounds between writes of this replica's spend while no scope has a budget (a second).
+const UNBUDGETED_EVERY: u64 = 10;
 /// Rounds between clean-ups of rows no replica reads any more (about ten minutes).
 const FORGET_EVERY: u64 = 6_000;
 /// Alerts waiting for a claim while the database is unreachable, at most.
@@ -226,12 +228,16 @@ impl Round {
         let now = crate::meter::ledger::micros(crate::meter::ledger::now());
         // Every scope's spend is published (when it changed), so a budget given later counts
         // it; the others' is read only while some scope has a budget to check it against.
-        let spend = self.guard.own_spend();
-        if spend != self.published {
-            shared::publish_spend(client, db.replica, &spend, now).map_err(fail)?;
-            self.published = spend;
+        // Without a budget anywhere, nobody reads it soon: once a second is enough.
+        let has_budgets = self.guard.has_budgets();
+        if has_budgets || self.rounds.is_multiple_of(UNBUDGETED_EVERY) {
+            let spend = self.guard.own_spend();
+            if spend != self.published {
+                shared::publish_spend(client, db.replica, &spend, now).map_err(fail)?;
+                self.published = spend;
+            }
         }
-        if self.guard.has_budgets() {
+        if has_budgets {
             let others =
                 shared::others_spend(client, db.replica, &self.guard.windows()).map_err(fail)?;
             self.guard.set_others_spend(&others);
