@@ -129,6 +129,19 @@ async fn hammer(
     all
 }
 
+/// Starts `hammer` on every replica; each task's answers.
+fn load_all(
+    replicas: &[Binary],
+    key: &'static str,
+    workers: usize,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<Answer>>> {
+    replicas
+        .iter()
+        .map(|r| tokio::spawn(hammer(r.url(""), key, workers, Arc::clone(stop))))
+        .collect()
+}
+
 fn ok(answers: &[Answer]) -> usize {
     answers.iter().filter(|a| a.status == 200).count()
 }
@@ -180,17 +193,7 @@ async fn three_replicas_starting_together_count_every_request_exactly_once() {
     assert!(!stats.to_string().contains("hunter2"), "{stats}");
 
     let stop = Arc::new(AtomicBool::new(false));
-    let loads: Vec<_> = replicas
-        .iter()
-        .map(|r| {
-            tokio::spawn(hammer(
-                r.url(""),
-                "sk-replica-load-0123456789",
-                4,
-                Arc::clone(&stop),
-            ))
-        })
-        .collect();
+    let loads = load_all(&replicas, "sk-replica-load-0123456789", 4, &stop);
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     let mut answered = 0;
@@ -275,10 +278,7 @@ async fn a_one_dollar_budget_holds_across_replicas_and_each_alert_fires_once() {
     let workers = 4;
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let loads: Vec<_> = replicas
-        .iter()
-        .map(|r| tokio::spawn(hammer(r.url(""), KEY, workers, Arc::clone(&stop))))
-        .collect();
+    let loads = load_all(&replicas, KEY, workers, &stop);
     // Until every replica refuses.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -420,10 +420,7 @@ async fn per_minute_limits_hold_across_replicas_within_ten_percent() {
     let replicas = start_replicas(dir.path(), &toml, &mock, 3);
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let loads: Vec<_> = replicas
-        .iter()
-        .map(|r| tokio::spawn(hammer(r.url(""), KEY, 2, Arc::clone(&stop))))
-        .collect();
+    let loads = load_all(&replicas, KEY, 2, &stop);
     tokio::time::sleep(Duration::from_secs(6)).await;
     stop.store(true, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
@@ -511,17 +508,7 @@ async fn postgres_stopped_and_started_under_load_loses_and_doubles_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let replicas = start_replicas(dir.path(), &config(&db.url(), &[]), &mock, 3);
     let stop = Arc::new(AtomicBool::new(false));
-    let loads: Vec<_> = replicas
-        .iter()
-        .map(|r| {
-            tokio::spawn(hammer(
-                r.url(""),
-                "sk-replica-outage-0123456789",
-                2,
-                Arc::clone(&stop),
-            ))
-        })
-        .collect();
+    let loads = load_all(&replicas, "sk-replica-outage-0123456789", 2, &stop);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (s1, s2) = (&server, &server);
     std::thread::scope(|s| s.spawn(|| s1.down()).join().unwrap());

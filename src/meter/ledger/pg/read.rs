@@ -10,7 +10,7 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 
 use super::Pool;
-use super::write::ROLLUP_COUNTERS;
+use super::write::rollup_counters;
 use crate::meter::ledger::history::{
     Cells, Dialect, Filter, Group, Param, UsageLine, grouped_sql, line_from, row_from, sort_lines,
 };
@@ -215,7 +215,7 @@ fn usage_sql(groups: &[Group], filter: &Filter) -> (String, Vec<Param>) {
         n + 4
     );
     filter.push_equal(d, &mut rows_where, &mut params);
-    let counters = ROLLUP_COUNTERS;
+    let counters = rollup_counters();
     let sums: Vec<String> = counters
         .iter()
         .map(|c| format!("sum({c})::bigint"))

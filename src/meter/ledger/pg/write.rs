@@ -15,21 +15,14 @@ use crate::meter::ledger::queue::{self, Entry};
 use crate::meter::ledger::writer::Store;
 use crate::meter::ledger::{Row, micros};
 
-/// The rollup's counters, in the order of its columns (and of `counts_from`, then partial).
-pub(super) const ROLLUP_COUNTERS: [&str; 12] = [
-    "requests",
-    "errors",
-    "input_tokens",
-    "cached_tokens",
-    "cache_write_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "cost_nano_usd",
-    "unpriced",
-    "estimated",
-    "cache_write_1h_tokens",
-    "partial",
-];
+/// The rollup's counters, in the order of its columns: the SQLite totals' (the order
+/// `counts_from` reads them), then the partial requests.
+pub(super) fn rollup_counters() -> Vec<&'static str> {
+    crate::meter::ledger::writer::COUNTERS
+        .into_iter()
+        .chain(["partial"])
+        .collect()
+}
 
 const HOUR: i64 = 3_600_000_000;
 
@@ -96,14 +89,13 @@ impl ToSql for Jsonb<'_> {
 
 /// Adds a batch's sums to the rollup: this replica's rows only, so no other writer waits.
 fn rollup_sql() -> String {
-    let counters = ROLLUP_COUNTERS.join(", ");
-    let arrays: Vec<String> = (0..ROLLUP_COUNTERS.len())
+    let columns = rollup_counters();
+    let counters = columns.join(", ");
+    let arrays: Vec<String> = (0..columns.len())
         .map(|i| format!("${}::bigint[]", 7 + i))
         .collect();
-    let names: Vec<String> = (0..ROLLUP_COUNTERS.len())
-        .map(|i| format!("c{i}"))
-        .collect();
-    let add: Vec<String> = ROLLUP_COUNTERS
+    let names: Vec<String> = (0..columns.len()).map(|i| format!("c{i}")).collect();
+    let add: Vec<String> = columns
         .iter()
         .map(|c| format!("{c} = usage_hourly.{c} + excluded.{c}"))
         .collect();
