@@ -132,11 +132,6 @@ impl Cluster {
         })
     }
 
-    /// The pool readers of the shared ledger use.
-    pub fn pool(&self) -> &Pool {
-        &self.pool
-    }
-
     /// How the shared state is doing.
     pub fn status(&self) -> Status {
         let last = self.last_ok.load(Relaxed);

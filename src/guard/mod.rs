@@ -402,9 +402,17 @@ impl Guard {
 
     /// True when any scope has a budget (from proxy.toml or `budgets.json`).
     pub fn has_budgets(&self) -> bool {
-        std::iter::once(&self.global)
-            .chain(self.keys.iter().map(|k| &k.scope))
-            .any(|scope| scope.state.lock().budget.any())
+        self.scopes().any(|scope| scope.state.lock().budget.any())
+    }
+
+    /// Every scope: all keys together, then each named key.
+    fn scopes(&self) -> impl Iterator<Item = &Scope> {
+        std::iter::once(&self.global).chain(self.keys.iter().map(|k| &k.scope))
+    }
+
+    /// The named key of this name.
+    fn key_named(&self, name: &str) -> Option<&KeyState> {
+        self.keys.iter().find(|k| k.settings.name == name)
     }
 }
 

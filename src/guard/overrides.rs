@@ -50,9 +50,7 @@ impl Guard {
             &self.global
         } else {
             &self
-                .keys
-                .iter()
-                .find(|k| k.settings.name == name)
+                .key_named(name)
                 .ok_or_else(|| AdminError::UnknownKey(name.to_owned()))?
                 .scope
         };

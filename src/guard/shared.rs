@@ -5,7 +5,6 @@
 use std::sync::OnceLock;
 use std::sync::atomic::Ordering::Relaxed;
 
-use super::budget::Scope;
 use super::period::{self, Period};
 use super::{Budget, Guard};
 use crate::meter::ledger::pg::shared::Spend;
@@ -31,10 +30,6 @@ pub const UNITS: [&str; 2] = ["requests", "tokens"];
 const HOURLY: &str = "hourly";
 
 impl Guard {
-    fn scopes(&self) -> impl Iterator<Item = &Scope> {
-        std::iter::once(&self.global).chain(self.keys.iter().map(|k| &k.scope))
-    }
-
     /// The windows spend is counted in now: each period's and the clock hour's.
     pub fn windows(&self) -> Vec<(&'static str, i64)> {
         let now = self.clock.now();
@@ -120,7 +115,7 @@ impl Guard {
         replicas: u32,
         others_busy: bool,
     ) {
-        let Some(key) = self.keys.iter().find(|k| k.settings.name == name) else {
+        let Some(key) = self.key_named(name) else {
             return;
         };
         let (bucket, limit) = match unit {

@@ -408,24 +408,16 @@ impl Ledger {
         let mut conn = schema::open(&path, schema::Access::Write)?;
         let restored = writer::restore(&mut conn).map_err(|e| LedgerError::sqlite(&path, &e))?;
         let last_at = writer::last_at(&conn).map_err(|e| LedgerError::sqlite(&path, &e))?;
-        let shared = Arc::new(Shared::new());
-        let writer = writer::Writer {
-            store: Box::new(writer::Sqlite {
-                conn,
-                ids: writer::Ids::default(),
-                last_at,
-            }),
-            shared: Arc::clone(&shared),
-            flush_interval: options.flush_interval,
-            max_pending_rows: options.max_pending_rows.max(1),
-            path: path.clone(),
-            batch: writer::Batch::default(),
-            last_slow_warning: None,
+        let store = writer::Sqlite {
+            conn,
+            ids: writer::Ids::default(),
+            last_at,
         };
-        let threads = writer::start(writer).map_err(|e| LedgerError::Dir {
-            path: dir.clone(),
-            reason: format!("cannot start the writer thread: {e}"),
-        })?;
+        let (shared, threads) =
+            start_writer(Box::new(store), options, &path, |reason| LedgerError::Dir {
+                path: dir.clone(),
+                reason,
+            })?;
         let check = Check::start(&path);
         Ok((
             Self {
@@ -447,19 +439,12 @@ impl Ledger {
         let client = pg::off_runtime(|| pg::open(db))?;
         let pool = db.pool()?;
         let path = PathBuf::from(db.shown());
-        let shared = Arc::new(Shared::new());
-        let writer = writer::Writer {
-            store: Box::new(pg::Postgres::new(db.clone(), client)),
-            shared: Arc::clone(&shared),
-            flush_interval: options.flush_interval,
-            max_pending_rows: options.max_pending_rows.max(1),
-            path: path.clone(),
-            batch: writer::Batch::default(),
-            last_slow_warning: None,
-        };
-        let threads = writer::start(writer).map_err(|e| LedgerError::Postgres {
-            url: db.shown().to_owned(),
-            reason: format!("cannot start the writer thread: {e}"),
+        let store = pg::Postgres::new(db.clone(), client);
+        let (shared, threads) = start_writer(Box::new(store), options, &path, |reason| {
+            LedgerError::Postgres {
+                url: db.shown().to_owned(),
+                reason,
+            }
         })?;
         let restored = Restored {
             period: 1,
@@ -574,6 +559,29 @@ impl Drop for Ledger {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// Starts the writer threads on `store`; `fail` names the ledger in the error of a thread that
+/// cannot start.
+fn start_writer(
+    store: Box<dyn writer::Store>,
+    options: &Options,
+    path: &Path,
+    fail: impl FnOnce(String) -> LedgerError,
+) -> Result<(Arc<Shared>, Vec<JoinHandle<()>>), LedgerError> {
+    let shared = Arc::new(Shared::new());
+    let writer = writer::Writer {
+        store,
+        shared: Arc::clone(&shared),
+        flush_interval: options.flush_interval,
+        max_pending_rows: options.max_pending_rows.max(1),
+        path: path.to_owned(),
+        batch: writer::Batch::default(),
+        last_slow_warning: None,
+    };
+    let threads =
+        writer::start(writer).map_err(|e| fail(format!("cannot start the writer thread: {e}")))?;
+    Ok((shared, threads))
 }
 
 /// Takes the directory's lock file, so two servers never write one ledger; readers don't take it.

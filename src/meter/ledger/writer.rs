@@ -592,9 +592,9 @@ fn bind_row(
     Ok(())
 }
 
-/// SQLite integers are signed; counts past `i64::MAX` cannot happen (tokens are capped per
-/// request), so saturating is only a guard.
-fn int(v: u64) -> i64 {
+/// SQL integers (SQLite's and PostgreSQL's `bigint`) are signed; counts past `i64::MAX` cannot
+/// happen (tokens are capped per request), so saturating is only a guard.
+pub(super) fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 

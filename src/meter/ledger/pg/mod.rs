@@ -99,12 +99,6 @@ impl Db {
         &self.shown
     }
 
-    /// Whether connections are made with TLS (`sslmode=require`; `prefer`, the default, tries
-    /// it first).
-    pub fn wants_tls(&self) -> bool {
-        self.config.get_ssl_mode() != SslMode::Disable
-    }
-
     /// A new connection.
     pub fn connect(&self) -> Result<Client, LedgerError> {
         self.config
@@ -125,7 +119,7 @@ impl Db {
             .connection_timeout(CONNECT_TIMEOUT)
             .build_unchecked(manager);
         Ok(Pool {
-            pool: Some(pool),
+            pool: Arc::new(Connections(Some(pool))),
             db: self.clone(),
         })
     }
@@ -147,18 +141,24 @@ pub fn describe(err: &postgres::Error) -> String {
     }
 }
 
-/// A small pool of connections.
+/// A small pool of connections; its clones share it.
 #[derive(Clone)]
 pub struct Pool {
-    pool: Option<r2d2::Pool<r2d2_postgres::PostgresConnectionManager<MakeRustlsConnect>>>,
+    pool: Arc<Connections>,
     db: Db,
 }
 
-impl Drop for Pool {
-    /// The last handle closes the connections, which the blocking client does with a runtime
-    /// of its own: never on a thread driving one (the server drops its state inside its own).
+type Manager = r2d2_postgres::PostgresConnectionManager<MakeRustlsConnect>;
+
+/// The connections themselves, closed when the last handle on them goes.
+struct Connections(Option<r2d2::Pool<Manager>>);
+
+impl Drop for Connections {
+    /// Closes the connections, which the blocking client does with a runtime of its own: never
+    /// on a thread driving one (the server drops its state inside its own), so on a thread of
+    /// its own.
     fn drop(&mut self) {
-        if let Some(pool) = self.pool.take() {
+        if let Some(pool) = self.0.take() {
             let closing = std::thread::Builder::new()
                 .name("ledger-pool-close".into())
                 .spawn(move || drop(pool));
@@ -170,8 +170,7 @@ impl Drop for Pool {
 }
 
 /// A connection taken from a pool, given back when dropped.
-pub type Pooled =
-    r2d2::PooledConnection<r2d2_postgres::PostgresConnectionManager<MakeRustlsConnect>>;
+pub type Pooled = r2d2::PooledConnection<Manager>;
 
 impl Pool {
     /// A connection, waiting at most the connect timeout for one.
@@ -181,6 +180,7 @@ impl Pool {
             reason,
         };
         self.pool
+            .0
             .as_ref()
             .ok_or_else(|| fail("the pool is closed".into()))?
             .get()

@@ -5,6 +5,7 @@
 use postgres::Client;
 
 use crate::config::guard::Budget;
+use crate::meter::ledger::writer::int;
 use crate::money::NanoUsd;
 
 /// One replica's spend of one scope in one window.
@@ -31,10 +32,6 @@ pub struct RateUse {
     pub unit: String,
     /// Used so far.
     pub used: u64,
-}
-
-fn int(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// Writes this replica's spend, replacing what it wrote before for the same windows.

@@ -12,7 +12,7 @@ use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 
 use super::Db;
 use crate::meter::ledger::queue::{self, Entry};
-use crate::meter::ledger::writer::Store;
+use crate::meter::ledger::writer::{Store, int};
 use crate::meter::ledger::{Row, micros};
 
 /// The rollup's counters, in the order of its columns: the SQLite totals' (the order
@@ -249,10 +249,6 @@ fn copy_row(
         &tier,
         &price,
     ])
-}
-
-fn int(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// The PostgreSQL store of one replica: its connection (made again after a failure) and the
