@@ -149,14 +149,29 @@ fn history(url: &str, n: u64) {
     let n = i64::try_from(n).expect("rows");
     client
         .execute(
+            "INSERT INTO names (name) SELECT 'key-' || i FROM generate_series(0, 19) AS i
+                UNION SELECT 'sk-…' || i FROM generate_series(0, 19) AS i
+                UNION SELECT 'model-' || i FROM generate_series(0, 9) AS i
+                UNION VALUES ('openai'), ('openai_chat')
+                ON CONFLICT (name) DO NOTHING",
+            &[],
+        )
+        .expect("names");
+    client
+        .execute(
             "INSERT INTO requests (replica, at, period, key_id, key_label, model, upstream, flavor,
-                status, streamed, input_tokens, cached_tokens, cache_write_tokens,
-                cache_write_1h_tokens, output_tokens, reasoning_tokens, cost_nano_usd, error,
-                unpriced, estimated, partial, \"user\", tags)
-             SELECT 42, $1::bigint - $2::bigint + i * ($2::bigint / $3::bigint), 1, 'key-' || (i % 20), 'sk-…' || (i % 20),
-                'model-' || (i % 10), 'openai', 'openai_chat', 200, 0, 1000, 200, 0, 0, 300, 0,
-                5750000, 0, 0, 0, 0, 'user-' || (i % 5), '{\"team\":\"search\"}'
-             FROM generate_series(1, $3::bigint) AS i",
+                status, flags, input_tokens, cached_tokens, cache_write_tokens,
+                cache_write_1h_tokens, output_tokens, reasoning_tokens, cost_nano_usd, \"user\",
+                tags)
+             SELECT 42, $1::bigint - $2::bigint + i * ($2::bigint / $3::bigint), 1,
+                k.id, l.id, m.id, u.id, f.id, 200, 0, 1000, 200, 0, 0, 300, 0, 5750000,
+                'user-' || (i % 5), '{\"team\":\"search\"}'
+             FROM generate_series(1, $3::bigint) AS i
+             JOIN names k ON k.name = 'key-' || (i % 20)
+             JOIN names l ON l.name = 'sk-…' || (i % 20)
+             JOIN names m ON m.name = 'model-' || (i % 10)
+             JOIN names u ON u.name = 'openai'
+             JOIN names f ON f.name = 'openai_chat'",
             &[&now_us, &span, &n],
         )
         .expect("rows");
@@ -167,7 +182,7 @@ fn history(url: &str, n: u64) {
                 sum(cache_write_tokens), sum(output_tokens), sum(reasoning_tokens),
                 sum(cost_nano_usd), sum(unpriced), sum(estimated), sum(cache_write_1h_tokens),
                 sum(partial)
-             FROM requests WHERE replica = 42 GROUP BY replica, at / 3600000000, key_id, model, upstream;
+             FROM request_rows WHERE replica = 42 GROUP BY replica, at / 3600000000, key_id, model, upstream;
              ANALYZE",
         )
         .expect("rollup");

@@ -131,9 +131,9 @@ async fn whole_hours_from_the_rollup_and_ragged_ends_from_the_rows_add_up() {
     assert_eq!(pg_sync["totals"]["requests"], 5);
     db.with(|c| {
         c.batch_execute(
-            "INSERT INTO requests SELECT replica + 1, at - 10800000000, period, key_id, key_label, model, upstream, flavor, status, streamed, input_tokens, cached_tokens, cache_write_tokens, cache_write_1h_tokens, output_tokens, reasoning_tokens, cost_nano_usd, latency_us, response_id, error, unpriced, estimated, partial, \"user\", session, tags, service_tier, price FROM requests;
-             INSERT INTO requests SELECT replica + 2, at - 5400000000, period, key_id, key_label, model, upstream, flavor, status, streamed, input_tokens, cached_tokens, cache_write_tokens, cache_write_1h_tokens, output_tokens, reasoning_tokens, cost_nano_usd, latency_us, response_id, error, unpriced, estimated, partial, \"user\", session, tags, service_tier, price FROM requests WHERE replica IN (SELECT DISTINCT replica FROM requests ORDER BY replica LIMIT 1);
-             INSERT INTO usage_hourly SELECT replica, at / 3600000000, key_id, model, upstream, max(key_label), count(*), sum(error), sum(input_tokens), sum(cached_tokens), sum(cache_write_tokens), sum(output_tokens), sum(reasoning_tokens), sum(cost_nano_usd), sum(unpriced), sum(estimated), sum(cache_write_1h_tokens), sum(partial) FROM requests r WHERE NOT EXISTS (SELECT 1 FROM usage_hourly u WHERE u.replica = r.replica) GROUP BY replica, at / 3600000000, key_id, model, upstream",
+            "INSERT INTO requests SELECT replica + 1, at - 10800000000, period, input_tokens, cached_tokens, cache_write_tokens, cache_write_1h_tokens, output_tokens, reasoning_tokens, cost_nano_usd, latency_us, key_id, key_label, model, upstream, flavor, service_tier, price, status, flags, response_id, \"user\", session, tags FROM requests;
+             INSERT INTO requests SELECT replica + 2, at - 5400000000, period, input_tokens, cached_tokens, cache_write_tokens, cache_write_1h_tokens, output_tokens, reasoning_tokens, cost_nano_usd, latency_us, key_id, key_label, model, upstream, flavor, service_tier, price, status, flags, response_id, \"user\", session, tags FROM requests WHERE replica IN (SELECT DISTINCT replica FROM requests ORDER BY replica LIMIT 1);
+             INSERT INTO usage_hourly SELECT replica, at / 3600000000, key_id, model, upstream, max(key_label), count(*), sum(error), sum(input_tokens), sum(cached_tokens), sum(cache_write_tokens), sum(output_tokens), sum(reasoning_tokens), sum(cost_nano_usd), sum(unpriced), sum(estimated), sum(cache_write_1h_tokens), sum(partial) FROM request_rows r WHERE NOT EXISTS (SELECT 1 FROM usage_hourly u WHERE u.replica = r.replica) GROUP BY replica, at / 3600000000, key_id, model, upstream",
         )
         .unwrap();
     });
@@ -222,7 +222,141 @@ async fn a_model_name_postgres_cannot_store_is_stored_changed_not_stalling_the_l
     let stats = get(&pg, "/stats").await;
     assert_eq!(stats["ledger"]["failing"], false, "{stats}");
     assert_eq!(
-        db.number("SELECT count(*) FROM requests WHERE model = 'gpt-4o' || chr(65533) || 'x'"),
+        db.number("SELECT count(*) FROM request_rows WHERE model = 'gpt-4o' || chr(65533) || 'x'"),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_written_under_the_first_schema_read_the_same_after_the_narrower_one() {
+    let db = TestDb::create();
+    // A database as the first schema left it, with two rows: one plain, one with every flag,
+    // no tier and no price.
+    let hour_ago = i64::try_from(
+        (std::time::SystemTime::now() - std::time::Duration::from_secs(3600))
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros(),
+    )
+    .unwrap();
+    db.with(|c| {
+        c.batch_execute(
+            "CREATE TABLE llm_meter_migrations (version INTEGER PRIMARY KEY,
+                applied_at TIMESTAMPTZ NOT NULL DEFAULT now());
+             INSERT INTO llm_meter_migrations (version) VALUES (1);",
+        )
+        .unwrap();
+        c.batch_execute(include_str!("../src/meter/ledger/pg/migrations/1.sql"))
+            .unwrap();
+        c.execute(
+            "INSERT INTO requests VALUES
+             (7, $1, 1, 'k1', 'sk-…k1', 'gpt-4o', 'openai', 'openai_chat', 200, 1, 10, 2, 3, 1,
+              5, 4, 777000, 1500, 'r1', 0, 0, 0, 0, 'alice', 's-9', '{\"team\": \"a\"}', 'flex',
+              'built-in: gpt-4o'),
+             (7, $1 + 1, 1, 'k2', 'sk-…k2', 'mystery', 'other', 'anthropic_messages', 502, 0,
+              6, 0, 0, 0, 0, 0, 0, NULL, NULL, 1, 1, 1, 1, NULL, NULL, NULL, NULL, NULL)",
+            &[&hour_ago],
+        )
+        .unwrap();
+    });
+    let mock = Mock::start(openai_like).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pg = start(dir.path(), &mock, Some(&db.url()));
+    assert_eq!(
+        db.number("SELECT max(version)::bigint FROM llm_meter_migrations"),
+        2
+    );
+    let text = client()
+        .get(pg.url("/export?format=jsonl"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let rows = json_lines(&text);
+    let fields = [
+        "key_id",
+        "key",
+        "model",
+        "upstream",
+        "flavor",
+        "status",
+        "streamed",
+        "input_tokens",
+        "cached_tokens",
+        "cache_write_tokens",
+        "cache_write_1h_tokens",
+        "completion_tokens",
+        "reasoning_tokens",
+        "cost_nano_usd",
+        "latency_ms",
+        "response_id",
+        "error",
+        "unpriced",
+        "estimated",
+        "partial",
+        "user",
+        "session",
+        "tags",
+        "service_tier",
+        "price",
+    ];
+    let seen: Vec<Vec<Value>> = rows
+        .iter()
+        .map(|row| fields.iter().map(|f| row[*f].clone()).collect())
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            json!([
+                "k1", "sk-…k1", "gpt-4o", "openai", "openai_chat", 200, true, 10, 2, 3, 1, 5, 4,
+                777000, 1.5, "r1", false, false, false, false, "alice", "s-9", {"team": "a"},
+                "flex", "built-in: gpt-4o"
+            ]),
+            json!([
+                "k2",
+                "sk-…k2",
+                "mystery",
+                "other",
+                "anthropic_messages",
+                502,
+                false,
+                6,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                null,
+                null,
+                true,
+                true,
+                true,
+                true,
+                null,
+                null,
+                null,
+                "standard",
+                null
+            ]),
+        ]
+        .map(|v| v.as_array().unwrap().clone())
+    );
+    // New rows go in beside them, named through the same table of names.
+    traffic(&pg).await;
+    let mut total = 0;
+    for _ in 0..100 {
+        total = db.number("SELECT count(*) FROM request_rows WHERE model IS NOT NULL");
+        if total == 7 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(total, 7);
+    assert_eq!(
+        db.number("SELECT count(*) FROM names WHERE name = 'gpt-4o'"),
         1
     );
 }

@@ -489,7 +489,7 @@ pub(super) struct Ids {
 }
 
 /// Entries each map keeps before starting over (many distinct keys must not grow it forever).
-const IDS_CAP: usize = 10_000;
+pub(super) const IDS_CAP: usize = 10_000;
 
 impl Ids {
     fn key(&mut self, tx: &Connection, key_id: &str, label: &str) -> rusqlite::Result<i64> {

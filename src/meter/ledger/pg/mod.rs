@@ -207,7 +207,10 @@ fn replica_id() -> i64 {
 }
 
 /// The numbered migrations, each run once in order. Shipped ones are never edited.
-const MIGRATIONS: [&str; 1] = [include_str!("migrations/1.sql")];
+const MIGRATIONS: [&str; 2] = [
+    include_str!("migrations/1.sql"),
+    include_str!("migrations/2.sql"),
+];
 
 /// Runs the migrations this database lacks. Replicas starting together each take the same
 /// advisory lock inside their transaction, so one migrates and the others find it done.

@@ -107,7 +107,7 @@ impl Reader {
         let mut client = self.pool.get()?;
         let rows = match since {
             Some(since) => client.query(
-                "SELECT key_id, sum(cost_nano_usd)::bigint FROM requests WHERE at >= $1 GROUP BY key_id",
+                "SELECT key_id, sum(cost_nano_usd)::bigint FROM request_rows WHERE at >= $1 GROUP BY key_id",
                 &[&since],
             ),
             None => client.query(
@@ -130,8 +130,9 @@ impl Reader {
         mut each: impl FnMut(&Row) -> bool,
     ) -> Result<(), LedgerError> {
         let (conditions, params) = filter.sql(Dialect::Postgres);
-        let sql =
-            format!("SELECT {ROW_COLUMNS} FROM requests WHERE {conditions} ORDER BY at, replica");
+        let sql = format!(
+            "SELECT {ROW_COLUMNS} FROM request_rows WHERE {conditions} ORDER BY at, replica"
+        );
         let mut client = self.pool.get()?;
         let fail = |e: postgres::Error| self.fail(&e);
         let mut tx = client.transaction().map_err(fail)?;
@@ -173,9 +174,9 @@ fn usage_sql(groups: &[Group], filter: &Filter) -> (String, Vec<Param>) {
         let (conditions, params) = filter.sql(d);
         let by: Vec<Cow<'_, str>> = groups.iter().map(|g| g.columns(d)).collect();
         let rows = if groups.contains(&Group::AnyTag) {
-            "requests, jsonb_each_text(requests.tags) AS each_tag"
+            "request_rows, jsonb_each_text(request_rows.tags) AS each_tag"
         } else {
-            "requests"
+            "request_rows"
         };
         return (grouped_sql(&by, rows, &conditions, SUMS), params);
     }
@@ -223,7 +224,7 @@ fn usage_sql(groups: &[Group], filter: &Filter) -> (String, Vec<Param>) {
     let both = format!(
         "(SELECT {}key_label, {} FROM usage_hourly WHERE {rollup_where}
           UNION ALL
-          SELECT {}key_label, {ROW_AS_ROLLUP} FROM requests WHERE {rows_where}) AS u",
+          SELECT {}key_label, {ROW_AS_ROLLUP} FROM request_rows WHERE {rows_where}) AS u",
         rolled.concat(),
         counters.join(", "),
         raw.concat(),

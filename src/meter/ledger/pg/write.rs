@@ -7,12 +7,11 @@
 use std::collections::HashMap;
 
 use postgres::Client;
-use postgres::binary_copy::BinaryCopyInWriter;
-use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use std::io::Write;
 
 use super::Db;
 use crate::meter::ledger::queue::{self, Entry};
-use crate::meter::ledger::writer::{Store, int};
+use crate::meter::ledger::writer::{IDS_CAP, Store, int};
 use crate::meter::ledger::{Row, micros};
 
 /// The rollup's counters, in the order of its columns: the SQLite totals' (the order
@@ -26,65 +25,85 @@ pub(super) fn rollup_counters() -> Vec<&'static str> {
 
 const HOUR: i64 = 3_600_000_000;
 
-/// The columns a batch's rows are copied into, in the order `copy_row` writes them.
-const COPY_SQL: &str = "COPY requests (replica, at, period, key_id, key_label, model, upstream,
-    flavor, status, streamed, input_tokens, cached_tokens, cache_write_tokens,
-    cache_write_1h_tokens, output_tokens, reasoning_tokens, cost_nano_usd, latency_us,
-    response_id, error, unpriced, estimated, partial, \"user\", session, tags, service_tier,
-    price) FROM STDIN (FORMAT binary)";
+/// The columns a batch's rows are copied into, in the order `copy_row` writes them (names as
+/// their numbers in `names`, the 0/1 columns as bits of `flags`: migration 2).
+const COPY_SQL: &str = "COPY requests (replica, at, period, input_tokens, cached_tokens,
+    cache_write_tokens, cache_write_1h_tokens, output_tokens, reasoning_tokens, cost_nano_usd,
+    latency_us, key_id, key_label, model, upstream, flavor, service_tier, price, status, flags,
+    response_id, \"user\", session, tags) FROM STDIN (FORMAT binary)";
 
-/// The types of `COPY_SQL`'s columns.
-const COPY_TYPES: [Type; 28] = [
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::INT4,
-    Type::INT4,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::TEXT,
-    Type::INT4,
-    Type::INT4,
-    Type::INT4,
-    Type::INT4,
-    Type::TEXT,
-    Type::TEXT,
-    Type::JSONB,
-    Type::TEXT,
-    Type::TEXT,
-];
+/// A batch's rows in the binary `COPY` format, built whole and sent in large messages: the
+/// server then wakes once per batch, not once per four kilobytes as with the client's own
+/// copy writer, and no value goes through a dynamic type check.
+struct CopyRows {
+    buf: Vec<u8>,
+}
 
-/// A JSON text sent as `jsonb` (its binary form is a version byte, then the text).
-#[derive(Debug)]
-struct Jsonb<'a>(&'a str);
+impl CopyRows {
+    /// Columns per row: `COPY_SQL`'s.
+    const COLUMNS: i16 = 24;
 
-impl ToSql for Jsonb<'_> {
-    fn to_sql(
-        &self,
-        _: &Type,
-        out: &mut bytes::BytesMut,
-    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        out.extend_from_slice(&[1]);
-        out.extend_from_slice(self.0.as_bytes());
-        Ok(IsNull::No)
+    fn new() -> Self {
+        // The signature, no flags, no header extension.
+        let mut buf = b"PGCOPY\n\xff\r\n\0".to_vec();
+        buf.extend_from_slice(&[0; 8]);
+        Self { buf }
     }
 
-    fn accepts(ty: &Type) -> bool {
-        *ty == Type::JSONB
+    fn row(&mut self) {
+        self.buf.extend_from_slice(&Self::COLUMNS.to_be_bytes());
     }
 
-    to_sql_checked!();
+    fn field(&mut self, value: &[u8]) {
+        // A field longer than the format can say is cut (no text of ours comes near 2 GiB).
+        let len = i32::try_from(value.len()).unwrap_or(i32::MAX);
+        self.buf.extend_from_slice(&len.to_be_bytes());
+        self.buf
+            .extend_from_slice(&value[..usize::try_from(len).unwrap_or_default()]);
+    }
+
+    fn null(&mut self) {
+        self.buf.extend_from_slice(&(-1i32).to_be_bytes());
+    }
+
+    fn int8(&mut self, v: i64) {
+        self.field(&v.to_be_bytes());
+    }
+
+    fn int4(&mut self, v: i32) {
+        self.field(&v.to_be_bytes());
+    }
+
+    fn int2(&mut self, v: i16) {
+        self.field(&v.to_be_bytes());
+    }
+
+    fn opt<T>(&mut self, v: Option<T>, put: impl FnOnce(&mut Self, T)) {
+        match v {
+            Some(v) => put(self, v),
+            None => self.null(),
+        }
+    }
+
+    fn text(&mut self, v: &str) {
+        self.field(text(v).as_bytes());
+    }
+
+    /// A JSON text as `jsonb`: its binary form is a version byte, then the text.
+    fn jsonb(&mut self, v: &str) {
+        let v = text(v);
+        let len = i32::try_from(v.len().saturating_add(1)).unwrap_or(i32::MAX);
+        self.buf.extend_from_slice(&len.to_be_bytes());
+        self.buf.push(1);
+        self.buf
+            .extend_from_slice(&v.as_bytes()[..usize::try_from(len - 1).unwrap_or_default()]);
+    }
+
+    /// The whole copy, with its trailer.
+    fn finish(mut self) -> Vec<u8> {
+        self.buf.extend_from_slice(&(-1i16).to_be_bytes());
+        self.buf
+    }
 }
 
 /// Adds a batch's sums to the rollup: this replica's rows only, so no other writer waits.
@@ -174,18 +193,110 @@ pub(super) fn text(value: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// The names a row refers to by number: key id and label, model, upstream, flavor, then the
+/// service tier and price label when it has them.
+fn names_of<'a>(row: &Row<&'a str>) -> impl Iterator<Item = &'a str> {
+    [
+        row.key_id,
+        row.key_label,
+        row.model,
+        row.upstream,
+        row.flavor,
+    ]
+    .into_iter()
+    .chain(row.service_tier)
+    .chain(row.price)
+}
+
+/// Numbers of the names already in `names`, so most batches look nothing up.
+#[derive(Default)]
+struct Names {
+    ids: HashMap<String, i32, foldhash::fast::RandomState>,
+}
+
+impl Names {
+    /// Gives every name of `batch` its number: the ones not known yet are added (once across
+    /// replicas: the name is unique) and read back. Outside the batch's transaction, so a
+    /// batch that fails leaves no number here that the database lacks.
+    fn learn(&mut self, client: &mut Client, batch: &[u8]) -> Result<(), postgres::Error> {
+        let mut missing = std::collections::BTreeSet::new();
+        for entry in queue::entries(batch) {
+            if let Entry::Row(row) = entry {
+                for name in names_of(&row).map(text) {
+                    if !self.ids.contains_key(name.as_ref()) {
+                        missing.insert(name.into_owned());
+                    }
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        // Sorted: replicas adding some of the same names take their locks in one order.
+        let missing: Vec<String> = missing.into_iter().collect();
+        client.execute(
+            "INSERT INTO names (name) SELECT unnest($1::text[]) ON CONFLICT (name) DO NOTHING",
+            &[&missing],
+        )?;
+        let rows = client.query(
+            "SELECT id, name FROM names WHERE name = ANY($1)",
+            &[&missing],
+        )?;
+        // Many distinct names (random keys, say) must not grow it forever.
+        if self.ids.len() + rows.len() > IDS_CAP {
+            self.ids.clear();
+        }
+        for row in rows {
+            self.ids.insert(row.try_get(1)?, row.try_get(0)?);
+        }
+        Ok(())
+    }
+
+    fn id(&self, name: &str) -> Result<i32, String> {
+        self.ids
+            .get(text(name).as_ref())
+            .copied()
+            .ok_or_else(|| format!("no number for the name {name:?}"))
+    }
+}
+
 /// Writes one row into the copy.
 fn copy_row(
-    copy: &mut BinaryCopyInWriter<'_>,
+    copy: &mut CopyRows,
+    names: &Names,
     replica: i64,
     at: i64,
     row: &Row<&str>,
-) -> Result<(), postgres::Error> {
+) -> Result<(), String> {
     let u = &row.usage;
-    let latency = row
-        .latency
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
-    let [input, cached, cw, cw1h, output, reasoning, cost] = [
+    let flags = [
+        row.is_streaming,
+        row.is_error,
+        row.is_unpriced,
+        row.is_estimated,
+        row.is_partial,
+    ]
+    .iter()
+    .enumerate()
+    .fold(0i16, |flags, (bit, on)| flags | (i16::from(*on) << bit));
+    let [key_id, key_label, model, upstream, flavor] = [
+        row.key_id,
+        row.key_label,
+        row.model,
+        row.upstream,
+        row.flavor,
+    ]
+    .map(|n| names.id(n));
+    let (tier, price) = (
+        row.service_tier.map(|n| names.id(n)).transpose()?,
+        row.price.map(|n| names.id(n)).transpose()?,
+    );
+    let ids = [key_id?, key_label?, model?, upstream?, flavor?];
+    copy.row();
+    copy.int8(replica);
+    copy.int8(at);
+    for v in [
+        row.period,
         u.input_tokens,
         u.cached_input_tokens,
         u.cache_write_tokens,
@@ -193,62 +304,24 @@ fn copy_row(
         u.output_tokens,
         u.reasoning_tokens,
         row.cost.0,
-    ]
-    .map(int);
-    let [error, unpriced, estimated, partial, streamed] = [
-        row.is_error,
-        row.is_unpriced,
-        row.is_estimated,
-        row.is_partial,
-        row.is_streaming,
-    ]
-    .map(i32::from);
-    let opt = |v: Option<&str>| v.map(|v| text(v).into_owned());
-    let (key_id, key_label, model, upstream, flavor) = (
-        text(row.key_id),
-        text(row.key_label),
-        text(row.model),
-        text(row.upstream),
-        text(row.flavor),
-    );
-    let (response_id, user, session, tier, price) = (
-        opt(row.response_id),
-        opt(row.user),
-        opt(row.session),
-        opt(row.service_tier),
-        opt(row.price),
-    );
-    let tags = opt(row.tags);
-    copy.write(&[
-        &replica,
-        &at,
-        &int(row.period),
-        &key_id.as_ref(),
-        &key_label.as_ref(),
-        &model.as_ref(),
-        &upstream.as_ref(),
-        &flavor.as_ref(),
-        &i32::from(row.status),
-        &streamed,
-        &input,
-        &cached,
-        &cw,
-        &cw1h,
-        &output,
-        &reasoning,
-        &cost,
-        &latency,
-        &response_id,
-        &error,
-        &unpriced,
-        &estimated,
-        &partial,
-        &user,
-        &session,
-        &tags.as_deref().map(Jsonb),
-        &tier,
-        &price,
-    ])
+    ] {
+        copy.int8(int(v));
+    }
+    copy.opt(row.latency, |c, d| {
+        c.int8(i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+    });
+    for id in ids {
+        copy.int4(id);
+    }
+    copy.opt(tier, CopyRows::int4);
+    copy.opt(price, CopyRows::int4);
+    copy.int2(i16::try_from(row.status).unwrap_or(i16::MAX));
+    copy.int2(flags);
+    for v in [row.response_id, row.user, row.session] {
+        copy.opt(v, CopyRows::text);
+    }
+    copy.opt(row.tags, CopyRows::jsonb);
+    Ok(())
 }
 
 /// The PostgreSQL store of one replica: its connection (made again after a failure) and the
@@ -262,6 +335,10 @@ pub(in crate::meter::ledger) struct Postgres {
     last_at: i64,
     /// The last attempt failed, perhaps after its commit: the next asks what is in first.
     is_uncertain: bool,
+    names: Names,
+    /// The rollup statement, prepared once per connection: planning it for every batch cost
+    /// the server more than the batch's commit.
+    rollup: Option<postgres::Statement>,
 }
 
 impl Postgres {
@@ -273,14 +350,25 @@ impl Postgres {
             sql: rollup_sql(),
             last_at: 0,
             is_uncertain: false,
+            names: Names::default(),
+            rollup: None,
         }
     }
 }
 
-/// The open connection, made again when there is none or the last one broke.
-fn connected<'c>(client: &'c mut Option<Client>, db: &Db) -> Result<&'c mut Client, String> {
+/// The open connection, made again when there is none or the last one broke (then the names'
+/// numbers are asked for again, the database may not be the one they came from, and the
+/// rollup statement is prepared again).
+fn connected<'c>(
+    client: &'c mut Option<Client>,
+    names: &mut Names,
+    rollup: &mut Option<postgres::Statement>,
+    db: &Db,
+) -> Result<&'c mut Client, String> {
     if client.as_ref().is_none_or(Client::is_closed) {
         *client = None;
+        *names = Names::default();
+        *rollup = None;
         *client = Some(db.connect().map_err(|e| e.to_string())?);
     }
     client.as_mut().ok_or_else(|| "no connection".to_owned())
@@ -297,7 +385,12 @@ impl Store for Postgres {
 impl Postgres {
     fn write(&mut self, batch: &[u8]) -> Result<(), String> {
         let replica = self.db.replica;
-        let client = connected(&mut self.client, &self.db)?;
+        let client = connected(
+            &mut self.client,
+            &mut self.names,
+            &mut self.rollup,
+            &self.db,
+        )?;
         let first = self.last_at.saturating_add(1);
         // After a failure, the rows of this batch already in (a commit whose answer was lost)
         // are the ones up to the newest of this replica's from the batch's first time on.
@@ -312,24 +405,38 @@ impl Postgres {
         } else {
             0
         };
+        let fail = |e: postgres::Error| super::describe(&e);
+        self.names.learn(client, batch).map_err(fail)?;
+        let rollup = match &self.rollup {
+            Some(statement) => statement.clone(),
+            None => client.prepare(&self.sql).map_err(fail)?,
+        };
+        self.rollup = Some(rollup.clone());
         let mut sums = Sums::default();
         let mut at = self.last_at;
-        let fail = |e: postgres::Error| super::describe(&e);
         let mut tx = client.transaction().map_err(fail)?;
-        let mut copy = BinaryCopyInWriter::new(tx.copy_in(COPY_SQL).map_err(fail)?, &COPY_TYPES);
+        let mut copy = CopyRows::new();
         for entry in queue::entries(batch) {
             // Periods are each replica's own `/stats` resets: the database needs no record.
             if let Entry::Row(row) = entry {
                 at = micros(row.at).max(at.saturating_add(1));
                 if at > written {
-                    copy_row(&mut copy, replica, at, &row).map_err(fail)?;
+                    copy_row(&mut copy, &self.names, replica, at, &row)?;
                     sums.add(at, &row);
                 }
             }
         }
-        copy.finish().map_err(fail)?;
+        let mut writer = tx.copy_in(COPY_SQL).map_err(fail)?;
+        // A message a mebibyte long at most: a backlog of many rows stays far below the
+        // server's limit on one message (1 GiB).
+        for piece in copy.finish().chunks(1 << 20) {
+            writer
+                .write_all(piece)
+                .map_err(|e| format!("copying the rows: {e}"))?;
+        }
+        writer.finish().map_err(fail)?;
         if !sums.hour.is_empty() {
-            add_sums(&mut tx, &self.sql, replica, &sums).map_err(fail)?;
+            add_sums(&mut tx, &rollup, replica, &sums).map_err(fail)?;
         }
         tx.commit().map_err(fail)?;
         // Only once committed: a failed batch is retried with the same times.
@@ -341,7 +448,7 @@ impl Postgres {
 /// Adds the batch's sums to the rollup.
 fn add_sums(
     tx: &mut postgres::Transaction<'_>,
-    sql: &str,
+    statement: &postgres::Statement,
     replica: i64,
     s: &Sums<'_>,
 ) -> Result<u64, postgres::Error> {
@@ -349,7 +456,7 @@ fn add_sums(
     let texts =
         |column: &[&str]| -> Vec<String> { column.iter().map(|v| text(v).into_owned()).collect() };
     tx.execute(
-        sql,
+        statement,
         &[
             &replica,
             &s.hour,
