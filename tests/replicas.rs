@@ -367,11 +367,25 @@ async fn a_one_dollar_budget_holds_across_replicas_and_each_alert_fires_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_budget_changed_on_one_replica_holds_on_the_others_within_a_second() {
     let _turn = ONE_AT_A_TIME.lock().await;
+    budget_change_arrives_within_a_second("daily_usd = 100.0").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_budget_set_where_none_was_reaches_every_replica_within_a_second() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    // No budget or limit anywhere: the replicas sync every half second, not every 100 ms,
+    // and the change still arrives in time.
+    budget_change_arrives_within_a_second("").await;
+}
+
+/// Sets key `agent`'s daily budget to $0.005 on replica 0 (its settings in proxy.toml:
+/// `settings`) and waits for replica 2, which spent $0.01 already, to refuse it.
+async fn budget_change_arrives_within_a_second(settings: &str) {
     const KEY: &str = "sk-replica-change-0123456789";
     let db = TestDb::create();
     let mock = Mock::start(priced).await;
     let dir = tempfile::tempdir().unwrap();
-    let toml = config(&db.url(), &[("agent", KEY, "daily_usd = 100.0")]);
+    let toml = config(&db.url(), &[("agent", KEY, settings)]);
     let replicas = start_replicas(dir.path(), &toml, &mock, 3);
     let chat = |replica: &Binary| {
         client()

@@ -488,7 +488,7 @@ mod tests {
     use crate::money::NanoUsd;
     use crate::usage::Usage;
 
-    fn row(model: &'static str) -> Row<&'static str> {
+    fn row(model: &str) -> Row<&str> {
         Row {
             at: now(),
             period: 1,
@@ -519,18 +519,53 @@ mod tests {
         }
     }
 
+    /// A scratch database on the test server, dropped with it.
+    struct Scratch {
+        admin: postgres::Client,
+        name: String,
+        db: Db,
+    }
+
+    impl Scratch {
+        fn new(tag: &str) -> Self {
+            let server = std::env::var("LLM_METER_TEST_POSTGRES")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
+            let name = format!("llm_meter_unit_{tag}_{}", std::process::id());
+            let mut admin =
+                postgres::Client::connect(&format!("{server}/postgres"), postgres::NoTls)
+                    .expect("the test server (LLM_METER_TEST_POSTGRES)");
+            admin
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .unwrap();
+            let db = Db::new(&LedgerUrl::parse(&format!("{server}/{name}")).unwrap()).unwrap();
+            Self { admin, name, db }
+        }
+
+        fn store(&self) -> Postgres {
+            Postgres::new(self.db.clone(), super::super::open(&self.db).unwrap())
+        }
+
+        fn count(&self, sql: &str) -> i64 {
+            self.db
+                .connect()
+                .unwrap()
+                .query_one(sql, &[])
+                .unwrap()
+                .get(0)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let drop = format!("DROP DATABASE {} WITH (FORCE)", self.name);
+            self.admin.batch_execute(&drop).unwrap();
+        }
+    }
+
     #[test]
     fn a_batch_retried_after_its_commit_was_not_acknowledged_adds_nothing_twice() {
-        let server = std::env::var("LLM_METER_TEST_POSTGRES")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
-        let name = format!("llm_meter_unit_{}", std::process::id());
-        let mut admin = postgres::Client::connect(&format!("{server}/postgres"), postgres::NoTls)
-            .expect("the test server (LLM_METER_TEST_POSTGRES)");
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .unwrap();
-        let db = Db::new(&LedgerUrl::parse(&format!("{server}/{name}")).unwrap()).unwrap();
-        let mut store = Postgres::new(db.clone(), super::super::open(&db).unwrap());
+        let scratch = Scratch::new("retry");
+        let mut store = scratch.store();
         let mut batch = Vec::new();
         for model in ["gpt-4o", "gpt-4o", "gpt-4o-mini"] {
             queue::push_row(&mut batch, &row(model));
@@ -542,8 +577,8 @@ mod tests {
         store.is_uncertain = true;
         queue::push_row(&mut batch, &row("gpt-4o"));
         store.commit(&batch).unwrap();
-        let mut client = db.connect().unwrap();
-        let mut count = |sql: &str| -> i64 { client.query_one(sql, &[]).unwrap().get(0) };
+        drop(store);
+        let count = |sql| scratch.count(sql);
         assert_eq!(count("SELECT count(*) FROM requests"), 4);
         assert_eq!(count("SELECT sum(requests)::bigint FROM usage_hourly"), 4);
         assert_eq!(
@@ -554,10 +589,56 @@ mod tests {
             count("SELECT sum(requests)::bigint FROM usage_hourly WHERE model = 'gpt-4o'"),
             3
         );
-        drop(client);
+    }
+
+    #[test]
+    fn a_batch_of_many_megabytes_and_names_goes_in_whole_with_every_value() {
+        let scratch = Scratch::new("large");
+        let mut store = scratch.store();
+        let models: Vec<String> = (0..300).map(|i| format!("model-{i}")).collect();
+        let long_id = "r".repeat(400);
+        let mut batch = Vec::new();
+        for i in 0..20_000u64 {
+            let mut r = row(&models[usize::try_from(i % 300).unwrap()]);
+            r.response_id = Some(&long_id);
+            r.is_streaming = i % 2 == 0;
+            r.is_partial = i % 3 == 0;
+            r.status = 200 + u16::try_from(i % 7).unwrap();
+            r.usage.output_tokens = i;
+            r.latency = (i % 5 != 0).then(|| std::time::Duration::from_micros(i));
+            queue::push_row(&mut batch, &r);
+        }
+        // About 9 MB of rows: nine messages of the copy.
+        assert!(batch.len() > 8 << 20, "{}", batch.len());
+        store.commit(&batch).unwrap();
         drop(store);
-        admin
-            .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
-            .unwrap();
+        let count = |sql| scratch.count(sql);
+        assert_eq!(count("SELECT count(*) FROM request_rows"), 20_000);
+        assert_eq!(count("SELECT count(DISTINCT model) FROM request_rows"), 300);
+        // The models, and the key id, key label, upstream and flavor.
+        assert_eq!(count("SELECT count(*) FROM names"), 300 + 4);
+        assert_eq!(
+            count("SELECT sum(output_tokens)::bigint FROM request_rows"),
+            (0..20_000).sum::<i64>()
+        );
+        let (streamed, partial) = (
+            count("SELECT sum(streamed)::bigint FROM request_rows"),
+            count("SELECT sum(partial)::bigint FROM request_rows"),
+        );
+        assert_eq!((streamed, partial), (10_000, 6_667));
+        assert_eq!(
+            count("SELECT sum(status - 200)::bigint FROM request_rows"),
+            59_997
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM request_rows WHERE latency_us IS NULL"),
+            4_000
+        );
+        assert_eq!(
+            count(
+                "SELECT count(*) FROM request_rows WHERE tags->>'team' = 'a' AND length(response_id) = 400"
+            ),
+            20_000
+        );
     }
 }
