@@ -49,6 +49,19 @@ async fn get(binary: &Binary, path: &str) -> Value {
     binary.get_json(path).await
 }
 
+/// Every row, from `/export` as JSON lines.
+async fn exported(binary: &Binary) -> Vec<Value> {
+    let text = client()
+        .get(binary.url("/export?format=jsonl"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    json_lines(&text)
+}
+
 /// What an exported row says of its request (not its time or latency).
 fn essentials(row: &Value) -> Value {
     json!([
@@ -93,25 +106,7 @@ async fn history_from_postgres_matches_history_from_sqlite() {
         }
         assert_eq!(a, b, "{query}");
     }
-    let (a, b) = (
-        client()
-            .get(sqlite.url("/export?format=jsonl"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-        client()
-            .get(pg.url("/export?format=jsonl"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    );
-    let (a, b) = (json_lines(&a), json_lines(&b));
+    let (a, b) = (exported(&sqlite).await, exported(&pg).await);
     assert_eq!(a.len(), 5);
     assert_eq!(
         a.iter().map(essentials).collect::<Vec<_>>(),
@@ -266,15 +261,7 @@ async fn rows_written_under_the_first_schema_read_the_same_after_the_narrower_on
         db.number("SELECT max(version)::bigint FROM llm_meter_migrations"),
         2
     );
-    let text = client()
-        .get(pg.url("/export?format=jsonl"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let rows = json_lines(&text);
+    let rows = exported(&pg).await;
     let fields = [
         "key_id",
         "key",
