@@ -108,7 +108,7 @@ impl Cluster {
             published: Vec::new(),
         };
         pg::off_runtime(|| {
-            let result = round.run();
+            let result = round.run(false);
             if result.is_err() {
                 // Closed here: a client dropped on the runtime's thread would panic.
                 round.client = None;
@@ -175,7 +175,7 @@ impl Round {
         let mut next = Instant::now();
         loop {
             let is_last = stop.load(Relaxed);
-            match self.run() {
+            match self.run(is_last) {
                 Ok(false) => {}
                 Ok(true) => {
                     let at = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
@@ -210,13 +210,14 @@ impl Round {
         }
     }
 
-    /// One round: publish, read, apply, claim; or, in a quiet round, nothing (false).
-    fn run(&mut self) -> Result<bool, LedgerError> {
+    /// One round: publish, read, apply, claim; or, in a quiet round, nothing (false). The
+    /// last round, at stop, is never quiet and publishes this replica's spend whatever it is.
+    fn run(&mut self, is_last: bool) -> Result<bool, LedgerError> {
         self.take_alerts();
         let is_quiet = self.unclaimed.is_empty()
             && !self.guard.has_budgets()
             && self.guard.own_rate_use().is_empty();
-        if is_quiet && !self.rounds.is_multiple_of(QUIET_EVERY) {
+        if is_quiet && !is_last && !self.rounds.is_multiple_of(QUIET_EVERY) {
             self.rounds += 1;
             return Ok(false);
         }
@@ -225,19 +226,24 @@ impl Round {
             Some(client) if !client.is_closed() => client,
             _ => db.connect()?,
         };
-        let result = self.run_with(&mut client, &db);
+        let result = self.run_with(&mut client, &db, is_last);
         self.client = Some(client);
         result.map(|()| true)
     }
 
-    fn run_with(&mut self, client: &mut postgres::Client, db: &pg::Db) -> Result<(), LedgerError> {
+    fn run_with(
+        &mut self,
+        client: &mut postgres::Client,
+        db: &pg::Db,
+        is_last: bool,
+    ) -> Result<(), LedgerError> {
         let fail = |e: postgres::Error| db.fail(&e);
         let now = crate::meter::ledger::micros(crate::meter::ledger::now());
         // Every scope's spend is published (when it changed), so a budget given later counts
         // it; the others' is read only while some scope has a budget to check it against.
         // Without a budget anywhere, nobody reads it soon: once a second is enough.
         let has_budgets = self.guard.has_budgets();
-        if has_budgets || self.rounds.is_multiple_of(UNBUDGETED_EVERY) {
+        if has_budgets || is_last || self.rounds.is_multiple_of(UNBUDGETED_EVERY) {
             let spend = self.guard.own_spend();
             if spend != self.published {
                 shared::publish_spend(client, db.replica, &spend, now).map_err(fail)?;

@@ -429,6 +429,40 @@ async fn budget_change_arrives_within_a_second(settings: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_stopped_at_once_leaves_its_spend_for_a_budget_given_later() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    const KEY: &str = "sk-replica-stop-0123456789";
+    let db = TestDb::create();
+    let mock = Mock::start(priced).await;
+    let dir = tempfile::tempdir().unwrap();
+    // No budget anywhere: the spend is otherwise written once a second, and the stop comes
+    // sooner.
+    let toml = config(&db.url(), &[("agent", KEY, "")]);
+    let replica = start_replicas(dir.path(), &toml, &mock, 1).remove(0);
+    let response = client()
+        .post(replica.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "meter-test", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    let (exited, _, stderr) = tokio::task::spawn_blocking(move || replica.terminate())
+        .await
+        .unwrap();
+    assert!(exited, "{stderr}");
+    // $0.01, in the key's total.
+    assert_eq!(
+        db.number(
+            "SELECT coalesce(sum(nano_usd), 0)::bigint FROM spend
+             WHERE scope = 'agent' AND period = 'total'"
+        ),
+        10_000_000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn per_minute_limits_hold_across_replicas_within_ten_percent() {
     let _turn = ONE_AT_A_TIME.lock().await;
     const KEY: &str = "sk-replica-rate-0123456789";
