@@ -13,6 +13,8 @@ use crate::usage::Usage;
 const ROW: u8 = 0;
 const PERIOD: u8 = 1;
 
+// A row's outcome bits. The first five are also the PostgreSQL ledger's `flags` column
+// (migration 2), written from `outcome_bits`: never renumbered.
 const STREAMING: u8 = 1;
 const ERROR: u8 = 1 << 1;
 const UNPRICED: u8 = 1 << 2;
@@ -32,25 +34,23 @@ pub(super) enum Entry<'a> {
     Period { id: u64, started: OffsetDateTime },
 }
 
-/// Appends a row.
-pub(super) fn push_row(buf: &mut Vec<u8>, row: &Row<&str>) {
-    let u = &row.usage;
-    let flags = [
+/// A row's outcome as bits: streamed, error, unpriced, estimated, partial.
+pub(super) fn outcome_bits(row: &Row<&str>) -> u8 {
+    [
         (row.is_streaming, STREAMING),
         (row.is_error, ERROR),
         (row.is_unpriced, UNPRICED),
         (row.is_estimated, ESTIMATED),
         (row.is_partial, PARTIAL),
-        (row.latency.is_some(), HAS_LATENCY),
-        (row.response_id.is_some(), HAS_RESPONSE_ID),
     ]
     .iter()
-    .fold(0u8, |acc, (on, bit)| if *on { acc | bit } else { acc });
-    buf.push(ROW);
-    buf.push(flags);
-    buf.extend_from_slice(&row.status.to_le_bytes());
-    for n in [
-        micros(row.at).cast_unsigned(),
+    .fold(0u8, |acc, (on, bit)| if *on { acc | bit } else { acc })
+}
+
+/// A row's period and counts, in the order the queue and the PostgreSQL copy write them.
+pub(super) fn counts(row: &Row<&str>) -> [u64; 8] {
+    let u = &row.usage;
+    [
         row.period,
         u.input_tokens,
         u.cached_input_tokens,
@@ -59,11 +59,33 @@ pub(super) fn push_row(buf: &mut Vec<u8>, row: &Row<&str>) {
         u.output_tokens,
         u.reasoning_tokens,
         row.cost.0,
-        row.latency
-            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
-    ] {
+    ]
+}
+
+/// Appends a row.
+pub(super) fn push_row(buf: &mut Vec<u8>, row: &Row<&str>) {
+    let flags = [
+        (row.latency.is_some(), HAS_LATENCY),
+        (row.response_id.is_some(), HAS_RESPONSE_ID),
+    ]
+    .iter()
+    .fold(
+        outcome_bits(row),
+        |acc, (on, bit)| {
+            if *on { acc | bit } else { acc }
+        },
+    );
+    buf.push(ROW);
+    buf.push(flags);
+    buf.extend_from_slice(&row.status.to_le_bytes());
+    buf.extend_from_slice(&micros(row.at).cast_unsigned().to_le_bytes());
+    for n in counts(row) {
         buf.extend_from_slice(&n.to_le_bytes());
     }
+    let latency = row
+        .latency
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    buf.extend_from_slice(&latency.to_le_bytes());
     for text in [
         row.key_id,
         row.key_label,

@@ -25,8 +25,9 @@ pub(super) fn rollup_counters() -> Vec<&'static str> {
 
 const HOUR: i64 = 3_600_000_000;
 
-/// The columns a batch's rows are copied into, in the order `copy_row` writes them (names as
-/// their numbers in `names`, the 0/1 columns as bits of `flags`: migration 2).
+/// The columns a batch's rows are copied into, in the order `copy_row` writes them (period and
+/// counts in `queue::counts`' order, names as their numbers in `names`, the 0/1 columns as
+/// bits of `flags`: migration 2).
 const COPY_SQL: &str = "COPY requests (replica, at, period, input_tokens, cached_tokens,
     cache_write_tokens, cache_write_1h_tokens, output_tokens, reasoning_tokens, cost_nano_usd,
     latency_us, key_id, key_label, model, upstream, flavor, service_tier, price, status, flags,
@@ -268,55 +269,31 @@ fn copy_row(
     at: i64,
     row: &Row<&str>,
 ) -> Result<(), String> {
-    let u = &row.usage;
-    let flags = [
-        row.is_streaming,
-        row.is_error,
-        row.is_unpriced,
-        row.is_estimated,
-        row.is_partial,
-    ]
-    .iter()
-    .enumerate()
-    .fold(0i16, |flags, (bit, on)| flags | (i16::from(*on) << bit));
-    let [key_id, key_label, model, upstream, flavor] = [
-        row.key_id,
-        row.key_label,
-        row.model,
-        row.upstream,
-        row.flavor,
-    ]
-    .map(|n| names.id(n));
-    let (tier, price) = (
-        row.service_tier.map(|n| names.id(n)).transpose()?,
-        row.price.map(|n| names.id(n)).transpose()?,
-    );
-    let ids = [key_id?, key_label?, model?, upstream?, flavor?];
+    // A failure leaves a part row behind: the whole copy is then given up, and the batch tried
+    // again.
     copy.row();
     copy.int8(replica);
     copy.int8(at);
-    for v in [
-        row.period,
-        u.input_tokens,
-        u.cached_input_tokens,
-        u.cache_write_tokens,
-        u.cache_write_1h_tokens,
-        u.output_tokens,
-        u.reasoning_tokens,
-        row.cost.0,
-    ] {
+    for v in queue::counts(row) {
         copy.int8(int(v));
     }
     copy.opt(row.latency, |c, d| {
         c.int8(i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
     });
-    for id in ids {
-        copy.int4(id);
+    for name in [
+        row.key_id,
+        row.key_label,
+        row.model,
+        row.upstream,
+        row.flavor,
+    ] {
+        copy.int4(names.id(name)?);
     }
-    copy.opt(tier, CopyRows::int4);
-    copy.opt(price, CopyRows::int4);
+    for name in [row.service_tier, row.price] {
+        copy.opt(name.map(|n| names.id(n)).transpose()?, CopyRows::int4);
+    }
     copy.int2(i16::try_from(row.status).unwrap_or(i16::MAX));
-    copy.int2(flags);
+    copy.int2(i16::from(queue::outcome_bits(row)));
     for v in [row.response_id, row.user, row.session] {
         copy.opt(v, CopyRows::text);
     }
