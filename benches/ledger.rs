@@ -3,24 +3,18 @@
 //!
 //! `cargo bench --bench ledger` (`-- --rows 1000000` by default).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "common/binary.rs"]
+mod binary;
+#[path = "common/usage.rs"]
+mod usage;
 
 use llm_meter::key::Identity;
 use llm_meter::meter::ledger::Options;
 use llm_meter::meter::pricing::PriceTable;
 use llm_meter::meter::{Meter, Record};
-use llm_meter::usage::Usage;
-
-const USAGE: Usage = Usage {
-    input_tokens: 1_000,
-    cached_input_tokens: 200,
-    cache_write_tokens: 0,
-    cache_write_1h_tokens: 0,
-    output_tokens: 300,
-    reasoning_tokens: 0,
-};
+use usage::USAGE;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -116,31 +110,8 @@ fn main() {
 /// Starts the built binary on the ledger and times its startup line and first /healthz answer.
 fn binary_start(data: &std::path::Path) -> (Duration, Duration) {
     let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llm-meter"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "http://127.0.0.1:9/v1",
-        ])
-        .arg("--data-dir")
-        .arg(data)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("startup line");
+    let (mut child, addr) = binary::start(data, &[]);
     let banner = started.elapsed();
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|a| a.parse().ok())
-        .expect("address");
     let healthy = loop {
         if llm_meter::api::probe_health(addr, Duration::from_secs(1)).is_ok() {
             break started.elapsed();

@@ -2,20 +2,14 @@
 
 use std::time::{Duration, Instant};
 
+#[path = "common/usage.rs"]
+mod usage;
+
 use criterion::{Criterion, criterion_group, criterion_main};
 use llm_meter::key::Identity;
 use llm_meter::meter::pricing::PriceTable;
 use llm_meter::meter::{Meter, Record};
-use llm_meter::usage::Usage;
-
-const USAGE: Usage = Usage {
-    input_tokens: 1_000,
-    cached_input_tokens: 200,
-    cache_write_tokens: 0,
-    cache_write_1h_tokens: 0,
-    output_tokens: 300,
-    reasoning_tokens: 0,
-};
+use usage::USAGE;
 
 fn record(meter: &Meter, identity: &Identity, model: &str) {
     meter.record(&Record::ok(identity, model, Some(USAGE)));

@@ -5,25 +5,20 @@
 //! or `-- --server URL`); `-- --rows N --history-rows M --replicas R` tune it. It makes a scratch
 //! database of its own and drops it at the end.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
+
+#[path = "common/binary.rs"]
+mod binary;
+#[path = "common/usage.rs"]
+mod usage;
 
 use llm_meter::config::ledger::LedgerUrl;
 use llm_meter::key::Identity;
 use llm_meter::meter::ledger::Options;
 use llm_meter::meter::pricing::PriceTable;
 use llm_meter::meter::{Meter, Record};
-use llm_meter::usage::Usage;
-
-const USAGE: Usage = Usage {
-    input_tokens: 1_000,
-    cached_input_tokens: 200,
-    cache_write_tokens: 0,
-    cache_write_1h_tokens: 0,
-    output_tokens: 300,
-    reasoning_tokens: 0,
-};
+use usage::USAGE;
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
     args.iter()
@@ -195,7 +190,9 @@ fn history(url: &str, n: u64) {
         "history: {n} rows over 30 days (20 keys, 10 models) written in {:.0} s; {rollup} rollup rows",
         filled.as_secs_f64()
     );
-    let (mut child, addr) = serve(url);
+    // The server's data directory lives as long as it does.
+    let data = tempfile::tempdir().expect("a temporary directory");
+    let (mut child, addr) = binary::start(data.path(), &["--ledger-url", url]);
     for (query, times) in [
         ("/usage?group_by=day,model", 9),
         ("/usage?group_by=day,model&since=7d", 9),
@@ -219,37 +216,6 @@ fn history(url: &str, n: u64) {
     }
     let _ = child.kill();
     let _ = child.wait();
-}
-
-/// Starts the built binary on the database; its address.
-fn serve(url: &str) -> (std::process::Child, std::net::SocketAddr) {
-    let data = tempfile::tempdir().expect("a temporary directory");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llm-meter"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "http://127.0.0.1:9/v1",
-        ])
-        .args(["--ledger-url", url])
-        .arg("--data-dir")
-        .arg(data.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("startup line");
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|a| a.parse().ok())
-        .expect("address");
-    (child, addr)
 }
 
 /// A plain HTTP/1.1 GET; the body.

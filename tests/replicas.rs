@@ -142,6 +142,17 @@ fn load_all(
         .collect()
 }
 
+/// One chat with `key` through `replica` ($0.01 at the test's price).
+async fn chat(replica: &Binary, key: &str) -> reqwest::Response {
+    client()
+        .post(replica.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&json!({"model": "meter-test", "messages": []}))
+        .send()
+        .await
+        .unwrap()
+}
+
 fn ok(answers: &[Answer]) -> usize {
     answers.iter().filter(|a| a.status == 200).count()
 }
@@ -387,14 +398,7 @@ async fn budget_change_arrives_within_a_second(settings: &str) {
     let dir = tempfile::tempdir().unwrap();
     let toml = config(&db.url(), &[("agent", KEY, settings)]);
     let replicas = start_replicas(dir.path(), &toml, &mock, 3);
-    let chat = |replica: &Binary| {
-        client()
-            .post(replica.url("/v1/chat/completions"))
-            .bearer_auth(KEY)
-            .json(&json!({"model": "meter-test", "messages": []}))
-            .send()
-    };
-    assert_eq!(chat(&replicas[2]).await.unwrap().status(), 200);
+    assert_eq!(chat(&replicas[2], KEY).await.status(), 200);
     let changed = Instant::now();
     let response = client()
         .put(replicas[0].url("/admin/keys/agent/budget"))
@@ -406,7 +410,7 @@ async fn budget_change_arrives_within_a_second(settings: &str) {
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
     // Replica 2 already spent $0.01: over the new budget as soon as it hears of it.
     loop {
-        if chat(&replicas[2]).await.unwrap().status() == 429 {
+        if chat(&replicas[2], KEY).await.status() == 429 {
             break;
         }
         assert!(
@@ -425,7 +429,7 @@ async fn budget_change_arrives_within_a_second(settings: &str) {
     );
     // A replica started later takes the changed budget over proxy.toml's.
     let late = start_replicas(dir.path(), &toml, &mock, 1);
-    assert_eq!(chat(&late[0]).await.unwrap().status(), 429);
+    assert_eq!(chat(&late[0], KEY).await.status(), 429);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -439,13 +443,7 @@ async fn a_replica_stopped_at_once_leaves_its_spend_for_a_budget_given_later() {
     // sooner.
     let toml = config(&db.url(), &[("agent", KEY, "")]);
     let replica = start_replicas(dir.path(), &toml, &mock, 1).remove(0);
-    let response = client()
-        .post(replica.url("/v1/chat/completions"))
-        .bearer_auth(KEY)
-        .json(&json!({"model": "meter-test", "messages": []}))
-        .send()
-        .await
-        .unwrap();
+    let response = chat(&replica, KEY).await;
     assert_eq!(response.status(), 200);
     response.bytes().await.unwrap();
     let (exited, _, stderr) = tokio::task::spawn_blocking(move || replica.terminate())
